@@ -1,0 +1,161 @@
+"""`IPAdapterPlusXL`: an SDXL pipeline conditioned on reference images through IP-Adapter-Plus.
+
+The wrapper installs our decoupled cross-attention into the pipeline's UNet and feeds image tokens
+by appending them to the prompt embeddings, so the stock diffusers denoising loop, schedulers and
+guidance run unchanged and one batch may hold rows of different subjects.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+
+from .attention_processor import install_ip_adapter, set_ip_adapter_scale
+from .checkpoint import load_adapter_state, load_ip_adapter_checkpoint
+from .image_encoder import encode_image_features, load_image_encoder, preprocess_clip_images
+from .resampler import Resampler
+
+DEFAULT_PROMPT = "best quality, high quality"
+DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
+ImageInput = Image.Image | Sequence[Image.Image] | Sequence[Sequence[Image.Image]]
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _as_groups(images: ImageInput) -> list[list[Image.Image]]:
+    """One group per output row; a group of several images is one subject seen several times."""
+    if isinstance(images, Image.Image):
+        return [[images]]
+    groups = [[item] if isinstance(item, Image.Image) else list(item) for item in images]
+    if not groups or any(not group for group in groups):
+        raise ValueError("expected a PIL image, a list of images or a list of non-empty image lists")
+    return groups
+
+
+class IPAdapterPlusXL:
+    """SDXL + IP-Adapter-Plus (CLIP ViT-H penultimate features -> Resampler -> image tokens)."""
+
+    def __init__(
+        self,
+        pipe: StableDiffusionXLPipeline,
+        image_encoder_path: str | os.PathLike,
+        ip_ckpt: str | os.PathLike,
+        device: torch.device | str | None = None,
+        num_tokens: int = 16,
+    ) -> None:
+        if not isinstance(pipe, StableDiffusionXLPipeline):
+            raise TypeError(f"IPAdapterPlusXL needs a diffusers StableDiffusionXLPipeline, got {type(pipe).__name__}")
+        checkpoint = load_ip_adapter_checkpoint(ip_ckpt)
+        self.device = torch.device(device) if device is not None else pipe.unet.device
+        self.pipe = pipe.to(self.device)
+        self.dtype = pipe.unet.dtype
+        self.num_tokens = num_tokens
+
+        self.image_encoder = load_image_encoder(image_encoder_path, self.device, self.dtype)
+        self.image_proj_model = Resampler(**self._resampler_config(checkpoint["image_proj"]))
+        self.adapter_modules = install_ip_adapter(pipe.unet, num_tokens=num_tokens)
+        load_adapter_state(self.image_proj_model, self.adapter_modules, checkpoint)
+        self.image_proj_model.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.adapter_modules.to(self.device, self.dtype)
+
+    def _resampler_config(self, image_proj: dict[str, torch.Tensor]) -> dict[str, int]:
+        config = Resampler.config_from_state_dict(image_proj)
+        expected = {
+            "num_queries": self.num_tokens,
+            "embedding_dim": self.image_encoder.config.hidden_size,
+            "output_dim": self.pipe.unet.config.cross_attention_dim,
+        }
+        for key, value in expected.items():
+            if config[key] != value:
+                raise ValueError(f"checkpoint image_proj has {key}={config[key]}, but this pipeline/encoder needs {value}")
+        return config
+
+    def set_scale(self, scale: float) -> None:
+        set_ip_adapter_scale(self.pipe.unet, scale)
+
+    @torch.inference_mode()
+    def get_image_embeds(self, images: ImageInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image tokens (N, num_tokens, C) and the unconditional tokens of an all-zero CLIP input.
+
+        A row built from several images averages their tokens (DreamBench's original setting).
+        """
+        groups = _as_groups(images)
+        pixels = preprocess_clip_images([image for group in groups for image in group]).to(self.device, self.dtype)
+        tokens = self.image_proj_model(encode_image_features(self.image_encoder, pixels))
+        cond = torch.stack([chunk.mean(dim=0) for chunk in tokens.split([len(g) for g in groups])])
+        uncond = self.image_proj_model(encode_image_features(self.image_encoder, torch.zeros_like(pixels[:1])))
+        return cond, uncond.expand(len(groups), -1, -1)
+
+    @torch.inference_mode()
+    def generate_from_tokens(
+        self,
+        cond_tokens: torch.Tensor,
+        uncond_tokens: torch.Tensor,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str],
+        generators: Generators = None,
+        num_inference_steps: int = 30,
+        **pipeline_kwargs,
+    ) -> list[Image.Image]:
+        """One image per row. Pass one generator per row to make each image independent of batching."""
+        rows = len(prompts)
+        if not (cond_tokens.shape[0] == uncond_tokens.shape[0] == len(negative_prompts) == rows):
+            raise ValueError(
+                f"batch rows disagree: {cond_tokens.shape[0]} image tokens, {uncond_tokens.shape[0]} unconditional "
+                f"tokens, {rows} prompts, {len(negative_prompts)} negative prompts"
+            )
+        prompt_embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(
+            list(prompts),
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=list(negative_prompts),
+        )
+        cond_tokens = cond_tokens.to(self.device, prompt_embeds.dtype)
+        uncond_tokens = uncond_tokens.to(self.device, prompt_embeds.dtype)
+        return self.pipe(
+            prompt_embeds=torch.cat([prompt_embeds, cond_tokens], dim=1),
+            negative_prompt_embeds=torch.cat([negative_embeds, uncond_tokens], dim=1),
+            pooled_prompt_embeds=pooled,
+            negative_pooled_prompt_embeds=negative_pooled,
+            num_inference_steps=num_inference_steps,
+            generator=list(generators) if isinstance(generators, Sequence) else generators,
+            **pipeline_kwargs,
+        ).images
+
+    def generate(
+        self,
+        pil_image: ImageInput,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scale: float = 1.0,
+        num_samples: int = 4,
+        seed: int | None = None,
+        num_inference_steps: int = 30,
+        **pipeline_kwargs,
+    ) -> list[Image.Image]:
+        """`num_samples` images per reference row, drawn from one generator seeded with `seed`."""
+        self.set_scale(scale)
+        cond, uncond = self.get_image_embeds(pil_image)
+        rows = cond.shape[0]
+
+        def per_row(text: str | Sequence[str] | None, default: str) -> list[str]:
+            texts = [text or default] * rows if text is None or isinstance(text, str) else list(text)
+            if len(texts) != rows:
+                raise ValueError(f"got {len(texts)} prompts for {rows} reference rows")
+            return [t for t in texts for _ in range(num_samples)]
+
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        return self.generate_from_tokens(
+            cond.repeat_interleave(num_samples, dim=0),
+            uncond.repeat_interleave(num_samples, dim=0),
+            per_row(prompt, DEFAULT_PROMPT),
+            per_row(negative_prompt, DEFAULT_NEGATIVE_PROMPT),
+            generator,
+            num_inference_steps,
+            **pipeline_kwargs,
+        )
