@@ -21,7 +21,7 @@ from ip_adapter import (
 from ip_adapter.image_encoder import encode_image_features, load_image_encoder, preprocess_clip_images
 from tests.kit.sdxl import build_clip_tokenizer, build_tiny_resampler, build_tiny_sdxl_pipeline, load_tiny_pipeline
 
-SIZE = 64
+SIZE = 32
 STEPS = 2
 
 
