@@ -1,0 +1,172 @@
+"""Validated access to a DreamBench folder: reference images for scoring and for conditioning.
+
+Layout (as published with the official code): `<root>/dataset/<subject>/NN.jpg` holds the photos and
+`<root>/json_data/<subject>/NN.json` one grounding result per photo, whose `mask[1].box` is the
+subject's box `[x0, y0, x1, y1]` in the coordinates of the photo resized to 800 pixels wide.
+
+Two different views of the same photos are needed and must not be mixed up:
+- scoring (CLIP-I, DINO) compares generations with the full, uncropped photos;
+- conditioning the generator uses the subject crop, resized to 224 on a white square, exactly as the
+  reference inference code prepares it (integer box, scaled by `width / 800`, truncated to int).
+
+A broken folder is reported before any model runs, as one line naming the offending path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from dreambench.benchmark import SUBJECTS, Subject, get_subject
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+BOX_REFERENCE_WIDTH = 800
+CONDITIONING_SIZE = 224
+
+
+@dataclass(frozen=True)
+class ReferencePhoto:
+    """One DreamBench photo with its subject box (800-pixel-wide coordinates, as stored)."""
+
+    path: Path
+    box: tuple[float, float, float, float]
+    json_path: Path
+
+
+def is_image_file(path: Path) -> bool:
+    """Images are recognised by extension; hidden files (e.g. unfinished atomic writes) never count."""
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image fully (so truncated files fail here, not later) and return it as RGB."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"{path}: unreadable image ({type(exc).__name__}: {detail})") from None
+
+
+def _read_box(json_path: Path) -> tuple[float, float, float, float]:
+    expected = "expected a JSON object whose mask[1].box is [x0, y0, x1, y1] in 800-pixel-wide coordinates"
+    try:
+        data = json.loads(json_path.read_text())
+        box = data["mask"][1]["box"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+        raise ValueError(f"{json_path}: {expected} ({type(exc).__name__})") from None
+    if (
+        not isinstance(box, list)
+        or len(box) != 4
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+        or not (box[0] < box[2] and box[1] < box[3])
+    ):
+        raise ValueError(f"{json_path}: {expected}, got {box!r}")
+    return tuple(float(v) for v in box)
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: {what} not found")
+
+
+def subject_photos(root: str | os.PathLike, subject: str | Subject) -> list[ReferencePhoto]:
+    """Validate one subject's photos and boxes (sorted by file name) and return them."""
+    subject = subject if isinstance(subject, Subject) else get_subject(subject)
+    root = Path(root)
+    _require_dir(root, "DreamBench root")
+    image_dir = root / "dataset" / subject.name
+    json_dir = root / "json_data" / subject.name
+    _require_dir(image_dir, f"DreamBench image folder of subject {subject.name!r} (<root>/dataset/<subject>/)")
+    _require_dir(json_dir, f"DreamBench box folder of subject {subject.name!r} (<root>/json_data/<subject>/)")
+
+    images: dict[str, Path] = {}
+    for path in sorted(image_dir.iterdir()):
+        if not is_image_file(path):
+            continue
+        if path.stem in images:
+            raise ValueError(f"{path}: two images named {path.stem!r} in {image_dir}")
+        images[path.stem] = path
+    boxes = {path.stem: path for path in sorted(json_dir.glob("*.json")) if not path.name.startswith(".")}
+    if not images:
+        raise FileNotFoundError(f"{image_dir}: no images (expected NN.jpg files)")
+    for stem, path in images.items():
+        if stem not in boxes:
+            raise FileNotFoundError(f"{json_dir / (stem + '.json')}: missing box file for image {path}")
+    for stem, path in boxes.items():
+        if stem not in images:
+            raise FileNotFoundError(f"{image_dir / (stem + '.jpg')}: missing image for box file {path}")
+    if subject.kosmosg_image not in images:
+        raise FileNotFoundError(
+            f"{image_dir / (subject.kosmosg_image + '.jpg')}: Kosmos-G reference image of {subject.name!r} not found"
+        )
+    return [ReferencePhoto(images[stem], _read_box(boxes[stem]), boxes[stem]) for stem in sorted(images)]
+
+
+def validate_dreambench(root: str | os.PathLike) -> None:
+    """Check the whole benchmark folder (all 30 subjects) so a long run cannot fail half-way."""
+    root = Path(root)
+    _require_dir(root, "DreamBench root")
+    _require_dir(root / "dataset", "DreamBench image folder (<root>/dataset)")
+    _require_dir(root / "json_data", "DreamBench box folder (<root>/json_data)")
+    for subject in SUBJECTS:
+        subject_photos(root, subject)
+
+
+def reference_photos(root: str | os.PathLike, subject: str | Subject, kosmosg: bool) -> list[ReferencePhoto]:
+    """All photos of the subject (original setting) or only its Kosmos-G image."""
+    subject = subject if isinstance(subject, Subject) else get_subject(subject)
+    photos = subject_photos(root, subject)
+    if kosmosg:
+        photos = [photo for photo in photos if photo.path.stem == subject.kosmosg_image]
+    return photos
+
+
+def load_reference_images(root: str | os.PathLike, subject: str | Subject, kosmosg: bool) -> list[Image.Image]:
+    """Full, uncropped reference photos: what CLIP-I and DINO compare generations against."""
+    return [load_rgb_image(photo.path) for photo in reference_photos(root, subject, kosmosg)]
+
+
+def crop_to_box(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    """Crop the subject box, scaling it from 800-pixel-wide coordinates to the image width.
+
+    The reference code truncates the stored box to integers, scales by `width / 800` and truncates
+    again; doing the same keeps the conditioning pixels identical to the official pipeline.
+    """
+    scale = image.width / BOX_REFERENCE_WIDTH
+    x0, y0, x1, y1 = (math.trunc(math.trunc(v) * scale) for v in box)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"subject box {list(box)} is empty on a {image.width}x{image.height} image")
+    return image.crop((x0, y0, x1, y1))
+
+
+def resize_and_pad(image: Image.Image, size: int = CONDITIONING_SIZE) -> Image.Image:
+    """Fit the longer side to `size` (bilinear, aspect kept) and centre it on a white square."""
+    aspect = image.width / image.height
+    if aspect > 1.0:
+        width, height = size, max(1, int(size / aspect))
+    else:
+        width, height = max(1, int(size * aspect)), size
+    resized = image.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(resized, ((size - width) // 2, (size - height) // 2))
+    return canvas
+
+
+def load_conditioning_images(root: str | os.PathLike, subject: str | Subject, kosmosg: bool) -> list[Image.Image]:
+    """Box-cropped, padded 224x224 subject images that condition the generator (never used for scoring)."""
+    images = []
+    for photo in reference_photos(root, subject, kosmosg):
+        image = load_rgb_image(photo.path)
+        try:
+            crop = crop_to_box(image, photo.box)
+        except ValueError as exc:
+            raise ValueError(f"{photo.json_path}: {exc}") from None
+        images.append(resize_and_pad(crop))
+    return images
