@@ -15,7 +15,7 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from .attention_processor import install_ip_adapter, set_ip_adapter_scale
-from .checkpoint import load_adapter_state, load_ip_adapter_checkpoint
+from .checkpoint import Checkpoint, load_adapter_state, load_ip_adapter_checkpoint
 from .image_encoder import encode_image_features, load_image_encoder, preprocess_clip_images
 from .resampler import Resampler
 
@@ -43,13 +43,14 @@ class IPAdapterPlusXL:
         self,
         pipe: StableDiffusionXLPipeline,
         image_encoder_path: str | os.PathLike,
-        ip_ckpt: str | os.PathLike,
+        ip_ckpt: str | os.PathLike | Checkpoint,
         device: torch.device | str | None = None,
         num_tokens: int = 16,
     ) -> None:
+        """`ip_ckpt` is a checkpoint file, or its already-loaded sections (to validate it before SDXL loads)."""
         if not isinstance(pipe, StableDiffusionXLPipeline):
             raise TypeError(f"IPAdapterPlusXL needs a diffusers StableDiffusionXLPipeline, got {type(pipe).__name__}")
-        checkpoint = load_ip_adapter_checkpoint(ip_ckpt)
+        checkpoint = ip_ckpt if isinstance(ip_ckpt, dict) else load_ip_adapter_checkpoint(ip_ckpt)
         self.device = torch.device(device) if device is not None else pipe.unet.device
         self.pipe = pipe.to(self.device)
         self.dtype = pipe.unet.dtype

@@ -1,0 +1,129 @@
+"""Build the model a DreamBench run generates with: a local SDXL pipeline + IP-Adapter-Plus.
+
+Loading fails in many unhelpful ways deep inside diffusers/transformers (a missing sub-folder, a
+half-copied checkpoint). Everything here is checked up front or re-raised as one line naming the
+path and what was expected, before any image is generated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from ip_adapter.checkpoint import load_ip_adapter_checkpoint
+from ip_adapter.ip_adapter import IPAdapterPlusXL
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MIXED_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def resolve_dtype(override: str | None, mixed_precision: str, device: torch.device | str) -> torch.dtype:
+    """`--dtype` if given; otherwise accelerate's mixed precision on an accelerator and fp32 on CPU.
+
+    Half precision on CPU is slow and poorly supported, so CPU runs default to fp32 even under a
+    mixed-precision accelerate config.
+    """
+    if override is not None:
+        if override not in DTYPES:
+            raise ValueError(f"unknown dtype {override!r}; expected one of {sorted(DTYPES)}")
+        return DTYPES[override]
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return MIXED_PRECISION_DTYPES.get(mixed_precision, torch.float32)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def check_sdxl_dir(path: str | os.PathLike) -> Path:
+    """A `save_pretrained` SDXL folder: model_index.json and every component it names."""
+    path = Path(path)
+    expected = "expected a diffusers StableDiffusionXLPipeline folder (save_pretrained layout)"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: base model folder not found; {expected}")
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: missing; {expected}")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{index_path}: unreadable ({_one_line(exc)}); {expected}") from None
+    for component in SDXL_COMPONENTS:
+        if component not in index:
+            raise ValueError(f"{index_path}: no {component!r} entry; {expected}")
+        if not (path / component).is_dir():
+            raise FileNotFoundError(f"{path / component}: component folder missing; {expected}")
+    return path
+
+
+def check_image_encoder_dir(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    expected = "expected a CLIPVisionModelWithProjection folder with config.json and weights"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: image encoder folder not found; {expected}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'}: missing; {expected}")
+    return path
+
+
+def check_ip_ckpt(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: IP-Adapter checkpoint not found; expected a .bin or .safetensors file")
+    return path
+
+
+def load_sdxl_pipeline(base_model_path: str | os.PathLike, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+    """A local SDXL pipeline for batched generation (on CPU; the caller or the wrapper moves it).
+
+    The VAE decodes one image at a time (a batch of 1024-pixel images would not fit otherwise) and
+    the pipeline's own progress bar is off: callers show one bar per process over all their images.
+    """
+    check_sdxl_dir(base_model_path)
+    try:
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            str(base_model_path), dtype=dtype, local_files_only=True, add_watermarker=False
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{base_model_path}: cannot load the SDXL pipeline ({_one_line(exc)})") from None
+    pipe.vae.enable_slicing()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_generation_model(
+    base_model_path: str | os.PathLike,
+    image_encoder_path: str | os.PathLike,
+    ip_ckpt: str | os.PathLike,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    scale: float,
+) -> IPAdapterPlusXL:
+    """SDXL + IP-Adapter-Plus on `device` in `dtype` at IP scale `scale`, ready for batched generation."""
+    check_image_encoder_dir(image_encoder_path)
+    check_ip_ckpt(ip_ckpt)
+    try:
+        checkpoint = load_ip_adapter_checkpoint(ip_ckpt)  # a bad checkpoint fails before SDXL spends minutes loading
+        pipe = load_sdxl_pipeline(base_model_path, dtype)
+        ip_model = IPAdapterPlusXL(pipe, image_encoder_path, checkpoint, device=device)
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError) as exc:
+        # KeyError's str() would quote the message; most messages name the checkpoint already.
+        message = " ".join(str(exc.args[0]).split()) if exc.args else type(exc).__name__
+        raise ValueError(message if str(ip_ckpt) in message else f"{ip_ckpt}: {message}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot build IP-Adapter-Plus from {ip_ckpt} and {image_encoder_path} ({_one_line(exc)})") from None
+    ip_model.set_scale(scale)
+    return ip_model

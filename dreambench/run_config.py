@@ -1,0 +1,95 @@
+"""`run_config.json`: what produced the images of a DreamBench output folder.
+
+A resumed run adds images to a folder that may already hold hundreds; if its settings differed
+(another checkpoint, scale, step count...) the folder would silently mix two experiments and its
+scores would mean nothing. The file records every argument plus the checkpoint's sha256, and a run
+whose generation settings differ from the recorded ones is refused instead of resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+import transformers
+
+from ip_adapter.utils import atomic_write_json
+
+RUN_CONFIG_NAME = "run_config.json"
+
+# Settings an image depends on. Everything else (batch size, subjects, process count, scoring
+# models) only decides which images are made, how fast, or what happens after.
+GENERATION_KEYS: tuple[str, ...] = (
+    "base_model_path",
+    "image_encoder_path",
+    "ip_ckpt_sha256",
+    "data_root",
+    "is_kosmosg",
+    "scale",
+    "num_inference_steps",
+    "guidance_scale",
+    "seed",
+    "height",
+    "width",
+    "dtype",
+)
+
+
+def run_config_path(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / RUN_CONFIG_NAME
+
+
+def library_versions() -> dict[str, str]:
+    """Bit-identical resumes also need the same kernels; the versions tell a later reader why not."""
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+def make_run_config(arguments: Mapping[str, Any], **derived: Any) -> dict[str, Any]:
+    """Every argument (paths made absolute), derived values such as the sha256, library versions."""
+    config = {key: str(Path(value).resolve()) if isinstance(value, os.PathLike) else value for key, value in arguments.items()}
+    config.update(derived)
+    config["versions"] = library_versions()
+    missing = [key for key in GENERATION_KEYS if key not in config]
+    if missing:
+        raise KeyError(f"run config lacks generation setting(s) {missing}")
+    return config
+
+
+def read_run_config(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The recorded config, or None for a folder no run has claimed yet."""
+    path = run_config_path(output_dir)
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable run config ({type(exc).__name__}); fix or delete it, or use a new --output_dir") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_resumable(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    """Refuse to add images made with other generation settings to an existing output folder."""
+    recorded = read_run_config(output_dir)
+    if recorded is None:
+        return
+    differences = [
+        f"{key}: recorded {recorded.get(key)!r}, now {config[key]!r}"
+        for key in GENERATION_KEYS
+        if recorded.get(key) != config[key]
+    ]
+    if differences:
+        raise ValueError(
+            f"{run_config_path(output_dir)} was written with other generation settings "
+            f"({'; '.join(differences)}); rerun with the recorded settings or use a new --output_dir"
+        )
+
+
+def write_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> Path:
+    return atomic_write_json(run_config_path(output_dir), dict(config))

@@ -1,0 +1,185 @@
+"""Generate the DreamBench images (30 subjects x 25 prompts) with SDXL + IP-Adapter-Plus.
+
+    accelerate launch --num_processes 2 --multi_gpu --mixed_precision fp16 inference_dreambooth.py \
+        --base_model_path SDXL_DIR --image_encoder_path ENC_DIR --ip_ckpt model.bin \
+        --data_root ../shared/dreambench --output_dir out/ --scale 0.78 --is_kosmosg False
+
+Writes `<output_dir>/<subject>/<prompt>.png`, `<output_dir>/grids/<subject>.png` and
+`<output_dir>/run_config.json`. Work is split by image over the processes; each image has its own
+seed, so the result does not depend on the number of processes or the batch size. Rerunning the same
+command resumes: existing images are skipped. On a CPU-only machine, start several processes with
+`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N inference_dreambooth.py ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+from PIL import Image
+
+from dreambench.benchmark import prompts_for, resolve_subjects
+from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
+from dreambench.data import load_conditioning_images, reference_photos
+from dreambench.evaluation import evaluate_generations, format_score_table
+from dreambench.generation import (
+    SubjectTokens,
+    build_items,
+    generate_items,
+    pending_items,
+    remove_stale_temp_files,
+)
+from dreambench.metrics import resolve_clip_checkpoint
+from dreambench.model_loading import (
+    DTYPES,
+    check_image_encoder_dir,
+    check_ip_ckpt,
+    check_sdxl_dir,
+    dtype_name,
+    load_generation_model,
+    resolve_dtype,
+)
+from dreambench.run_config import check_resumable, make_run_config, write_run_config
+from ip_adapter.utils import sha256_file, str2bool
+
+DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / Kosmos-G
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base_model_path", type=Path, required=True, help="local SDXL pipeline folder (e.g. RealVisXL_V1.0)")
+    parser.add_argument("--image_encoder_path", type=Path, required=True, help="local CLIP ViT-H vision encoder folder")
+    parser.add_argument("--ip_ckpt", type=Path, required=True, help="IP-Adapter-Plus / PatchDPO checkpoint (.bin or .safetensors)")
+    parser.add_argument("--data_root", type=Path, required=True, help="DreamBench folder with dataset/ and json_data/")
+    parser.add_argument("--output_dir", type=Path, required=True, help="gets <subject>/<prompt>.png, grids/, run_config.json")
+    parser.add_argument(
+        "--scale", type=float, default=None, help="IP-Adapter scale (default: 0.78 original setting, 0.65 Kosmos-G setting)"
+    )
+    parser.add_argument(
+        "--is_kosmosg", type=str2bool, default=False,
+        help="True: condition on the single Kosmos-G image per subject; False: average all references",
+    )
+    parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=42, help="base seed; each image's seed is derived from (seed, subject, prompt)")
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--batch_size", type=int, default=8, help="images per denoising batch (does not change the images)")
+    parser.add_argument("--subjects", nargs="+", default=None, help="subset of subjects (default: all 30)")
+    parser.add_argument(
+        "--prompts_per_subject", type=int, default=None,
+        help="smoke tests only: generate the first N prompts of each subject (scores are then not comparable)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None,
+        help="model dtype (default: accelerate's mixed precision on GPU, float32 on CPU)",
+    )
+    scoring = parser.add_argument_group("scoring at the end (both or neither; as evaluate_dreambooth.py)")
+    scoring.add_argument("--clip_model", default=None, help="openai-clip model name in ~/.cache/clip or local .pt file")
+    scoring.add_argument("--dino_model", type=Path, default=None, help="local DINO ViT-S/16 folder (facebook/dino-vits16 layout)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("num_inference_steps", "height", "width", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("height", "width"):
+        if getattr(args, name) % 8:
+            raise ValueError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
+    if args.prompts_per_subject is not None and args.prompts_per_subject < 1:
+        raise ValueError(f"--prompts_per_subject must be >= 1, got {args.prompts_per_subject}")
+    if (args.clip_model is None) != (args.dino_model is None):
+        raise ValueError("--clip_model and --dino_model go together: give both to score the run, or neither")
+    if args.clip_model is not None:  # fail now rather than after hours of generation
+        resolve_clip_checkpoint(args.clip_model)
+        if not (args.dino_model / "config.json").is_file():
+            raise FileNotFoundError(f"--dino_model {args.dino_model}: no config.json; pass a local copy of facebook/dino-vits16")
+    check_sdxl_dir(args.base_model_path)
+    check_image_encoder_dir(args.image_encoder_path)
+    check_ip_ckpt(args.ip_ckpt)
+
+
+def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    if args.scale is None:
+        args.scale = DEFAULT_SCALES[args.is_kosmosg]
+    check_args(args)
+    subjects = [subject.name for subject in resolve_subjects(args.subjects)]
+    for subject in subjects:  # a broken data root fails here, before any model is loaded
+        reference_photos(args.data_root, subject, args.is_kosmosg)
+    subject_prompts = {subject: prompts_for(subject)[: args.prompts_per_subject] for subject in subjects}
+
+    def load_references(subject: str) -> list[Image.Image]:
+        return load_conditioning_images(args.data_root, subject, args.is_kosmosg)
+
+    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
+    config = make_run_config(
+        vars(args),
+        ip_ckpt_sha256=sha256_file(args.ip_ckpt),
+        dtype=dtype_name(dtype),
+        num_processes=accelerator.num_processes,
+    )
+    check_resumable(args.output_dir, config)  # every process checks, so all of them stop together
+    items = build_items(subject_prompts, args.seed)
+    pending = pending_items(items, args.output_dir)
+    # Every process must list the same pending images (or the contiguous shards would overlap or
+    # leave gaps), so nothing is written before all of them have listed.
+    accelerator.wait_for_everyone()
+    accelerator.print(
+        f"{len(items) - len(pending)}/{len(items)} images exist, generating {len(pending)} on "
+        f"{accelerator.num_processes} process(es) in {dtype_name(dtype)}, scale {args.scale}"
+    )
+    # Load before claiming the folder: a bad checkpoint must not leave a run_config.json behind
+    # that would then refuse the corrected command.
+    ip_model = None
+    if pending:
+        ip_model = load_generation_model(
+            args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype, args.scale
+        )
+    if accelerator.is_main_process:
+        removed = remove_stale_temp_files(args.output_dir, [*subjects, GRIDS_DIR])
+        if removed:
+            print(f"removed {len(removed)} unfinished file(s) left by an interrupted run")
+        write_run_config(args.output_dir, config)
+    accelerator.wait_for_everyone()
+
+    if ip_model is not None:
+        tokens = SubjectTokens(ip_model, load_references)
+        with accelerator.split_between_processes(pending) as shard:
+            generate_items(
+                ip_model, tokens, shard, args.output_dir, args.batch_size, args.num_inference_steps,
+                progress_position=accelerator.process_index,
+                guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+            )
+    accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        write_contact_sheets(args.output_dir, subject_prompts, load_references)
+        accelerator.print(f"images in {args.output_dir}, contact sheets in {args.output_dir / GRIDS_DIR}")
+        if args.clip_model is not None:
+            scores = evaluate_generations(
+                args.output_dir,
+                args.data_root,
+                kosmosg=args.is_kosmosg,
+                clip_model=args.clip_model,
+                dino_model=args.dino_model,
+                device=accelerator.device,
+                allow_partial=args.prompts_per_subject is not None,
+                subjects=subjects,
+            )
+            print(format_score_table(scores))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    accelerator = Accelerator()
+    try:
+        run(args, accelerator)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"{Path(__file__).name}: error: {error}")
+
+
+if __name__ == "__main__":
+    main()
