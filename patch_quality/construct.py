@@ -1,0 +1,322 @@
+"""Build PatchDPO training pairs: clean-background references and IP-Adapter-Plus generations.
+
+Following the paper, the base SDXL pipeline draws one object per reference image on a plain white
+background ("a photo of {object}, plain white background"), so object and background are never
+confused; IP-Adapter-Plus, the model being improved, then generates `--num_generated` images from
+each reference. Our choices (see README.md): objects from `patch_quality.categories` (no DreamBench
+subject), sample i takes category i mod C and a scene/style template drawn by a sha256 hash, and
+the K generated images of a sample share its prompt (the official layout names a folder's files
+by one prompt) and differ by seed.
+
+    DATA/sample{i}/{prompt}_entity_0.png    reference
+    DATA/sample{i}/{prompt}_gen_{k}.png     generated, k = 0..K-1
+    DATA/manifest.json                      every sample, prompt, seed and model used
+
+Every image's noise comes from a CPU generator seeded with `stable_seed(seed, role, i[, k])`, so
+the data does not depend on the number of processes or the batch size. Work is split by image over
+the accelerate processes; rerunning the same command skips the images on disk (written
+atomically) and refuses to mix settings with a folder made differently.
+
+    accelerate launch -m patch_quality.construct --base_model_path SDXL_DIR \
+        --image_encoder_path ENC_DIR --ip_ckpt ip-adapter-plus_sdxl_vit-h.bin --output_dir DATA \
+        --num_samples 30000 --num_generated 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from accelerate import Accelerator
+from diffusers import StableDiffusionXLPipeline
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dreambench.data import load_rgb_image
+from dreambench.generation import GenerationItem, SubjectTokens, batched, generate_batch, remove_stale_temp_files
+from dreambench.model_loading import DTYPES, check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir, dtype_name, load_sdxl_pipeline, resolve_dtype
+from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
+from ip_adapter.utils import atomic_save_image, atomic_write_json, sha256_file, stable_seed
+from patch_quality import layout
+from patch_quality.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
+
+MANIFEST_FORMAT = "patchdpo-training-pairs/1"
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Everything one sample folder is made from; a pure function of the settings and its index."""
+
+    index: int
+    object: str
+    reference_prompt: str
+    prompt: str
+    reference_seed: int
+    generated_seeds: tuple[int, ...]
+
+    @property
+    def folder(self) -> str:
+        return f"sample{self.index}"
+
+    def reference_path(self, root: Path) -> Path:
+        return layout.reference_path(layout.sample_dir(root, self.index), self.prompt)
+
+    def generated_path(self, root: Path, k: int) -> Path:
+        return layout.generated_path(layout.sample_dir(root, self.index), self.prompt, k)
+
+
+def plan_samples(
+    num_samples: int,
+    num_generated: int,
+    seed: int,
+    categories: Sequence[str],
+    templates: Sequence[str] = SCENE_TEMPLATES,
+    reference_template: str = REFERENCE_TEMPLATE,
+) -> list[SamplePlan]:
+    plans = []
+    for index in range(num_samples):
+        name = with_article(categories[index % len(categories)])
+        template = templates[stable_seed(seed, "template", index) % len(templates)]
+        prompt = layout.check_prompt(template.format(object=name))
+        plans.append(
+            SamplePlan(
+                index=index,
+                object=categories[index % len(categories)],
+                reference_prompt=reference_template.format(object=name),
+                prompt=prompt,
+                reference_seed=stable_seed(seed, "reference", index),
+                generated_seeds=tuple(stable_seed(seed, "generated", index, k) for k in range(num_generated)),
+            )
+        )
+    return plans
+
+
+def build_manifest(settings: dict[str, Any], plans: Sequence[SamplePlan], complete: bool) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "settings": settings,
+        "complete": complete,
+        "samples": [
+            {
+                **asdict(plan),
+                "generated_seeds": list(plan.generated_seeds),
+                "folder": plan.folder,
+                "reference": plan.reference_path(Path()).name,
+                "generated": [plan.generated_path(Path(), k).name for k in range(len(plan.generated_seeds))],
+            }
+            for plan in plans
+        ],
+    }
+
+
+def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
+    """Refuse to add images to a folder whose manifest records other settings."""
+    path = output_dir / layout.MANIFEST_NAME
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({type(exc).__name__}); fix or delete it, or use a new --output_dir") from None
+    if not isinstance(recorded, dict) or recorded.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: not a {MANIFEST_FORMAT} manifest; use a new --output_dir")
+    differences = [
+        f"{key}: recorded {recorded['settings'].get(key)!r}, now {value!r}"
+        for key, value in manifest["settings"].items()
+        if recorded["settings"].get(key) != value
+    ]
+    if recorded.get("samples") != manifest["samples"]:
+        differences.append("the sample plan (categories or templates) differs")
+    if differences:
+        raise ValueError(f"{path} was written with other settings ({'; '.join(differences)}); rerun with them or use a new --output_dir")
+
+
+def generate_references(
+    pipe: StableDiffusionXLPipeline,
+    plans: Sequence[SamplePlan],
+    output_dir: Path,
+    batch_size: int,
+    num_inference_steps: int,
+    negative_prompt: str,
+    position: int = 0,
+    **pipeline_kwargs: Any,
+) -> int:
+    """Base-model references for `plans`, saved atomically batch by batch; returns the count."""
+    written = 0
+    with tqdm(total=len(plans), desc=f"references [{position}]", unit="img", position=position) as bar:
+        for batch in batched(list(plans), batch_size):
+            images = pipe(
+                prompt=[plan.reference_prompt for plan in batch],
+                negative_prompt=[negative_prompt] * len(batch),
+                generator=[torch.Generator("cpu").manual_seed(plan.reference_seed) for plan in batch],
+                num_inference_steps=num_inference_steps,
+                **pipeline_kwargs,
+            ).images
+            for plan, image in zip(batch, images, strict=True):
+                atomic_save_image(image, plan.reference_path(output_dir))
+                written += 1
+            bar.update(len(batch))
+    return written
+
+
+def generate_pairs(
+    ip_model: IPAdapterPlusXL,
+    plans: Sequence[SamplePlan],
+    items: Sequence[tuple[int, int]],
+    output_dir: Path,
+    batch_size: int,
+    num_inference_steps: int,
+    position: int = 0,
+    **pipeline_kwargs: Any,
+) -> int:
+    """IP-Adapter-Plus images for (sample index, k) `items`, conditioned on each sample's reference."""
+    by_folder = {plan.folder: plan for plan in plans}
+
+    def load_reference(folder: str) -> list[Image.Image]:
+        return [load_rgb_image(by_folder[folder].reference_path(output_dir))]
+
+    tokens = SubjectTokens(ip_model, load_reference)
+    written = 0
+    with tqdm(total=len(items), desc=f"generated [{position}]", unit="img", position=position) as bar:
+        for batch in batched(list(items), batch_size):
+            rows = [GenerationItem(plans[i].folder, plans[i].prompt, plans[i].generated_seeds[k]) for i, k in batch]
+            images = generate_batch(ip_model, tokens, rows, num_inference_steps, **pipeline_kwargs)
+            for (i, k), image in zip(batch, images, strict=True):
+                atomic_save_image(image, plans[i].generated_path(output_dir, k))
+                written += 1
+            bar.update(len(batch))
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m patch_quality.construct", description="Build PatchDPO training pairs (references + IP-Adapter-Plus generations).")
+    parser.add_argument("--base_model_path", type=Path, required=True, help="local SDXL pipeline folder (references and the generator's base)")
+    parser.add_argument("--image_encoder_path", type=Path, required=True, help="local CLIP ViT-H vision encoder folder")
+    parser.add_argument("--ip_ckpt", type=Path, required=True, help="IP-Adapter-Plus checkpoint to generate with (.bin or .safetensors)")
+    parser.add_argument("--output_dir", type=Path, required=True, help="DATA folder to create or resume")
+    parser.add_argument("--num_samples", type=int, default=None, help="number of sample{i}/ folders (required unless --reference_images)")
+    parser.add_argument(
+        "--reference_images", type=Path, default=None,
+        help='JSON list of {"image": path, "category": word}: use these images as the references (one sample each) instead of drawing them',
+    )
+    parser.add_argument("--num_generated", type=int, default=1, help="generated images per reference (K); training uses gen_0 by default")
+    parser.add_argument("--categories", type=Path, default=None, help="text file, one object category per line (default: the shipped list)")
+    parser.add_argument("--reference_template", default=REFERENCE_TEMPLATE, help="reference prompt; {object} is the category with its article")
+    parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt of the reference images")
+    parser.add_argument("--scale", type=float, default=0.78, help="IP-Adapter scale of the generated images (the inference setting)")
+    parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=42, help="base seed; every image's seed is sha256-derived from (seed, role, sample, k)")
+    parser.add_argument("--batch_size", type=int, default=4, help="images per denoising batch (does not change the images)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: accelerate's mixed precision on GPU, float32 on CPU)")
+    return parser
+
+
+def load_reference_images(path: Path) -> list[dict[str, str]]:
+    """Given references (e.g. real photos, the paper's ablation, or the demo's DreamBench crops)."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--reference_images {path}: unreadable JSON ({type(exc).__name__})") from None
+    if not isinstance(entries, list) or not entries or not all(
+        isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("category"), str) for e in entries
+    ):
+        raise ValueError(f'--reference_images {path}: expected a non-empty JSON list of {{"image": path, "category": word}}')
+    for entry in entries:
+        if not Path(entry["image"]).is_file():
+            raise FileNotFoundError(f"--reference_images {path}: image not found: {entry['image']}")
+    return entries
+
+
+def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
+    given = load_reference_images(args.reference_images) if args.reference_images is not None else None
+    if given is not None:
+        if args.num_samples not in (None, len(given)):
+            raise ValueError(f"--num_samples {args.num_samples} disagrees with the {len(given)} images of --reference_images")
+        args.num_samples = len(given)
+    elif args.num_samples is None:
+        raise ValueError("--num_samples is required (or pass --reference_images)")
+    for name in ("num_samples", "num_generated", "num_inference_steps", "height", "width", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    check_sdxl_dir(args.base_model_path)
+    check_image_encoder_dir(args.image_encoder_path)
+    check_ip_ckpt(args.ip_ckpt)
+    if "{object}" not in args.reference_template:
+        raise ValueError(f"--reference_template {args.reference_template!r} must contain '{{object}}'")
+    categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
+    output_dir = args.output_dir
+    plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
+    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
+    settings = {
+        "base_model_path": str(args.base_model_path.resolve()),
+        "image_encoder_path": str(args.image_encoder_path.resolve()),
+        "ip_ckpt": str(args.ip_ckpt.resolve()),
+        "ip_ckpt_sha256": sha256_file(args.ip_ckpt),
+        "scale": args.scale,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "height": args.height,
+        "width": args.width,
+        "seed": args.seed,
+        "negative_prompt_reference": args.negative_prompt,
+        "negative_prompt_generated": DEFAULT_NEGATIVE_PROMPT,
+        "dtype": dtype_name(dtype),
+        "reference_images": None if given is None else {"list": str(args.reference_images.resolve()), "sha256": sha256_file(args.reference_images)},
+    }
+    manifest = build_manifest(settings, plans, complete=False)
+    check_manifest(output_dir, manifest)  # every process checks, so all of them stop together
+
+    pending_references = [plan for plan in plans if not plan.reference_path(output_dir).is_file()]
+    pending_generated = [(plan.index, k) for plan in plans for k in range(args.num_generated) if not plan.generated_path(output_dir, k).is_file()]
+    accelerator.wait_for_everyone()  # all processes list the same pending work before anything is written
+    accelerator.print(
+        f"{len(plans) - len(pending_references)}/{len(plans)} references and "
+        f"{len(plans) * args.num_generated - len(pending_generated)}/{len(plans) * args.num_generated} generated images exist; "
+        f"{accelerator.num_processes} process(es), {dtype_name(dtype)}"
+    )
+    pipe = load_sdxl_pipeline(args.base_model_path, dtype).to(accelerator.device) if (pending_references and given is None) or pending_generated else None
+    if accelerator.is_main_process:
+        remove_stale_temp_files(output_dir, [plan.folder for plan in plans])
+        atomic_write_json(output_dir / layout.MANIFEST_NAME, manifest)
+    accelerator.wait_for_everyone()
+
+    common = dict(guidance_scale=args.guidance_scale, height=args.height, width=args.width)
+    if pending_references and given is not None:
+        with accelerator.split_between_processes(pending_references) as shard:
+            for plan in shard:
+                atomic_save_image(load_rgb_image(given[plan.index]["image"]), plan.reference_path(output_dir))
+    elif pending_references:
+        with accelerator.split_between_processes(pending_references) as shard:
+            generate_references(pipe, shard, output_dir, args.batch_size, args.num_inference_steps, args.negative_prompt, accelerator.process_index, **common)
+    accelerator.wait_for_everyone()  # every reference exists before any generation reads one
+    if pending_generated:
+        # Installing the adapter changes the UNet's attention, so it happens after the references.
+        ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, args.ip_ckpt, device=accelerator.device)
+        ip_model.set_scale(args.scale)
+        with accelerator.split_between_processes(pending_generated) as shard:
+            generate_pairs(ip_model, plans, shard, output_dir, args.batch_size, args.num_inference_steps, accelerator.process_index, **common)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(output_dir / layout.MANIFEST_NAME, build_manifest(settings, plans, complete=True))
+    return plans
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    accelerator = Accelerator()
+    try:
+        run(args, accelerator)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"python -m patch_quality.construct: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Convert the official `patch_quality.pkl` into our `patch_quality.safetensors`.
+
+The official file is `all_region_maps[folder_idx][k] = {"target_map": array, "gene_map": array}`
+(outer containers lists or int-keyed dicts). Unpickling runs whatever callables the file names, so
+the unpickler here resolves exactly the globals numpy needs to rebuild an array under pickle
+protocols 3-4, under both the numpy 1.x module path (`numpy.core.multiarray`) the official file
+was almost certainly written with and the numpy 2 path (`numpy._core.multiarray`):
+
+    numpy.core.multiarray._reconstruct / numpy._core.multiarray._reconstruct
+    numpy.ndarray
+    numpy.dtype
+
+Anything else (`os.system`, `builtins.open`, any `numpy.testing` helper, `_codecs.encode` used by
+protocol 0-2 bytes, `numpy._core.numeric._frombuffer` used by protocol 5) is refused before it
+is called. A whole `numpy.*` module is never allowed: `numpy.testing` alone can run code.
+
+    python -m patch_quality.convert_pkl patch_quality.pkl DATA/patch_quality.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from ip_adapter.utils import sha256_file
+from patch_quality.store import save_quality_maps
+
+ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that can build plain containers and numeric numpy arrays, and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"global '{module}.{name}' is not allowed (only numpy array reconstruction is)"
+            )
+        if name == "_reconstruct":
+            # numpy 2 keeps `numpy.core` as a deprecated alias; resolve the real function directly
+            # so an old-name file loads without importing the alias module or warning.
+            from numpy._core.multiarray import _reconstruct
+
+            return _reconstruct
+        return np.ndarray if name == "ndarray" else np.dtype
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not allowed")
+
+
+def restricted_load(data: bytes) -> Any:
+    return RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def _entries(container: Any, what: str) -> list[tuple[int, Any]]:
+    if isinstance(container, (list, tuple)):
+        return list(enumerate(container))
+    if isinstance(container, dict):
+        if not all(isinstance(key, int) and not isinstance(key, bool) and key >= 0 for key in container):
+            raise ValueError(f"{what} must be indexed by non-negative ints, got keys {sorted(map(repr, container))[:5]}")
+        return sorted(container.items())
+    raise ValueError(f"{what} must be a list or an int-keyed dict, got {type(container).__name__}")
+
+
+def _map_tensor(value: Any, where: str) -> torch.Tensor:
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{where} must be a numpy array, got {type(value).__name__}")
+    if value.dtype.kind not in "fiub":
+        raise ValueError(f"{where} must hold real numbers, got dtype {value.dtype}")
+    if value.ndim != 2:
+        raise ValueError(f"{where} must be 2-D (H, W), got shape {value.shape}")
+    return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+
+
+def official_maps_to_store(all_region_maps: Any) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
+    """Map `all_region_maps[folder][k]` to store keys `("sample{folder}", k)`."""
+    maps: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for folder_idx, per_folder in _entries(all_region_maps, "the top level"):
+        for k, entry in _entries(per_folder, f"entry [{folder_idx}]"):
+            where = f"entry [{folder_idx}][{k}]"
+            if not isinstance(entry, dict) or not {"target_map", "gene_map"} <= entry.keys():
+                raise ValueError(f"{where} must be a dict with 'target_map' and 'gene_map'")
+            maps[(f"sample{folder_idx}", k)] = (
+                _map_tensor(entry["target_map"], f"{where}['target_map']"),
+                _map_tensor(entry["gene_map"], f"{where}['gene_map']"),
+            )
+    return maps
+
+
+def convert_pkl(input_path: str | os.PathLike, output_path: str | os.PathLike) -> int:
+    """Convert one official pickle; returns the number of (sample, k) pairs written.
+
+    Everything is validated before the output is written (atomically), so a refused file never
+    leaves a partial output behind and never replaces an existing one.
+    """
+    input_path = Path(input_path)
+    if not input_path.is_file():
+        raise FileNotFoundError(f"pickle file not found: {input_path}")
+    try:
+        all_region_maps = restricted_load(input_path.read_bytes())
+    except Exception as error:  # any failure inside pickle is the file's fault: report it on one line
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{input_path}: refused to unpickle: {message}") from None
+    try:
+        maps = official_maps_to_store(all_region_maps)
+    except ValueError as error:
+        raise ValueError(f"{input_path}: {error}") from None
+    if not maps:
+        raise ValueError(f"{input_path}: holds no quality maps")
+    metadata = {
+        "source": "official patch_quality.pkl (converted by patch_quality.convert_pkl)",
+        "source_file": input_path.name,
+        "source_sha256": sha256_file(input_path),
+    }
+    save_quality_maps(output_path, maps, metadata)
+    return len(maps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m patch_quality.convert_pkl",
+        description="Convert the official patch_quality.pkl to patch_quality.safetensors with a restricted unpickler.",
+    )
+    parser.add_argument("input", type=Path, help="official patch_quality.pkl")
+    parser.add_argument("output", type=Path, help="patch_quality.safetensors to write (atomically)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # One file, one writer: under `accelerate launch` the other processes have nothing to do.
+    if not PartialState(cpu=True).is_main_process:
+        return
+    try:
+        count = convert_pkl(args.input, args.output)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    print(f"wrote {count} map pairs to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Patch-quality maps: how faithfully each patch of a generated image reproduces the reference.
+
+Following the paper, a generated patch's quality is its best cosine similarity to any reference
+patch (no spatial alignment needed): `gen_sim[h, w] = max_ij cos(f(gen)[h, w], f(ref)[i, j])`.
+Our additions, each a flag (see README.md):
+
+- the max runs over reference *foreground* patches only; the reference has a clean background, so
+  thresholding near-white pixels gives the mask (`--foreground_mask`, `--background_level`);
+- the reference map is the reverse direction, `ref_sim[i, j] = max_hw cos(f(ref)[i, j], f(gen)[h, w])`,
+  so `1 - ref_map` up-weights reference patches the generated image failed to reproduce; on the
+  reference background it is set to 1 (weight 0) so training is not taught to paint white
+  backgrounds (`--mask_reference_background`);
+- similarities are resized from the patch grid to the latent grid (resolution / VAE factor) with
+  bilinear interpolation, align_corners=False, no antialiasing, *then* turned into weights
+  (`--transform raw|minmax|threshold`, `--good_threshold`, `--signed`), so thresholded maps stay
+  binary at latent resolution.
+
+    accelerate launch -m patch_quality.maps --data_root DATA --backbone DINOV2_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dreambench.data import load_rgb_image
+from ip_adapter.utils import sha256_file, str2bool
+from patch_quality import layout
+from patch_quality.features import PatchFeatureExtractor, center_square, describe
+from patch_quality.store import QualityMaps, save_quality_maps
+
+TRANSFORMS = ("raw", "minmax", "threshold")
+INTERPOLATION = "bilinear, align_corners=False, antialias=False (patch grid -> latent grid, before the transform)"
+PARTS_DIR_NAME = ".patch_quality_parts"
+
+
+@dataclass(frozen=True)
+class MapSettings:
+    """How similarities become the stored weights; every field is a CLI flag of the same name."""
+
+    transform: str = "raw"
+    good_threshold: float = 0.5
+    signed: bool = False
+    foreground_mask: bool = True
+    background_level: int = 240
+    foreground_fraction: float = 0.05
+    mask_reference_background: bool = True
+    latent_size: int = 64
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+        if not 0 <= self.background_level <= 255:
+            raise ValueError(f"background_level must be a pixel value in [0, 255], got {self.background_level}")
+        if self.latent_size <= 0:
+            raise ValueError(f"latent_size must be positive, got {self.latent_size}")
+
+    def metadata(self) -> dict[str, str]:
+        meta = {name: json.dumps(value) for name, value in asdict(self).items()}
+        meta["transform"] = self.transform
+        meta["interpolation"] = INTERPOLATION
+        return meta
+
+
+def foreground_patch_mask(image: Image.Image, grid_size: int, background_level: int = 240, min_fraction: float = 0.05) -> torch.Tensor:
+    """(grid, grid) bool mask of patches holding at least `min_fraction` non-background pixels.
+
+    A pixel is background when all three channels are >= `background_level` (near white). An
+    image with no foreground patch at all gets an all-True mask: nothing to restrict to.
+    """
+    square = np.asarray(center_square(image.convert("RGB")))
+    foreground = torch.from_numpy((square < background_level).any(axis=-1).astype(np.float32))
+    fraction = F.adaptive_avg_pool2d(foreground[None, None], grid_size)[0, 0]
+    mask = fraction >= min_fraction
+    return mask if mask.any() else torch.ones_like(mask)
+
+
+def patch_similarities(
+    reference: torch.Tensor, generated: torch.Tensor, reference_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-match cosine maps for L2-normalised grids (h, w, D) and (h2, w2, D).
+
+    Returns (ref_sim (h, w): best match of each reference patch among generated patches,
+    gen_sim (h2, w2): best match of each generated patch among (masked) reference patches).
+    """
+    h, w, dim = reference.shape
+    h2, w2, _ = generated.shape
+    similarity = reference.reshape(h * w, dim) @ generated.reshape(h2 * w2, dim).T
+    ref_sim = similarity.max(dim=1).values.reshape(h, w)
+    candidates = similarity if reference_mask is None else similarity[reference_mask.reshape(-1).to(similarity.device)]
+    gen_sim = candidates.max(dim=0).values.reshape(h2, w2)
+    return ref_sim, gen_sim
+
+
+def resize_to_latent(grid: torch.Tensor, latent_size: int) -> torch.Tensor:
+    """(h, w) -> (latent_size, latent_size), bilinear, align_corners=False."""
+    return F.interpolate(grid[None, None].float(), size=(latent_size, latent_size), mode="bilinear", align_corners=False)[0, 0]
+
+
+def similarity_to_quality(similarity: torch.Tensor, transform: str, good_threshold: float, region: torch.Tensor | None = None) -> torch.Tensor:
+    """Cosine similarities -> qualities in [0, 1].
+
+    raw: the cosine clamped to [0, 1] (the paper's quality); minmax: stretched to [0, 1] per image,
+    using min and max inside `region` when given (all ones if the image is constant); threshold:
+    1 where cosine >= `good_threshold`, else 0.
+    """
+    if transform == "raw":
+        return similarity.clamp(0.0, 1.0)
+    if transform == "threshold":
+        return (similarity >= good_threshold).float()
+    values = similarity[region] if region is not None and region.any() else similarity
+    low, high = values.min(), values.max()
+    if high - low <= 1e-6:
+        return torch.ones_like(similarity)
+    return ((similarity - low) / (high - low)).clamp(0.0, 1.0)
+
+
+def quality_maps(
+    reference: torch.Tensor, generated: torch.Tensor, reference_mask: torch.Tensor | None, settings: MapSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reference_map, generated_map) at the latent grid from one pair of feature grids."""
+    mask = reference_mask if settings.foreground_mask else None
+    ref_sim, gen_sim = patch_similarities(reference, generated, mask)
+    ref_sim = resize_to_latent(ref_sim, settings.latent_size)
+    gen_sim = resize_to_latent(gen_sim, settings.latent_size)
+    soft_mask = None if mask is None else resize_to_latent(mask.float().to(ref_sim.device), settings.latent_size)
+    ref_map = similarity_to_quality(ref_sim, settings.transform, settings.good_threshold, None if soft_mask is None else soft_mask > 0.5)
+    gen_map = similarity_to_quality(gen_sim, settings.transform, settings.good_threshold)
+    if soft_mask is not None and settings.mask_reference_background:
+        # Weight (1 - ref_map) fades to 0 on the background.
+        ref_map = 1.0 - (1.0 - ref_map) * soft_mask
+    if settings.signed:
+        gen_map = 2.0 * gen_map - 1.0
+    return ref_map.cpu(), gen_map.cpu()
+
+
+def _sample_digest(reference: Path, generated: dict[int, Path]) -> str:
+    digest = hashlib.sha256()
+    for name, path in [("ref", reference)] + [(f"gen{k}", path) for k, path in generated.items()]:
+        digest.update(f"{name}:{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _part_is_current(part: Path, run_tag: str, inputs: str) -> bool:
+    if not part.is_file():
+        return False
+    try:
+        metadata = QualityMaps.load(part).metadata
+    except (ValueError, FileNotFoundError):
+        return False
+    return metadata.get("run") == run_tag and metadata.get("inputs") == inputs
+
+
+def estimate_quality_maps(
+    data_root: str | Path,
+    extractor: PatchFeatureExtractor,
+    settings: MapSettings,
+    feature_metadata: dict[str, str],
+    output: str | Path | None = None,
+    batch_size: int = 8,
+    state: PartialState | None = None,
+) -> Path:
+    """Compute maps for every `sample*/` of `data_root` and write one quality-map file.
+
+    Work is sharded by sample over the accelerate processes. Each finished sample is written
+    atomically to `DATA/.patch_quality_parts/` tagged with the settings and input-image hashes, so
+    a killed run resumes where it stopped and a changed setting or image is recomputed; the main
+    process merges the parts into `output` (atomically) and removes them.
+    """
+    state = state or PartialState(cpu=True)
+    data_root = Path(data_root)
+    output = Path(output) if output is not None else data_root / layout.QUALITY_MAPS_NAME
+    samples = layout.list_samples(data_root)
+    if not samples:
+        raise ValueError(f"{data_root} holds no sample* folders")
+    entries = [(sample, *layout.sample_files(sample)) for sample in samples]  # validate all first
+    run_meta = {**feature_metadata, **settings.metadata()}
+    run_tag = hashlib.sha256(json.dumps(run_meta, sort_keys=True).encode()).hexdigest()
+    parts_dir = data_root / PARTS_DIR_NAME
+
+    todo = []
+    for sample, _prompt, reference, generated in entries[state.process_index :: state.num_processes]:
+        inputs = _sample_digest(reference, generated)
+        if not _part_is_current(parts_dir / f"{sample.name}.safetensors", run_tag, inputs):
+            todo.append((sample, reference, generated, inputs))
+
+    progress = tqdm(total=len(todo), desc=f"quality maps [{state.process_index}]", disable=not state.is_local_main_process)
+    for chunk in _chunks(todo, batch_size):
+        images, masks = [], []
+        for _sample, reference, generated, _inputs in chunk:
+            reference_image = load_rgb_image(reference)
+            masks.append(foreground_patch_mask(reference_image, extractor.grid_size, settings.background_level, settings.foreground_fraction))
+            images.append(reference_image)
+            images.extend(load_rgb_image(path) for path in generated.values())
+        features = extractor(images)
+        offset = 0
+        for (sample, _reference, generated, inputs), mask in zip(chunk, masks):
+            reference_features = features[offset]
+            maps = {}
+            for index, k in enumerate(generated, start=1):
+                maps[(sample.name, k)] = quality_maps(reference_features, features[offset + index], mask, settings)
+            offset += 1 + len(generated)
+            save_quality_maps(parts_dir / f"{sample.name}.safetensors", maps, {"run": run_tag, "inputs": inputs})
+            progress.update(1)
+    progress.close()
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merged: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for sample, *_ in entries:
+            part = QualityMaps.load(parts_dir / f"{sample.name}.safetensors")
+            if part.metadata.get("run") != run_tag:
+                raise ValueError(f"part file for {sample.name} in {parts_dir} was made with other settings; rerun")
+            for key in part.keys():
+                merged[key] = tuple(m.half() for m in part.get(*key))
+        metadata = {**run_meta, "num_samples": str(len(entries)), "num_pairs": str(len(merged))}
+        save_quality_maps(output, merged, metadata)
+        shutil.rmtree(parts_dir)
+    state.wait_for_everyone()
+    return output
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m patch_quality.maps",
+        description="Estimate patch-quality maps for DATA/sample*/ and write DATA/patch_quality.safetensors.",
+    )
+    parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs (patch_quality.construct layout)")
+    parser.add_argument("--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model")
+    parser.add_argument("--finetuned", type=Path, default=None, help="patch_quality.ssl_train checkpoint applied on top of --backbone")
+    parser.add_argument("--layer", type=int, default=-1, help="hidden_states index of the features (0 = embeddings, -1 = last block)")
+    parser.add_argument("--image_size", type=int, default=None, help="backbone input edge (multiple of the patch size); default from the image processor config")
+    parser.add_argument("--transform", choices=TRANSFORMS, default="raw", help="similarity -> weight: raw cosine clamped to [0,1], per-image min-max, or threshold")
+    parser.add_argument("--good_threshold", type=float, default=0.5, help="cosine at or above which a patch counts as good (--transform threshold)")
+    parser.add_argument("--signed", type=str2bool, default=False, help="map generated-image weights from [0,1] to [-1,1] so bad patches are pushed away")
+    parser.add_argument("--foreground_mask", type=str2bool, default=True, help="restrict reference patches to the foreground of the clean-background reference")
+    parser.add_argument("--background_level", type=int, default=240, help="pixels with all channels >= this are reference background")
+    parser.add_argument("--foreground_fraction", type=float, default=0.05, help="fraction of foreground pixels that makes a patch foreground")
+    parser.add_argument("--mask_reference_background", type=str2bool, default=True, help="set reference_map to 1 (weight 0) on the reference background")
+    parser.add_argument("--resolution", type=int, default=512, help="training resolution")
+    parser.add_argument("--vae_scale_factor", type=int, default=8, help="VAE downsampling factor; maps are resolution / factor square")
+    parser.add_argument("--output", type=Path, default=None, help="default: DATA_ROOT/patch_quality.safetensors")
+    parser.add_argument("--batch_size", type=int, default=8, help="samples per backbone forward pass")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="backbone dtype (similarities are computed in float32)")
+    parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resolution % args.vae_scale_factor:
+        parser.error(f"--resolution {args.resolution} is not divisible by --vae_scale_factor {args.vae_scale_factor}")
+    state = PartialState(cpu=args.cpu)
+    try:
+        settings = MapSettings(
+            transform=args.transform,
+            good_threshold=args.good_threshold,
+            signed=args.signed,
+            foreground_mask=args.foreground_mask,
+            background_level=args.background_level,
+            foreground_fraction=args.foreground_fraction,
+            mask_reference_background=args.mask_reference_background,
+            latent_size=args.resolution // args.vae_scale_factor,
+        )
+        extractor = PatchFeatureExtractor.from_pretrained(
+            args.backbone, layer=args.layer, image_size=args.image_size, finetuned=args.finetuned,
+            device=state.device, dtype=getattr(torch, args.dtype),
+        )
+        feature_metadata = {
+            **describe(extractor, args.backbone, args.finetuned),
+            "resolution": str(args.resolution),
+            "vae_scale_factor": str(args.vae_scale_factor),
+        }
+        output = estimate_quality_maps(args.data_root, extractor, settings, feature_metadata, args.output, args.batch_size, state)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if state.is_main_process:
+        print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

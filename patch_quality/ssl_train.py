@@ -1,0 +1,406 @@
+"""Self-supervised finetuning that makes a backbone's patch features more discriminative.
+
+The paper finetunes its feature extractor so that patches of the same object part match and other
+patches do not, but gives no objective. Ours is patch correspondence: two augmented views of one
+image (random resized crop, horizontal flip, colour jitter) whose patch grids are related by the
+known crop/flip geometry; InfoNCE where each patch's positive is the patch of the other view that
+covers the same image point, and every other patch of both views and of every image in the batch
+is a negative. Only the last N transformer blocks up to the feature layer train; the rest is
+frozen. The result is a small safetensors file of those blocks, applied with
+`--backbone DIR --finetuned FILE` by `patch_quality.maps`.
+
+Patch-matching accuracy (top-1: the argmax over the other view's patches of the same image is the
+corresponding patch) is measured on held-out images with fixed augmentations before training and
+at every validation, so the gain is measured, not assumed.
+
+    accelerate launch -m patch_quality.ssl_train --backbone DINOV2_DIR --train_data DATA --output_dir ssl_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dreambench.data import load_rgb_image
+from ip_adapter.training import checkpoint_step, find_resume_checkpoint, save_training_state
+from ip_adapter.utils import atomic_write_json
+from patch_quality.features import PatchFeatureExtractor, center_square, load_finetuned, save_finetuned, transformer_blocks
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FINETUNED_NAME = "ssl_backbone.safetensors"
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Random resized crop (area fraction, aspect ratio), flip probability, colour-jitter strength."""
+
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+    color_jitter: float = 0.4
+
+
+@dataclass(frozen=True)
+class View:
+    """A crop box in source pixels, then an optional horizontal flip of the crop."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def sample_view(source_size: int, settings: AugmentSettings, generator: torch.Generator) -> View:
+    area = source_size * source_size
+    for _ in range(10):
+        scale = settings.crop_scale[0] + (settings.crop_scale[1] - settings.crop_scale[0]) * torch.rand((), generator=generator).item()
+        log_ratio = math.log(settings.crop_ratio[0]) + (math.log(settings.crop_ratio[1]) - math.log(settings.crop_ratio[0])) * torch.rand((), generator=generator).item()
+        ratio = math.exp(log_ratio)
+        width = int(round(math.sqrt(area * scale * ratio)))
+        height = int(round(math.sqrt(area * scale / ratio)))
+        if 0 < width <= source_size and 0 < height <= source_size:
+            top = int(torch.randint(0, source_size - height + 1, (), generator=generator))
+            left = int(torch.randint(0, source_size - width + 1, (), generator=generator))
+            break
+    else:
+        top, left, height, width = 0, 0, source_size, source_size
+    flip = bool(torch.rand((), generator=generator).item() < settings.flip_prob)
+    return View(top, left, height, width, flip)
+
+
+def render_view(image: torch.Tensor, view: View, size: int, jitter: torch.Tensor) -> torch.Tensor:
+    """Crop, resize (bilinear, antialiased), flip and colour-jitter one (3, S, S) image in [0, 1].
+
+    `jitter` holds (brightness, contrast, saturation) factors around 1.
+    """
+    crop = TF.resized_crop(image, view.top, view.left, view.height, view.width, [size, size], antialias=True)
+    if view.flip:
+        crop = crop.flip(-1)
+    brightness, contrast, saturation = jitter.tolist()
+    crop = crop * brightness
+    crop = (crop - crop.mean()) * contrast + crop.mean()
+    gray = (0.299 * crop[0] + 0.587 * crop[1] + 0.114 * crop[2]).unsqueeze(0)
+    crop = (crop - gray) * saturation + gray
+    return crop.clamp(0.0, 1.0)
+
+
+def correspondence(view_a: View, view_b: View, size: int, patch_size: int) -> torch.Tensor:
+    """For each patch of view A (row-major), the index of view B's patch covering its centre, or -1."""
+    grid = size // patch_size
+    centers = (torch.arange(grid, dtype=torch.float64) + 0.5) * patch_size
+    y_a, x_a = torch.meshgrid(centers, centers, indexing="ij")
+    if view_a.flip:
+        x_a = size - x_a
+    x_source = view_a.left + x_a * view_a.width / size
+    y_source = view_a.top + y_a * view_a.height / size
+    x_b = (x_source - view_b.left) * size / view_b.width
+    y_b = (y_source - view_b.top) * size / view_b.height
+    if view_b.flip:
+        x_b = size - x_b
+    inside = (x_b >= 0) & (x_b < size) & (y_b >= 0) & (y_b < size)
+    index = (y_b // patch_size).clamp(0, grid - 1) * grid + (x_b // patch_size).clamp(0, grid - 1)
+    return torch.where(inside, index.long(), torch.full_like(index.long(), -1)).flatten()
+
+
+def make_pairs(
+    images: torch.Tensor, size: int, patch_size: int, settings: AugmentSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two views per image: (views_a, views_b (N, 3, size, size), targets a->b, targets b->a (N, grid²))."""
+    views_a, views_b, targets_ab, targets_ba = [], [], [], []
+    low, high = 1.0 - settings.color_jitter, 1.0 + settings.color_jitter
+    for image in images:
+        view_a, view_b = (sample_view(image.shape[-1], settings, generator) for _ in range(2))
+        jitter_a, jitter_b = (low + (high - low) * torch.rand(3, generator=generator) for _ in range(2))
+        views_a.append(render_view(image, view_a, size, jitter_a))
+        views_b.append(render_view(image, view_b, size, jitter_b))
+        targets_ab.append(correspondence(view_a, view_b, size, patch_size))
+        targets_ba.append(correspondence(view_b, view_a, size, patch_size))
+    return torch.stack(views_a), torch.stack(views_b), torch.stack(targets_ab), torch.stack(targets_ba)
+
+
+def _one_direction(queries: torch.Tensor, keys_other: torch.Tensor, keys_same: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    n, patches, dim = queries.shape
+    valid = targets >= 0
+    if not valid.any():
+        return queries.sum() * 0.0
+    image_index, patch_index = torch.nonzero(valid, as_tuple=True)
+    q = queries[image_index, patch_index]
+    keys = torch.cat([keys_other.reshape(n * patches, dim), keys_same.reshape(n * patches, dim)])
+    logits = q @ keys.T / temperature
+    own = n * patches + image_index * patches + patch_index
+    logits[torch.arange(len(q), device=q.device), own] = float("-inf")  # a patch is not its own negative
+    labels = image_index * patches + targets[valid]
+    return F.cross_entropy(logits, labels)
+
+
+def correspondence_info_nce(
+    features_a: torch.Tensor, features_b: torch.Tensor, targets_ab: torch.Tensor, targets_ba: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Symmetric InfoNCE over L2-normalised (N, grid², D) patch features of the two views."""
+    loss_ab = _one_direction(features_a, features_b, features_a, targets_ab, temperature)
+    loss_ba = _one_direction(features_b, features_a, features_b, targets_ba, temperature)
+    return (loss_ab + loss_ba) / 2
+
+
+@torch.no_grad()
+def matching_accuracy(extractor: PatchFeatureExtractor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
+    """Top-1 patch correspondence A -> B within each image, over all A patches visible in B."""
+    correct = total = 0
+    for views_a, views_b, targets_ab, _ in pairs:
+        features_a = extractor.patch_features(views_a).flatten(1, 2)
+        features_b = extractor.patch_features(views_b).flatten(1, 2)
+        predicted = torch.einsum("npd,nqd->npq", features_a, features_b).argmax(dim=-1).cpu()
+        valid = targets_ab >= 0
+        correct += int((predicted[valid] == targets_ab[valid]).sum())
+        total += int(valid.sum())
+    return correct / max(total, 1)
+
+
+def trainable_parameter_names(extractor: PatchFeatureExtractor, num_blocks: int) -> list[str]:
+    """Names of the parameters of the last `num_blocks` blocks feeding the feature layer."""
+    if extractor.layer == 0:
+        raise ValueError("layer 0 (patch embeddings) has no transformer block to train; pick --layer >= 1")
+    if not 1 <= num_blocks <= extractor.layer:
+        raise ValueError(f"--trainable_blocks must be in 1..{extractor.layer} for layer {extractor.layer}, got {num_blocks}")
+    blocks = transformer_blocks(extractor.model)
+    chosen = {id(p) for block in blocks[extractor.layer - num_blocks : extractor.layer] for p in block.parameters()}
+    return [name for name, parameter in extractor.model.named_parameters() if id(parameter) in chosen]
+
+
+class SourceImages(Dataset):
+    """Images as (3, S, S) tensors in [0, 1]: the centred square resized to `source_size`."""
+
+    def __init__(self, paths: Sequence[Path], source_size: int):
+        self.paths, self.source_size = list(paths), source_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = load_rgb_image(self.paths[index])
+        square = center_square(image).resize((self.source_size, self.source_size), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def find_images(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"training image folder not found: {root}")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not paths:
+        raise ValueError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def split_paths(paths: Sequence[Path], validation_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
+    count = max(1, round(len(paths) * validation_fraction)) if validation_fraction > 0 else 0
+    if count >= len(paths):
+        raise ValueError(f"--validation_fraction {validation_fraction} leaves no training image out of {len(paths)}")
+    validation = sorted(paths[i] for i in order[:count])
+    train = sorted(paths[i] for i in order[count:])
+    return train, validation
+
+
+def validation_pairs(
+    images: torch.Tensor, size: int, patch_size: int, settings: AugmentSettings, pairs_per_image: int, seed: int, batch_size: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Fixed augmented pairs (same seed, same pairs before and after training)."""
+    generator = torch.Generator().manual_seed(seed)
+    repeated = images.repeat_interleave(pairs_per_image, dim=0)
+    return [make_pairs(chunk, size, patch_size, settings, generator) for chunk in repeated.split(batch_size)]
+
+
+@dataclass
+class TrainSettings:
+    trainable_blocks: int = 2
+    temperature: float = 0.1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.05
+    batch_size: int = 16
+    max_steps: int = 2000
+    seed: int = 42
+
+
+def train(
+    accelerator: Accelerator,
+    extractor: PatchFeatureExtractor,
+    train_images: Dataset,
+    held_out: torch.Tensor,
+    settings: TrainSettings,
+    augment: AugmentSettings,
+    output_dir: Path,
+    backbone_dir: Path,
+    validation_pairs_per_image: int = 2,
+    validation_steps: int = 200,
+    checkpointing_steps: int | None = None,
+    resume_from_checkpoint: str | None = None,
+    num_workers: int = 0,
+) -> dict[str, float]:
+    """Train the last blocks; returns {"accuracy_before", "accuracy_after", "final_loss"}."""
+    model = extractor.model
+    names = trainable_parameter_names(extractor, settings.trainable_blocks)
+    named = dict(model.named_parameters())
+    model.requires_grad_(False)
+    for name in names:
+        named[name].requires_grad_(True)
+    model.float()  # optimise in fp32; accelerate's --mixed_precision handles autocast
+
+    size, patch = extractor.image_size, extractor.patch_size
+    eval_pairs = validation_pairs(held_out, size, patch, augment, validation_pairs_per_image, settings.seed + 1, settings.batch_size)
+    model.eval()
+    accuracy_before = matching_accuracy(extractor, eval_pairs)
+
+    optimizer = torch.optim.AdamW([named[n] for n in names], lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    loader = DataLoader(train_images, batch_size=settings.batch_size, shuffle=True, drop_last=len(train_images) >= settings.batch_size, num_workers=num_workers)
+    prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    unwrapped = accelerator.unwrap_model(prepared_model)
+    finetune_metadata = {"layer": str(extractor.layer), "trainable_blocks": str(settings.trainable_blocks), "objective": "patch-correspondence InfoNCE"}
+
+    def save_hook(models: list, weights: list, directory: str) -> None:
+        if accelerator.is_main_process:
+            save_finetuned(Path(directory) / FINETUNED_NAME, unwrapped, names, backbone_dir, finetune_metadata)
+        weights.clear()
+
+    def load_hook(models: list, directory: str) -> None:
+        load_finetuned(unwrapped, Path(directory) / FINETUNED_NAME, backbone_dir)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    step = 0
+    resume_dir = find_resume_checkpoint(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir / "training_state"))
+        step = checkpoint_step(resume_dir)
+
+    extractor.model = prepared_model
+    generator = torch.Generator().manual_seed(settings.seed + 1000 * accelerator.process_index + step)
+    progress = tqdm(total=settings.max_steps, initial=step, desc="ssl_train", disable=not accelerator.is_local_main_process)
+    loss_value = float("nan")
+    prepared_model.train()
+    while step < settings.max_steps:
+        for images in loader:
+            views_a, views_b, targets_ab, targets_ba = make_pairs(images.cpu(), size, patch, augment, generator)
+            with accelerator.autocast():
+                features = extractor.patch_features(torch.cat([views_a, views_b]).to(accelerator.device)).flatten(1, 2)
+            features_a, features_b = features.float().chunk(2)
+            loss = correspondence_info_nce(features_a, features_b, targets_ab.to(features.device), targets_ba.to(features.device), settings.temperature)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = accelerator.reduce(loss.detach(), "mean").item()
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            accelerator.log({"train/loss": loss_value}, step=step)
+            if validation_steps and step % validation_steps == 0 and step < settings.max_steps:
+                prepared_model.eval()
+                accelerator.log({"val/patch_matching_top1": matching_accuracy(extractor, eval_pairs)}, step=step)
+                prepared_model.train()
+            if checkpointing_steps and step % checkpointing_steps == 0:
+                save_training_state(accelerator, output_dir / f"checkpoint-{step}")
+            if step >= settings.max_steps:
+                break
+    progress.close()
+
+    prepared_model.eval()
+    accuracy_after = matching_accuracy(extractor, eval_pairs)
+    extractor.model = unwrapped
+    metrics = {"accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "final_loss": loss_value, "steps": step}
+    accelerator.log({"val/patch_matching_top1": accuracy_after}, step=step)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_finetuned(output_dir / FINETUNED_NAME, unwrapped, names, backbone_dir, {
+            **finetune_metadata, "steps": str(step),
+            "patch_matching_top1_before": f"{accuracy_before:.4f}", "patch_matching_top1_after": f"{accuracy_after:.4f}",
+        })
+        atomic_write_json(output_dir / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m patch_quality.ssl_train", description="Patch-correspondence self-supervised finetuning of a ViT backbone.")
+    parser.add_argument("--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model")
+    parser.add_argument("--train_data", type=Path, required=True, help="folder searched recursively for images (e.g. DATA from patch_quality.construct)")
+    parser.add_argument("--output_dir", type=Path, required=True, help=f"gets {FINETUNED_NAME}, metrics.json, checkpoint-N/, logs/")
+    parser.add_argument("--layer", type=int, default=-1, help="hidden_states index whose patch tokens are trained (use the same for maps)")
+    parser.add_argument("--trainable_blocks", type=int, default=2, help="train the last N blocks up to --layer; everything else frozen")
+    parser.add_argument("--image_size", type=int, default=None, help="view edge fed to the backbone; default from the image processor config")
+    parser.add_argument("--source_size", type=int, default=None, help="edge images are loaded at before cropping (default 2 x image size)")
+    parser.add_argument("--crop_scale", type=float, nargs=2, default=(0.35, 1.0), help="random resized crop area range")
+    parser.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), help="random resized crop aspect range")
+    parser.add_argument("--flip_prob", type=float, default=0.5, help="horizontal-flip probability per view")
+    parser.add_argument("--color_jitter", type=float, default=0.4, help="brightness/contrast/saturation factors drawn from [1-x, 1+x]")
+    parser.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--weight_decay", type=float, default=0.05)
+    parser.add_argument("--train_batch_size", type=int, default=16, help="images per process (two views each)")
+    parser.add_argument("--max_train_steps", type=int, default=2000)
+    parser.add_argument("--validation_fraction", type=float, default=0.1, help="images held out for the matching accuracy")
+    parser.add_argument("--validation_pairs_per_image", type=int, default=2)
+    parser.add_argument("--validation_steps", type=int, default=200, help="log held-out accuracy every N steps (0: only before/after)")
+    parser.add_argument("--checkpointing_steps", type=int, default=None, help="save a resumable state every N steps")
+    parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--report_to", default="tensorboard")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--cpu", action="store_true", help="train on CPU even if an accelerator is available")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, cpu=args.cpu, log_with=args.report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")),
+    )
+    set_seed(args.seed)
+    try:
+        extractor = PatchFeatureExtractor.from_pretrained(args.backbone, layer=args.layer, image_size=args.image_size, device=accelerator.device)
+        train_paths, validation_paths = split_paths(find_images(args.train_data), args.validation_fraction, args.seed)
+        if not validation_paths:
+            raise ValueError("--validation_fraction must hold out at least one image to measure the matching accuracy")
+        source_size = args.source_size or 2 * extractor.image_size
+        held_out = torch.stack([SourceImages(validation_paths, source_size)[i] for i in range(len(validation_paths))])
+        settings = TrainSettings(
+            trainable_blocks=args.trainable_blocks, temperature=args.temperature,
+            learning_rate=args.learning_rate, weight_decay=args.weight_decay, batch_size=args.train_batch_size,
+            max_steps=args.max_train_steps, seed=args.seed,
+        )
+        augment = AugmentSettings(tuple(args.crop_scale), tuple(args.crop_ratio), args.flip_prob, args.color_jitter)
+        if accelerator.is_main_process:
+            accelerator.init_trackers("patch_quality_ssl", config={k: str(v) for k, v in vars(args).items()})
+        metrics = train(
+            accelerator, extractor, SourceImages(train_paths, source_size), held_out, settings, augment, args.output_dir,
+            args.backbone, args.validation_pairs_per_image, args.validation_steps, args.checkpointing_steps,
+            args.resume_from_checkpoint, args.dataloader_num_workers,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"patch-matching top-1: {metrics['accuracy_before']:.4f} -> {metrics['accuracy_after']:.4f}; wrote {args.output_dir / FINETUNED_NAME}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

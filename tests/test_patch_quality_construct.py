@@ -1,0 +1,100 @@
+"""Training-pair construction on the tiny SDXL + IP-Adapter-Plus: layout, manifest, seeds, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from patch_quality import layout
+from patch_quality.categories import OBJECT_CATEGORIES, SCENE_TEMPLATES, load_categories, with_article
+from patch_quality.construct import main, plan_samples
+
+DREAMBENCH = Path("/work/shared/dreambench/dataset")
+# Class words the official evaluation fills into DreamBench prompts.
+DREAMBENCH_CLASSES = {"backpack", "stuffed", "animal", "bowl", "can", "candle", "clock", "sneaker", "toy", "boot",
+                      "glasses", "cartoon", "teapot", "vase", "cat", "dog"}
+
+
+def test_categories_avoid_dreambench_subjects_and_make_valid_prompts():
+    banned = set(DREAMBENCH_CLASSES)
+    if DREAMBENCH.is_dir():
+        subjects = [p.name for p in DREAMBENCH.iterdir() if p.is_dir()]
+        assert len(subjects) == 30
+        banned |= {word for subject in subjects for word in re.split(r"[_\d]+", subject) if word}
+    for category in OBJECT_CATEGORIES:
+        words = set(category.lower().split())
+        assert not words & banned, f"{category!r} overlaps DreamBench ({words & banned})"
+    assert len(set(OBJECT_CATEGORIES)) == len(OBJECT_CATEGORIES) >= 150
+    for template in SCENE_TEMPLATES:
+        for category in OBJECT_CATEGORIES:
+            layout.check_prompt(template.format(object=with_article(category)))
+
+
+def test_plan_is_deterministic_and_seeds_are_distinct():
+    plans = plan_samples(6, 3, seed=42, categories=OBJECT_CATEGORIES)
+    assert plans == plan_samples(6, 3, seed=42, categories=OBJECT_CATEGORIES)
+    assert plans != plan_samples(6, 3, seed=43, categories=OBJECT_CATEGORIES)
+    assert [plan.object for plan in plans] == list(OBJECT_CATEGORIES[:6])
+    assert plans[0].reference_prompt == "a photo of a coffee mug, plain white background"
+    seeds = [plan.reference_seed for plan in plans] + [s for plan in plans for s in plan.generated_seeds]
+    assert len(set(seeds)) == len(seeds)
+    # Seeds depend on (sample, k) only, not on how many samples are planned.
+    assert plan_samples(2, 3, seed=42, categories=OBJECT_CATEGORIES) == plans[:2]
+
+
+def test_load_categories_file(tmp_path):
+    path = tmp_path / "objects.txt"
+    path.write_text("# mine\nlamp\n\nkite\n")
+    assert load_categories(path) == ("lamp", "kite")
+    path.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="lists no categories"):
+        load_categories(path)
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).copy()
+
+
+def test_construct_writes_layout_manifest_and_resumes(tmp_path, tiny_models):
+    out = tmp_path / "DATA"
+    args = ["--base_model_path", str(tiny_models.sdxl_dir), "--image_encoder_path", str(tiny_models.image_encoder_dir),
+            "--ip_ckpt", str(tiny_models.ip_ckpt), "--output_dir", str(out), "--num_samples", "2", "--num_generated", "2",
+            "--num_inference_steps", "2", "--height", "32", "--width", "32", "--batch_size", "3"]
+    main(args)
+
+    samples = layout.list_samples(out)
+    assert [p.name for p in samples] == ["sample0", "sample1"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["settings"]["ip_ckpt_sha256"]
+    for folder, record in zip(samples, manifest["samples"]):
+        prompt, reference, generated = layout.sample_files(folder)
+        assert prompt == record["prompt"] and reference.name == record["reference"]
+        assert [p.name for p in generated.values()] == record["generated"] and list(generated) == [0, 1]
+        assert Image.open(reference).size == (32, 32)
+    first = {p: _pixels(p) for p in sorted(out.rglob("*.png"))}
+    assert len(first) == 6
+    # Different seeds per (sample, k): the two generated images of a sample differ.
+    _, _, generated = layout.sample_files(samples[0])
+    assert not np.array_equal(first[generated[0]], first[generated[1]])
+
+    # Resume after losing one reference and one generated image: only those are made again, and
+    # identically (their seeds do not depend on what else is generated or on the batch).
+    _, reference, generated = layout.sample_files(samples[1])
+    reference.unlink()
+    generated[1].unlink()
+    kept = samples[0] / next(p.name for p in samples[0].iterdir())
+    kept_mtime = kept.stat().st_mtime_ns
+    main(args[:-2] + ["--batch_size", "1"])
+    assert kept.stat().st_mtime_ns == kept_mtime
+    for path, pixels in first.items():
+        np.testing.assert_array_equal(_pixels(path), pixels)
+    assert not list(out.rglob(".*"))  # no temporary files left
+
+    with pytest.raises(SystemExit, match="other settings .*seed"):
+        main(args + ["--seed", "7"])
