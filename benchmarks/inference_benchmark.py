@@ -1,0 +1,153 @@
+"""DreamBench generation speed: our inference path against the reference inference loop.
+
+    python benchmarks/inference_benchmark.py                 # CPU proxy: mid-size random SDXL, 128 px
+    python benchmarks/inference_benchmark.py --shape full    # GPU: the SDXL / ViT-H configs, 1024 px, 30 steps
+
+Both paths run in one process on the same random-weight models (`ip_adapter.random_models`) and the
+same (subject, prompt) items:
+
+- reference: a straight re-implementation of the official `inference_dreambooth.py` loop: batches
+  of 2 prompts, each batch re-encoding all reference photos of its subjects through CLIP and the
+  Resampler and averaging the tokens, one generator seeded 42 per batch.
+  (Its generator lives on the CPU so that its noise is comparable with ours; the speed is unchanged.)
+- ours: `dreambench.generation.generate_batch` as `inference_dreambooth.py` runs it (same pipeline
+  loading, VAE slicing included, for both paths): image tokens
+  computed once per subject and cached, `--batch_size` images per denoising batch (subjects mixed),
+  one generator per image.
+
+Speed never comes from changed results: our path is also run with every item seeded 42, and the
+first image of each reference batch (whose noise is then identical) must match ours to a level or
+two of 255 (batch-size float rounding), or the benchmark fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dreambench.benchmark import SUBJECT_NAMES, prompts_for  # noqa: E402
+from dreambench.data import load_conditioning_images  # noqa: E402
+from dreambench.generation import GenerationItem, SubjectTokens, generate_batch  # noqa: E402
+from ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL  # noqa: E402
+from dreambench.model_loading import load_sdxl_pipeline  # noqa: E402
+from ip_adapter.random_models import SHAPES, save_random_models  # noqa: E402
+from ip_adapter.utils import atomic_write_json  # noqa: E402
+
+REFERENCE_SEED = 42
+REFERENCE_BATCH = 2
+
+
+def reference_loop(ip_model: IPAdapterPlusXL, items: Sequence[GenerationItem], references: dict[str, list[Image.Image]],
+                   **pipeline_kwargs) -> list[Image.Image]:
+    """The official loop: per batch of 2, encode every reference photo, average, one seeded generator."""
+    images: list[Image.Image] = []
+    for start in range(0, len(items), REFERENCE_BATCH):
+        batch = items[start : start + REFERENCE_BATCH]
+        cond, uncond = ip_model.get_image_embeds([references[item.subject] for item in batch])
+        images += ip_model.generate_from_tokens(
+            cond, uncond, [item.prompt for item in batch], [DEFAULT_NEGATIVE_PROMPT] * len(batch),
+            torch.Generator("cpu").manual_seed(REFERENCE_SEED), **pipeline_kwargs,
+        )
+    return images
+
+
+def our_path(ip_model: IPAdapterPlusXL, items: Sequence[GenerationItem], references: dict[str, list[Image.Image]],
+             batch_size: int, **pipeline_kwargs) -> list[Image.Image]:
+    tokens = SubjectTokens(ip_model, references.__getitem__)
+    images: list[Image.Image] = []
+    for start in range(0, len(items), batch_size):
+        images += generate_batch(ip_model, tokens, items[start : start + batch_size], **pipeline_kwargs)
+    return images
+
+
+def timed(device: torch.device, run: Callable[[], list[Image.Image]]) -> tuple[list[Image.Image], float, float | None]:
+    """Images, wall seconds and peak accelerator memory (GiB) of one run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    images = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return images, seconds, peak
+
+
+def pixel_difference(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="full" if cuda else "mid")
+    parser.add_argument("--size", type=int, default=1024 if cuda else 128, help="image edge in pixels")
+    parser.add_argument("--num_inference_steps", type=int, default=30 if cuda else 10)
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16" if cuda else "float32")
+    parser.add_argument("--subjects", nargs="+", default=["backpack", "dog"], choices=SUBJECT_NAMES)
+    parser.add_argument("--prompts_per_subject", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=8, help="our path's images per denoising batch")
+    parser.add_argument("--scale", type=float, default=0.78)
+    parser.add_argument("--data_root", type=Path, default=REPO.parent / "shared" / "dreambench")
+    parser.add_argument("--tolerance", type=int, default=2, help="allowed max pixel difference (of 255) where seeds agree")
+    parser.add_argument("--output", type=Path, default=None, help="also write the numbers as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    references = {name: load_conditioning_images(args.data_root, name, kosmosg=False) for name in args.subjects}
+    items = [
+        GenerationItem(name, prompt, REFERENCE_SEED)
+        for name in args.subjects for prompt in prompts_for(name)[: args.prompts_per_subject]
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        paths = save_random_models(folder, SHAPES[args.shape])
+        ip_model = IPAdapterPlusXL(load_sdxl_pipeline(paths.sdxl_dir, dtype), paths.image_encoder_dir, paths.ip_ckpt, device)
+    ip_model.set_scale(args.scale)
+    common = dict(num_inference_steps=args.num_inference_steps, height=args.size, width=args.size)
+    warmup = dict(common, num_inference_steps=1)
+    reference_loop(ip_model, items[:REFERENCE_BATCH], references, **warmup)
+    our_path(ip_model, items[:REFERENCE_BATCH], references, args.batch_size, **warmup)
+
+    ref_images, ref_seconds, ref_peak = timed(device, lambda: reference_loop(ip_model, items, references, **common))
+    our_images, our_seconds, our_peak = timed(device, lambda: our_path(ip_model, items, references, args.batch_size, **common))
+    differences = [pixel_difference(ref_images[i], our_images[i]) for i in range(0, len(items), REFERENCE_BATCH)]
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    result = {
+        "device": device_name, "shape": args.shape, "size": args.size, "steps": args.num_inference_steps,
+        "dtype": args.dtype, "images": len(items), "batch_size": args.batch_size,
+        "reference_images_per_s": len(items) / ref_seconds, "ours_images_per_s": len(items) / our_seconds,
+        "speedup": ref_seconds / our_seconds, "reference_peak_gib": ref_peak, "ours_peak_gib": our_peak,
+        "max_pixel_difference_where_seeds_agree": max(differences),
+    }
+    print(f"{device_name}: {args.shape} SDXL config, {args.size}px, {args.num_inference_steps} steps, {args.dtype}, {len(items)} images")
+    for label, seconds, peak in (("reference loop", ref_seconds, ref_peak), ("ours", our_seconds, our_peak)):
+        memory = f", peak {peak:.2f} GiB" if peak is not None else ""
+        print(f"  {label:<15} {len(items) / seconds:8.3f} images/s ({seconds:.1f} s{memory})")
+    print(f"  speedup {result['speedup']:.2f}x; max pixel difference where seeds agree: {max(differences)}")
+    if args.output is not None:
+        atomic_write_json(args.output, result)
+    if max(differences) > args.tolerance:
+        raise SystemExit(f"outputs differ by {max(differences)} > {args.tolerance} levels where the seeds agree")
+    return result
+
+
+if __name__ == "__main__":
+    main()

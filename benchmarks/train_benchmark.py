@@ -1,0 +1,270 @@
+"""Training speed: our PatchDPO loop against a straight re-implementation of the reference loop.
+
+Both run on the same random-weight models (`ip_adapter.random_models`: `mid` on CPU, the full
+SDXL / ViT-H / IP-Adapter-Plus shapes on GPU) and the same synthetic pairs, each in its own
+process so peak memory is measured cleanly, and the ratio is printed at the end:
+
+    python benchmarks/train_benchmark.py                      # CPU proxy (mid shape, 128 px)
+    python benchmarks/train_benchmark.py --device cuda        # full SDXL config, 512 px, 4 pairs, fp16
+
+On CPU the primary number is pairs per CPU-second of the (single-threaded) process, which other
+jobs on a shared machine barely disturb; wall-clock pairs/s is printed next to it. On GPU it is
+wall-clock pairs/s between synchronisations.
+
+reference: the official `train_patchdpo.py` step: every step encodes the pixels with the fp32 VAE,
+  the CLIP image encoder and both text encoders; the UNet keeps fp32 weights under autocast; the
+  Resampler runs inside autograd (its weights require grad though the optimizer never sees
+  them); the loss is gathered and synchronised every step.
+ours: `ip_adapter.training` as `train_patchdpo.py --cache_dir` runs it: the frozen encoders' outputs
+  are read from the feature cache (built once before timing; its build time is reported), the
+  UNet's frozen weights are held in the compute dtype, the Resampler runs without autograd.
+ours_no_cache: the same step with the frozen encoders run every step (what non-square
+  references need), to separate the cache's share of the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+
+from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
+from ip_adapter.checkpoint import load_ip_adapter_checkpoint, load_strict  # noqa: E402
+from ip_adapter.feature_cache import FeatureCache, build_feature_cache, cache_key  # noqa: E402
+from ip_adapter.image_encoder import load_image_encoder  # noqa: E402
+from ip_adapter.pair_dataset import EpochSampler, PairDataset, index_pairs  # noqa: E402
+from ip_adapter.random_models import SHAPES, save_random_models  # noqa: E402
+from ip_adapter.resampler import Resampler  # noqa: E402
+from ip_adapter.synthetic_pairs import write_pair_data  # noqa: E402
+from ip_adapter.training import PairConditioning, load_training_models, training_step, vae_downsample_factor  # noqa: E402
+from ip_adapter.utils import stable_seed  # noqa: E402
+from patch_quality.store import QualityMaps  # noqa: E402
+
+VARIANTS = ("reference", "ours_no_cache", "ours")
+LOGGING_STEPS = 10  # ours synchronises for the loss only when it logs, as train_patchdpo.py
+
+
+class ReferenceIPAdapter(nn.Module):
+    """The official wrapper: the Resampler runs inside the autograd graph of every step."""
+
+    def __init__(self, unet: UNet2DConditionModel, image_proj_model: Resampler) -> None:
+        super().__init__()
+        self.unet = unet
+        self.image_proj_model = image_proj_model
+
+    def forward(self, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs, image_embeds):
+        ip_tokens = self.image_proj_model(image_embeds)
+        encoder_hidden_states = torch.cat([encoder_hidden_states, ip_tokens], dim=1)
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+
+
+def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_kwargs: dict):
+    """Set up the official script's models; return a closure that runs one of its steps."""
+    model_dir, device, local = Path(args.models) / "sdxl", accelerator.device, dict(local_files_only=True)
+    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **local)
+    tokenizers = tuple(CLIPTokenizer.from_pretrained(model_dir, subfolder=s, **local) for s in ("tokenizer", "tokenizer_2"))
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **local).requires_grad_(False)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", **local).requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **local).requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **local).requires_grad_(False)
+    image_encoder = load_image_encoder(Path(args.models) / "image_encoder", device, weight_dtype)
+    checkpoint = load_ip_adapter_checkpoint(Path(args.models) / "ip-adapter-plus.bin")
+    image_proj_model = Resampler.from_state_dict(checkpoint["image_proj"])  # requires_grad stays True, as there
+    adapter_modules = install_ip_adapter(unet)
+    load_strict(adapter_modules, checkpoint["ip_adapter"], "ip_adapter")
+    vae.to(device)  # fp32
+    text_encoder.to(device, dtype=weight_dtype)
+    text_encoder_2.to(device, dtype=weight_dtype)
+    ip_adapter = ReferenceIPAdapter(unet, image_proj_model)  # the UNet keeps fp32 weights
+    optimizer = torch.optim.AdamW(adapter_modules.parameters(), lr=3e-5, weight_decay=0.01)
+    dataset = PairDataset(tokenizers=tokenizers, **dataset_kwargs)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
+    ip_adapter, optimizer, loader = accelerator.prepare(ip_adapter, optimizer, loader)
+
+    def step(batch) -> None:
+        with torch.no_grad():
+            images = torch.cat([batch["reference_pixels"], batch["generated_pixels"]]).to(device, torch.float32)
+            latents = (vae.encode(images).latent_dist.mean * vae.config.scaling_factor).to(weight_dtype)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        timesteps, noise = timesteps.chunk(2)[0].repeat(2), noise.chunk(2)[0].repeat(2, 1, 1, 1)
+        noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+        with torch.no_grad():
+            image_embeds = image_encoder(batch["clip_pixels"].to(device, weight_dtype), output_hidden_states=True).hidden_states[-2]
+            image_embeds = image_embeds.repeat(2, 1, 1)
+            text = text_encoder(batch["input_ids"], output_hidden_states=True).hidden_states[-2]
+            output_2 = text_encoder_2(batch["input_ids_2"], output_hidden_states=True)
+            text_embeds = torch.cat([text, output_2.hidden_states[-2]], dim=-1).repeat(2, 1, 1)
+            pooled = output_2.text_embeds.repeat(2, 1)
+        b = batch["reference_size"].shape[0]
+        original = torch.stack([batch["reference_size"], batch["generated_size"]], dim=1)
+        target_size = torch.full((b, 2, 2), float(args.resolution), device=device)
+        time_ids = torch.cat([original, torch.zeros(b, 2, 2, device=device), target_size], 1).to(weight_dtype)  # (B, 6, 2)
+        pred = ip_adapter(noisy_latents, timesteps, text_embeds, {"text_embeds": pooled, "time_ids": time_ids}, image_embeds)
+        weight = torch.cat([1 - batch["reference_map"], batch["generated_map"]]).unsqueeze(1)
+        loss = (weight * (pred.float() - noise.float()) ** 2).mean()
+        accelerator.gather(loss.repeat(b)).mean().item()
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return loader, step, {}
+
+
+def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_kwargs: dict):
+    """Set up `train_patchdpo.py`'s pieces (with `--cache_dir` for variant "ours"); return one step."""
+    models = load_training_models(Path(args.models) / "sdxl", Path(args.models) / "image_encoder",
+                                  Path(args.models) / "ip-adapter-plus.bin", accelerator.device, weight_dtype)
+    encoders, tokenizers, cache, extras = models.encoders, models.encoders.tokenizers, None, {}
+    if args.variant == "ours":
+        key = cache_key(args.resolution, Path(args.models) / "sdxl", Path(args.models) / "image_encoder", weight_dtype)
+        cache_dir = Path(args.work_dir) / "cache"
+        shutil.rmtree(cache_dir, ignore_errors=True)  # time a cold build
+        cache = FeatureCache.for_key(cache_dir, key)
+        started = time.perf_counter()
+        build_feature_cache(cache, dataset_kwargs["pairs"], encoders, args.resolution, show_progress=False)
+        extras["cache_build_s"] = time.perf_counter() - started
+        encoders = models.encoders = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    dataset = PairDataset(tokenizers=tokenizers, cache=cache, **dataset_kwargs)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
+    model = models.model
+    optimizer = torch.optim.AdamW(model.adapter_modules.parameters(), lr=3e-5, weight_decay=0.01)
+    prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    counter = {"step": 0}
+
+    def step(batch) -> None:
+        counter["step"] += 1
+        cond = PairConditioning.encode(encoders, batch) if cache is None else PairConditioning.from_cached_batch(batch)
+        output = training_step(accelerator, prepared, cond, models.scheduler, loss_mode="patch_dpo",
+                               seed=stable_seed(0, counter["step"]), resolution=args.resolution)
+        accelerator.backward(output.loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if counter["step"] % LOGGING_STEPS == 0:
+            accelerator.reduce(output.loss.detach(), "mean").item()
+
+    return loader, step, extras
+
+
+def run_variant(args) -> dict:
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    latent_size = args.resolution // vae_downsample_factor(AutoencoderKL.from_pretrained(Path(args.models) / "sdxl", subfolder="vae"))
+    maps = QualityMaps.load(Path(args.data) / "patch_quality.safetensors")
+    dataset_kwargs = dict(pairs=index_pairs(args.data, maps, 1, latent_size), resolution=args.resolution,
+                          latent_size=latent_size, seed=0, quality_maps=maps)
+    setup = reference_loop if args.variant == "reference" else our_loop
+    loader, step, extras = setup(args, accelerator, weight_dtype, dataset_kwargs)
+    batches = iter(loader)
+    for _ in range(args.warmup):
+        step(next(batches))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        extras["peak_gpu_gib_setup_and_warmup"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    for _ in range(args.steps):
+        step(next(batches))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    result = {
+        "variant": args.variant,
+        "pairs_per_s": args.steps * args.batch_size / seconds,
+        "pairs_per_cpu_s": args.steps * args.batch_size / cpu_seconds,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        **extras,
+    }
+    if torch.cuda.is_available():
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30  # the timed training steps
+        result["device_name"] = torch.cuda.get_device_name()
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: full on cuda, mid on cpu")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 512 on cuda, 128 on cpu")
+    parser.add_argument("--batch_size", type=int, default=None, help="pairs per step; default: 4 on cuda, 2 on cpu")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: fp16 on cuda, no on cpu")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--num_workers", type=int, default=None, help="data loader workers; default: 4 on cuda, 0 on cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each CPU run")
+    parser.add_argument("--work_dir", default=None, help="models, data and cache go here (default: a temporary folder)")
+    parser.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--models", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    gpu = args.device == "cuda"
+    defaults = dict(shape="full" if gpu else "mid", resolution=512 if gpu else 128, batch_size=4 if gpu else 2,
+                    mixed_precision="fp16" if gpu else "no", num_workers=4 if gpu else 0)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.variant is not None:
+        print(json.dumps(run_variant(args)))
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.work_dir or scratch)
+        models, data = work / f"models-{args.shape}", work / f"data-{args.resolution}"
+        if not (models / "ip-adapter-plus.bin").is_file():
+            print(f"building random {args.shape} models in {models} ...", flush=True)
+            save_random_models(models, SHAPES[args.shape])
+        factor = vae_downsample_factor(AutoencoderKL.from_pretrained(models / "sdxl", subfolder="vae"))
+        num_samples = (args.warmup + args.steps) * args.batch_size
+        shutil.rmtree(data, ignore_errors=True)
+        write_pair_data(data, num_samples, args.resolution, args.resolution // factor)
+        results = {}
+        for variant in VARIANTS:
+            command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--variant", variant,
+                       "--models", str(models), "--data", str(data), "--work_dir", str(work)]
+            for name in ("device", "shape", "resolution", "batch_size", "mixed_precision", "num_workers", "threads"):
+                command += [f"--{name}", str(getattr(args, name))]
+            child = subprocess.run(command, capture_output=True, text=True)
+            if child.returncode != 0:
+                raise SystemExit(f"variant {variant} failed:\n{child.stderr[-3000:]}")
+            results[variant] = json.loads(child.stdout.strip().splitlines()[-1])
+            print(json.dumps(results[variant]), flush=True)
+    ref, ours = results["reference"], results["ours"]
+    gpu = "peak_gpu_gib" in ref
+    memory, speed = ("peak_gpu_gib", "pairs_per_s") if gpu else ("peak_rss_gib", "pairs_per_cpu_s")
+    device = ref["device_name"] if gpu else f"CPU, {args.threads} torch thread(s)"
+    print(f"\n{device}: shape={args.shape} resolution={args.resolution} pairs/step={args.batch_size} "
+          f"mixed_precision={args.mixed_precision} timed steps={args.steps} (after {args.warmup} warm-up)")
+    print(f"| loop | {speed} | wall pairs/s | {memory} |\n|---|---|---|---|")
+    for name, result in (("reference", ref), ("ours without --cache_dir", results["ours_no_cache"]), ("ours (--cache_dir)", ours)):
+        print(f"| {name} | {result[speed]:.3f} | {result['pairs_per_s']:.3f} | {result[memory]:.2f} |")
+    no_cache = results["ours_no_cache"]
+    print(f"speed-up {ours[speed] / ref[speed]:.2f}x with the cache, {no_cache[speed] / ref[speed]:.2f}x without ({speed}); "
+          f"memory ratio {ours[memory] / ref[memory]:.2f} ({memory}); "
+          f"one-off cache build {ours['cache_build_s']:.1f} s for {(args.warmup + args.steps) * args.batch_size} samples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Precomputed outputs of the frozen encoders (`--cache_dir`), computed once instead of every step.
+
+The VAE, the CLIP image encoder and both text encoders are frozen, so their outputs for a sample
+never change: per sample folder we store the reference latents (posterior mean x scaling
+factor, float32), the latents of each generated image, the CLIP penultimate features of the
+reference and the prompt embeddings (both in the encoders' dtype, as the uncached loop would
+produce them), plus the original image sizes. `null.safetensors` holds the features of the
+all-zero CLIP input and of the empty prompt, so the per-step CFG dropout still happens with a
+cache.
+
+The CLIP input at training is a random 224 crop of the reference resized to 224 on its short
+side; only for square references is that crop deterministic, so the cache refuses non-square
+references instead of silently freezing one crop.
+
+Layout: `cache_dir/<key>/` where `<key>` hashes everything the features depend on (format,
+resolution, model folders' files, dtype); each `sampleN.safetensors` records the sha256 of the
+images it came from and is rebuilt when they change. Building is sharded by sample across
+processes and resumable: finished files are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .pair_dataset import CLIP_SIZE, TrainingPair, clip_training_pixels, load_training_image
+from .sdxl_conditioning import tokenize_prompts
+from .utils import atomic_write, sha256_file
+
+if TYPE_CHECKING:
+    from .training import FrozenEncoders
+
+CACHE_FORMAT = "patchdpo-feature-cache/1"
+NULL_NAME = "null.safetensors"
+
+
+def _describe_dir(path: str | os.PathLike) -> list[str]:
+    """Identity of a model folder: its resolved path and every file's name, size and mtime."""
+    root = Path(path).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return [str(root)] + [f"{p.relative_to(root)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+
+
+def cache_key(resolution: int, model_dir: str | os.PathLike, image_encoder_dir: str | os.PathLike, feature_dtype: torch.dtype) -> str:
+    description = {
+        "format": CACHE_FORMAT,
+        "resolution": resolution,
+        "model": _describe_dir(model_dir),
+        "image_encoder": _describe_dir(image_encoder_dir),
+        "feature_dtype": str(feature_dtype),
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _sources(pairs: Iterable[TrainingPair]) -> dict[str, str]:
+    pairs = list(pairs)
+    sources = {"reference": sha256_file(pairs[0].reference_path)}
+    sources.update({f"generated.{pair.k}": sha256_file(pair.generated_path) for pair in pairs})
+    return sources
+
+
+class FeatureCache:
+    """One cache folder (`cache_dir/<key>`): per-sample files plus the null entry."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self._null: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def for_key(cls, cache_dir: str | os.PathLike, key: str) -> "FeatureCache":
+        return cls(Path(cache_dir) / key)
+
+    def sample_path(self, sample: str) -> Path:
+        return self.root / f"{sample}.safetensors"
+
+    def is_fresh(self, sample: str, sources: dict[str, str]) -> bool:
+        path = self.sample_path(sample)
+        if not path.is_file():
+            return False
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return json.loads(metadata.get("sources", "{}")) == sources
+
+    def write_sample(self, sample: str, tensors: dict[str, torch.Tensor], sources: dict[str, str]) -> None:
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+        metadata = {"format": CACHE_FORMAT, "sources": json.dumps(sources, sort_keys=True)}
+        atomic_write(self.sample_path(sample), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+    def read_pair(self, sample: str, k: int) -> dict[str, torch.Tensor]:
+        path = self.sample_path(sample)
+        if not path.is_file():
+            raise FileNotFoundError(f"feature cache {self.root} has no entry for sample {sample!r}; rebuild it")
+        tensors = load_file(str(path))
+        if f"generated_latents.{k}" not in tensors:
+            raise KeyError(f"feature cache file {path} has no generated image k={k}; rebuild the cache")
+        return {
+            "reference_latents": tensors["reference_latents"],
+            "generated_latents": tensors[f"generated_latents.{k}"],
+            "reference_size": tensors["reference_size"],
+            "generated_size": tensors[f"generated_size.{k}"],
+            "image_features": tensors["image_features"],
+            "prompt_embeds": tensors["prompt_embeds"],
+            "pooled_prompt_embeds": tensors["pooled_prompt_embeds"],
+        }
+
+    def null_entry(self) -> dict[str, torch.Tensor]:
+        """Zero-image CLIP features and empty-prompt embeddings (read once per process)."""
+        if self._null is None:
+            path = self.root / NULL_NAME
+            if not path.is_file():
+                raise FileNotFoundError(f"feature cache {self.root} has no {NULL_NAME}; rebuild it")
+            self._null = load_file(str(path))
+        return dict(self._null)
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root, "_null": None}
+
+
+@torch.no_grad()
+def _encode_sample(encoders: FrozenEncoders, pairs: list[TrainingPair], resolution: int) -> dict[str, torch.Tensor]:
+    reference = pairs[0]
+    try:
+        clip_pixels = clip_training_pixels(reference.reference_path, generator=None)
+    except ValueError as error:
+        raise ValueError(
+            f"{error}; --cache_dir needs square references (their CLIP crop is then fixed): train without --cache_dir"
+        ) from None
+    images = [load_training_image(reference.reference_path, resolution)]
+    images += [load_training_image(pair.generated_path, resolution) for pair in pairs]
+    latents = encoders.latents(torch.stack([pixels for pixels, _ in images]))
+    prompt_embeds, pooled = encoders.prompt_embeds(tokenize_prompts(encoders.tokenizers, [reference.prompt]))
+    tensors = {
+        "reference_latents": latents[0],
+        "reference_size": images[0][1],
+        "image_features": encoders.image_features(clip_pixels[None])[0],
+        "prompt_embeds": prompt_embeds[0],
+        "pooled_prompt_embeds": pooled[0],
+    }
+    for pair, latent, (_, size) in zip(pairs, latents[1:], images[1:]):
+        tensors[f"generated_latents.{pair.k}"] = latent
+        tensors[f"generated_size.{pair.k}"] = size
+    return tensors
+
+
+@torch.no_grad()
+def build_feature_cache(
+    cache: FeatureCache,
+    pairs: list[TrainingPair],
+    encoders: FrozenEncoders,
+    resolution: int,
+    process_index: int = 0,
+    num_processes: int = 1,
+    show_progress: bool = True,
+) -> int:
+    """Encode this process's share of stale samples; process 0 also writes the null entry.
+
+    Returns how many sample files this process wrote. Callers synchronise processes afterwards.
+    """
+    by_sample: dict[str, list[TrainingPair]] = {}
+    for pair in pairs:
+        by_sample.setdefault(pair.sample, []).append(pair)
+    samples = list(by_sample)[process_index::num_processes]
+    written = 0
+    for sample in tqdm(samples, desc="feature cache", disable=not show_progress):
+        sources = _sources(by_sample[sample])
+        if cache.is_fresh(sample, sources):
+            continue
+        cache.write_sample(sample, _encode_sample(encoders, by_sample[sample], resolution), sources)
+        written += 1
+    null_path = cache.root / NULL_NAME
+    if process_index == 0 and not null_path.is_file():
+        prompt_embeds, pooled = encoders.prompt_embeds(tokenize_prompts(encoders.tokenizers, [""]))
+        null = {
+            "image_features": encoders.image_features(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE))[0],
+            "prompt_embeds": prompt_embeds[0],
+            "pooled_prompt_embeds": pooled[0],
+        }
+        null = {name: tensor.detach().cpu().contiguous() for name, tensor in null.items()}
+        atomic_write(null_path, lambda tmp: save_file(null, str(tmp), metadata={"format": CACHE_FORMAT}))
+    return written

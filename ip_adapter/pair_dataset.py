@@ -1,0 +1,225 @@
+"""Training pairs (reference image, generated image k) of a PatchDPO data folder.
+
+Randomness is stateless: every random choice of an item (CFG dropout, CLIP crop offset) comes
+from a generator seeded with `(seed, epoch, item index)`, and `EpochSampler` shuffles with
+`(seed, epoch)`. A batch is therefore a function of where it sits in training, not of how many
+workers produced it, whether features come from the cache, or whether the run was resumed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from transformers import CLIPTokenizer
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from patch_quality.layout import list_samples, sample_files
+from patch_quality.store import QualityMaps
+
+from .sdxl_conditioning import tokenize_prompts
+from .utils import stable_seed
+
+if TYPE_CHECKING:
+    from .feature_cache import FeatureCache
+
+CLIP_SIZE = 224
+
+
+@dataclass(frozen=True)
+class TrainingPair:
+    sample: str  # sample folder name, the quality-map key
+    k: int
+    prompt: str
+    reference_path: Path
+    generated_path: Path
+
+
+@dataclass(frozen=True)
+class DropoutRates:
+    """Classifier-free-guidance dropout of the reference training (0.05 each)."""
+
+    image: float = 0.05
+    text: float = 0.05
+    both: float = 0.05
+
+    def __post_init__(self) -> None:
+        rates = (self.image, self.text, self.both)
+        if min(rates) < 0 or sum(rates) > 1:
+            raise ValueError(f"dropout rates must be >= 0 and sum to <= 1, got image={self.image} text={self.text} both={self.both}")
+
+    def draw(self, generator: torch.Generator) -> tuple[bool, bool]:
+        """(drop_image, drop_text) from one uniform draw, in the reference's order of cases."""
+        u = torch.rand((), generator=generator).item()
+        if u < self.image:
+            return True, False
+        if u < self.image + self.text:
+            return False, True
+        if u < self.image + self.text + self.both:
+            return True, True
+        return False, False
+
+
+def index_pairs(
+    data_root: str | os.PathLike,
+    quality_maps: QualityMaps | None,
+    generated_per_sample: int,
+    latent_size: int,
+) -> list[TrainingPair]:
+    """Every (sample, k < generated_per_sample) pair, checked up front.
+
+    Only `sample*` folders count (the quality-map file and a manifest may sit next to them). A
+    missing image, a missing quality-map entry or a map whose size is not the latent grid is a
+    one-line error before any training starts.
+    """
+    samples = list_samples(data_root)
+    if not samples:
+        raise FileNotFoundError(f"{data_root} holds no 'sample{{i}}' folders; expected the PatchDPO data layout")
+    pairs = []
+    for folder in samples:
+        prompt, reference, generated = sample_files(folder)
+        for k in range(generated_per_sample):
+            if k not in generated:
+                raise FileNotFoundError(
+                    f"{folder} has no generated image '{prompt}_gen_{k}.png' (needed for --generated_per_sample {generated_per_sample})"
+                )
+            if quality_maps is not None:
+                if (folder.name, k) not in quality_maps:
+                    raise KeyError(f"{quality_maps.path} has no quality maps for sample {folder.name!r} k={k}")
+                for role, quality_map in zip(("reference", "generated"), quality_maps.get(folder.name, k)):
+                    if tuple(quality_map.shape) != (latent_size, latent_size):
+                        raise ValueError(
+                            f"{quality_maps.path}: {role} map of sample {folder.name!r} k={k} is {tuple(quality_map.shape)}, "
+                            f"expected the latent size ({latent_size}, {latent_size})"
+                        )
+            pairs.append(TrainingPair(folder.name, k, prompt, reference, generated[k]))
+    return pairs
+
+
+def load_training_image(path: Path, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixels in [-1, 1] (3, R, R), original (H, W)): bilinear resize of the short side, centre crop."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+    size = torch.tensor([image.height, image.width], dtype=torch.float32)
+    image = TF.center_crop(TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR), resolution)
+    return TF.normalize(TF.to_tensor(image), [0.5], [0.5]), size
+
+
+def clip_training_pixels(path: Path, generator: torch.Generator | None) -> torch.Tensor:
+    """CLIP input of the reference training: Resize(224) of the whole image, RandomCrop(224).
+
+    Unlike inference (bicubic, centre crop), training uses bilinear and a random crop offset; for a
+    square image the crop is the whole resized image and nothing is drawn. `generator=None`
+    asks for a square image.
+    """
+    with Image.open(path) as image:
+        image = TF.resize(image.convert("RGB"), CLIP_SIZE, interpolation=TF.InterpolationMode.BILINEAR)
+    top = left = 0
+    if image.size != (CLIP_SIZE, CLIP_SIZE):
+        if generator is None:
+            raise ValueError(f"{path} is {image.width}x{image.height} after resizing, not square: its CLIP crop is random")
+        top = int(torch.randint(0, image.height - CLIP_SIZE + 1, (), generator=generator))
+        left = int(torch.randint(0, image.width - CLIP_SIZE + 1, (), generator=generator))
+    image = TF.crop(image, top, left, CLIP_SIZE, CLIP_SIZE)
+    return TF.normalize(TF.to_tensor(image), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Shuffles by `(seed, epoch)` and yields `(index, epoch)` so items can seed their own randomness."""
+
+    def __init__(self, num_items: int, seed: int) -> None:
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "shuffle", self.epoch))
+        for index in torch.randperm(self.num_items, generator=generator).tolist():
+            yield index, self.epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
+class PairDataset(Dataset):
+    """Items of one pair, indexed by `(index, epoch)` from `EpochSampler`.
+
+    Without a cache an item carries pixels and token ids for the frozen encoders; with a
+    `FeatureCache` it carries their cached outputs, with the zero-image / empty-prompt entries
+    substituted when the item's dropout says so. Both kinds carry the quality maps (zeros when
+    `quality_maps` is None), the original sizes and the dropout flags.
+    """
+
+    def __init__(
+        self,
+        pairs: list[TrainingPair],
+        resolution: int,
+        latent_size: int,
+        seed: int,
+        tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
+        quality_maps: QualityMaps | None = None,
+        dropout: DropoutRates = DropoutRates(),
+        cache: FeatureCache | None = None,
+    ) -> None:
+        self.pairs = pairs
+        self.resolution = resolution
+        self.latent_size = latent_size
+        self.seed = seed
+        self.tokenizers = tokenizers
+        self.quality_maps = quality_maps
+        self.dropout = dropout
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, epoch = key
+        pair = self.pairs[index]
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "item", epoch, index))
+        drop_image, drop_text = self.dropout.draw(generator)
+        item = self._cached(pair, drop_image, drop_text) if self.cache else self._decoded(pair, drop_image, drop_text, generator)
+        if self.quality_maps is not None:
+            item["reference_map"], item["generated_map"] = self.quality_maps.get(pair.sample, pair.k)
+        else:
+            item["reference_map"] = item["generated_map"] = torch.zeros(self.latent_size, self.latent_size)
+        item["drop_image"] = torch.tensor(drop_image)
+        item["drop_text"] = torch.tensor(drop_text)
+        return item
+
+    def _decoded(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        reference_pixels, reference_size = load_training_image(pair.reference_path, self.resolution)
+        generated_pixels, generated_size = load_training_image(pair.generated_path, self.resolution)
+        clip_pixels = clip_training_pixels(pair.reference_path, generator)
+        if drop_image:
+            clip_pixels = torch.zeros_like(clip_pixels)  # the reference zeroes the normalised CLIP input
+        input_ids, input_ids_2 = tokenize_prompts(self.tokenizers, ["" if drop_text else pair.prompt])
+        return {
+            "reference_pixels": reference_pixels,
+            "generated_pixels": generated_pixels,
+            "reference_size": reference_size,
+            "generated_size": generated_size,
+            "clip_pixels": clip_pixels,
+            "input_ids": input_ids[0],
+            "input_ids_2": input_ids_2[0],
+        }
+
+    def _cached(self, pair: TrainingPair, drop_image: bool, drop_text: bool) -> dict[str, torch.Tensor]:
+        entry = self.cache.read_pair(pair.sample, pair.k)
+        null = self.cache.null_entry()
+        if drop_image:
+            entry["image_features"] = null["image_features"]
+        if drop_text:
+            entry["prompt_embeds"] = null["prompt_embeds"]
+            entry["pooled_prompt_embeds"] = null["pooled_prompt_embeds"]
+        return entry

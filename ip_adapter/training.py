@@ -1,0 +1,336 @@
+"""The PatchDPO training step and what it needs: frozen encoders, trainable model, checkpoints.
+
+One step on B pairs (see `ip_adapter.loss` for the objectives):
+
+* latents `[reference; generated]` (2B) from the VAE posterior mean x scaling factor, VAE in fp32;
+* one noise and one timestep per pair, shared by its two halves;
+* image tokens from the Resampler applied to the reference's CLIP penultimate features, and the
+  two-encoder prompt embeddings, both repeated for the two halves;
+* SDXL time ids per latent (`ip_adapter.sdxl_conditioning.pair_time_ids`).
+
+Only the IP-Adapter projections `to_k_ip` / `to_v_ip` train. The Resampler is frozen and sits
+upstream of them, so its tokens are computed without autograd; the UNet's frozen weights are
+held in the compute dtype (no per-step casts) while the adapter stays in fp32 for the optimizer.
+
+Randomness is stateless: a step's noise and timesteps come from a generator seeded with
+`(seed, step, process)`, and the data side is seeded per item (`ip_adapter.pair_dataset`), so a
+resumed run repeats a straight run exactly and caching does not change what is trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from .attention_processor import adapter_modules_of, install_ip_adapter
+from .checkpoint import load_adapter_state, load_ip_adapter_checkpoint, load_strict, save_ip_adapter
+from .image_encoder import encode_image_features, load_image_encoder
+from .loss import LossOutput, compute_loss
+from .resampler import Resampler
+from .sdxl_conditioning import encode_prompts, pair_time_ids
+
+logger = logging.getLogger(__name__)
+
+#: The IP-Adapter-Plus SDXL resampler (`ip-adapter-plus_sdxl_vit-h.bin`), used when training from scratch.
+FRESH_RESAMPLER_CONFIG = dict(dim=1280, depth=4, dim_head=64, heads=20, num_queries=16, ff_mult=4)
+TRAINING_STATE_DIR = "training_state"
+ADAPTER_STATE_NAME = "ip_adapter_state.safetensors"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def vae_downsample_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent cell: 8 for SDXL's VAE, read from its config (the test VAE uses 2)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@dataclass
+class FrozenEncoders:
+    vae: AutoencoderKL
+    image_encoder: CLIPVisionModelWithProjection
+    text_encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection]
+    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]
+
+    @torch.no_grad()
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Float32 posterior-mean latents x scaling factor (the VAE always runs in fp32)."""
+        pixels = pixels.to(self.vae.device, torch.float32)
+        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def image_features(self, clip_pixels: torch.Tensor) -> torch.Tensor:
+        return encode_image_features(self.image_encoder, clip_pixels)
+
+    def prompt_embeds(self, input_ids: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_prompts(self.text_encoders, input_ids)
+
+
+@dataclass
+class PairConditioning:
+    """Everything a step needs for B pairs, whether encoded now or read from the cache."""
+
+    latents: torch.Tensor  # (2B, C, h, w) float32, [references; generated]
+    image_features: torch.Tensor  # (B, L, D) CLIP penultimate features of the references
+    prompt_embeds: torch.Tensor  # (B, 77, D1 + D2)
+    pooled_prompt_embeds: torch.Tensor  # (B, D2)
+    reference_size: torch.Tensor  # (B, 2) original (H, W)
+    generated_size: torch.Tensor
+    reference_map: torch.Tensor  # (B, h, w)
+    generated_map: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.image_features.shape[0]
+
+    @classmethod
+    def from_cached_batch(cls, batch: dict[str, torch.Tensor]) -> "PairConditioning":
+        return cls(
+            latents=torch.cat([batch["reference_latents"], batch["generated_latents"]]).float(),
+            image_features=batch["image_features"],
+            prompt_embeds=batch["prompt_embeds"],
+            pooled_prompt_embeds=batch["pooled_prompt_embeds"],
+            reference_size=batch["reference_size"],
+            generated_size=batch["generated_size"],
+            reference_map=batch["reference_map"],
+            generated_map=batch["generated_map"],
+        )
+
+    @classmethod
+    def encode(cls, encoders: FrozenEncoders, batch: dict[str, torch.Tensor]) -> "PairConditioning":
+        """Run the frozen encoders on a pixel batch (`clip_pixels` is already zeroed where dropped)."""
+        prompt_embeds, pooled = encoders.prompt_embeds((batch["input_ids"], batch["input_ids_2"]))
+        return cls(
+            latents=encoders.latents(torch.cat([batch["reference_pixels"], batch["generated_pixels"]])),
+            image_features=encoders.image_features(batch["clip_pixels"]),
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled,
+            reference_size=batch["reference_size"],
+            generated_size=batch["generated_size"],
+            reference_map=batch["reference_map"],
+            generated_map=batch["generated_map"],
+        )
+
+
+class IPAdapterTrainingModel(nn.Module):
+    """SDXL UNet with IP-Adapter layers plus the frozen Resampler; forward takes pair-level inputs."""
+
+    def __init__(self, unet: UNet2DConditionModel, image_proj_model: Resampler, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.unet = unet
+        self.image_proj_model = image_proj_model
+        self.compute_dtype = compute_dtype
+
+    @property
+    def adapter_modules(self) -> nn.ModuleDict:
+        return adapter_modules_of(self.unet)
+
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        image_features: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Noise prediction for the 2B latents; the B per-pair conditionings are used twice."""
+        dtype = self.compute_dtype
+        with torch.no_grad():
+            image_tokens = self.image_proj_model(image_features.to(dtype))
+        hidden_states = torch.cat([prompt_embeds.to(dtype), image_tokens], dim=1).repeat(2, 1, 1)
+        added = {"text_embeds": pooled_prompt_embeds.to(dtype).repeat(2, 1), "time_ids": time_ids.to(dtype)}
+        return self.unet(noisy_latents.to(dtype), timesteps, hidden_states, added_cond_kwargs=added).sample
+
+
+@dataclass
+class TrainingModels:
+    model: IPAdapterTrainingModel
+    encoders: FrozenEncoders | None  # None once a feature cache has replaced them
+    scheduler: DDPMScheduler
+
+
+def _build_resampler(ip_adapter_path: str | os.PathLike | None, embedding_dim: int, output_dim: int) -> tuple[Resampler, dict | None]:
+    if ip_adapter_path is None:
+        logger.warning(
+            "no --pretrained_ip_adapter_path: to_k_ip/to_v_ip start as copies of to_k/to_v and the Resampler is freshly "
+            "initialised and stays frozen (only the adapter layers train)"
+        )
+        return Resampler(**FRESH_RESAMPLER_CONFIG, embedding_dim=embedding_dim, output_dim=output_dim), None
+    checkpoint = load_ip_adapter_checkpoint(ip_adapter_path)
+    config = Resampler.config_from_state_dict(checkpoint["image_proj"])
+    for key, expected in (("embedding_dim", embedding_dim), ("output_dim", output_dim)):
+        if config[key] != expected:
+            raise ValueError(f"{ip_adapter_path}: image_proj has {key}={config[key]}, but the models here need {expected}")
+    return Resampler.from_state_dict(checkpoint["image_proj"]), checkpoint
+
+
+def load_training_models(
+    model_dir: str | os.PathLike,
+    image_encoder_dir: str | os.PathLike,
+    ip_adapter_path: str | os.PathLike | None,
+    device: torch.device | str,
+    weight_dtype: torch.dtype,
+) -> TrainingModels:
+    """Load SDXL parts from a local folder, install and initialise the adapter, freeze the rest."""
+    model_dir = Path(model_dir)
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        if not (model_dir / sub).is_dir():
+            raise FileNotFoundError(f"{model_dir} has no {sub}/ folder; expected an SDXL pipeline saved with save_pretrained")
+    local = dict(local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **local)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **local)
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **local)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", **local)
+    tokenizers = (
+        CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer", **local),
+        CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2", **local),
+    )
+    scheduler = DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler", **local)
+    image_encoder = load_image_encoder(image_encoder_dir, device, weight_dtype)
+
+    resampler, checkpoint = _build_resampler(ip_adapter_path, image_encoder.config.hidden_size, unet.config.cross_attention_dim)
+    adapter_modules = install_ip_adapter(unet, num_tokens=resampler.num_queries)
+    if checkpoint is not None:
+        load_strict(adapter_modules, checkpoint["ip_adapter"], "ip_adapter")
+
+    for module in (unet, vae, text_encoder, text_encoder_2, resampler):
+        module.eval().requires_grad_(False)
+    unet.to(device, weight_dtype)
+    adapter_modules.to(torch.float32).requires_grad_(True)
+    resampler.to(device, weight_dtype)
+    vae.to(device, torch.float32)
+    text_encoder.to(device, weight_dtype)
+    text_encoder_2.to(device, weight_dtype)
+    encoders = FrozenEncoders(vae, image_encoder, (text_encoder, text_encoder_2), tokenizers)
+    return TrainingModels(IPAdapterTrainingModel(unet, resampler, weight_dtype), encoders, scheduler)
+
+
+def frozen_adapter_copy(model: IPAdapterTrainingModel) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable weights: the frozen reference policy of `image_dpo`."""
+    return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def training_step(
+    accelerator: Accelerator,
+    model: nn.Module,
+    cond: PairConditioning,
+    scheduler: DDPMScheduler,
+    *,
+    loss_mode: str,
+    seed: int,
+    resolution: int,
+    official_time_ids: bool = False,
+    noise_offset: float | None = None,
+    reference_params: dict[str, torch.Tensor] | None = None,
+    dpo_beta: float | None = None,
+) -> LossOutput:
+    """Forward pass and loss for one batch of pairs; `seed` fixes this step's noise and timesteps."""
+    latents = cond.latents
+    device = latents.device
+    batch = cond.batch_size
+    generator = torch.Generator(device).manual_seed(seed)
+    noise = torch.randn((batch, *latents.shape[1:]), generator=generator, device=device)
+    if noise_offset:
+        noise += noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator, device=device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
+    noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported scheduler prediction_type {scheduler.config.prediction_type!r}")
+
+    time_ids = pair_time_ids(cond.reference_size, cond.generated_size, resolution, official_time_ids).to(device)
+    inputs = (noisy_latents, timesteps, cond.image_features, cond.prompt_embeds, cond.pooled_prompt_embeds, time_ids)
+    pred = model(*inputs)
+    reference_pred = None
+    if loss_mode == "image_dpo":
+        if reference_params is None:
+            raise ValueError("loss 'image_dpo' needs the frozen reference adapter weights (frozen_adapter_copy)")
+        with torch.no_grad(), accelerator.autocast():
+            reference_pred = torch.func.functional_call(accelerator.unwrap_model(model), reference_params, inputs)
+    return compute_loss(
+        loss_mode,
+        pred,
+        target,
+        reference_map=cond.reference_map.to(device),
+        generated_map=cond.generated_map.to(device),
+        reference_pred=reference_pred,
+        beta=dpo_beta,
+    )
+
+
+def save_adapter_checkpoint(directory: str | os.PathLike, model: IPAdapterTrainingModel) -> Path:
+    """`model.bin` and `model.safetensors` (fp16, public IP-Adapter layout) in `directory`."""
+    directory = Path(directory)
+    save_ip_adapter(directory / "model.bin", model.image_proj_model, model.adapter_modules)
+    save_ip_adapter(directory / "model.safetensors", model.image_proj_model, model.adapter_modules)
+    return directory
+
+
+def register_adapter_state_hooks(accelerator: Accelerator, model: IPAdapterTrainingModel) -> None:
+    """Make `save_state` / `load_state` store only the adapter and Resampler (full precision).
+
+    The prepared module holds the whole frozen UNet; saving its state dict would write gigabytes
+    per checkpoint that never change.
+    """
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            save_ip_adapter(Path(output_dir) / ADAPTER_STATE_NAME, model.image_proj_model, model.adapter_modules, dtype=None)
+        weights.clear()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        checkpoint = load_ip_adapter_checkpoint(Path(input_dir) / ADAPTER_STATE_NAME)
+        load_adapter_state(model.image_proj_model, model.adapter_modules, checkpoint)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_training_state(accelerator: Accelerator, checkpoint_dir: str | os.PathLike) -> Path:
+    """Full accelerate state in `checkpoint_dir/training_state`, renamed into place when complete."""
+    final = Path(checkpoint_dir) / TRAINING_STATE_DIR
+    partial = final.with_name(TRAINING_STATE_DIR + ".partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def checkpoint_step(checkpoint_dir: str | os.PathLike) -> int:
+    match = _CHECKPOINT_DIR.match(Path(checkpoint_dir).name)
+    if match is None:
+        raise ValueError(f"{checkpoint_dir} is not a 'checkpoint-N' folder")
+    return int(match.group(1))
+
+
+def find_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str) -> Path | None:
+    """`"latest"`: the highest `checkpoint-N` holding a complete training state, or None; else that folder."""
+    if resume_from != "latest":
+        path = Path(resume_from)
+        if not (path / TRAINING_STATE_DIR).is_dir():
+            raise FileNotFoundError(f"{path} holds no {TRAINING_STATE_DIR}/ (saved by --checkpointing_steps); cannot resume from it")
+        checkpoint_step(path)
+        return path
+    root = Path(output_dir)
+    candidates = [p for p in root.glob("checkpoint-*") if _CHECKPOINT_DIR.match(p.name) and (p / TRAINING_STATE_DIR).is_dir()]
+    return max(candidates, key=checkpoint_step, default=None)
