@@ -14,7 +14,6 @@ command resumes: existing images are skipped. On a CPU-only machine, start sever
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -42,7 +41,7 @@ from dreambench.model_loading import (
     resolve_dtype,
 )
 from dreambench.run_config import check_resumable, make_run_config, write_run_config
-from ip_adapter.utils import sha256_file, str2bool
+from ip_adapter.utils import exit_on_bad_input, sha256_file, str2bool
 
 DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / Kosmos-G
 
@@ -173,12 +172,9 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    accelerator = Accelerator()
-    try:
-        run(args, accelerator)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"{Path(__file__).name}: error: {error}")
+    args = build_parser(    with exit_on_bad_input(Path(__file__).name):
+        run(args, Accelerator())
+: error: {error}")
 
 
 if __name__ == "__main__":

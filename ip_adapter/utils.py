@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -79,3 +80,16 @@ def str2bool(value: str | bool) -> bool:
     if lowered in {"false", "0", "no", "n", "f"}:
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean word (true/false), got {value!r}")
+
+
+@contextlib.contextmanager
+def exit_on_bad_input(program: str) -> Iterator[None]:
+    """Turn the one-line bad-input errors our modules raise into `program: error: ...` and exit 1.
+
+    A researcher launching a multi-GPU job wants the reason, not a traceback from every process.
+    """
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"{program}: error: {error}")
+

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,7 +40,7 @@ from dreambench.data import load_rgb_image
 from dreambench.generation import GenerationItem, SubjectTokens, batched, generate_batch, remove_stale_temp_files
 from dreambench.model_loading import DTYPES, check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir, dtype_name, load_sdxl_pipeline, resolve_dtype
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
-from ip_adapter.utils import atomic_save_image, atomic_write_json, sha256_file, stable_seed
+from ip_adapter.utils import atomic_save_image, atomic_write_json, exit_on_bad_input, sha256_file, stable_seed
 from patch_quality import layout
 from patch_quality.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
 
@@ -310,12 +309,9 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    accelerator = Accelerator()
-    try:
-        run(args, accelerator)
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"python -m patch_quality.construct: error: {error}")
+    args = build_parser(    with exit_on_bad_input("python -m patch_quality.construct"):
+        run(args, Accelerator())
+: error: {error}")
 
 
 if __name__ == "__main__":

@@ -37,14 +37,6 @@ DREAMBENCH = REPO.parent / "shared" / "dreambench"
 SUBJECTS = ["backpack", "cat"]  # one object, one live subject keep the suite fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tiny models on a shared 2-core box: extra intra-op threads only contend (about 10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _write_generations(root: Path, subject: str, seed: int) -> None:
     rng = np.random.default_rng(seed)

@@ -38,16 +38,7 @@ PROMPTS_PER_SUBJECT = 3
 SIZE = 32
 TOLERANCE = 2  # levels of 255 allowed between runs that batch the same items differently
 
-pytestmark = pytest.mark.skipif(not DATA_ROOT.is_dir(), reason=f"DreamBench data not found at {DATA_ROOT}")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def single_torch_thread():
-    """Tiny models on a shared 2-core box: a second intra-op thread only adds contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def script_args(tiny_models, output_dir: Path, *extra: str) -> list[str]:
