@@ -172,9 +172,9 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser(    with exit_on_bad_input(Path(__file__).name):
+    args = build_parser().parse_args(argv)
+    with exit_on_bad_input(Path(__file__).name):
         run(args, Accelerator())
-: error: {error}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ two of 255 (batch-size float rounding), or the benchmark fails.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

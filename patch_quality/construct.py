@@ -309,9 +309,9 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser(    with exit_on_bad_input("python -m patch_quality.construct"):
+    args = build_parser().parse_args(argv)
+    with exit_on_bad_input("python -m patch_quality.construct"):
         run(args, Accelerator())
-: error: {error}")
 
 
 if __name__ == "__main__":
