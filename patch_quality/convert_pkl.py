@@ -3,16 +3,17 @@
 The official file is `all_region_maps[folder_idx][k] = {"target_map": array, "gene_map": array}`
 (outer containers lists or int-keyed dicts). Unpickling runs whatever callables the file names, so
 the unpickler here resolves exactly the globals numpy needs to rebuild an array under pickle
-protocols 3-4, under both the numpy 1.x module path (`numpy.core.multiarray`) the official file
-was almost certainly written with and the numpy 2 path (`numpy._core.multiarray`):
+protocols 3-5, under both the numpy 1.x module paths (`numpy.core.*`) the official file was almost
+certainly written with and the numpy 2 paths (`numpy._core.*`):
 
-    numpy.core.multiarray._reconstruct / numpy._core.multiarray._reconstruct
+    numpy.core.multiarray._reconstruct / numpy._core.multiarray._reconstruct   (protocols 3-4)
+    numpy.core.numeric._frombuffer / numpy._core.numeric._frombuffer           (protocol 5, in-band)
     numpy.ndarray
     numpy.dtype
 
 Anything else (`os.system`, `builtins.open`, any `numpy.testing` helper, `_codecs.encode` used by
-protocol 0-2 bytes, `numpy._core.numeric._frombuffer` used by protocol 5) is refused before it
-is called. A whole `numpy.*` module is never allowed: `numpy.testing` alone can run code.
+protocol 0-2 bytes) is refused before it is called. A whole `numpy.*` module is never allowed:
+`numpy.testing` alone can run code.
 
     python -m patch_quality.convert_pkl patch_quality.pkl DATA/patch_quality.safetensors
 """
@@ -37,6 +38,8 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
     }
@@ -51,12 +54,16 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(
                 f"global '{module}.{name}' is not allowed (only numpy array reconstruction is)"
             )
+        # numpy 2 keeps `numpy.core` as a deprecated alias; resolve the real functions directly so
+        # an old-name file loads without importing the alias module or warning.
         if name == "_reconstruct":
-            # numpy 2 keeps `numpy.core` as a deprecated alias; resolve the real function directly
-            # so an old-name file loads without importing the alias module or warning.
             from numpy._core.multiarray import _reconstruct
 
             return _reconstruct
+        if name == "_frombuffer":
+            from numpy._core.numeric import _frombuffer
+
+            return _frombuffer
         return np.ndarray if name == "ndarray" else np.dtype
 
     def persistent_load(self, pid: Any) -> Any:

@@ -66,11 +66,12 @@ def test_round_trip_with_numpy1_and_numpy2_names(tmp_path, numpy_core):
     torch.testing.assert_close(generated_map, loaded[1][1]["gene_map"])
 
 
-def test_int_keyed_dicts_and_default_protocol(tmp_path):
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_int_keyed_dicts_and_default_protocol(tmp_path, protocol):
     rng = np.random.default_rng(1)
     official = {0: {0: {"target_map": rng.random((4, 4)), "gene_map": rng.random((4, 4))}}}
     source = tmp_path / "maps.pkl"
-    source.write_bytes(pickle.dumps(official, protocol=4))
+    source.write_bytes(pickle.dumps(official, protocol=protocol))
     out = tmp_path / "maps.safetensors"
     assert convert_pkl(source, out) == 1
     assert QualityMaps.load(out).keys() == [("sample0", 0)]
