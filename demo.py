@@ -24,12 +24,11 @@ import train_patchdpo
 from dreambench.benchmark import get_subject
 from dreambench.contact_sheet import contact_sheet_path
 from dreambench.data import load_conditioning_images
-from dreambench.evaluation import format_score_table
 from dreambench.random_models import build_tiny_clip_archive, build_tiny_dino_dir
 from dreambench.report import RunReport, read_scalar
 from ip_adapter.random_models import save_random_models
 from ip_adapter.utils import atomic_save_image, atomic_write_json
-from patch_quality import construct, maps, visualize
+from patch_quality import construct, maps, ssl_train, visualize
 from patch_quality.random_models import save_tiny_dinov2
 
 REPO = Path(__file__).resolve().parent
@@ -59,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--resolution", type=int, default=64, help="training resolution")
     sizes.add_argument("--size", type=int, default=64, help="generated image edge (construction and DreamBench)")
     sizes.add_argument("--num_inference_steps", type=int, default=8)
-    sizes.add_argument("--train_steps", type=int, default=40)
+    sizes.add_argument("--ssl_steps", type=int, default=100, help="self-supervised backbone finetuning steps (0: skip)")
+    sizes.add_argument("--ssl_learning_rate", type=float, default=1e-3, help="a random tiny ViT needs more than ssl_train's 1e-4")
+    sizes.add_argument("--train_steps", type=int, default=100)
     sizes.add_argument("--train_batch_size", type=int, default=2)
     sizes.add_argument("--learning_rate", type=float, default=3e-5)
     sizes.add_argument("--prompts_per_subject", type=int, default=None, help="fewer than 25 prompts: a smoke run")
@@ -139,9 +140,21 @@ def run(args: argparse.Namespace) -> Path:
         *generator, "--ip_ckpt", str(args.ip_ckpt), "--output_dir", str(data), "--reference_images", str(references),
         "--num_generated", "1", *sizes,
     ]))
+    finetuned: list[str] = []
+    if args.ssl_steps:
+        ssl = step("self-supervised patch features", lambda: ssl_train.main([
+            "--backbone", str(args.patch_backbone), "--train_data", str(data), "--output_dir", str(out / "ssl"),
+            "--max_train_steps", str(args.ssl_steps), "--learning_rate", str(args.ssl_learning_rate),
+            "--train_batch_size", "4", "--validation_steps", "0",
+        ]))
+        finetuned = ["--finetuned", str(out / "ssl" / ssl_train.FINETUNED_NAME)]
+        report.notes.append(
+            f"Self-supervised patch-feature finetuning ({args.ssl_steps} steps): held-out patch-matching top-1 "
+            f"{ssl['accuracy_before']:.3f} -> {ssl['accuracy_after']:.3f}."
+        )
     quality_file = data / "patch_quality.safetensors"
     step("patch quality maps", lambda: maps.main([
-        "--data_root", str(data), "--backbone", str(args.patch_backbone), "--resolution", str(args.resolution),
+        "--data_root", str(data), "--backbone", str(args.patch_backbone), *finetuned, "--resolution", str(args.resolution),
         "--vae_scale_factor", str(vae_scale_factor(args.base_model_path)), "--output", str(quality_file),
     ]))
     step("quality map overlays", lambda: visualize.main([
@@ -157,21 +170,21 @@ def run(args: argparse.Namespace) -> Path:
     ]))
     trained = train_dir / f"checkpoint-{args.train_steps}" / "model.bin"
     smoke = [] if args.prompts_per_subject is None else ["--prompts_per_subject", str(args.prompts_per_subject)]
-    step("DreamBench inference", lambda: inference_dreambooth.main([
-        *generator, "--ip_ckpt", str(trained), "--data_root", str(args.data_root), "--output_dir", str(bench_dir),
-        "--is_kosmosg", "False", "--subjects", *args.subjects, *sizes, *smoke,
-    ]))
-    scores = step("DreamBench evaluation", lambda: evaluate_dreambooth.main([
-        "--output_dir", str(bench_dir), "--data_root", str(args.data_root), "--is_kosmosg", "False",
-        "--clip_model", str(args.clip_model), "--dino_model", str(args.dino_model), "--subjects", *args.subjects,
-        "--device", "cpu", *(["--allow_partial", "True"] if smoke else []),
-    ]))
+    for label, checkpoint, folder in (("IP-Adapter-Plus (start)", args.ip_ckpt, out / "dreambench_start"),
+                                      ("PatchDPO (trained)", trained, bench_dir)):
+        step(f"DreamBench inference: {label}", lambda: inference_dreambooth.main([
+            *generator, "--ip_ckpt", str(checkpoint), "--data_root", str(args.data_root), "--output_dir", str(folder),
+            "--is_kosmosg", "False", "--subjects", *args.subjects, *sizes, *smoke,
+        ]))
+        report.scores[label] = step(f"DreamBench evaluation: {label}", lambda: evaluate_dreambooth.main([
+            "--output_dir", str(folder), "--data_root", str(args.data_root), "--is_kosmosg", "False",
+            "--clip_model", str(args.clip_model), "--dino_model", str(args.dino_model), "--subjects", *args.subjects,
+            *(["--allow_partial", "True"] if smoke else []),
+        ]))
 
     report.loss_points = read_scalar(train_dir / "logs", "loss")
     report.overlays = sorted((out / "overlays").glob("*.png"))[:4]
     report.contact_sheets = [contact_sheet_path(bench_dir, name) for name in args.subjects]
-    report.scores = scores
-    report.score_table = format_score_table(report.scores)
     return report.write(out)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dreambench.evaluation import format_score_table
 from ip_adapter.utils import atomic_save_image, atomic_write
 
 
@@ -74,8 +75,8 @@ class RunReport:
     loss_points: list[tuple[int, float]] = field(default_factory=list)
     overlays: list[Path] = field(default_factory=list)
     contact_sheets: list[Path] = field(default_factory=list)
-    scores: dict[str, Any] | None = None
-    score_table: str = ""
+    #: Evaluation results (`evaluate_generations` output) by model label, e.g. before / after training.
+    scores: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def write(self, report_dir: str | os.PathLike) -> Path:
         report_dir = Path(report_dir)
@@ -90,13 +91,18 @@ class RunReport:
         lines += ["## Training loss", "", "![training loss](figures/loss_curve.png)", ""]
         lines += self._images("Patch-quality maps (reference, its map, generated image, its map; green = well reproduced)", self.overlays, figures)
         lines += self._images("Contact sheets (reference crop, then one generation per prompt)", self.contact_sheets, figures)
-        if self.scores is not None:
-            lines += ["## DreamBench metrics", "", "| | DINO | CLIP-I | CLIP-T |", "|---|---:|---:|---:|"]
-            for name, row in self.scores["subjects"].items():
-                lines.append(f"| {name} | {row['dino_score']:.4f} | {row['clipi_score']:.4f} | {row['clipt_score']:.4f} |")
-            s = self.scores
-            lines += [f"| **mean** | **{s['dino_score']:.4f}** | **{s['clipi_score']:.4f}** | **{s['clipt_score']:.4f}** |", ""]
-            lines += ["```", self.score_table, "```", ""]
+        if self.scores:
+            lines += ["## DreamBench metrics", "", "| model | subject | DINO | CLIP-I | CLIP-T |", "|---|---|---:|---:|---:|"]
+            for label, result in self.scores.items():
+                for name, row in result["subjects"].items():
+                    lines.append(f"| {label} | {name} | {row['dino_score']:.4f} | {row['clipi_score']:.4f} | {row['clipt_score']:.4f} |")
+                lines.append(
+                    f"| **{label}** | **mean** | **{result['dino_score']:.4f}** | **{result['clipi_score']:.4f}** "
+                    f"| **{result['clipt_score']:.4f}** |"
+                )
+            lines.append("")
+            for label, result in self.scores.items():
+                lines += [f"{label}:", "```", format_score_table(result), "```", ""]
         path = report_dir / "report.md"
         atomic_write(path, lambda tmp: tmp.write_text("\n".join(lines)))
         return path

@@ -18,7 +18,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out")
     report = demo.main([
         "--output_dir", str(out), "--data_root", str(SHARED_DREAMBENCH), "--subjects", "backpack", "cat",
-        "--train_steps", "3", "--prompts_per_subject", "2", "--num_inference_steps", "2", "--size", "32", "--resolution", "32",
+        "--train_steps", "3", "--ssl_steps", "4", "--prompts_per_subject", "2", "--num_inference_steps", "2", "--size", "32", "--resolution", "32",
     ])
     return out, report
 
@@ -32,7 +32,8 @@ def test_demo_writes_a_complete_report(demo_run) -> None:
         assert (out / figure).is_file(), figure
     assert "figures/loss_curve.png" in text and "figures/grids_backpack.png" in text and "figures/grids_cat.png" in text
     assert len(re.findall(r"figures/overlays_sample\d+_gen_0\.png", text)) >= 1
-    assert re.search(r"\| \*\*mean\*\* \| \*\*[0-9.]+\*\* \| \*\*[0-9.]+\*\* \| \*\*-?[0-9.]+\*\* \|", text)
+    for label in ("IP-Adapter-Plus (start)", "PatchDPO (trained)"):
+        assert re.search(rf"\| \*\*{re.escape(label)}\*\* \| \*\*mean\*\* \| \*\*[0-9.]+\*\* \| \*\*[0-9.]+\*\* \| \*\*-?[0-9.]+\*\* \|", text)
 
 
 def test_demo_runs_each_stage_for_real(demo_run) -> None:
@@ -41,12 +42,16 @@ def test_demo_runs_each_stage_for_real(demo_run) -> None:
     assert manifest["complete"] and len(manifest["samples"]) == 11  # 6 backpack + 5 cat photos
     assert {sample["object"] for sample in manifest["samples"]} == {"backpack", "cat"}
     assert (out / "data" / "patch_quality.safetensors").is_file()
+    assert (out / "ssl" / "ssl_backbone.safetensors").is_file()
+    assert "patch-matching top-1" in (out / "report.md").read_text()
     trained = load_ip_adapter_checkpoint(out / "train" / "checkpoint-3" / "model.bin")
     initial = load_ip_adapter_checkpoint(out / "models" / "generator" / "ip-adapter-plus.bin")
     assert any(not trained["ip_adapter"][k].float().equal(initial["ip_adapter"][k].half().float()) for k in trained["ip_adapter"])
-    scores = json.loads((out / "dreambench" / "all_score.json").read_text())
-    assert set(scores["subjects"]) == {"backpack", "cat"}
-    assert all(row["num_images"] == 2 for row in scores["subjects"].values())
+    for folder in ("dreambench_start", "dreambench"):
+        scores = json.loads((out / folder / "all_score.json").read_text())
+        assert set(scores["subjects"]) == {"backpack", "cat"}
+        assert all(row["num_images"] == 2 for row in scores["subjects"].values())
+    assert json.loads((out / "dreambench" / "run_config.json").read_text())["ip_ckpt"].endswith("checkpoint-3/model.bin")
 
 
 def test_demo_rejects_half_given_generator(tmp_path, tiny_models) -> None:
