@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +38,6 @@ SUBJECTS = ("backpack", "cat")  # one object (6 references), one live subject (5
 PROMPTS_PER_SUBJECT = 3
 SIZE = 32
 TOLERANCE = 2  # levels of 255 allowed between runs that batch the same items differently
-
-
 
 
 def script_args(tiny_models, output_dir: Path, *extra: str) -> list[str]:
@@ -204,6 +203,35 @@ def test_resume_after_interrupt_matches_clean_run(batch1_run, tiny_models, tmp_p
     assert all_files(output_dir) == all_files(batch1_run)
     assert {path: path.stat().st_mtime_ns for path in saved} == first_images  # kept, not regenerated
     assert max_difference(generated_images(batch1_run), generated_images(output_dir)) == 0
+
+
+def test_sigkill_midway_then_resume_equals_clean_run(tiny_models, tmp_path):
+    """A real kill (SIGKILL, no cleanup) while images are being written, then the same command again."""
+    extra = ("--batch_size", "1", "--prompts_per_subject", "10")
+    killed = tmp_path / "killed"
+    argv = script_args(tiny_models, killed, *extra)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finished_images() -> list[Path]:  # temporary files of atomic writes start with "."
+        return [path for path in killed.glob("*/*.png") if not path.name.startswith(".")]
+
+    try:
+        deadline = time.monotonic() + 120
+        while not finished_images() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        process.kill()
+        process.wait()
+    written = finished_images()
+    assert 1 <= len(written) < 20, f"the kill did not land midway ({len(written)} of 20 images written)"
+    for path in written:  # atomic writes: whatever exists is a complete image
+        Image.open(path).load()
+
+    inference_dreambooth.main(argv)
+    clean = run_script(tiny_models, tmp_path / "clean", *extra)
+    assert all_files(killed) == all_files(clean)
+    assert max_difference(generated_images(clean), generated_images(killed)) <= TOLERANCE
 
 
 def test_finished_run_is_not_regenerated(clean_run, tiny_models, tmp_path):
