@@ -98,3 +98,31 @@ def test_construct_writes_layout_manifest_and_resumes(tmp_path, tiny_models):
 
     with pytest.raises(SystemExit, match="other settings .*seed"):
         main(args + ["--seed", "7"])
+
+
+def test_given_reference_images_become_the_samples(tmp_path, tiny_models):
+    photos = []
+    for index, (color, category) in enumerate([("red", "lamp"), ("blue", "kite"), ("green", "lamp")]):
+        Image.new("RGB", (40, 30), color).save(tmp_path / f"p{index}.png")
+        photos.append({"image": str(tmp_path / f"p{index}.png"), "category": category})
+    listing = tmp_path / "refs.json"
+    listing.write_text(json.dumps(photos))
+    out = tmp_path / "DATA"
+    base = ["--base_model_path", str(tiny_models.sdxl_dir), "--image_encoder_path", str(tiny_models.image_encoder_dir),
+            "--ip_ckpt", str(tiny_models.ip_ckpt), "--output_dir", str(out), "--num_inference_steps", "2",
+            "--height", "32", "--width", "32"]
+    main(base + ["--reference_images", str(listing)])
+    samples = layout.list_samples(out)
+    assert len(samples) == 3
+    for folder, photo in zip(samples, photos):
+        prompt, reference, generated = layout.sample_files(folder)
+        assert photo["category"] in prompt and list(generated) == [0]
+        np.testing.assert_array_equal(_pixels(reference), _pixels(Path(photo["image"])))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["reference_images"]["sha256"]
+
+    with pytest.raises(SystemExit, match="disagrees with the 3 images"):
+        main(base + ["--reference_images", str(listing), "--num_samples", "2", "--output_dir", str(tmp_path / "other")])
+    listing.write_text(json.dumps([{"image": str(tmp_path / "missing.png"), "category": "lamp"}]))
+    with pytest.raises(SystemExit, match="missing.png"):
+        main(base + ["--reference_images", str(listing), "--output_dir", str(tmp_path / "third")])
