@@ -32,10 +32,8 @@ from dreambench.generation import (
 )
 from dreambench.metrics import resolve_clip_checkpoint
 from dreambench.model_loading import (
-    DTYPES,
-    check_image_encoder_dir,
-    check_ip_ckpt,
-    check_sdxl_dir,
+    add_generator_args,
+    check_generator_paths,
     dtype_name,
     load_generation_model,
     resolve_dtype,
@@ -48,9 +46,9 @@ DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base_model_path", type=Path, required=True, help="local SDXL pipeline folder (e.g. RealVisXL_V1.0)")
-    parser.add_argument("--image_encoder_path", type=Path, required=True, help="local CLIP ViT-H vision encoder folder")
-    parser.add_argument("--ip_ckpt", type=Path, required=True, help="IP-Adapter-Plus / PatchDPO checkpoint (.bin or .safetensors)")
+    add_generator_args(
+        parser, "local SDXL pipeline folder (e.g. RealVisXL_V1.0)", "IP-Adapter-Plus / PatchDPO checkpoint (.bin or .safetensors)"
+    )
     parser.add_argument("--data_root", type=Path, required=True, help="DreamBench folder with dataset/ and json_data/")
     parser.add_argument("--output_dir", type=Path, required=True, help="gets <subject>/<prompt>.png, grids/, run_config.json")
     parser.add_argument(
@@ -70,10 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prompts_per_subject", type=int, default=None,
         help="smoke tests only: generate the first N prompts of each subject (scores are then not comparable)",
-    )
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None,
-        help="model dtype (default: accelerate's mixed precision on GPU, float32 on CPU)",
     )
     scoring = parser.add_argument_group("scoring at the end (both or neither; as evaluate_dreambooth.py)")
     scoring.add_argument("--clip_model", default=None, help="openai-clip model name in ~/.cache/clip or local .pt file")
@@ -96,9 +90,7 @@ def check_args(args: argparse.Namespace) -> None:
         resolve_clip_checkpoint(args.clip_model)
         if not (args.dino_model / "config.json").is_file():
             raise FileNotFoundError(f"--dino_model {args.dino_model}: no config.json; pass a local copy of facebook/dino-vits16")
-    check_sdxl_dir(args.base_model_path)
-    check_image_encoder_dir(args.image_encoder_path)
-    check_ip_ckpt(args.ip_ckpt)
+    check_generator_paths(args)
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator) -> None:

@@ -7,6 +7,7 @@ path and what was expected, before any image is generated.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -127,3 +128,22 @@ def load_generation_model(
         raise ValueError(f"cannot build IP-Adapter-Plus from {ip_ckpt} and {image_encoder_path} ({_one_line(exc)})") from None
     ip_model.set_scale(scale)
     return ip_model
+
+
+def add_generator_args(parser: argparse.ArgumentParser, base_model_help: str, ip_ckpt_help: str) -> None:
+    """The model flags of every script that generates with SDXL + IP-Adapter-Plus."""
+    parser.add_argument("--base_model_path", type=Path, required=True, help=base_model_help)
+    parser.add_argument("--image_encoder_path", type=Path, required=True, help="local CLIP ViT-H vision encoder folder")
+    parser.add_argument("--ip_ckpt", type=Path, required=True, help=ip_ckpt_help)
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None,
+        help="model dtype (default: accelerate's mixed precision on GPU, float32 on CPU)",
+    )
+
+
+def check_generator_paths(args: argparse.Namespace) -> None:
+    """Fail on a bad model path before any model is loaded or any file is written."""
+    check_sdxl_dir(args.base_model_path)
+    check_image_encoder_dir(args.image_encoder_path)
+    check_ip_ckpt(args.ip_ckpt)
+

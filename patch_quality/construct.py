@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from dreambench.data import load_rgb_image
 from dreambench.generation import GenerationItem, SubjectTokens, batched, generate_batch, remove_stale_temp_files
-from dreambench.model_loading import DTYPES, check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir, dtype_name, load_sdxl_pipeline, resolve_dtype
+from dreambench.model_loading import add_generator_args, check_generator_paths, dtype_name, load_sdxl_pipeline, resolve_dtype
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
 from ip_adapter.utils import atomic_save_image, atomic_write_json, exit_on_bad_input, sha256_file, stable_seed
 from patch_quality import layout
@@ -194,9 +194,10 @@ def generate_pairs(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m patch_quality.construct", description="Build PatchDPO training pairs (references + IP-Adapter-Plus generations).")
-    parser.add_argument("--base_model_path", type=Path, required=True, help="local SDXL pipeline folder (references and the generator's base)")
-    parser.add_argument("--image_encoder_path", type=Path, required=True, help="local CLIP ViT-H vision encoder folder")
-    parser.add_argument("--ip_ckpt", type=Path, required=True, help="IP-Adapter-Plus checkpoint to generate with (.bin or .safetensors)")
+    add_generator_args(
+        parser, "local SDXL pipeline folder (references and the generator's base)",
+        "IP-Adapter-Plus checkpoint to generate with (.bin or .safetensors)",
+    )
     parser.add_argument("--output_dir", type=Path, required=True, help="DATA folder to create or resume")
     parser.add_argument("--num_samples", type=int, default=None, help="number of sample{i}/ folders (required unless --reference_images)")
     parser.add_argument(
@@ -214,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=42, help="base seed; every image's seed is sha256-derived from (seed, role, sample, k)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per denoising batch (does not change the images)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default: accelerate's mixed precision on GPU, float32 on CPU)")
     return parser
 
 
@@ -245,9 +245,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
     for name in ("num_samples", "num_generated", "num_inference_steps", "height", "width", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    check_sdxl_dir(args.base_model_path)
-    check_image_encoder_dir(args.image_encoder_path)
-    check_ip_ckpt(args.ip_ckpt)
+    check_generator_paths(args)
     if "{object}" not in args.reference_template:
         raise ValueError(f"--reference_template {args.reference_template!r} must contain '{{object}}'")
     categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
