@@ -21,15 +21,15 @@ from pathlib import Path
 import evaluate_dreambooth
 import inference_dreambooth
 import train_patchdpo
+from common.io import atomic_save_image, atomic_write_json
 from dreambench.benchmark import get_subject
 from dreambench.contact_sheet import contact_sheet_path
 from dreambench.data import load_conditioning_images
-from dreambench.random_models import build_tiny_clip_archive, build_tiny_dino_dir
 from dreambench.report import RunReport, read_scalar
-from ip_adapter.random_models import save_random_models
-from ip_adapter.utils import atomic_save_image, atomic_write_json
 from patch_quality import construct, maps, ssl_train, visualize
-from patch_quality.random_models import save_tiny_dinov2
+from stand_ins.metric_models import save_tiny_clip_archive, save_tiny_dino
+from stand_ins.sdxl import save_sdxl_models
+from stand_ins.vit_models import save_tiny_dinov2
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "dreambench"
@@ -88,7 +88,7 @@ def prepare_models(args: argparse.Namespace, models_dir: Path) -> bool:
     """Fill every model path the user left out with a tiny random stand-in; True if any was needed."""
     tiny = False
     if args.base_model_path is None:
-        paths = save_random_models(models_dir / "generator")
+        paths = save_sdxl_models(models_dir / "generator")
         args.base_model_path, args.image_encoder_path, args.ip_ckpt = paths.sdxl_dir, paths.image_encoder_dir, paths.ip_ckpt
         tiny = True
     if args.patch_backbone is None:
@@ -96,8 +96,8 @@ def prepare_models(args: argparse.Namespace, models_dir: Path) -> bool:
         tiny = True
     if args.clip_model is None:
         models_dir.mkdir(parents=True, exist_ok=True)
-        args.clip_model = build_tiny_clip_archive(models_dir / "clip-vit-b-32-tiny.pt")
-        args.dino_model = build_tiny_dino_dir(models_dir / "dino-vits16-tiny")
+        args.clip_model = save_tiny_clip_archive(models_dir / "clip-vit-b-32-tiny.pt")
+        args.dino_model = save_tiny_dino(models_dir / "dino-vits16-tiny")
         tiny = True
     return tiny
 
@@ -136,51 +136,166 @@ def run(args: argparse.Namespace) -> Path:
     generator = ["--base_model_path", str(args.base_model_path), "--image_encoder_path", str(args.image_encoder_path)]
     sizes = ["--height", str(args.size), "--width", str(args.size), "--num_inference_steps", str(args.num_inference_steps)]
     references = step("references", lambda: write_reference_list(args, out / "references"))
-    step("construct training pairs", lambda: construct.main([
-        *generator, "--ip_ckpt", str(args.ip_ckpt), "--output_dir", str(data), "--reference_images", str(references),
-        "--num_generated", "1", *sizes,
-    ]))
+    step(
+        "construct training pairs",
+        lambda: construct.main(
+            [
+                *generator,
+                "--ip_ckpt",
+                str(args.ip_ckpt),
+                "--output_dir",
+                str(data),
+                "--reference_images",
+                str(references),
+                "--num_generated",
+                "1",
+                *sizes,
+            ]
+        ),
+    )
     finetuned: list[str] = []
     if args.ssl_steps:
-        ssl = step("self-supervised patch features", lambda: ssl_train.main([
-            "--backbone", str(args.patch_backbone), "--train_data", str(data), "--output_dir", str(out / "ssl"),
-            "--max_train_steps", str(args.ssl_steps), "--learning_rate", str(args.ssl_learning_rate),
-            "--train_batch_size", "4", "--validation_steps", "0",
-        ]))
+        ssl = step(
+            "self-supervised patch features",
+            lambda: ssl_train.main(
+                [
+                    "--backbone",
+                    str(args.patch_backbone),
+                    "--train_data",
+                    str(data),
+                    "--output_dir",
+                    str(out / "ssl"),
+                    "--max_train_steps",
+                    str(args.ssl_steps),
+                    "--learning_rate",
+                    str(args.ssl_learning_rate),
+                    "--train_batch_size",
+                    "4",
+                    "--validation_steps",
+                    "0",
+                ]
+            ),
+        )
         finetuned = ["--finetuned", str(out / "ssl" / ssl_train.FINETUNED_NAME)]
         report.notes.append(
             f"Self-supervised patch-feature finetuning ({args.ssl_steps} steps): held-out patch-matching top-1 "
             f"{ssl['accuracy_before']:.3f} -> {ssl['accuracy_after']:.3f}."
         )
     quality_file = data / "patch_quality.safetensors"
-    step("patch quality maps", lambda: maps.main([
-        "--data_root", str(data), "--backbone", str(args.patch_backbone), *finetuned, "--resolution", str(args.resolution),
-        "--vae_scale_factor", str(vae_scale_factor(args.base_model_path)), "--output", str(quality_file),
-    ]))
-    step("quality map overlays", lambda: visualize.main([
-        "--data_root", str(data), "--maps", str(quality_file), "--output_dir", str(out / "overlays"), "--max_samples", "4",
-    ]))
-    step("PatchDPO training", lambda: train_patchdpo.main([
-        "--pretrained_model_name_or_path", str(args.base_model_path), "--image_encoder_path", str(args.image_encoder_path),
-        "--pretrained_ip_adapter_path", str(args.ip_ckpt), "--data_root_path", str(data),
-        "--patch_quality_file", str(quality_file), "--resolution", str(args.resolution),
-        "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
-        "--weight_decay", "0.01", "--stop_step", str(args.train_steps), "--save_steps", str(args.train_steps),
-        "--logging_steps", "1", "--output_dir", str(train_dir), "--use_dpo_loss", "True",
-    ]))
+    step(
+        "patch quality maps",
+        lambda: maps.main(
+            [
+                "--data_root",
+                str(data),
+                "--backbone",
+                str(args.patch_backbone),
+                *finetuned,
+                "--resolution",
+                str(args.resolution),
+                "--vae_scale_factor",
+                str(vae_scale_factor(args.base_model_path)),
+                "--output",
+                str(quality_file),
+            ]
+        ),
+    )
+    step(
+        "quality map overlays",
+        lambda: visualize.main(
+            [
+                "--data_root",
+                str(data),
+                "--maps",
+                str(quality_file),
+                "--output_dir",
+                str(out / "overlays"),
+                "--max_samples",
+                "4",
+            ]
+        ),
+    )
+    step(
+        "PatchDPO training",
+        lambda: train_patchdpo.main(
+            [
+                "--pretrained_model_name_or_path",
+                str(args.base_model_path),
+                "--image_encoder_path",
+                str(args.image_encoder_path),
+                "--pretrained_ip_adapter_path",
+                str(args.ip_ckpt),
+                "--data_root_path",
+                str(data),
+                "--patch_quality_file",
+                str(quality_file),
+                "--resolution",
+                str(args.resolution),
+                "--train_batch_size",
+                str(args.train_batch_size),
+                "--learning_rate",
+                str(args.learning_rate),
+                "--weight_decay",
+                "0.01",
+                "--stop_step",
+                str(args.train_steps),
+                "--save_steps",
+                str(args.train_steps),
+                "--logging_steps",
+                "1",
+                "--output_dir",
+                str(train_dir),
+                "--use_dpo_loss",
+                "True",
+            ]
+        ),
+    )
     trained = train_dir / f"checkpoint-{args.train_steps}" / "model.bin"
     smoke = [] if args.prompts_per_subject is None else ["--prompts_per_subject", str(args.prompts_per_subject)]
-    for label, checkpoint, folder in (("IP-Adapter-Plus (start)", args.ip_ckpt, out / "dreambench_start"),
-                                      ("PatchDPO (trained)", trained, bench_dir)):
-        step(f"DreamBench inference: {label}", lambda: inference_dreambooth.main([
-            *generator, "--ip_ckpt", str(checkpoint), "--data_root", str(args.data_root), "--output_dir", str(folder),
-            "--is_kosmosg", "False", "--subjects", *args.subjects, *sizes, *smoke,
-        ]))
-        report.scores[label] = step(f"DreamBench evaluation: {label}", lambda: evaluate_dreambooth.main([
-            "--output_dir", str(folder), "--data_root", str(args.data_root), "--is_kosmosg", "False",
-            "--clip_model", str(args.clip_model), "--dino_model", str(args.dino_model), "--subjects", *args.subjects,
-            *(["--allow_partial", "True"] if smoke else []),
-        ]))
+    for label, checkpoint, folder in (
+        ("IP-Adapter-Plus (start)", args.ip_ckpt, out / "dreambench_start"),
+        ("PatchDPO (trained)", trained, bench_dir),
+    ):
+        step(
+            f"DreamBench inference: {label}",
+            lambda: inference_dreambooth.main(
+                [
+                    *generator,
+                    "--ip_ckpt",
+                    str(checkpoint),
+                    "--data_root",
+                    str(args.data_root),
+                    "--output_dir",
+                    str(folder),
+                    "--is_kosmosg",
+                    "False",
+                    "--subjects",
+                    *args.subjects,
+                    *sizes,
+                    *smoke,
+                ]
+            ),
+        )
+        report.scores[label] = step(
+            f"DreamBench evaluation: {label}",
+            lambda: evaluate_dreambooth.main(
+                [
+                    "--output_dir",
+                    str(folder),
+                    "--data_root",
+                    str(args.data_root),
+                    "--is_kosmosg",
+                    "False",
+                    "--clip_model",
+                    str(args.clip_model),
+                    "--dino_model",
+                    str(args.dino_model),
+                    "--subjects",
+                    *args.subjects,
+                    *(["--allow_partial", "True"] if smoke else []),
+                ]
+            ),
+        )
 
     report.loss_points = read_scalar(train_dir / "logs", "loss")
     report.overlays = sorted((out / "overlays").glob("*.png"))[:4]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from common.cli import fail, str2bool
+from common.errors import BadInputError
 from dreambench.benchmark import SUBJECT_NAMES
 from dreambench.evaluation import METRIC_KEYS, add_evaluation_args, evaluate_generations, format_score_table
-from ip_adapter.utils import str2bool
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -26,9 +27,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
         default=False,
         help="true: compare with the single Kosmos-G image per subject; false: with all its photos",
     )
-    parser.add_argument(
-        "--subjects", nargs="+", choices=SUBJECT_NAMES, default=None, help="score only these subjects (default: all 30)"
-    )
+    parser.add_argument("--subjects", nargs="+", choices=SUBJECT_NAMES, default=None, help="score only these subjects (default: all 30)")
     add_evaluation_args(parser)
     return parser, parser.parse_args(argv)
 
@@ -47,8 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
             allow_partial=args.allow_partial,
             subjects=args.subjects,
         )
-    except (FileNotFoundError, ValueError) as exc:
-        parser.error(str(exc))
+    except BadInputError as error:
+        fail(parser.prog, error)
     print(format_score_table(scores))
     print(", ".join(f"{key}: {scores[key]:.4f}" for key in METRIC_KEYS))
     return scores

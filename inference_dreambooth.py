@@ -19,27 +19,18 @@ from pathlib import Path
 from accelerate import Accelerator
 from PIL import Image
 
+from common.cli import exit_on_bad_input, str2bool
+from common.errors import BadInputError
+from common.io import remove_stale_temp_files, sha256_file
 from dreambench.benchmark import prompts_for, resolve_subjects
 from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
 from dreambench.data import load_conditioning_images, reference_photos
 from dreambench.evaluation import evaluate_generations, format_score_table
-from dreambench.generation import (
-    SubjectTokens,
-    build_items,
-    generate_items,
-    pending_items,
-    remove_stale_temp_files,
-)
+from dreambench.generation import build_items, generate_items, pending_items
 from dreambench.metrics import resolve_clip_checkpoint
-from dreambench.model_loading import (
-    add_generator_args,
-    check_generator_paths,
-    dtype_name,
-    load_generation_model,
-    resolve_dtype,
-)
 from dreambench.run_config import check_resumable, make_run_config, write_run_config
-from ip_adapter.utils import exit_on_bad_input, sha256_file, str2bool
+from ip_adapter.batch_generation import SubjectTokens
+from ip_adapter.loading import add_generator_args, check_generator_paths, dtype_name, load_generation_model, resolve_dtype
 
 DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / Kosmos-G
 
@@ -55,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale", type=float, default=None, help="IP-Adapter scale (default: 0.78 original setting, 0.65 Kosmos-G setting)"
     )
     parser.add_argument(
-        "--is_kosmosg", type=str2bool, default=False,
+        "--is_kosmosg",
+        type=str2bool,
+        default=False,
         help="True: condition on the single Kosmos-G image per subject; False: average all references",
     )
     parser.add_argument("--num_inference_steps", type=int, default=30)
@@ -66,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="images per denoising batch (does not change the images)")
     parser.add_argument("--subjects", nargs="+", default=None, help="subset of subjects (default: all 30)")
     parser.add_argument(
-        "--prompts_per_subject", type=int, default=None,
+        "--prompts_per_subject",
+        type=int,
+        default=None,
         help="smoke tests only: generate the first N prompts of each subject (scores are then not comparable)",
     )
     scoring = parser.add_argument_group("scoring at the end (both or neither; as evaluate_dreambooth.py)")
@@ -78,18 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     for name in ("num_inference_steps", "height", "width", "batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise BadInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("height", "width"):
         if getattr(args, name) % 8:
-            raise ValueError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
+            raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
     if args.prompts_per_subject is not None and args.prompts_per_subject < 1:
-        raise ValueError(f"--prompts_per_subject must be >= 1, got {args.prompts_per_subject}")
+        raise BadInputError(f"--prompts_per_subject must be >= 1, got {args.prompts_per_subject}")
     if (args.clip_model is None) != (args.dino_model is None):
-        raise ValueError("--clip_model and --dino_model go together: give both to score the run, or neither")
+        raise BadInputError("--clip_model and --dino_model go together: give both to score the run, or neither")
     if args.clip_model is not None:  # fail now rather than after hours of generation
         resolve_clip_checkpoint(args.clip_model)
         if not (args.dino_model / "config.json").is_file():
-            raise FileNotFoundError(f"--dino_model {args.dino_model}: no config.json; pass a local copy of facebook/dino-vits16")
+            raise BadInputError(f"--dino_model {args.dino_model}: no config.json; pass a local copy of facebook/dino-vits16")
     check_generator_paths(args)
 
 
@@ -126,9 +121,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
     # that would then refuse the corrected command.
     ip_model = None
     if pending:
-        ip_model = load_generation_model(
-            args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype, args.scale
-        )
+        ip_model = load_generation_model(args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype, args.scale)
     if accelerator.is_main_process:
         removed = remove_stale_temp_files(args.output_dir, [*subjects, GRIDS_DIR])
         if removed:
@@ -140,9 +133,16 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
         tokens = SubjectTokens(ip_model, load_references)
         with accelerator.split_between_processes(pending) as shard:
             generate_items(
-                ip_model, tokens, shard, args.output_dir, args.batch_size, args.num_inference_steps,
+                ip_model,
+                tokens,
+                shard,
+                args.output_dir,
+                args.batch_size,
+                args.num_inference_steps,
                 progress_position=accelerator.process_index,
-                guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                guidance_scale=args.guidance_scale,
+                height=args.height,
+                width=args.width,
             )
     accelerator.wait_for_everyone()
 

@@ -7,8 +7,8 @@
       --dataloader_num_workers 4 --learning_rate 3e-05 --weight_decay 0.01 --save_steps 10000 \
       --stop_step 30000 --output_dir output/exp1/ --use_dpo_loss True
 
-Flags and defaults follow the official script; the step itself lives in `ip_adapter.training`,
-the objectives in `ip_adapter.loss`.
+Flags and defaults follow the official script; the step itself lives in `patchdpo.training`,
+the objectives in `patchdpo.loss`.
 """
 
 from __future__ import annotations
@@ -26,24 +26,23 @@ from accelerate.utils import ProjectConfiguration, release_memory, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ip_adapter.feature_cache import FeatureCache, build_feature_cache, cache_key
-from ip_adapter.loss import LOSS_MODES
-from ip_adapter.pair_dataset import DropoutRates, EpochSampler, PairDataset, index_pairs
-from ip_adapter.training import (
-    TRAINING_STATE_DIR,
+from common.cli import fail, str2bool
+from common.errors import BadInputError
+from common.seeds import stable_seed
+from common.training_state import TRAINING_STATE_DIR, checkpoint_step, find_resume_checkpoint, save_training_state
+from patch_quality.store import QualityMaps
+from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
+from patchdpo.loss import LOSS_MODES
+from patchdpo.pair_dataset import DropoutRates, EpochSampler, PairDataset, index_pairs
+from patchdpo.training import (
     PairConditioning,
-    checkpoint_step,
-    find_resume_checkpoint,
     frozen_adapter_copy,
     load_training_models,
     register_adapter_state_hooks,
     save_adapter_checkpoint,
-    save_training_state,
     training_step,
     vae_downsample_factor,
 )
-from ip_adapter.utils import stable_seed, str2bool
-from patch_quality.store import QualityMaps
 
 logger = get_logger(__name__)
 
@@ -52,8 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     official = parser.add_argument_group("official flags (train_patchdpo.py of hqhQAQ/PatchDPO)")
     official.add_argument("--pretrained_model_name_or_path", required=True, help="local SDXL pipeline folder")
-    official.add_argument("--pretrained_ip_adapter_path", default=None,
-                          help="IP-Adapter-Plus checkpoint to start from; absent: adapter from to_k/to_v, fresh Resampler")
+    official.add_argument(
+        "--pretrained_ip_adapter_path",
+        default=None,
+        help="IP-Adapter-Plus checkpoint to start from; absent: adapter from to_k/to_v, fresh Resampler",
+    )
     official.add_argument("--data_root_path", required=True, help="folder of sample{i}/ pairs")
     official.add_argument("--image_encoder_path", required=True, help="local CLIP vision model folder")
     official.add_argument("--output_dir", default="sd-ip_adapter")
@@ -71,21 +73,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     official.add_argument("--report_to", default="tensorboard")
     official.add_argument("--local_rank", type=int, default=-1, help="ignored: accelerate sets the rank")
     official.add_argument("--patch_quality_file", default=None, help="quality maps (needed by --loss patch_dpo)")
-    official.add_argument("--use_dpo_loss", type=str2bool, default=None,
-                          help="official switch: True = --loss patch_dpo, False (default) = --loss mse")
+    official.add_argument(
+        "--use_dpo_loss", type=str2bool, default=None, help="official switch: True = --loss patch_dpo, False (default) = --loss mse"
+    )
 
     extra = parser.add_argument_group("beyond the official script")
-    extra.add_argument("--loss", choices=LOSS_MODES, default=None, help="objective (see ip_adapter/loss.py)")
+    extra.add_argument("--loss", choices=LOSS_MODES, default=None, help="objective (see patchdpo/loss.py)")
     extra.add_argument("--dpo_beta", type=float, default=5000.0, help="beta of --loss image_dpo")
-    extra.add_argument("--official_time_ids", action="store_true",
-                       help="feed the reference code's scrambled SDXL time ids (see ip_adapter/sdxl_conditioning.py)")
+    extra.add_argument(
+        "--official_time_ids",
+        action="store_true",
+        help="feed the reference code's scrambled SDXL time ids (see patchdpo/sdxl_conditioning.py)",
+    )
     extra.add_argument("--seed", type=int, default=42)
     extra.add_argument("--generated_per_sample", type=int, default=1, help="use gen_0..gen_{n-1} of each sample")
     extra.add_argument("--image_drop_rate", type=float, default=0.05)
     extra.add_argument("--text_drop_rate", type=float, default=0.05)
     extra.add_argument("--both_drop_rate", type=float, default=0.05)
-    extra.add_argument("--checkpointing_steps", type=int, default=None,
-                       help="also save the full training state (optimizer, step) in checkpoint-N/training_state")
+    extra.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=None,
+        help="also save the full training state (optimizer, step) in checkpoint-N/training_state",
+    )
     extra.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
     extra.add_argument("--cache_dir", default=None, help="precompute the frozen encoders' outputs once, here")
     extra.add_argument("--gradient_checkpointing", action="store_true")
@@ -120,12 +130,15 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         models = load_training_models(
-            args.pretrained_model_name_or_path, args.image_encoder_path, args.pretrained_ip_adapter_path,
-            accelerator.device, weight_dtype,
+            args.pretrained_model_name_or_path,
+            args.image_encoder_path,
+            args.pretrained_ip_adapter_path,
+            accelerator.device,
+            weight_dtype,
         )
         factor = vae_downsample_factor(models.encoders.vae)
         if args.resolution % factor:
-            raise ValueError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+            raise BadInputError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
         latent_size = args.resolution // factor
         quality_maps = QualityMaps.load(args.patch_quality_file) if args.loss == "patch_dpo" else None
         pairs = index_pairs(args.data_root_path, quality_maps, args.generated_per_sample, latent_size)
@@ -135,17 +148,25 @@ def main(argv: list[str] | None = None) -> None:
         if args.cache_dir is not None:
             key = cache_key(args.resolution, args.pretrained_model_name_or_path, args.image_encoder_path, weight_dtype)
             cache = FeatureCache.for_key(args.cache_dir, key)
-            build_feature_cache(cache, pairs, encoders, args.resolution, accelerator.process_index,
-                                accelerator.num_processes, show_progress=accelerator.is_local_main_process)
+            build_feature_cache(
+                cache,
+                pairs,
+                encoders,
+                args.resolution,
+                accelerator.process_index,
+                accelerator.num_processes,
+                show_progress=accelerator.is_local_main_process,
+            )
             accelerator.wait_for_everyone()
             encoders = models.encoders = None  # the frozen encoders are not needed any more: free their memory
             release_memory()
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        raise SystemExit(f"train_patchdpo.py: error: {error.args[0] if error.args else error}") from None
+    except BadInputError as error:
+        fail("train_patchdpo.py", error)
 
     dataset = PairDataset(pairs, args.resolution, latent_size, args.seed, tokenizers, quality_maps, dropout, cache)
-    train_dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=EpochSampler(len(dataset), args.seed),
-                                  num_workers=args.dataloader_num_workers)
+    train_dataloader = DataLoader(
+        dataset, batch_size=args.train_batch_size, sampler=EpochSampler(len(dataset), args.seed), num_workers=args.dataloader_num_workers
+    )
     model = models.model
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -179,10 +200,17 @@ def main(argv: list[str] | None = None) -> None:
         for batch in loader:
             cond = PairConditioning.encode(encoders, batch) if cache is None else PairConditioning.from_cached_batch(batch)
             output = training_step(
-                accelerator, prepared_model, cond, models.scheduler, loss_mode=args.loss,
-                seed=stable_seed(args.seed, "step", global_step, accelerator.process_index), resolution=args.resolution,
-                official_time_ids=args.official_time_ids, noise_offset=args.noise_offset,
-                reference_params=reference_params, dpo_beta=args.dpo_beta,
+                accelerator,
+                prepared_model,
+                cond,
+                models.scheduler,
+                loss_mode=args.loss,
+                seed=stable_seed(args.seed, "step", global_step, accelerator.process_index),
+                resolution=args.resolution,
+                official_time_ids=args.official_time_ids,
+                noise_offset=args.noise_offset,
+                reference_params=reference_params,
+                dpo_beta=args.dpo_beta,
             )
             accelerator.backward(output.loss)
             optimizer.step()

@@ -3,7 +3,7 @@
     python benchmarks/inference_benchmark.py                 # CPU proxy: mid-size random SDXL, 128 px
     python benchmarks/inference_benchmark.py --shape full    # GPU: the SDXL / ViT-H configs, 1024 px, 30 steps
 
-Both paths run in one process on the same random-weight models (`ip_adapter.random_models`) and the
+Both paths run in one process on the same random-weight models (`stand_ins.sdxl`) and the
 same (subject, prompt) items:
 
 - reference: a straight re-implementation of the official `inference_dreambooth.py` loop: batches
@@ -36,34 +36,40 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.io import atomic_write_json  # noqa: E402
 from dreambench.benchmark import SUBJECT_NAMES, prompts_for  # noqa: E402
 from dreambench.data import load_conditioning_images  # noqa: E402
-from dreambench.generation import GenerationItem, SubjectTokens, generate_batch  # noqa: E402
 from ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL  # noqa: E402
-from dreambench.model_loading import load_sdxl_pipeline  # noqa: E402
-from ip_adapter.random_models import SHAPES, save_random_models  # noqa: E402
-from ip_adapter.utils import atomic_write_json  # noqa: E402
+from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch  # noqa: E402
+from ip_adapter.loading import load_sdxl_pipeline  # noqa: E402
+from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
 
 REFERENCE_SEED = 42
 REFERENCE_BATCH = 2
 
 
-def reference_loop(ip_model: IPAdapterPlusXL, items: Sequence[GenerationItem], references: dict[str, list[Image.Image]],
-                   **pipeline_kwargs) -> list[Image.Image]:
+def reference_loop(
+    ip_model: IPAdapterPlusXL, items: Sequence[GenerationItem], references: dict[str, list[Image.Image]], **pipeline_kwargs
+) -> list[Image.Image]:
     """The official loop: per batch of 2, encode every reference photo, average, one seeded generator."""
     images: list[Image.Image] = []
     for start in range(0, len(items), REFERENCE_BATCH):
         batch = items[start : start + REFERENCE_BATCH]
         cond, uncond = ip_model.get_image_embeds([references[item.subject] for item in batch])
         images += ip_model.generate_from_tokens(
-            cond, uncond, [item.prompt for item in batch], [DEFAULT_NEGATIVE_PROMPT] * len(batch),
-            torch.Generator("cpu").manual_seed(REFERENCE_SEED), **pipeline_kwargs,
+            cond,
+            uncond,
+            [item.prompt for item in batch],
+            [DEFAULT_NEGATIVE_PROMPT] * len(batch),
+            torch.Generator("cpu").manual_seed(REFERENCE_SEED),
+            **pipeline_kwargs,
         )
     return images
 
 
-def our_path(ip_model: IPAdapterPlusXL, items: Sequence[GenerationItem], references: dict[str, list[Image.Image]],
-             batch_size: int, **pipeline_kwargs) -> list[Image.Image]:
+def our_path(
+    ip_model: IPAdapterPlusXL, items: Sequence[GenerationItem], references: dict[str, list[Image.Image]], batch_size: int, **pipeline_kwargs
+) -> list[Image.Image]:
     tokens = SubjectTokens(ip_model, references.__getitem__)
     images: list[Image.Image] = []
     for start in range(0, len(items), batch_size):
@@ -112,11 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype)
     references = {name: load_conditioning_images(args.data_root, name, kosmosg=False) for name in args.subjects}
     items = [
-        GenerationItem(name, prompt, REFERENCE_SEED)
-        for name in args.subjects for prompt in prompts_for(name)[: args.prompts_per_subject]
+        GenerationItem(name, prompt, REFERENCE_SEED) for name in args.subjects for prompt in prompts_for(name)[: args.prompts_per_subject]
     ]
     with tempfile.TemporaryDirectory() as folder:
-        paths = save_random_models(folder, SHAPES[args.shape])
+        paths = save_sdxl_models(folder, SHAPES[args.shape])
         ip_model = IPAdapterPlusXL(load_sdxl_pipeline(paths.sdxl_dir, dtype), paths.image_encoder_dir, paths.ip_ckpt, device)
     ip_model.set_scale(args.scale)
     common = dict(num_inference_steps=args.num_inference_steps, height=args.size, width=args.size)
@@ -130,10 +135,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     result = {
-        "device": device_name, "shape": args.shape, "size": args.size, "steps": args.num_inference_steps,
-        "dtype": args.dtype, "images": len(items), "batch_size": args.batch_size,
-        "reference_images_per_s": len(items) / ref_seconds, "ours_images_per_s": len(items) / our_seconds,
-        "speedup": ref_seconds / our_seconds, "reference_peak_gib": ref_peak, "ours_peak_gib": our_peak,
+        "device": device_name,
+        "shape": args.shape,
+        "size": args.size,
+        "steps": args.num_inference_steps,
+        "dtype": args.dtype,
+        "images": len(items),
+        "batch_size": args.batch_size,
+        "reference_images_per_s": len(items) / ref_seconds,
+        "ours_images_per_s": len(items) / our_seconds,
+        "speedup": ref_seconds / our_seconds,
+        "reference_peak_gib": ref_peak,
+        "ours_peak_gib": our_peak,
         "max_pixel_difference_where_seeds_agree": max(differences),
     }
     print(f"{device_name}: {args.shape} SDXL config, {args.size}px, {args.num_inference_steps} steps, {args.dtype}, {len(items)} images")

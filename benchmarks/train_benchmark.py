@@ -1,6 +1,6 @@
 """Training speed: our PatchDPO loop against a straight re-implementation of the reference loop.
 
-Both run on the same random-weight models (`ip_adapter.random_models`: `mid` on CPU, the full
+Both run on the same random-weight models (`stand_ins.sdxl`: `mid` on CPU, the full
 SDXL / ViT-H / IP-Adapter-Plus shapes on GPU) and the same synthetic pairs, each in its own
 process so peak memory is measured cleanly, and the ratio is printed at the end:
 
@@ -15,7 +15,7 @@ reference: the official `train_patchdpo.py` step: every step encodes the pixels 
   the CLIP image encoder and both text encoders; the UNet keeps fp32 weights under autocast; the
   Resampler runs inside autograd (its weights require grad though the optimizer never sees
   them); the loss is gathered and synchronised every step.
-ours: `ip_adapter.training` as `train_patchdpo.py --cache_dir` runs it: the frozen encoders' outputs
+ours: `patchdpo.training` as `train_patchdpo.py --cache_dir` runs it: the frozen encoders' outputs
   are read from the feature cache (built once before timing; its build time is reported), the
   UNet's frozen weights are held in the compute dtype, the Resampler runs without autograd.
 ours_no_cache: the same step with the frozen encoders run every step (what non-square
@@ -43,17 +43,17 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
+from common.seeds import stable_seed  # noqa: E402
 from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint, load_strict  # noqa: E402
-from ip_adapter.feature_cache import FeatureCache, build_feature_cache, cache_key  # noqa: E402
 from ip_adapter.image_encoder import load_image_encoder  # noqa: E402
-from ip_adapter.pair_dataset import EpochSampler, PairDataset, index_pairs  # noqa: E402
-from ip_adapter.random_models import SHAPES, save_random_models  # noqa: E402
 from ip_adapter.resampler import Resampler  # noqa: E402
-from ip_adapter.synthetic_pairs import write_pair_data  # noqa: E402
-from ip_adapter.training import PairConditioning, load_training_models, training_step, vae_downsample_factor  # noqa: E402
-from ip_adapter.utils import stable_seed  # noqa: E402
 from patch_quality.store import QualityMaps  # noqa: E402
+from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key  # noqa: E402
+from patchdpo.pair_dataset import EpochSampler, PairDataset, index_pairs  # noqa: E402
+from patchdpo.training import PairConditioning, load_training_models, training_step, vae_downsample_factor  # noqa: E402
+from stand_ins.pairs import save_pair_data  # noqa: E402
+from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
 
 VARIANTS = ("reference", "ours_no_cache", "ours")
 LOGGING_STEPS = 10  # ours synchronises for the loss only when it logs, as train_patchdpo.py
@@ -128,8 +128,13 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
 
 def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_kwargs: dict):
     """Set up `train_patchdpo.py`'s pieces (with `--cache_dir` for variant "ours"); return one step."""
-    models = load_training_models(Path(args.models) / "sdxl", Path(args.models) / "image_encoder",
-                                  Path(args.models) / "ip-adapter-plus.bin", accelerator.device, weight_dtype)
+    models = load_training_models(
+        Path(args.models) / "sdxl",
+        Path(args.models) / "image_encoder",
+        Path(args.models) / "ip-adapter-plus.bin",
+        accelerator.device,
+        weight_dtype,
+    )
     encoders, tokenizers, cache, extras = models.encoders, models.encoders.tokenizers, None, {}
     if args.variant == "ours":
         key = cache_key(args.resolution, Path(args.models) / "sdxl", Path(args.models) / "image_encoder", weight_dtype)
@@ -152,8 +157,15 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
     def step(batch) -> None:
         counter["step"] += 1
         cond = PairConditioning.encode(encoders, batch) if cache is None else PairConditioning.from_cached_batch(batch)
-        output = training_step(accelerator, prepared, cond, models.scheduler, loss_mode="patch_dpo",
-                               seed=stable_seed(0, counter["step"]), resolution=args.resolution)
+        output = training_step(
+            accelerator,
+            prepared,
+            cond,
+            models.scheduler,
+            loss_mode="patch_dpo",
+            seed=stable_seed(0, counter["step"]),
+            resolution=args.resolution,
+        )
         accelerator.backward(output.loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -170,8 +182,9 @@ def run_variant(args) -> dict:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     latent_size = args.resolution // vae_downsample_factor(AutoencoderKL.from_pretrained(Path(args.models) / "sdxl", subfolder="vae"))
     maps = QualityMaps.load(Path(args.data) / "patch_quality.safetensors")
-    dataset_kwargs = dict(pairs=index_pairs(args.data, maps, 1, latent_size), resolution=args.resolution,
-                          latent_size=latent_size, seed=0, quality_maps=maps)
+    dataset_kwargs = dict(
+        pairs=index_pairs(args.data, maps, 1, latent_size), resolution=args.resolution, latent_size=latent_size, seed=0, quality_maps=maps
+    )
     setup = reference_loop if args.variant == "reference" else our_loop
     loader, step, extras = setup(args, accelerator, weight_dtype, dataset_kwargs)
     batches = iter(loader)
@@ -217,8 +230,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     gpu = args.device == "cuda"
-    defaults = dict(shape="full" if gpu else "mid", resolution=512 if gpu else 128, batch_size=4 if gpu else 2,
-                    mixed_precision="fp16" if gpu else "no", num_workers=4 if gpu else 0)
+    defaults = dict(
+        shape="full" if gpu else "mid",
+        resolution=512 if gpu else 128,
+        batch_size=4 if gpu else 2,
+        mixed_precision="fp16" if gpu else "no",
+        num_workers=4 if gpu else 0,
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -235,15 +253,26 @@ def main(argv: list[str] | None = None) -> None:
         models, data = work / f"models-{args.shape}", work / f"data-{args.resolution}"
         if not (models / "ip-adapter-plus.bin").is_file():
             print(f"building random {args.shape} models in {models} ...", flush=True)
-            save_random_models(models, SHAPES[args.shape])
+            save_sdxl_models(models, SHAPES[args.shape])
         factor = vae_downsample_factor(AutoencoderKL.from_pretrained(models / "sdxl", subfolder="vae"))
         num_samples = (args.warmup + args.steps) * args.batch_size
         shutil.rmtree(data, ignore_errors=True)
-        write_pair_data(data, num_samples, args.resolution, args.resolution // factor)
+        save_pair_data(data, num_samples, args.resolution, args.resolution // factor)
         results = {}
         for variant in VARIANTS:
-            command = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--variant", variant,
-                       "--models", str(models), "--data", str(data), "--work_dir", str(work)]
+            command = [
+                sys.executable,
+                __file__,
+                *(argv if argv is not None else sys.argv[1:]),
+                "--variant",
+                variant,
+                "--models",
+                str(models),
+                "--data",
+                str(data),
+                "--work_dir",
+                str(work),
+            ]
             for name in ("device", "shape", "resolution", "batch_size", "mixed_precision", "num_workers", "threads"):
                 command += [f"--{name}", str(getattr(args, name))]
             child = subprocess.run(command, capture_output=True, text=True)
@@ -255,15 +284,19 @@ def main(argv: list[str] | None = None) -> None:
     gpu = "peak_gpu_gib" in ref
     memory, speed = ("peak_gpu_gib", "pairs_per_s") if gpu else ("peak_rss_gib", "pairs_per_cpu_s")
     device = ref["device_name"] if gpu else f"CPU, {args.threads} torch thread(s)"
-    print(f"\n{device}: shape={args.shape} resolution={args.resolution} pairs/step={args.batch_size} "
-          f"mixed_precision={args.mixed_precision} timed steps={args.steps} (after {args.warmup} warm-up)")
+    print(
+        f"\n{device}: shape={args.shape} resolution={args.resolution} pairs/step={args.batch_size} "
+        f"mixed_precision={args.mixed_precision} timed steps={args.steps} (after {args.warmup} warm-up)"
+    )
     print(f"| loop | {speed} | wall pairs/s | {memory} |\n|---|---|---|---|")
     for name, result in (("reference", ref), ("ours without --cache_dir", results["ours_no_cache"]), ("ours (--cache_dir)", ours)):
         print(f"| {name} | {result[speed]:.3f} | {result['pairs_per_s']:.3f} | {result[memory]:.2f} |")
     no_cache = results["ours_no_cache"]
-    print(f"speed-up {ours[speed] / ref[speed]:.2f}x with the cache, {no_cache[speed] / ref[speed]:.2f}x without ({speed}); "
-          f"memory ratio {ours[memory] / ref[memory]:.2f} ({memory}); "
-          f"one-off cache build {ours['cache_build_s']:.1f} s for {(args.warmup + args.steps) * args.batch_size} samples")
+    print(
+        f"speed-up {ours[speed] / ref[speed]:.2f}x with the cache, {no_cache[speed] / ref[speed]:.2f}x without ({speed}); "
+        f"memory ratio {ours[memory] / ref[memory]:.2f} ({memory}); "
+        f"one-off cache build {ours['cache_build_s']:.1f} s for {(args.warmup + args.steps) * args.batch_size} samples"
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.errors import BadInputError
+
 
 @dataclass(frozen=True)
 class Subject:
@@ -127,7 +129,7 @@ def get_subject(name: str) -> Subject:
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise ValueError(f"unknown DreamBench subject {name!r}; expected one of: {', '.join(SUBJECT_NAMES)}") from None
+        raise BadInputError(f"unknown DreamBench subject {name!r}; expected one of: {', '.join(SUBJECT_NAMES)}") from None
 
 
 def resolve_subjects(names: list[str] | tuple[str, ...] | None) -> list[Subject]:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from dreambench.data import load_rgb_image
+from common.images import load_rgb_image
+from common.io import atomic_save_image
 from dreambench.generation import image_path
-from ip_adapter.utils import atomic_save_image
 
 GRIDS_DIR = "grids"
 BACKGROUND = (255, 255, 255)

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from common.errors import BadInputError
+from common.images import is_image_file, load_rgb_image
 from dreambench.benchmark import SUBJECTS, Subject, get_subject
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 BOX_REFERENCE_WIDTH = 800
 CONDITIONING_SIZE = 224
 
@@ -38,42 +39,26 @@ class ReferencePhoto:
     json_path: Path
 
 
-def is_image_file(path: Path) -> bool:
-    """Images are recognised by extension; hidden files (e.g. unfinished atomic writes) never count."""
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def load_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image fully (so truncated files fail here, not later) and return it as RGB."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        detail = " ".join(str(exc).split())
-        raise ValueError(f"{path}: unreadable image ({type(exc).__name__}: {detail})") from None
-
-
 def _read_box(json_path: Path) -> tuple[float, float, float, float]:
     expected = "expected a JSON object whose mask[1].box is [x0, y0, x1, y1] in 800-pixel-wide coordinates"
     try:
         data = json.loads(json_path.read_text())
         box = data["mask"][1]["box"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-        raise ValueError(f"{json_path}: {expected} ({type(exc).__name__})") from None
+        raise BadInputError(f"{json_path}: {expected} ({type(exc).__name__})") from None
     if (
         not isinstance(box, list)
         or len(box) != 4
         or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
         or not (box[0] < box[2] and box[1] < box[3])
     ):
-        raise ValueError(f"{json_path}: {expected}, got {box!r}")
+        raise BadInputError(f"{json_path}: {expected}, got {box!r}")
     return tuple(float(v) for v in box)
 
 
 def _require_dir(path: Path, what: str) -> None:
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: {what} not found")
+        raise BadInputError(f"{path}: {what} not found")
 
 
 def subject_photos(root: str | os.PathLike, subject: str | Subject) -> list[ReferencePhoto]:
@@ -91,21 +76,19 @@ def subject_photos(root: str | os.PathLike, subject: str | Subject) -> list[Refe
         if not is_image_file(path):
             continue
         if path.stem in images:
-            raise ValueError(f"{path}: two images named {path.stem!r} in {image_dir}")
+            raise BadInputError(f"{path}: two images named {path.stem!r} in {image_dir}")
         images[path.stem] = path
     boxes = {path.stem: path for path in sorted(json_dir.glob("*.json")) if not path.name.startswith(".")}
     if not images:
-        raise FileNotFoundError(f"{image_dir}: no images (expected NN.jpg files)")
+        raise BadInputError(f"{image_dir}: no images (expected NN.jpg files)")
     for stem, path in images.items():
         if stem not in boxes:
-            raise FileNotFoundError(f"{json_dir / (stem + '.json')}: missing box file for image {path}")
+            raise BadInputError(f"{json_dir / (stem + '.json')}: missing box file for image {path}")
     for stem, path in boxes.items():
         if stem not in images:
-            raise FileNotFoundError(f"{image_dir / (stem + '.jpg')}: missing image for box file {path}")
+            raise BadInputError(f"{image_dir / (stem + '.jpg')}: missing image for box file {path}")
     if subject.kosmosg_image not in images:
-        raise FileNotFoundError(
-            f"{image_dir / (subject.kosmosg_image + '.jpg')}: Kosmos-G reference image of {subject.name!r} not found"
-        )
+        raise BadInputError(f"{image_dir / (subject.kosmosg_image + '.jpg')}: Kosmos-G reference image of {subject.name!r} not found")
     return [ReferencePhoto(images[stem], _read_box(boxes[stem]), boxes[stem]) for stem in sorted(images)]
 
 
@@ -142,7 +125,7 @@ def crop_to_box(image: Image.Image, box: tuple[float, float, float, float]) -> I
     scale = image.width / BOX_REFERENCE_WIDTH
     x0, y0, x1, y1 = (math.trunc(math.trunc(v) * scale) for v in box)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"subject box {list(box)} is empty on a {image.width}x{image.height} image")
+        raise BadInputError(f"subject box {list(box)} is empty on a {image.width}x{image.height} image")
     return image.crop((x0, y0, x1, y1))
 
 
@@ -167,6 +150,6 @@ def load_conditioning_images(root: str | os.PathLike, subject: str | Subject, ko
         try:
             crop = crop_to_box(image, photo.box)
         except ValueError as exc:
-            raise ValueError(f"{photo.json_path}: {exc}") from None
+            raise BadInputError(f"{photo.json_path}: {exc}") from None
         images.append(resize_and_pad(crop))
     return images

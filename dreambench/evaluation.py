@@ -19,8 +19,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.cli import str2bool
+from common.errors import BadInputError
+from common.images import is_image_file, load_rgb_image
+from common.io import atomic_write_json
 from dreambench.benchmark import SUBJECTS, Subject, prompts_for, resolve_subjects
-from dreambench.data import is_image_file, load_reference_images, load_rgb_image, validate_dreambench
+from dreambench.data import load_reference_images, validate_dreambench
 from dreambench.metrics import (
     CLIPPreprocess,
     clip_image_features,
@@ -31,7 +35,6 @@ from dreambench.metrics import (
     mean_matched_cosine,
     mean_pairwise_cosine,
 )
-from ip_adapter.utils import atomic_write_json, str2bool
 
 SCORE_FILE = "all_score.json"
 METRIC_KEYS = ("clipt_score", "clipi_score", "dino_score")
@@ -58,13 +61,13 @@ def find_generations(output_dir: str | os.PathLike, subjects: list[Subject], all
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
-        raise FileNotFoundError(f"{output_dir}: generation folder not found")
+        raise BadInputError(f"{output_dir}: generation folder not found")
     found = GenerationSet()
     for subject in subjects:
         subject_dir = output_dir / subject.name
         if not subject_dir.is_dir():
             if not allow_partial:
-                raise FileNotFoundError(
+                raise BadInputError(
                     f"{subject_dir}: folder of subject {subject.name!r} not found "
                     "(expected <output_dir>/<subject>/<prompt>.png; allow_partial scores what exists)"
                 )
@@ -75,18 +78,18 @@ def find_generations(output_dir: str | os.PathLike, subjects: list[Subject], all
             if not is_image_file(path):
                 continue
             if path.stem in by_prompt:
-                raise ValueError(f"{path}: a second image for prompt {path.stem!r} (also {by_prompt[path.stem].name})")
+                raise BadInputError(f"{path}: a second image for prompt {path.stem!r} (also {by_prompt[path.stem].name})")
             by_prompt[path.stem] = path
         prompts = prompts_for(subject)
         missing = [prompt for prompt in prompts if prompt not in by_prompt]
         unexpected = sorted(path.name for stem, path in by_prompt.items() if stem not in prompts)
         if not allow_partial and unexpected:
-            raise ValueError(
+            raise BadInputError(
                 f"{subject_dir / unexpected[0]}: not named after one of the {len(prompts)} prompts of {subject.name!r} "
                 f"({len(unexpected)} such image(s); allow_partial ignores them)"
             )
         if not allow_partial and missing:
-            raise FileNotFoundError(
+            raise BadInputError(
                 f"{subject_dir / (missing[0] + '.png')}: missing generated image "
                 f"({len(missing)} of {len(prompts)} prompts of {subject.name!r} missing; allow_partial scores what exists)"
             )
@@ -100,7 +103,7 @@ def find_generations(output_dir: str | os.PathLike, subjects: list[Subject], all
         else:
             found.missing_subjects.append(subject.name)
     if not found.images:
-        raise FileNotFoundError(f"{output_dir}: no generated images of the requested DreamBench subjects")
+        raise BadInputError(f"{output_dir}: no generated images of the requested DreamBench subjects")
     return found
 
 
@@ -118,9 +121,7 @@ def score_subject(
     image_clip = clip_image_features(clip_model, clip_preprocess, images, batch_size)
     return {
         "clipt_score": mean_matched_cosine(image_clip, clip_text_features(clip_model, prompts, batch_size)),
-        "clipi_score": mean_pairwise_cosine(
-            image_clip, clip_image_features(clip_model, clip_preprocess, references, batch_size)
-        ),
+        "clipi_score": mean_pairwise_cosine(image_clip, clip_image_features(clip_model, clip_preprocess, references, batch_size)),
         "dino_score": mean_pairwise_cosine(
             dino_image_features(dino_model, images, batch_size), dino_image_features(dino_model, references, batch_size)
         ),
@@ -137,9 +138,9 @@ def _check_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"device {str(device)!r}: not a torch device name (e.g. cpu, cuda, cuda:1)") from None
+        raise BadInputError(f"device {str(device)!r}: not a torch device name (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
+        raise BadInputError(f"device {str(device)!r}: CUDA is not available on this machine")
     return device
 
 
@@ -186,10 +187,7 @@ def evaluate_generations(
             "num_references": len(references),
         }
 
-    groups = {
-        group: _mean_scores([row for row in per_subject.values() if row["group"] == group])
-        for group in ("object", "live")
-    }
+    groups = {group: _mean_scores([row for row in per_subject.values() if row["group"] == group]) for group in ("object", "live")}
     for group, summary in groups.items():
         if summary is not None:
             summary["num_subjects"] = sum(row["group"] == group for row in per_subject.values())
@@ -218,10 +216,7 @@ def format_score_table(scores: dict[str, Any]) -> str:
     rule = "-" * len(header)
 
     def row(label: str, group: str, values: dict[str, Any], count: str) -> str:
-        return (
-            f"{label:<20} {group:<7} {values['dino_score']:>7.4f} {values['clipi_score']:>7.4f} "
-            f"{values['clipt_score']:>7.4f} {count:>6}"
-        )
+        return f"{label:<20} {group:<7} {values['dino_score']:>7.4f} {values['clipi_score']:>7.4f} {values['clipt_score']:>7.4f} {count:>6}"
 
     lines = [f"DreamBench scores ({scores['setting']} setting)", header, rule]
     for name, values in scores["subjects"].items():

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,8 @@ from PIL import Image
 from torchvision import transforms
 from transformers import ViTModel
 
-from ip_adapter.utils import sha256_file
+from common.errors import BadInputError
+from common.io import sha256_file
 
 with warnings.catch_warnings():
     # openai-clip imports the deprecated pkg_resources; the notice is not actionable for users.
@@ -68,19 +69,19 @@ def resolve_clip_checkpoint(name_or_path: str | os.PathLike, download_root: str 
     # clip keeps the published URLs (file name and checksum) only in this private table.
     url = _clip_impl._MODELS.get(name)
     if url is None:
-        raise FileNotFoundError(
+        raise BadInputError(
             f"--clip_model {name}: not a file and not an openai-clip model name "
             f"({', '.join(clip.available_models())}); pass the local .pt path"
         )
     cached = Path(download_root or default_clip_cache()) / os.path.basename(url)
     if not cached.is_file():
-        raise FileNotFoundError(
+        raise BadInputError(
             f"--clip_model {name}: {cached} not found and this evaluator never downloads; "
             f"pass the local .pt path (the file published at {url})"
         )
     expected_sha256 = url.split("/")[-2]
     if sha256_file(cached) != expected_sha256:
-        raise ValueError(f"{cached}: SHA-256 differs from the published {name} weights; pass a verified local .pt path")
+        raise BadInputError(f"{cached}: SHA-256 differs from the published {name} weights; pass a verified local .pt path")
     return cached
 
 
@@ -95,7 +96,7 @@ def load_clip(
             model, preprocess = clip.load(str(checkpoint), device=str(device), jit=False)
     except Exception as exc:  # clip.load fails with anything from EOFError to KeyError on a foreign file
         detail = " ".join(str(exc).split())[:300]
-        raise ValueError(f"{checkpoint}: not an OpenAI CLIP checkpoint ({type(exc).__name__}: {detail})") from None
+        raise BadInputError(f"{checkpoint}: not an OpenAI CLIP checkpoint ({type(exc).__name__}: {detail})") from None
     return model.eval(), preprocess
 
 
@@ -103,21 +104,18 @@ def load_dino(path: str | os.PathLike, device: str | torch.device) -> ViTModel:
     """Load DINO ViT from a local Hugging Face directory (facebook/dino-vits16 layout), without a pooler."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--dino_model {path}: not a local Hugging Face model directory (no config.json); "
-            "pass a local copy of facebook/dino-vits16"
+        raise BadInputError(
+            f"--dino_model {path}: not a local Hugging Face model directory (no config.json); pass a local copy of facebook/dino-vits16"
         )
     try:
-        model, info = ViTModel.from_pretrained(
-            path, add_pooling_layer=False, local_files_only=True, output_loading_info=True
-        )
+        model, info = ViTModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError, KeyError) as exc:
         detail = " ".join(str(exc).split())[:300]
-        raise ValueError(f"{path}: cannot load a transformers ViTModel ({type(exc).__name__}: {detail})") from None
+        raise BadInputError(f"{path}: cannot load a transformers ViTModel ({type(exc).__name__}: {detail})") from None
     missing = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
     if missing:
         listed = ", ".join(missing[:5])
-        raise ValueError(f"{path}: checkpoint does not fit a ViTModel (missing or mismatched weights: {listed})")
+        raise BadInputError(f"{path}: checkpoint does not fit a ViTModel (missing or mismatched weights: {listed})")
     return model.to(device=device, dtype=torch.float32).eval()
 
 
@@ -137,14 +135,11 @@ def _normalised(features: list[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_image_features(
-    model: torch.nn.Module, preprocess: CLIPPreprocess, images: Sequence[Image.Image], batch_size: int
-) -> torch.Tensor:
+def clip_image_features(model: torch.nn.Module, preprocess: CLIPPreprocess, images: Sequence[Image.Image], batch_size: int) -> torch.Tensor:
     """Unit-norm CLIP image embeddings (N, D), fp32 on CPU."""
     device = _model_device(model)
     features = [
-        model.encode_image(torch.stack([preprocess(image) for image in batch]).to(device))
-        for batch in _batched(images, batch_size)
+        model.encode_image(torch.stack([preprocess(image) for image in batch]).to(device)) for batch in _batched(images, batch_size)
     ]
     return _normalised(features)
 
@@ -153,10 +148,7 @@ def clip_image_features(
 def clip_text_features(model: torch.nn.Module, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
     """Unit-norm CLIP text embeddings (N, D), fp32 on CPU; prompts longer than 77 tokens are truncated."""
     device = _model_device(model)
-    features = [
-        model.encode_text(clip.tokenize(list(batch), truncate=True).to(device))
-        for batch in _batched(prompts, batch_size)
-    ]
+    features = [model.encode_text(clip.tokenize(list(batch), truncate=True).to(device)) for batch in _batched(prompts, batch_size)]
     return _normalised(features)
 
 

@@ -17,8 +17,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from common.io import atomic_save_image, atomic_write
 from dreambench.evaluation import format_score_table
-from ip_adapter.utils import atomic_save_image, atomic_write
 
 
 def read_scalar(log_dir: str | os.PathLike, tag: str) -> list[tuple[int, float]]:
@@ -89,7 +89,9 @@ class RunReport:
             lines += [f"| {name} | {seconds:.1f} |" for name, seconds in self.steps] + [""]
         atomic_save_image(plot_curve(self.loss_points, "PatchDPO training loss"), figures / "loss_curve.png")
         lines += ["## Training loss", "", "![training loss](figures/loss_curve.png)", ""]
-        lines += self._images("Patch-quality maps (reference, its map, generated image, its map; green = well reproduced)", self.overlays, figures)
+        lines += self._images(
+            "Patch-quality maps (reference, its map, generated image, its map; green = well reproduced)", self.overlays, figures
+        )
         lines += self._images("Contact sheets (reference crop, then one generation per prompt)", self.contact_sheets, figures)
         if self.scores:
             lines += ["## DreamBench metrics", "", "| model | subject | DINO | CLIP-I | CLIP-T |", "|---|---|---:|---:|---:|"]

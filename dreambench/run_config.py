@@ -18,7 +18,8 @@ import diffusers
 import torch
 import transformers
 
-from ip_adapter.utils import atomic_write_json
+from common.errors import BadInputError
+from common.io import atomic_write_json
 
 RUN_CONFIG_NAME = "run_config.json"
 
@@ -56,7 +57,7 @@ def make_run_config(arguments: Mapping[str, Any], **derived: Any) -> dict[str, A
     config["versions"] = library_versions()
     missing = [key for key in GENERATION_KEYS if key not in config]
     if missing:
-        raise KeyError(f"run config lacks generation setting(s) {missing}")
+        raise BadInputError(f"run config lacks generation setting(s) {missing}")
     return config
 
 
@@ -68,9 +69,9 @@ def read_run_config(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable run config ({type(exc).__name__}); fix or delete it, or use a new --output_dir") from None
+        raise BadInputError(f"{path}: unreadable run config ({type(exc).__name__}); fix or delete it, or use a new --output_dir") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        raise BadInputError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
 
 
@@ -80,12 +81,10 @@ def check_resumable(output_dir: str | os.PathLike, config: Mapping[str, Any]) ->
     if recorded is None:
         return
     differences = [
-        f"{key}: recorded {recorded.get(key)!r}, now {config[key]!r}"
-        for key in GENERATION_KEYS
-        if recorded.get(key) != config[key]
+        f"{key}: recorded {recorded.get(key)!r}, now {config[key]!r}" for key in GENERATION_KEYS if recorded.get(key) != config[key]
     ]
     if differences:
-        raise ValueError(
+        raise BadInputError(
             f"{run_config_path(output_dir)} was written with other generation settings "
             f"({'; '.join(differences)}); rerun with the recorded settings or use a new --output_dir"
         )

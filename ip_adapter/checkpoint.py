@@ -16,8 +16,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.errors import BadInputError
+from common.io import atomic_write
+
 from .attention_processor import adapter_modules_of
-from .utils import atomic_write
 
 SECTIONS = ("image_proj", "ip_adapter")
 Checkpoint = dict[str, dict[str, torch.Tensor]]
@@ -25,12 +27,12 @@ Checkpoint = dict[str, dict[str, torch.Tensor]]
 
 def _check_sections(checkpoint: object, path: Path) -> Checkpoint:
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"{path}: expected a dict with keys {list(SECTIONS)}, got {type(checkpoint).__name__}")
+        raise BadInputError(f"{path}: expected a dict with keys {list(SECTIONS)}, got {type(checkpoint).__name__}")
     for section in SECTIONS:
         if section not in checkpoint:
-            raise KeyError(f"{path}: checkpoint has no {section!r} section (found {sorted(checkpoint)})")
+            raise BadInputError(f"{path}: checkpoint has no {section!r} section (found {sorted(checkpoint)})")
         if not checkpoint[section] or not all(isinstance(v, torch.Tensor) for v in checkpoint[section].values()):
-            raise ValueError(f"{path}: checkpoint section {section!r} must be a non-empty dict of tensors")
+            raise BadInputError(f"{path}: checkpoint section {section!r} must be a non-empty dict of tensors")
     return {section: dict(checkpoint[section]) for section in SECTIONS}
 
 
@@ -40,14 +42,13 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], secti
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing:
-        raise KeyError(f"checkpoint section {section!r} is missing key {missing[0]!r} ({len(missing)} missing)")
+        raise BadInputError(f"checkpoint section {section!r} is missing key {missing[0]!r} ({len(missing)} missing)")
     if unexpected:
-        raise KeyError(f"checkpoint section {section!r} has unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
+        raise BadInputError(f"checkpoint section {section!r} has unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)")
     for key, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"checkpoint section {section!r} key {key!r} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(expected[key].shape)}"
+            raise BadInputError(
+                f"checkpoint section {section!r} key {key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
             )
     module.load_state_dict(state_dict, strict=True)
 
@@ -56,27 +57,27 @@ def load_ip_adapter_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a `.bin` or `.safetensors` IP-Adapter checkpoint into its two sections."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"IP-Adapter checkpoint not found: {path}")
+        raise BadInputError(f"IP-Adapter checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         try:
             flat = load_file(str(path))
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+            raise BadInputError(f"{path}: not a readable safetensors file ({error})") from None
         nested: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in flat.items():
             section, _, name = key.partition(".")
             nested.setdefault(section, {})[name] = tensor
         unknown = sorted(set(nested) - set(SECTIONS))
         if unknown:
-            raise KeyError(f"{path}: unexpected key prefix {unknown[0]!r}, expected 'image_proj.' or 'ip_adapter.'")
+            raise BadInputError(f"{path}: unexpected key prefix {unknown[0]!r}, expected 'image_proj.' or 'ip_adapter.'")
         return _check_sections(nested, path)
     if path.suffix in {".bin", ".pt", ".pth", ".ckpt"}:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises several types for corrupt or unsafe archives
-            raise ValueError(f"{path}: not a loadable weights-only torch checkpoint ({type(error).__name__})") from None
+            raise BadInputError(f"{path}: not a loadable weights-only torch checkpoint ({type(error).__name__})") from None
         return _check_sections(checkpoint, path)
-    raise ValueError(f"{path}: unsupported checkpoint extension {path.suffix!r}, expected .bin or .safetensors")
+    raise BadInputError(f"{path}: unsupported checkpoint extension {path.suffix!r}, expected .bin or .safetensors")
 
 
 def adapter_state(image_proj_model: nn.Module, adapter_modules: nn.Module, dtype: torch.dtype | None = torch.float16) -> Checkpoint:

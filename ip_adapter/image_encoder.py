@@ -10,19 +10,26 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
+from common.errors import BadInputError
+
+
 def preprocess_clip_images(images: Sequence[Image.Image]) -> torch.Tensor:
     """(N, 3, 224, 224) float32 CLIP input: the reference's `CLIPImageProcessor()` defaults
     (shortest side to 224 bicubic, centre crop 224, CLIP mean/std)."""
     processor = CLIPImageProcessor()
     return processor(images=[image.convert("RGB") for image in images], return_tensors="pt").pixel_values
 
-def load_image_encoder(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> CLIPVisionModelWithProjection:
+
+def load_image_encoder(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> CLIPVisionModelWithProjection:
     """Load a local CLIP vision tower (e.g. h94/IP-Adapter's `models/image_encoder`), frozen."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"image encoder directory {path} has no config.json (expected a CLIPVisionModelWithProjection folder)")
+        raise BadInputError(f"image encoder directory {path} has no config.json (expected a CLIPVisionModelWithProjection folder)")
     encoder = CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True)
     return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
 
 def encode_image_features(encoder: CLIPVisionModelWithProjection, pixel_values: torch.Tensor) -> torch.Tensor:
     """Penultimate hidden states (N, 257, D): the features IP-Adapter-Plus resamples."""

@@ -14,6 +14,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
+from common.errors import BadInputError
+
 from .attention_processor import install_ip_adapter, set_ip_adapter_scale
 from .checkpoint import Checkpoint, load_adapter_state, load_ip_adapter_checkpoint
 from .image_encoder import encode_image_features, load_image_encoder, preprocess_clip_images
@@ -72,7 +74,7 @@ class IPAdapterPlusXL:
         }
         for key, value in expected.items():
             if config[key] != value:
-                raise ValueError(f"checkpoint image_proj has {key}={config[key]}, but this pipeline/encoder needs {value}")
+                raise BadInputError(f"checkpoint image_proj has {key}={config[key]}, but this pipeline/encoder needs {value}")
         return config
 
     def set_scale(self, scale: float) -> None:
@@ -105,7 +107,7 @@ class IPAdapterPlusXL:
         """One image per row. Pass one generator per row to make each image independent of batching."""
         rows = len(prompts)
         if not (cond_tokens.shape[0] == uncond_tokens.shape[0] == len(negative_prompts) == rows):
-            raise ValueError(
+            raise BadInputError(
                 f"batch rows disagree: {cond_tokens.shape[0]} image tokens, {uncond_tokens.shape[0]} unconditional "
                 f"tokens, {rows} prompts, {len(negative_prompts)} negative prompts"
             )

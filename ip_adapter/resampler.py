@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.errors import BadInputError
+
 from .checkpoint import load_strict
 
 #: Head width used by every published IP-Adapter-Plus resampler; diffusers hard-codes it too when
@@ -78,8 +80,7 @@ class Resampler(nn.Module):
         self.proj_out = nn.Linear(dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)])
-            for _ in range(depth)
+            nn.ModuleList([PerceiverAttention(dim, dim_head, heads), _feed_forward(dim, ff_mult)]) for _ in range(depth)
         )
 
     @property
@@ -100,7 +101,7 @@ class Resampler(nn.Module):
         required = ("latents", "proj_in.weight", "proj_out.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight")
         missing = [key for key in required if key not in state_dict]
         if missing:
-            raise KeyError(f"image_proj state dict lacks {missing[0]!r}: not an IP-Adapter-Plus resampler")
+            raise BadInputError(f"image_proj state dict lacks {missing[0]!r}: not an IP-Adapter-Plus resampler")
         _, num_queries, dim = state_dict["latents"].shape
         depth = 1 + max(int(key.split(".")[1]) for key in state_dict if key.startswith("layers."))
         return dict(
@@ -115,7 +116,7 @@ class Resampler(nn.Module):
         )
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> "Resampler":
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> Resampler:
         """Build a resampler shaped like `state_dict` and load it strictly."""
         model = cls(**cls.config_from_state_dict(state_dict))
         load_strict(model, state_dict, "image_proj")

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -36,11 +37,15 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dreambench.data import load_rgb_image
-from dreambench.generation import GenerationItem, SubjectTokens, batched, generate_batch, remove_stale_temp_files
-from dreambench.model_loading import add_generator_args, check_generator_paths, dtype_name, load_sdxl_pipeline, resolve_dtype
+from common.batching import batched
+from common.cli import exit_on_bad_input
+from common.errors import BadInputError
+from common.images import load_rgb_image
+from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
+from common.seeds import stable_seed
+from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
-from ip_adapter.utils import atomic_save_image, atomic_write_json, exit_on_bad_input, sha256_file, stable_seed
+from ip_adapter.loading import add_generator_args, check_generator_paths, dtype_name, load_sdxl_pipeline, resolve_dtype
 from patch_quality import layout
 from patch_quality.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
 
@@ -121,9 +126,9 @@ def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
     try:
         recorded = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable manifest ({type(exc).__name__}); fix or delete it, or use a new --output_dir") from None
+        raise BadInputError(f"{path}: unreadable manifest ({type(exc).__name__}); fix or delete it, or use a new --output_dir") from None
     if not isinstance(recorded, dict) or recorded.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: not a {MANIFEST_FORMAT} manifest; use a new --output_dir")
+        raise BadInputError(f"{path}: not a {MANIFEST_FORMAT} manifest; use a new --output_dir")
     differences = [
         f"{key}: recorded {recorded['settings'].get(key)!r}, now {value!r}"
         for key, value in manifest["settings"].items()
@@ -132,7 +137,7 @@ def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
     if recorded.get("samples") != manifest["samples"]:
         differences.append("the sample plan (categories or templates) differs")
     if differences:
-        raise ValueError(f"{path} was written with other settings ({'; '.join(differences)}); rerun with them or use a new --output_dir")
+        raise BadInputError(f"{path} was written with other settings ({'; '.join(differences)}); rerun with them or use a new --output_dir")
 
 
 def generate_references(
@@ -193,20 +198,27 @@ def generate_pairs(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m patch_quality.construct", description="Build PatchDPO training pairs (references + IP-Adapter-Plus generations).")
+    parser = argparse.ArgumentParser(
+        prog="python -m patch_quality.construct", description="Build PatchDPO training pairs (references + IP-Adapter-Plus generations)."
+    )
     add_generator_args(
-        parser, "local SDXL pipeline folder (references and the generator's base)",
+        parser,
+        "local SDXL pipeline folder (references and the generator's base)",
         "IP-Adapter-Plus checkpoint to generate with (.bin or .safetensors)",
     )
     parser.add_argument("--output_dir", type=Path, required=True, help="DATA folder to create or resume")
     parser.add_argument("--num_samples", type=int, default=None, help="number of sample{i}/ folders (required unless --reference_images)")
     parser.add_argument(
-        "--reference_images", type=Path, default=None,
+        "--reference_images",
+        type=Path,
+        default=None,
         help='JSON list of {"image": path, "category": word}: use these images as the references (one sample each) instead of drawing them',
     )
     parser.add_argument("--num_generated", type=int, default=1, help="generated images per reference (K); training uses gen_0 by default")
     parser.add_argument("--categories", type=Path, default=None, help="text file, one object category per line (default: the shipped list)")
-    parser.add_argument("--reference_template", default=REFERENCE_TEMPLATE, help="reference prompt; {object} is the category with its article")
+    parser.add_argument(
+        "--reference_template", default=REFERENCE_TEMPLATE, help="reference prompt; {object} is the category with its article"
+    )
     parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt of the reference images")
     parser.add_argument("--scale", type=float, default=0.78, help="IP-Adapter scale of the generated images (the inference setting)")
     parser.add_argument("--num_inference_steps", type=int, default=30)
@@ -223,14 +235,16 @@ def load_reference_images(path: Path) -> list[dict[str, str]]:
     try:
         entries = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"--reference_images {path}: unreadable JSON ({type(exc).__name__})") from None
-    if not isinstance(entries, list) or not entries or not all(
-        isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("category"), str) for e in entries
+        raise BadInputError(f"--reference_images {path}: unreadable JSON ({type(exc).__name__})") from None
+    if (
+        not isinstance(entries, list)
+        or not entries
+        or not all(isinstance(e, dict) and isinstance(e.get("image"), str) and isinstance(e.get("category"), str) for e in entries)
     ):
-        raise ValueError(f'--reference_images {path}: expected a non-empty JSON list of {{"image": path, "category": word}}')
+        raise BadInputError(f'--reference_images {path}: expected a non-empty JSON list of {{"image": path, "category": word}}')
     for entry in entries:
         if not Path(entry["image"]).is_file():
-            raise FileNotFoundError(f"--reference_images {path}: image not found: {entry['image']}")
+            raise BadInputError(f"--reference_images {path}: image not found: {entry['image']}")
     return entries
 
 
@@ -238,16 +252,16 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
     given = load_reference_images(args.reference_images) if args.reference_images is not None else None
     if given is not None:
         if args.num_samples not in (None, len(given)):
-            raise ValueError(f"--num_samples {args.num_samples} disagrees with the {len(given)} images of --reference_images")
+            raise BadInputError(f"--num_samples {args.num_samples} disagrees with the {len(given)} images of --reference_images")
         args.num_samples = len(given)
     elif args.num_samples is None:
-        raise ValueError("--num_samples is required (or pass --reference_images)")
+        raise BadInputError("--num_samples is required (or pass --reference_images)")
     for name in ("num_samples", "num_generated", "num_inference_steps", "height", "width", "batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise BadInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     check_generator_paths(args)
     if "{object}" not in args.reference_template:
-        raise ValueError(f"--reference_template {args.reference_template!r} must contain '{{object}}'")
+        raise BadInputError(f"--reference_template {args.reference_template!r} must contain '{{object}}'")
     categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
     output_dir = args.output_dir
     plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
@@ -266,20 +280,28 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
         "negative_prompt_reference": args.negative_prompt,
         "negative_prompt_generated": DEFAULT_NEGATIVE_PROMPT,
         "dtype": dtype_name(dtype),
-        "reference_images": None if given is None else {"list": str(args.reference_images.resolve()), "sha256": sha256_file(args.reference_images)},
+        "reference_images": None
+        if given is None
+        else {"list": str(args.reference_images.resolve()), "sha256": sha256_file(args.reference_images)},
     }
     manifest = build_manifest(settings, plans, complete=False)
     check_manifest(output_dir, manifest)  # every process checks, so all of them stop together
 
     pending_references = [plan for plan in plans if not plan.reference_path(output_dir).is_file()]
-    pending_generated = [(plan.index, k) for plan in plans for k in range(args.num_generated) if not plan.generated_path(output_dir, k).is_file()]
+    pending_generated = [
+        (plan.index, k) for plan in plans for k in range(args.num_generated) if not plan.generated_path(output_dir, k).is_file()
+    ]
     accelerator.wait_for_everyone()  # all processes list the same pending work before anything is written
     accelerator.print(
         f"{len(plans) - len(pending_references)}/{len(plans)} references and "
         f"{len(plans) * args.num_generated - len(pending_generated)}/{len(plans) * args.num_generated} generated images exist; "
         f"{accelerator.num_processes} process(es), {dtype_name(dtype)}"
     )
-    pipe = load_sdxl_pipeline(args.base_model_path, dtype).to(accelerator.device) if (pending_references and given is None) or pending_generated else None
+    pipe = (
+        load_sdxl_pipeline(args.base_model_path, dtype).to(accelerator.device)
+        if (pending_references and given is None) or pending_generated
+        else None
+    )
     if accelerator.is_main_process:
         remove_stale_temp_files(output_dir, [plan.folder for plan in plans])
         atomic_write_json(output_dir / layout.MANIFEST_NAME, manifest)
@@ -292,14 +314,25 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
                 atomic_save_image(load_rgb_image(given[plan.index]["image"]), plan.reference_path(output_dir))
     elif pending_references:
         with accelerator.split_between_processes(pending_references) as shard:
-            generate_references(pipe, shard, output_dir, args.batch_size, args.num_inference_steps, args.negative_prompt, accelerator.process_index, **common)
+            generate_references(
+                pipe,
+                shard,
+                output_dir,
+                args.batch_size,
+                args.num_inference_steps,
+                args.negative_prompt,
+                accelerator.process_index,
+                **common,
+            )
     accelerator.wait_for_everyone()  # every reference exists before any generation reads one
     if pending_generated:
         # Installing the adapter changes the UNet's attention, so it happens after the references.
         ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, args.ip_ckpt, device=accelerator.device)
         ip_model.set_scale(args.scale)
         with accelerator.split_between_processes(pending_generated) as shard:
-            generate_pairs(ip_model, plans, shard, output_dir, args.batch_size, args.num_inference_steps, accelerator.process_index, **common)
+            generate_pairs(
+                ip_model, plans, shard, output_dir, args.batch_size, args.num_inference_steps, accelerator.process_index, **common
+            )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(output_dir / layout.MANIFEST_NAME, build_manifest(settings, plans, complete=True))

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from ip_adapter.utils import sha256_file
+from common.errors import BadInputError
+from common.io import sha256_file
 from patch_quality.store import save_quality_maps
 
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
@@ -51,9 +52,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in ALLOWED_GLOBALS:
-            raise pickle.UnpicklingError(
-                f"global '{module}.{name}' is not allowed (only numpy array reconstruction is)"
-            )
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed (only numpy array reconstruction is)")
         # numpy 2 keeps `numpy.core` as a deprecated alias; resolve the real functions directly so
         # an old-name file loads without importing the alias module or warning.
         if name == "_reconstruct":
@@ -79,18 +78,18 @@ def _entries(container: Any, what: str) -> list[tuple[int, Any]]:
         return list(enumerate(container))
     if isinstance(container, dict):
         if not all(isinstance(key, int) and not isinstance(key, bool) and key >= 0 for key in container):
-            raise ValueError(f"{what} must be indexed by non-negative ints, got keys {sorted(map(repr, container))[:5]}")
+            raise BadInputError(f"{what} must be indexed by non-negative ints, got keys {sorted(map(repr, container))[:5]}")
         return sorted(container.items())
-    raise ValueError(f"{what} must be a list or an int-keyed dict, got {type(container).__name__}")
+    raise BadInputError(f"{what} must be a list or an int-keyed dict, got {type(container).__name__}")
 
 
 def _map_tensor(value: Any, where: str) -> torch.Tensor:
     if not isinstance(value, np.ndarray):
-        raise ValueError(f"{where} must be a numpy array, got {type(value).__name__}")
+        raise BadInputError(f"{where} must be a numpy array, got {type(value).__name__}")
     if value.dtype.kind not in "fiub":
-        raise ValueError(f"{where} must hold real numbers, got dtype {value.dtype}")
+        raise BadInputError(f"{where} must hold real numbers, got dtype {value.dtype}")
     if value.ndim != 2:
-        raise ValueError(f"{where} must be 2-D (H, W), got shape {value.shape}")
+        raise BadInputError(f"{where} must be 2-D (H, W), got shape {value.shape}")
     return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
 
 
@@ -101,7 +100,7 @@ def official_maps_to_store(all_region_maps: Any) -> dict[tuple[str, int], tuple[
         for k, entry in _entries(per_folder, f"entry [{folder_idx}]"):
             where = f"entry [{folder_idx}][{k}]"
             if not isinstance(entry, dict) or not {"target_map", "gene_map"} <= entry.keys():
-                raise ValueError(f"{where} must be a dict with 'target_map' and 'gene_map'")
+                raise BadInputError(f"{where} must be a dict with 'target_map' and 'gene_map'")
             maps[(f"sample{folder_idx}", k)] = (
                 _map_tensor(entry["target_map"], f"{where}['target_map']"),
                 _map_tensor(entry["gene_map"], f"{where}['gene_map']"),
@@ -117,18 +116,18 @@ def convert_pkl(input_path: str | os.PathLike, output_path: str | os.PathLike) -
     """
     input_path = Path(input_path)
     if not input_path.is_file():
-        raise FileNotFoundError(f"pickle file not found: {input_path}")
+        raise BadInputError(f"pickle file not found: {input_path}")
     try:
         all_region_maps = restricted_load(input_path.read_bytes())
     except Exception as error:  # any failure inside pickle is the file's fault: report it on one line
         message = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"{input_path}: refused to unpickle: {message}") from None
+        raise BadInputError(f"{input_path}: refused to unpickle: {message}") from None
     try:
         maps = official_maps_to_store(all_region_maps)
     except ValueError as error:
-        raise ValueError(f"{input_path}: {error}") from None
+        raise BadInputError(f"{input_path}: {error}") from None
     if not maps:
-        raise ValueError(f"{input_path}: holds no quality maps")
+        raise BadInputError(f"{input_path}: holds no quality maps")
     metadata = {
         "source": "official patch_quality.pkl (converted by patch_quality.convert_pkl)",
         "source_file": input_path.name,
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         count = convert_pkl(args.input, args.output)
-    except (ValueError, FileNotFoundError) as error:
+    except BadInputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"wrote {count} map pairs to {args.output}")
 

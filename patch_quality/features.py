@@ -15,8 +15,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoImageProcessor
 
-from ip_adapter.utils import atomic_path, sha256_file
+from common.errors import BadInputError
+from common.io import atomic_path, sha256_file
 
 # Vision classes we know how to read patch tokens from, by architecture name and by model_type.
 _ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel", "ViTModel", "CLIPVisionModel", "CLIPVisionModelWithProjection")
@@ -47,14 +48,12 @@ def load_backbone(backbone_dir: str | os.PathLike) -> torch.nn.Module:
     """Load a ViT-family vision model from a local `save_pretrained` directory (never downloads)."""
     backbone_dir = Path(backbone_dir)
     if not (backbone_dir / "config.json").is_file():
-        raise FileNotFoundError(f"backbone directory {backbone_dir} has no config.json (expected a save_pretrained folder)")
+        raise BadInputError(f"backbone directory {backbone_dir} has no config.json (expected a save_pretrained folder)")
     config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True)
     architectures = [name for name in (config.architectures or []) if name in _ARCHITECTURES]
     class_name = architectures[0] if architectures else _MODEL_TYPES.get(config.model_type)
     if class_name is None:
-        raise ValueError(
-            f"backbone {backbone_dir} has model_type {config.model_type!r}; supported: {sorted(_MODEL_TYPES)}"
-        )
+        raise BadInputError(f"backbone {backbone_dir} has model_type {config.model_type!r}; supported: {sorted(_MODEL_TYPES)}")
     model_class = getattr(transformers, class_name)
     kwargs = {"add_pooling_layer": False} if class_name == "ViTModel" else {}
     return model_class.from_pretrained(backbone_dir, local_files_only=True, **kwargs).eval()
@@ -66,7 +65,7 @@ def transformer_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
             return module
-    raise ValueError(f"cannot find the {num_layers} transformer blocks of {type(model).__name__}")
+    raise BadInputError(f"cannot find the {num_layers} transformer blocks of {type(model).__name__}")
 
 
 def _vision_config(model: torch.nn.Module):
@@ -124,12 +123,14 @@ class PatchFeatureExtractor:
         self.model = model
         self.num_layers = int(vision_config.num_hidden_layers)
         if not -(self.num_layers + 1) <= layer <= self.num_layers:
-            raise ValueError(f"layer {layer} is out of range for a backbone with {self.num_layers} blocks (hidden_states 0..{self.num_layers})")
+            raise BadInputError(
+                f"layer {layer} is out of range for a backbone with {self.num_layers} blocks (hidden_states 0..{self.num_layers})"
+            )
         self.layer = layer % (self.num_layers + 1)
         self.patch_size = int(vision_config.patch_size)
         self.image_size = int(image_size or vision_config.image_size)
         if self.image_size % self.patch_size:
-            raise ValueError(f"image size {self.image_size} is not a multiple of the backbone patch size {self.patch_size}")
+            raise BadInputError(f"image size {self.image_size} is not a multiple of the backbone patch size {self.patch_size}")
         self.grid_size = self.image_size // self.patch_size
         self.image_mean = torch.tensor(tuple(image_mean), dtype=torch.float32).view(1, 3, 1, 1)
         self.image_std = torch.tensor(tuple(image_std), dtype=torch.float32).view(1, 3, 1, 1)
@@ -144,7 +145,7 @@ class PatchFeatureExtractor:
         finetuned: str | os.PathLike | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-    ) -> "PatchFeatureExtractor":
+    ) -> PatchFeatureExtractor:
         backbone_dir = Path(backbone_dir)
         model = load_backbone(backbone_dir)
         finetune_metadata = load_finetuned(model, finetuned, backbone_dir) if finetuned is not None else {}
@@ -153,7 +154,7 @@ class PatchFeatureExtractor:
         extractor = cls(model, layer=layer, image_size=image_size or processor_edge, image_mean=mean, image_std=std)
         trained_layer = finetune_metadata.get("layer")
         if trained_layer is not None and int(trained_layer) != extractor.layer:
-            raise ValueError(f"{finetuned} was trained for the features of layer {trained_layer}, not layer {extractor.layer}")
+            raise BadInputError(f"{finetuned} was trained for the features of layer {trained_layer}, not layer {extractor.layer}")
         return extractor
 
     @property
@@ -216,14 +217,14 @@ def save_finetuned(
 def finetuned_metadata(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"finetuned backbone checkpoint not found: {path}")
+        raise BadInputError(f"finetuned backbone checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
     except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise ValueError(f"{path} is not a readable safetensors file ({' '.join(str(error).split())})") from None
+        raise BadInputError(f"{path} is not a readable safetensors file ({' '.join(str(error).split())})") from None
     if metadata.get("format") != FINETUNE_FORMAT:
-        raise ValueError(f"{path} is not a patch_quality.ssl_train checkpoint (metadata format {metadata.get('format')!r})")
+        raise BadInputError(f"{path} is not a patch_quality.ssl_train checkpoint (metadata format {metadata.get('format')!r})")
     return metadata
 
 
@@ -231,16 +232,16 @@ def load_finetuned(model: torch.nn.Module, path: str | os.PathLike, backbone_dir
     """Overwrite the finetuned parameters of `model` (loaded from `backbone_dir`) from `path`."""
     metadata = finetuned_metadata(path)
     if metadata["backbone_config_sha256"] != config_sha256(backbone_dir):
-        raise ValueError(f"{path} was trained from a different backbone than {backbone_dir} (config.json differs)")
+        raise BadInputError(f"{path} was trained from a different backbone than {backbone_dir} (config.json differs)")
     with safe_open(str(path), framework="pt") as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     own = model.state_dict()
     unknown = sorted(set(tensors) - set(own))
     if unknown:
-        raise ValueError(f"{path} holds parameters the backbone does not have, e.g. {unknown[0]!r}")
+        raise BadInputError(f"{path} holds parameters the backbone does not have, e.g. {unknown[0]!r}")
     for name, tensor in tensors.items():
         if tensor.shape != own[name].shape:
-            raise ValueError(f"{path}: parameter {name!r} has shape {tuple(tensor.shape)}, backbone expects {tuple(own[name].shape)}")
+            raise BadInputError(f"{path}: parameter {name!r} has shape {tuple(tensor.shape)}, backbone expects {tuple(own[name].shape)}")
     model.load_state_dict(tensors, strict=False)
     return metadata
 

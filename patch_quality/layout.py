@@ -17,6 +17,8 @@ import os
 import re
 from pathlib import Path
 
+from common.errors import BadInputError
+
 MANIFEST_NAME = "manifest.json"
 QUALITY_MAPS_NAME = "patch_quality.safetensors"
 
@@ -27,7 +29,7 @@ _IMAGE_FILE = re.compile(r"^(?P<prompt>[^_/]+)_(?:(?P<entity>entity_0)|gen_(?P<k
 def check_prompt(prompt: str) -> str:
     """Return `prompt` if it can be stored in a file name of this layout, else raise one line."""
     if not prompt or "_" in prompt or "/" in prompt or os.sep in prompt or prompt.startswith("."):
-        raise ValueError(f"prompt {prompt!r} cannot name a data file: it must be non-empty, without '_' or '/', not start with '.'")
+        raise BadInputError(f"prompt {prompt!r} cannot name a data file: it must be non-empty, without '_' or '/', not start with '.'")
     return prompt
 
 
@@ -38,7 +40,7 @@ def sample_dir(data_root: str | os.PathLike, index: int) -> Path:
 def sample_index(path: str | os.PathLike) -> int:
     match = _SAMPLE_DIR.match(Path(path).name)
     if match is None:
-        raise ValueError(f"{path} is not a sample folder (expected a name like 'sample3')")
+        raise BadInputError(f"{path} is not a sample folder (expected a name like 'sample3')")
     return int(match.group(1))
 
 
@@ -54,7 +56,7 @@ def list_samples(data_root: str | os.PathLike) -> list[Path]:
     """Every `sample{i}` folder of `data_root`, sorted by i; other entries are ignored."""
     root = Path(data_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
+        raise BadInputError(f"data folder not found: {root}")
     samples = [entry for entry in root.iterdir() if entry.is_dir() and _SAMPLE_DIR.match(entry.name)]
     return sorted(samples, key=sample_index)
 
@@ -67,7 +69,7 @@ def sample_files(sample_folder: str | os.PathLike) -> tuple[str, Path, dict[int,
     """
     folder = Path(sample_folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"sample folder not found: {folder}")
+        raise BadInputError(f"sample folder not found: {folder}")
     prompts: set[str] = set()
     reference: Path | None = None
     generated: dict[int, Path] = {}
@@ -83,9 +85,9 @@ def sample_files(sample_folder: str | os.PathLike) -> tuple[str, Path, dict[int,
         else:
             generated[int(match["k"])] = entry
     if len(prompts) > 1:
-        raise ValueError(f"{folder} mixes several prompts {sorted(prompts)}; expected one prompt per sample folder")
+        raise BadInputError(f"{folder} mixes several prompts {sorted(prompts)}; expected one prompt per sample folder")
     if reference is None:
-        raise ValueError(f"{folder} has no reference image '{{prompt}}_entity_0.png'")
+        raise BadInputError(f"{folder} has no reference image '{{prompt}}_entity_0.png'")
     if not generated:
-        raise ValueError(f"{folder} has no generated image '{{prompt}}_gen_{{k}}.png'")
+        raise BadInputError(f"{folder} has no generated image '{{prompt}}_gen_{{k}}.png'")
     return prompts.pop(), reference, dict(sorted(generated.items()))

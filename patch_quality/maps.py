@@ -24,9 +24,9 @@ import argparse
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -35,8 +35,10 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dreambench.data import load_rgb_image
-from ip_adapter.utils import sha256_file, str2bool
+from common.cli import str2bool
+from common.errors import BadInputError
+from common.images import load_rgb_image
+from common.io import sha256_file
 from patch_quality import layout
 from patch_quality.features import PatchFeatureExtractor, center_square, describe
 from patch_quality.store import QualityMaps, save_quality_maps
@@ -61,11 +63,11 @@ class MapSettings:
 
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
-            raise ValueError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
+            raise BadInputError(f"transform must be one of {TRANSFORMS}, got {self.transform!r}")
         if not 0 <= self.background_level <= 255:
-            raise ValueError(f"background_level must be a pixel value in [0, 255], got {self.background_level}")
+            raise BadInputError(f"background_level must be a pixel value in [0, 255], got {self.background_level}")
         if self.latent_size <= 0:
-            raise ValueError(f"latent_size must be positive, got {self.latent_size}")
+            raise BadInputError(f"latent_size must be positive, got {self.latent_size}")
 
     def metadata(self) -> dict[str, str]:
         meta = {name: json.dumps(value) for name, value in asdict(self).items()}
@@ -109,7 +111,9 @@ def resize_to_latent(grid: torch.Tensor, latent_size: int) -> torch.Tensor:
     return F.interpolate(grid[None, None].float(), size=(latent_size, latent_size), mode="bilinear", align_corners=False)[0, 0]
 
 
-def similarity_to_quality(similarity: torch.Tensor, transform: str, good_threshold: float, region: torch.Tensor | None = None) -> torch.Tensor:
+def similarity_to_quality(
+    similarity: torch.Tensor, transform: str, good_threshold: float, region: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cosine similarities -> qualities in [0, 1].
 
     raw: the cosine clamped to [0, 1] (the paper's quality); minmax: stretched to [0, 1] per image,
@@ -163,7 +167,7 @@ def _part_is_current(part: Path, run_tag: str, inputs: str) -> bool:
         return False
     try:
         metadata = QualityMaps.load(part).metadata
-    except (ValueError, FileNotFoundError):
+    except BadInputError:
         return False
     return metadata.get("run") == run_tag and metadata.get("inputs") == inputs
 
@@ -189,7 +193,7 @@ def estimate_quality_maps(
     output = Path(output) if output is not None else data_root / layout.QUALITY_MAPS_NAME
     samples = layout.list_samples(data_root)
     if not samples:
-        raise ValueError(f"{data_root} holds no sample* folders")
+        raise BadInputError(f"{data_root} holds no sample* folders")
     entries = [(sample, *layout.sample_files(sample)) for sample in samples]  # validate all first
     run_meta = {**feature_metadata, **settings.metadata()}
     run_tag = hashlib.sha256(json.dumps(run_meta, sort_keys=True).encode()).hexdigest()
@@ -206,7 +210,9 @@ def estimate_quality_maps(
         images, masks = [], []
         for _sample, reference, generated, _inputs in chunk:
             reference_image = load_rgb_image(reference)
-            masks.append(foreground_patch_mask(reference_image, extractor.grid_size, settings.background_level, settings.foreground_fraction))
+            masks.append(
+                foreground_patch_mask(reference_image, extractor.grid_size, settings.background_level, settings.foreground_fraction)
+            )
             images.append(reference_image)
             images.extend(load_rgb_image(path) for path in generated.values())
         features = extractor(images)
@@ -227,7 +233,7 @@ def estimate_quality_maps(
         for sample, *_ in entries:
             part = QualityMaps.load(parts_dir / f"{sample.name}.safetensors")
             if part.metadata.get("run") != run_tag:
-                raise ValueError(f"part file for {sample.name} in {parts_dir} was made with other settings; rerun")
+                raise BadInputError(f"part file for {sample.name} in {parts_dir} was made with other settings; rerun")
             for key in part.keys():
                 merged[key] = tuple(m.half() for m in part.get(*key))
         metadata = {**run_meta, "num_samples": str(len(entries)), "num_pairs": str(len(merged))}
@@ -243,22 +249,52 @@ def build_parser() -> argparse.ArgumentParser:
         description="Estimate patch-quality maps for DATA/sample*/ and write DATA/patch_quality.safetensors.",
     )
     parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs (patch_quality.construct layout)")
-    parser.add_argument("--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model")
+    parser.add_argument(
+        "--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model"
+    )
     parser.add_argument("--finetuned", type=Path, default=None, help="patch_quality.ssl_train checkpoint applied on top of --backbone")
     parser.add_argument("--layer", type=int, default=-1, help="hidden_states index of the features (0 = embeddings, -1 = last block)")
-    parser.add_argument("--image_size", type=int, default=None, help="backbone input edge (multiple of the patch size); default from the image processor config")
-    parser.add_argument("--transform", choices=TRANSFORMS, default="raw", help="similarity -> weight: raw cosine clamped to [0,1], per-image min-max, or threshold")
-    parser.add_argument("--good_threshold", type=float, default=0.5, help="cosine at or above which a patch counts as good (--transform threshold)")
-    parser.add_argument("--signed", type=str2bool, default=False, help="map generated-image weights from [0,1] to [-1,1] so bad patches are pushed away")
-    parser.add_argument("--foreground_mask", type=str2bool, default=True, help="restrict reference patches to the foreground of the clean-background reference")
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="backbone input edge (multiple of the patch size); default from the image processor config",
+    )
+    parser.add_argument(
+        "--transform",
+        choices=TRANSFORMS,
+        default="raw",
+        help="similarity -> weight: raw cosine clamped to [0,1], per-image min-max, or threshold",
+    )
+    parser.add_argument(
+        "--good_threshold", type=float, default=0.5, help="cosine at or above which a patch counts as good (--transform threshold)"
+    )
+    parser.add_argument(
+        "--signed", type=str2bool, default=False, help="map generated-image weights from [0,1] to [-1,1] so bad patches are pushed away"
+    )
+    parser.add_argument(
+        "--foreground_mask",
+        type=str2bool,
+        default=True,
+        help="restrict reference patches to the foreground of the clean-background reference",
+    )
     parser.add_argument("--background_level", type=int, default=240, help="pixels with all channels >= this are reference background")
-    parser.add_argument("--foreground_fraction", type=float, default=0.05, help="fraction of foreground pixels that makes a patch foreground")
-    parser.add_argument("--mask_reference_background", type=str2bool, default=True, help="set reference_map to 1 (weight 0) on the reference background")
+    parser.add_argument(
+        "--foreground_fraction", type=float, default=0.05, help="fraction of foreground pixels that makes a patch foreground"
+    )
+    parser.add_argument(
+        "--mask_reference_background", type=str2bool, default=True, help="set reference_map to 1 (weight 0) on the reference background"
+    )
     parser.add_argument("--resolution", type=int, default=512, help="training resolution")
     parser.add_argument("--vae_scale_factor", type=int, default=8, help="VAE downsampling factor; maps are resolution / factor square")
     parser.add_argument("--output", type=Path, default=None, help="default: DATA_ROOT/patch_quality.safetensors")
     parser.add_argument("--batch_size", type=int, default=8, help="samples per backbone forward pass")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="backbone dtype (similarities are computed in float32)")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="backbone dtype (similarities are computed in float32)",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
     return parser
 
@@ -281,8 +317,12 @@ def main(argv: list[str] | None = None) -> None:
             latent_size=args.resolution // args.vae_scale_factor,
         )
         extractor = PatchFeatureExtractor.from_pretrained(
-            args.backbone, layer=args.layer, image_size=args.image_size, finetuned=args.finetuned,
-            device=state.device, dtype=getattr(torch, args.dtype),
+            args.backbone,
+            layer=args.layer,
+            image_size=args.image_size,
+            finetuned=args.finetuned,
+            device=state.device,
+            dtype=getattr(torch, args.dtype),
         )
         feature_metadata = {
             **describe(extractor, args.backbone, args.finetuned),
@@ -290,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
             "vae_scale_factor": str(args.vae_scale_factor),
         }
         output = estimate_quality_maps(args.data_root, extractor, settings, feature_metadata, args.output, args.batch_size, state)
-    except (ValueError, FileNotFoundError) as error:
+    except BadInputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     if state.is_main_process:
         print(f"wrote {output}")

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,9 +34,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from dreambench.data import load_rgb_image
-from ip_adapter.training import checkpoint_step, find_resume_checkpoint, save_training_state
-from ip_adapter.utils import atomic_write_json
+from common.errors import BadInputError
+from common.images import load_rgb_image
+from common.io import atomic_write_json
+from common.training_state import checkpoint_step, find_resume_checkpoint, save_training_state
 from patch_quality.features import PatchFeatureExtractor, center_square, load_finetuned, save_finetuned, transformer_blocks
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -68,7 +69,10 @@ def sample_view(source_size: int, settings: AugmentSettings, generator: torch.Ge
     area = source_size * source_size
     for _ in range(10):
         scale = settings.crop_scale[0] + (settings.crop_scale[1] - settings.crop_scale[0]) * torch.rand((), generator=generator).item()
-        log_ratio = math.log(settings.crop_ratio[0]) + (math.log(settings.crop_ratio[1]) - math.log(settings.crop_ratio[0])) * torch.rand((), generator=generator).item()
+        log_ratio = (
+            math.log(settings.crop_ratio[0])
+            + (math.log(settings.crop_ratio[1]) - math.log(settings.crop_ratio[0])) * torch.rand((), generator=generator).item()
+        )
         ratio = math.exp(log_ratio)
         width = int(round(math.sqrt(area * scale * ratio)))
         height = int(round(math.sqrt(area * scale / ratio)))
@@ -132,7 +136,9 @@ def make_pairs(
     return torch.stack(views_a), torch.stack(views_b), torch.stack(targets_ab), torch.stack(targets_ba)
 
 
-def _one_direction(queries: torch.Tensor, keys_other: torch.Tensor, keys_same: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _one_direction(
+    queries: torch.Tensor, keys_other: torch.Tensor, keys_same: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> torch.Tensor:
     n, patches, dim = queries.shape
     valid = targets >= 0
     if not valid.any():
@@ -157,7 +163,9 @@ def correspondence_info_nce(
 
 
 @torch.no_grad()
-def matching_accuracy(extractor: PatchFeatureExtractor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]) -> float:
+def matching_accuracy(
+    extractor: PatchFeatureExtractor, pairs: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> float:
     """Top-1 patch correspondence A -> B within each image, over all A patches visible in B."""
     correct = total = 0
     for views_a, views_b, targets_ab, _ in pairs:
@@ -173,9 +181,9 @@ def matching_accuracy(extractor: PatchFeatureExtractor, pairs: Sequence[tuple[to
 def trainable_parameter_names(extractor: PatchFeatureExtractor, num_blocks: int) -> list[str]:
     """Names of the parameters of the last `num_blocks` blocks feeding the feature layer."""
     if extractor.layer == 0:
-        raise ValueError("layer 0 (patch embeddings) has no transformer block to train; pick --layer >= 1")
+        raise BadInputError("layer 0 (patch embeddings) has no transformer block to train; pick --layer >= 1")
     if not 1 <= num_blocks <= extractor.layer:
-        raise ValueError(f"--trainable_blocks must be in 1..{extractor.layer} for layer {extractor.layer}, got {num_blocks}")
+        raise BadInputError(f"--trainable_blocks must be in 1..{extractor.layer} for layer {extractor.layer}, got {num_blocks}")
     blocks = transformer_blocks(extractor.model)
     chosen = {id(p) for block in blocks[extractor.layer - num_blocks : extractor.layer] for p in block.parameters()}
     return [name for name, parameter in extractor.model.named_parameters() if id(parameter) in chosen]
@@ -199,10 +207,10 @@ class SourceImages(Dataset):
 def find_images(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"training image folder not found: {root}")
+        raise BadInputError(f"training image folder not found: {root}")
     paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
     if not paths:
-        raise ValueError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise BadInputError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths
 
 
@@ -210,7 +218,7 @@ def split_paths(paths: Sequence[Path], validation_fraction: float, seed: int) ->
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
     count = max(1, round(len(paths) * validation_fraction)) if validation_fraction > 0 else 0
     if count >= len(paths):
-        raise ValueError(f"--validation_fraction {validation_fraction} leaves no training image out of {len(paths)}")
+        raise BadInputError(f"--validation_fraction {validation_fraction} leaves no training image out of {len(paths)}")
     validation = sorted(paths[i] for i in order[:count])
     train = sorted(paths[i] for i in order[count:])
     return train, validation
@@ -266,10 +274,20 @@ def train(
     accuracy_before = matching_accuracy(extractor, eval_pairs)
 
     optimizer = torch.optim.AdamW([named[n] for n in names], lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    loader = DataLoader(train_images, batch_size=settings.batch_size, shuffle=True, drop_last=len(train_images) >= settings.batch_size, num_workers=num_workers)
+    loader = DataLoader(
+        train_images,
+        batch_size=settings.batch_size,
+        shuffle=True,
+        drop_last=len(train_images) >= settings.batch_size,
+        num_workers=num_workers,
+    )
     prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     unwrapped = accelerator.unwrap_model(prepared_model)
-    finetune_metadata = {"layer": str(extractor.layer), "trainable_blocks": str(settings.trainable_blocks), "objective": "patch-correspondence InfoNCE"}
+    finetune_metadata = {
+        "layer": str(extractor.layer),
+        "trainable_blocks": str(settings.trainable_blocks),
+        "objective": "patch-correspondence InfoNCE",
+    }
 
     def save_hook(models: list, weights: list, directory: str) -> None:
         if accelerator.is_main_process:
@@ -300,7 +318,9 @@ def train(
             with accelerator.autocast():
                 features = extractor.patch_features(torch.cat([views_a, views_b]).to(accelerator.device)).flatten(1, 2)
             features_a, features_b = features.float().chunk(2)
-            loss = correspondence_info_nce(features_a, features_b, targets_ab.to(features.device), targets_ba.to(features.device), settings.temperature)
+            loss = correspondence_info_nce(
+                features_a, features_b, targets_ab.to(features.device), targets_ba.to(features.device), settings.temperature
+            )
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -326,23 +346,39 @@ def train(
     accelerator.log({"val/patch_matching_top1": accuracy_after}, step=step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_finetuned(output_dir / FINETUNED_NAME, unwrapped, names, backbone_dir, {
-            **finetune_metadata, "steps": str(step),
-            "patch_matching_top1_before": f"{accuracy_before:.4f}", "patch_matching_top1_after": f"{accuracy_after:.4f}",
-        })
+        save_finetuned(
+            output_dir / FINETUNED_NAME,
+            unwrapped,
+            names,
+            backbone_dir,
+            {
+                **finetune_metadata,
+                "steps": str(step),
+                "patch_matching_top1_before": f"{accuracy_before:.4f}",
+                "patch_matching_top1_after": f"{accuracy_after:.4f}",
+            },
+        )
         atomic_write_json(output_dir / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return metrics
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m patch_quality.ssl_train", description="Patch-correspondence self-supervised finetuning of a ViT backbone.")
-    parser.add_argument("--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model")
-    parser.add_argument("--train_data", type=Path, required=True, help="folder searched recursively for images (e.g. DATA from patch_quality.construct)")
+    parser = argparse.ArgumentParser(
+        prog="python -m patch_quality.ssl_train", description="Patch-correspondence self-supervised finetuning of a ViT backbone."
+    )
+    parser.add_argument(
+        "--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model"
+    )
+    parser.add_argument(
+        "--train_data", type=Path, required=True, help="folder searched recursively for images (e.g. DATA from patch_quality.construct)"
+    )
     parser.add_argument("--output_dir", type=Path, required=True, help=f"gets {FINETUNED_NAME}, metrics.json, checkpoint-N/, logs/")
     parser.add_argument("--layer", type=int, default=-1, help="hidden_states index whose patch tokens are trained (use the same for maps)")
     parser.add_argument("--trainable_blocks", type=int, default=2, help="train the last N blocks up to --layer; everything else frozen")
-    parser.add_argument("--image_size", type=int, default=None, help="view edge fed to the backbone; default from the image processor config")
+    parser.add_argument(
+        "--image_size", type=int, default=None, help="view edge fed to the backbone; default from the image processor config"
+    )
     parser.add_argument("--source_size", type=int, default=None, help="edge images are loaded at before cropping (default 2 x image size)")
     parser.add_argument("--crop_scale", type=float, nargs=2, default=(0.35, 1.0), help="random resized crop area range")
     parser.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), help="random resized crop aspect range")
@@ -370,35 +406,55 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     args = parser.parse_args(argv)
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, cpu=args.cpu, log_with=args.report_to or None,
+        mixed_precision=args.mixed_precision,
+        cpu=args.cpu,
+        log_with=args.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")),
     )
     set_seed(args.seed)
     try:
-        extractor = PatchFeatureExtractor.from_pretrained(args.backbone, layer=args.layer, image_size=args.image_size, device=accelerator.device)
+        extractor = PatchFeatureExtractor.from_pretrained(
+            args.backbone, layer=args.layer, image_size=args.image_size, device=accelerator.device
+        )
         train_paths, validation_paths = split_paths(find_images(args.train_data), args.validation_fraction, args.seed)
         if not validation_paths:
-            raise ValueError("--validation_fraction must hold out at least one image to measure the matching accuracy")
+            raise BadInputError("--validation_fraction must hold out at least one image to measure the matching accuracy")
         source_size = args.source_size or 2 * extractor.image_size
         held_out = torch.stack([SourceImages(validation_paths, source_size)[i] for i in range(len(validation_paths))])
         settings = TrainSettings(
-            trainable_blocks=args.trainable_blocks, temperature=args.temperature,
-            learning_rate=args.learning_rate, weight_decay=args.weight_decay, batch_size=args.train_batch_size,
-            max_steps=args.max_train_steps, seed=args.seed,
+            trainable_blocks=args.trainable_blocks,
+            temperature=args.temperature,
+            learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay,
+            batch_size=args.train_batch_size,
+            max_steps=args.max_train_steps,
+            seed=args.seed,
         )
         augment = AugmentSettings(tuple(args.crop_scale), tuple(args.crop_ratio), args.flip_prob, args.color_jitter)
         if accelerator.is_main_process:
             accelerator.init_trackers("patch_quality_ssl", config={k: str(v) for k, v in vars(args).items()})
         metrics = train(
-            accelerator, extractor, SourceImages(train_paths, source_size), held_out, settings, augment, args.output_dir,
-            args.backbone, args.validation_pairs_per_image, args.validation_steps, args.checkpointing_steps,
-            args.resume_from_checkpoint, args.dataloader_num_workers,
+            accelerator,
+            extractor,
+            SourceImages(train_paths, source_size),
+            held_out,
+            settings,
+            augment,
+            args.output_dir,
+            args.backbone,
+            args.validation_pairs_per_image,
+            args.validation_steps,
+            args.checkpointing_steps,
+            args.resume_from_checkpoint,
+            args.dataloader_num_workers,
         )
-    except (ValueError, FileNotFoundError) as error:
+    except BadInputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     accelerator.end_training()
     if accelerator.is_main_process:
-        print(f"patch-matching top-1: {metrics['accuracy_before']:.4f} -> {metrics['accuracy_after']:.4f}; wrote {args.output_dir / FINETUNED_NAME}")
+        print(
+            f"patch-matching top-1: {metrics['accuracy_before']:.4f} -> {metrics['accuracy_after']:.4f}; wrote {args.output_dir / FINETUNED_NAME}"
+        )
     return metrics
 
 

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ip_adapter.utils import atomic_path
+from common.errors import BadInputError
+from common.io import atomic_path
 
 FORMAT_KEY = "format"
 FORMAT_VALUE = "patchdpo-quality-maps/1"
@@ -106,31 +108,30 @@ class QualityMaps:
         self._handle_pid: int | None = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "QualityMaps":
+    def load(cls, path: str | os.PathLike) -> QualityMaps:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"quality-map file not found: {path}")
+            raise BadInputError(f"quality-map file not found: {path}")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
                 names = list(handle.keys())
         except Exception as error:  # safetensors raises its own error types for corrupt headers
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise ValueError(f"{path} is not a readable safetensors file ({first_line})") from None
+            raise BadInputError(f"{path} is not a readable safetensors file ({first_line})") from None
         if metadata.get(FORMAT_KEY) != FORMAT_VALUE:
-            raise ValueError(
-                f"{path} is not a quality-map file: metadata {FORMAT_KEY!r} is "
-                f"{metadata.get(FORMAT_KEY)!r}, expected {FORMAT_VALUE!r}"
+            raise BadInputError(
+                f"{path} is not a quality-map file: metadata {FORMAT_KEY!r} is {metadata.get(FORMAT_KEY)!r}, expected {FORMAT_VALUE!r}"
             )
         roles: dict[tuple[str, int], set[str]] = {}
         for name in names:
             match = _TENSOR_NAME.match(name)
             if match is None:
-                raise ValueError(f"{path} holds an unexpected tensor {name!r} (expected 'sample/k/reference_map|generated_map')")
+                raise BadInputError(f"{path} holds an unexpected tensor {name!r} (expected 'sample/k/reference_map|generated_map')")
             roles.setdefault((match["sample"], int(match["k"])), set()).add(match["role"])
         for key, present in roles.items():
             if present != {REFERENCE_SUFFIX, GENERATED_SUFFIX}:
-                raise ValueError(f"{path} has an incomplete pair for sample {key[0]!r} k={key[1]}: only {sorted(present)}")
+                raise BadInputError(f"{path} has an incomplete pair for sample {key[0]!r} k={key[1]}: only {sorted(present)}")
         keys = sorted(roles, key=_sort_key)
         return cls(path, metadata, keys)
 

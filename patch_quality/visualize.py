@@ -20,8 +20,10 @@ from accelerate import PartialState
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from dreambench.data import load_rgb_image
-from ip_adapter.utils import atomic_save_image, str2bool
+from common.cli import str2bool
+from common.errors import BadInputError
+from common.images import load_rgb_image
+from common.io import atomic_save_image
 from patch_quality import layout
 from patch_quality.features import center_square
 from patch_quality.store import QualityMaps
@@ -106,7 +108,9 @@ def visualize(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m patch_quality.visualize", description="Overlay quality maps on their images (PNG strips).")
+    parser = argparse.ArgumentParser(
+        prog="python -m patch_quality.visualize", description="Overlay quality maps on their images (PNG strips)."
+    )
     parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs")
     parser.add_argument("--output_dir", type=Path, required=True, help="where {sample}_gen_{k}.png strips go")
     parser.add_argument("--maps", type=Path, default=None, help="quality-map file; default DATA_ROOT/patch_quality.safetensors")
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         written = visualize(args.data_root, args.output_dir, args.maps, args.max_samples, args.size, args.alpha, args.overwrite)
-    except (ValueError, FileNotFoundError, KeyError) as error:
+    except BadInputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"wrote {len(written)} panels to {args.output_dir}")
 

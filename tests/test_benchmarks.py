@@ -18,8 +18,17 @@ def _run(script: str, *args: str) -> str:
 
 def test_inference_benchmark_matches_outputs_and_reports_speed(tmp_path) -> None:
     stdout = _run(
-        "inference_benchmark.py", "--shape", "tiny", "--size", "32", "--num_inference_steps", "2",
-        "--prompts_per_subject", "2", "--output", str(tmp_path / "result.json"),
+        "inference_benchmark.py",
+        "--shape",
+        "tiny",
+        "--size",
+        "32",
+        "--num_inference_steps",
+        "2",
+        "--prompts_per_subject",
+        "2",
+        "--output",
+        str(tmp_path / "result.json"),
     )
     assert "speedup" in stdout
     result = json.loads((tmp_path / "result.json").read_text())
@@ -28,5 +37,7 @@ def test_inference_benchmark_matches_outputs_and_reports_speed(tmp_path) -> None
 
 
 def test_train_benchmark_runs(tmp_path) -> None:
-    stdout = _run("train_benchmark.py", "--shape", "tiny", "--resolution", "32", "--steps", "2", "--warmup", "1", "--work_dir", str(tmp_path))
+    stdout = _run(
+        "train_benchmark.py", "--shape", "tiny", "--resolution", "32", "--steps", "2", "--warmup", "1", "--work_dir", str(tmp_path)
+    )
     assert "reference" in stdout and "ours" in stdout

@@ -16,10 +16,29 @@ SHARED_DREAMBENCH = demo.DEFAULT_DATA_ROOT
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_out")
-    report = demo.main([
-        "--output_dir", str(out), "--data_root", str(SHARED_DREAMBENCH), "--subjects", "backpack", "cat",
-        "--train_steps", "3", "--ssl_steps", "4", "--prompts_per_subject", "2", "--num_inference_steps", "2", "--size", "32", "--resolution", "32",
-    ])
+    report = demo.main(
+        [
+            "--output_dir",
+            str(out),
+            "--data_root",
+            str(SHARED_DREAMBENCH),
+            "--subjects",
+            "backpack",
+            "cat",
+            "--train_steps",
+            "3",
+            "--ssl_steps",
+            "4",
+            "--prompts_per_subject",
+            "2",
+            "--num_inference_steps",
+            "2",
+            "--size",
+            "32",
+            "--resolution",
+            "32",
+        ]
+    )
     return out, report
 
 
@@ -33,7 +52,9 @@ def test_demo_writes_a_complete_report(demo_run) -> None:
     assert "figures/loss_curve.png" in text and "figures/grids_backpack.png" in text and "figures/grids_cat.png" in text
     assert len(re.findall(r"figures/overlays_sample\d+_gen_0\.png", text)) >= 1
     for label in ("IP-Adapter-Plus (start)", "PatchDPO (trained)"):
-        assert re.search(rf"\| \*\*{re.escape(label)}\*\* \| \*\*mean\*\* \| \*\*[0-9.]+\*\* \| \*\*[0-9.]+\*\* \| \*\*-?[0-9.]+\*\* \|", text)
+        assert re.search(
+            rf"\| \*\*{re.escape(label)}\*\* \| \*\*mean\*\* \| \*\*[0-9.]+\*\* \| \*\*[0-9.]+\*\* \| \*\*-?[0-9.]+\*\* \|", text
+        )
 
 
 def test_demo_runs_each_stage_for_real(demo_run) -> None:

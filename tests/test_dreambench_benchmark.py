@@ -40,9 +40,7 @@ def _parse_prompt_file() -> tuple[dict[str, str], list[str], list[str]]:
     """Classes and both prompt lists of DreamBooth's prompts_and_classes.txt, unique token dropped."""
     text = (DREAMBENCH / "dataset" / "prompts_and_classes.txt").read_text()
     classes_part, prompts_part = text.split("Prompts", 1)
-    classes = dict(
-        line.split(",", 1) for line in classes_part.splitlines() if "," in line and line != "subject_name,class"
-    )
+    classes = dict(line.split(",", 1) for line in classes_part.splitlines() if "," in line and line != "subject_name,class")
     object_part, live_part = prompts_part.split("Live Subject Prompts")
 
     def templates(part: str) -> list[str]:

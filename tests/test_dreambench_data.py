@@ -11,14 +11,9 @@ import pytest
 from PIL import Image
 from torchvision import transforms
 
+from common.errors import BadInputError
 from dreambench.benchmark import SUBJECTS, get_subject
-from dreambench.data import (
-    load_conditioning_images,
-    load_reference_images,
-    reference_photos,
-    subject_photos,
-    validate_dreambench,
-)
+from dreambench.data import load_conditioning_images, load_reference_images, reference_photos, subject_photos, validate_dreambench
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
 
@@ -117,27 +112,27 @@ def test_fake_root_is_valid_and_box_is_scaled(fake_root):
 
 def test_missing_subject_folder(fake_root):
     shutil.rmtree(fake_root / "dataset" / "dog5")
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(BadInputError) as info:
         validate_dreambench(fake_root)
     _one_line_error(info, str(fake_root / "dataset" / "dog5"), "dog5")
 
 
 def test_missing_root(tmp_path):
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(BadInputError) as info:
         validate_dreambench(tmp_path / "nowhere")
     _one_line_error(info, str(tmp_path / "nowhere"))
 
 
 def test_image_without_box_file(fake_root):
     (fake_root / "json_data" / "cat" / "01.json").unlink()
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(BadInputError) as info:
         validate_dreambench(fake_root)
     _one_line_error(info, str(fake_root / "json_data" / "cat" / "01.json"))
 
 
 def test_box_file_without_image(fake_root):
     (fake_root / "dataset" / "cat" / "01.jpg").unlink()
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(BadInputError) as info:
         subject_photos(fake_root, "cat")
     _one_line_error(info, str(fake_root / "dataset" / "cat" / "01.jpg"), "01.json")
 
@@ -146,7 +141,7 @@ def test_missing_kosmosg_image(fake_root):
     subject = get_subject("dog3")  # Kosmos-G image 05
     (fake_root / "dataset" / "dog3" / "05.jpg").unlink()
     (fake_root / "json_data" / "dog3" / "05.json").unlink()
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(BadInputError) as info:
         reference_photos(fake_root, subject, kosmosg=False)
     _one_line_error(info, "05.jpg", "Kosmos-G")
 

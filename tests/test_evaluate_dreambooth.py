@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision import transforms
 from transformers import ViTModel
 
+from common.errors import BadInputError
 from dreambench.benchmark import get_subject, prompts_for
 from dreambench.evaluation import evaluate_generations, format_score_table
 from dreambench.metrics import load_dino, resolve_clip_checkpoint
@@ -35,7 +36,6 @@ with warnings.catch_warnings():
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "dreambench"
 SUBJECTS = ["backpack", "cat"]  # one object, one live subject keep the suite fast
-
 
 
 def _write_generations(root: Path, subject: str, seed: int) -> None:
@@ -135,9 +135,7 @@ def _assert_same_scores(actual: dict, expected: dict) -> None:
 
 def _evaluate(output_dir, clip_path, dino_dir, kosmosg, **kwargs):
     kwargs.setdefault("subjects", SUBJECTS)
-    return evaluate_generations(
-        output_dir, DREAMBENCH, kosmosg, clip_path, dino_dir, device="cpu", batch_size=7, **kwargs
-    )
+    return evaluate_generations(output_dir, DREAMBENCH, kosmosg, clip_path, dino_dir, device="cpu", batch_size=7, **kwargs)
 
 
 @pytest.fixture()
@@ -208,9 +206,7 @@ def test_allow_partial_scores_what_exists(generations, original_scores, tiny_cli
     with pytest.raises(ValueError, match="a backpack on the moon.png"):
         _evaluate(output_dir, tiny_clip_path, tiny_dino_dir, False, subjects=SUBJECTS + ["dog"])
 
-    partial = _evaluate(
-        output_dir, tiny_clip_path, tiny_dino_dir, False, subjects=SUBJECTS + ["dog"], allow_partial=True
-    )
+    partial = _evaluate(output_dir, tiny_clip_path, tiny_dino_dir, False, subjects=SUBJECTS + ["dog"], allow_partial=True)
     assert partial["missing_subjects"] == ["dog"]
     assert partial["missing_images"] == {"cat": cat_missing}
     assert partial["unexpected_images"] == {"backpack": ["a backpack on the moon.png"]}
@@ -245,9 +241,7 @@ def _cli_error(capsys, argv) -> str:
     return message
 
 
-def test_cli_main_partial_run_and_table(
-    generations, original_scores, tiny_clip_path, tiny_dino_dir, tmp_path, capsys, no_network
-):
+def test_cli_main_partial_run_and_table(generations, original_scores, tiny_clip_path, tiny_dino_dir, tmp_path, capsys, no_network):
     output_dir = _copy_generations(generations, tmp_path / "gen")
     shutil.rmtree(output_dir / "backpack")
     scores = _load_script().main(_argv(output_dir, tiny_clip_path, tiny_dino_dir, "--allow_partial"))
@@ -260,9 +254,7 @@ def test_cli_main_partial_run_and_table(
 
 
 @pytest.mark.parametrize("problem", ["missing_subject", "missing_image", "extra_image", "unreadable_image"])
-def test_cli_bad_generations_are_one_line_errors(
-    generations, tiny_clip_path, tiny_dino_dir, tmp_path, capsys, problem
-):
+def test_cli_bad_generations_are_one_line_errors(generations, tiny_clip_path, tiny_dino_dir, tmp_path, capsys, problem):
     output_dir = _copy_generations(generations, tmp_path / "gen")
     previous = '{"clipt_score": "kept"}\n'
     (output_dir / "all_score.json").write_text(previous)
@@ -302,7 +294,7 @@ def test_cli_bad_models_and_data_root(generations, tiny_clip_path, tiny_dino_dir
 
 
 def test_clip_model_name_never_downloads(tmp_path, no_network):
-    with pytest.raises(FileNotFoundError, match="never downloads") as info:
+    with pytest.raises(BadInputError, match="never downloads") as info:
         resolve_clip_checkpoint("ViT-B/32", download_root=tmp_path)
     assert "ViT-B-32.pt" in str(info.value) and "\n" not in str(info.value)
 
@@ -310,7 +302,7 @@ def test_clip_model_name_never_downloads(tmp_path, no_network):
     with pytest.raises(ValueError, match="SHA-256"):
         resolve_clip_checkpoint("ViT-B/32", download_root=tmp_path)
 
-    with pytest.raises(FileNotFoundError, match="not a file and not an openai-clip model name"):
+    with pytest.raises(BadInputError, match="not a file and not an openai-clip model name"):
         resolve_clip_checkpoint("ViT-Q/99", download_root=tmp_path)
 
 
@@ -334,9 +326,7 @@ def test_script_runs_offline_in_a_subprocess(generations, kosmosg_scores, tiny_c
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     argv = _argv(output_dir, tiny_clip_path, tiny_dino_dir, "--is_kosmosg", "True", "--subjects", *SUBJECTS)
-    result = subprocess.run(
-        [sys.executable, "-c", guard, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    result = subprocess.run([sys.executable, "-c", guard, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     scores = json.loads((output_dir / "all_score.json").read_text())
     expected = kosmosg_scores[1]

@@ -23,13 +23,15 @@ from PIL import Image
 
 import dreambench.generation
 import inference_dreambooth
+from common.io import sha256_file
 from dreambench.benchmark import prompts_for
 from dreambench.contact_sheet import contact_sheet_path
 from dreambench.data import load_conditioning_images
-from dreambench.generation import GenerationItem, SubjectTokens, build_items, generate_batch, image_path
-from dreambench.model_loading import load_generation_model
+from dreambench.generation import build_items, image_path
 from dreambench.run_config import GENERATION_KEYS, RUN_CONFIG_NAME
-from ip_adapter.utils import sha256_file
+from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
+from ip_adapter.loading import load_generation_model
+from tests.kit.cli import bad_input_message
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO_ROOT.parent / "shared" / "dreambench"
@@ -42,16 +44,26 @@ TOLERANCE = 2  # levels of 255 allowed between runs that batch the same items di
 
 def script_args(tiny_models, output_dir: Path, *extra: str) -> list[str]:
     return [
-        "--base_model_path", str(tiny_models.sdxl_dir),
-        "--image_encoder_path", str(tiny_models.image_encoder_dir),
-        "--ip_ckpt", str(tiny_models.ip_ckpt),
-        "--data_root", str(DATA_ROOT),
-        "--output_dir", str(output_dir),
-        "--subjects", *SUBJECTS,
-        "--prompts_per_subject", str(PROMPTS_PER_SUBJECT),
-        "--num_inference_steps", "2",
-        "--height", str(SIZE),
-        "--width", str(SIZE),
+        "--base_model_path",
+        str(tiny_models.sdxl_dir),
+        "--image_encoder_path",
+        str(tiny_models.image_encoder_dir),
+        "--ip_ckpt",
+        str(tiny_models.ip_ckpt),
+        "--data_root",
+        str(DATA_ROOT),
+        "--output_dir",
+        str(output_dir),
+        "--subjects",
+        *SUBJECTS,
+        "--prompts_per_subject",
+        str(PROMPTS_PER_SUBJECT),
+        "--num_inference_steps",
+        "2",
+        "--height",
+        str(SIZE),
+        "--width",
+        str(SIZE),
         *extra,
     ]
 
@@ -62,11 +74,7 @@ def run_script(tiny_models, output_dir: Path, *extra: str) -> Path:
 
 
 def run_failing(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as excinfo:
-        inference_dreambooth.main(argv)
-    message = str(excinfo.value.code)
-    assert "\n" not in message, message
-    return message
+    return bad_input_message(inference_dreambooth.main, argv)
 
 
 def all_files(output_dir: Path) -> set[str]:
@@ -87,11 +95,7 @@ def max_difference(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) 
 
 
 def expected_images() -> set[str]:
-    return {
-        str(image_path(Path(), subject, prompt))
-        for subject in SUBJECTS
-        for prompt in prompts_for(subject)[:PROMPTS_PER_SUBJECT]
-    }
+    return {str(image_path(Path(), subject, prompt)) for subject in SUBJECTS for prompt in prompts_for(subject)[:PROMPTS_PER_SUBJECT]}
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +111,7 @@ def batch1_run(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ip_model(tiny_models):
-    return load_generation_model(
-        tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", torch.float32, scale=0.78
-    )
+    return load_generation_model(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", torch.float32, scale=0.78)
 
 
 def test_clean_run_writes_images_grids_and_config(clean_run, tiny_models):
@@ -161,9 +163,21 @@ def test_two_processes_match_one_process(clean_run, tiny_models, tmp_path):
     output_dir = tmp_path / "out"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO_ROOT)}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-         *script_args(tiny_models, output_dir, "--batch_size", "4")],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(SCRIPT),
+            *script_args(tiny_models, output_dir, "--batch_size", "4"),
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for process in (0, 1):  # each process generated its own half of the 6 items

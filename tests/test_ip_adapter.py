@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from PIL import Image
 
+from common.errors import BadInputError
 from ip_adapter import (
     IPAdapterPlusXL,
     IPAttnProcessor,
@@ -19,7 +20,7 @@ from ip_adapter import (
     save_ip_adapter,
 )
 from ip_adapter.image_encoder import encode_image_features, load_image_encoder, preprocess_clip_images
-from tests.kit.sdxl import build_clip_tokenizer, build_tiny_resampler, build_tiny_sdxl_pipeline, load_tiny_pipeline
+from stand_ins.sdxl import build_clip_tokenizer, build_resampler, build_sdxl_pipeline, load_pipeline
 
 SIZE = 32
 STEPS = 2
@@ -39,7 +40,7 @@ def _assert_one_line(error: BaseException, *fragments: str) -> None:
 
 @pytest.fixture(scope="module")
 def ip_model(tiny_models) -> IPAdapterPlusXL:
-    return IPAdapterPlusXL(load_tiny_pipeline(tiny_models.sdxl_dir), tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu")
+    return IPAdapterPlusXL(load_pipeline(tiny_models.sdxl_dir), tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu")
 
 
 def test_tokenizer_matches_openai_clip() -> None:
@@ -52,17 +53,32 @@ def test_tokenizer_matches_openai_clip() -> None:
 
 def test_resampler_has_public_sdxl_layout() -> None:
     with torch.device("meta"):
-        state = Resampler(dim=1280, depth=4, dim_head=64, heads=20, num_queries=16, embedding_dim=1280, output_dim=2048, ff_mult=4).state_dict()
-    expected = {"latents": (1, 16, 1280), "proj_in.weight": (1280, 1280), "proj_in.bias": (1280,),
-                "proj_out.weight": (2048, 1280), "proj_out.bias": (2048,), "norm_out.weight": (2048,), "norm_out.bias": (2048,)}
+        state = Resampler(
+            dim=1280, depth=4, dim_head=64, heads=20, num_queries=16, embedding_dim=1280, output_dim=2048, ff_mult=4
+        ).state_dict()
+    expected = {
+        "latents": (1, 16, 1280),
+        "proj_in.weight": (1280, 1280),
+        "proj_in.bias": (1280,),
+        "proj_out.weight": (2048, 1280),
+        "proj_out.bias": (2048,),
+        "norm_out.weight": (2048,),
+        "norm_out.bias": (2048,),
+    }
     for layer in range(4):
         prefix = f"layers.{layer}."
         expected |= {
-            prefix + "0.norm1.weight": (1280,), prefix + "0.norm1.bias": (1280,),
-            prefix + "0.norm2.weight": (1280,), prefix + "0.norm2.bias": (1280,),
-            prefix + "0.to_q.weight": (1280, 1280), prefix + "0.to_kv.weight": (2560, 1280),
-            prefix + "0.to_out.weight": (1280, 1280), prefix + "1.0.weight": (1280,), prefix + "1.0.bias": (1280,),
-            prefix + "1.1.weight": (5120, 1280), prefix + "1.3.weight": (1280, 5120),
+            prefix + "0.norm1.weight": (1280,),
+            prefix + "0.norm1.bias": (1280,),
+            prefix + "0.norm2.weight": (1280,),
+            prefix + "0.norm2.bias": (1280,),
+            prefix + "0.to_q.weight": (1280, 1280),
+            prefix + "0.to_kv.weight": (2560, 1280),
+            prefix + "0.to_out.weight": (1280, 1280),
+            prefix + "1.0.weight": (1280,),
+            prefix + "1.0.bias": (1280,),
+            prefix + "1.1.weight": (5120, 1280),
+            prefix + "1.3.weight": (1280, 5120),
         }
     assert {key: tuple(value.shape) for key, value in state.items()} == expected
     assert Resampler.config_from_state_dict(state) == dict(
@@ -71,8 +87,8 @@ def test_resampler_has_public_sdxl_layout() -> None:
 
 
 def test_resampler_matches_diffusers_image_projection() -> None:
-    ours = build_tiny_resampler().eval()
-    unet = build_tiny_sdxl_pipeline().unet
+    ours = build_resampler().eval()
+    unet = build_sdxl_pipeline().unet
     theirs = unet._convert_ip_adapter_image_proj_to_diffusers(ours.state_dict(), low_cpu_mem_usage=False).eval()
     features = torch.randn(3, 50, ours.proj_in.in_features)
     with torch.no_grad():
@@ -97,7 +113,7 @@ def test_processor_matches_diffusers_ip_adapter_processor() -> None:
 
 
 def test_install_covers_cross_attention_with_public_keys() -> None:
-    unet = build_tiny_sdxl_pipeline().unet
+    unet = build_sdxl_pipeline().unet
     names = list(unet.attn_processors)
     modules = install_ip_adapter(unet, num_tokens=16)
     processors = unet.attn_processors
@@ -112,9 +128,9 @@ def test_install_covers_cross_attention_with_public_keys() -> None:
 
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_checkpoint_round_trip(tmp_path, suffix) -> None:
-    unet = build_tiny_sdxl_pipeline().unet
+    unet = build_sdxl_pipeline().unet
     modules = install_ip_adapter(unet)
-    resampler = build_tiny_resampler()
+    resampler = build_resampler()
     path = save_ip_adapter(tmp_path / f"model{suffix}", resampler, unet)
     loaded = load_ip_adapter_checkpoint(path)
     assert loaded["image_proj"].keys() == resampler.state_dict().keys()
@@ -127,7 +143,7 @@ def _pipeline_and_checkpoint(tiny_models, tmp_path, edit):
     checkpoint = load_ip_adapter_checkpoint(tiny_models.ip_ckpt)
     edit(checkpoint)
     torch.save(checkpoint, tmp_path / "bad.bin")
-    return load_tiny_pipeline(tiny_models.sdxl_dir), tmp_path / "bad.bin"
+    return load_pipeline(tiny_models.sdxl_dir), tmp_path / "bad.bin"
 
 
 @pytest.mark.parametrize(
@@ -161,16 +177,22 @@ def test_pickle_payload_checkpoint_is_refused_without_running(tmp_path, monkeypa
 
 
 def test_missing_inputs_are_one_line_errors(tiny_models, tmp_path) -> None:
-    pipe = load_tiny_pipeline(tiny_models.sdxl_dir)
-    with pytest.raises(FileNotFoundError) as error:
+    pipe = load_pipeline(tiny_models.sdxl_dir)
+    with pytest.raises(BadInputError) as error:
         IPAdapterPlusXL(pipe, tmp_path / "no_encoder", tiny_models.ip_ckpt, "cpu")
     _assert_one_line(error.value, "no_encoder")
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(BadInputError) as error:
         IPAdapterPlusXL(pipe, tiny_models.image_encoder_dir, tmp_path / "missing.bin", "cpu")
     _assert_one_line(error.value, "missing.bin")
     sd_pipe = StableDiffusionPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     with pytest.raises(TypeError) as error:
         IPAdapterPlusXL(sd_pipe, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu")
@@ -225,8 +247,14 @@ def test_mixed_subject_batch_equals_single_rows(ip_model) -> None:
     def run(rows):
         generators = [torch.Generator().manual_seed(seeds[i]) for i in rows]
         return ip_model.generate_from_tokens(
-            cond[rows], uncond[rows], [prompts[i] for i in rows], [negatives[i] for i in rows], generators,
-            num_inference_steps=STEPS, height=SIZE, width=SIZE,
+            cond[rows],
+            uncond[rows],
+            [prompts[i] for i in rows],
+            [negatives[i] for i in rows],
+            generators,
+            num_inference_steps=STEPS,
+            height=SIZE,
+            width=SIZE,
         )
 
     batch = _pixels(run([0, 1]))
@@ -238,12 +266,12 @@ def test_mixed_subject_batch_equals_single_rows(ip_model) -> None:
 @pytest.mark.parametrize("suffix", [".bin", ".safetensors"])
 def test_checkpoint_loads_in_diffusers_and_gives_the_same_image(tiny_models, tmp_path, suffix) -> None:
     reference, scale, seed = _image(5), 0.6, 3
-    ours = IPAdapterPlusXL(load_tiny_pipeline(tiny_models.sdxl_dir), tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu")
+    ours = IPAdapterPlusXL(load_pipeline(tiny_models.sdxl_dir), tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu")
     path = save_ip_adapter(tmp_path / f"exported{suffix}", ours.image_proj_model, ours.adapter_modules, dtype=torch.float32)
     common = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="np")
     expected = ours.generate(reference, prompt="a toy", negative_prompt="blurry", scale=scale, num_samples=1, seed=seed, **common)
 
-    pipe = load_tiny_pipeline(tiny_models.sdxl_dir)
+    pipe = load_pipeline(tiny_models.sdxl_dir)
     pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name=path.name, image_encoder_folder=None)
     pipe.set_ip_adapter_scale(scale)
     pixels = preprocess_clip_images([reference])
@@ -251,7 +279,10 @@ def test_checkpoint_loads_in_diffusers_and_gives_the_same_image(tiny_models, tmp
         cond = encode_image_features(ours.image_encoder, pixels)
         uncond = encode_image_features(ours.image_encoder, torch.zeros_like(pixels))
     actual = pipe(
-        prompt="a toy", negative_prompt="blurry", ip_adapter_image_embeds=[torch.cat([uncond, cond])[:, None]],
-        generator=torch.Generator().manual_seed(seed), **common,
+        prompt="a toy",
+        negative_prompt="blurry",
+        ip_adapter_image_embeds=[torch.cat([uncond, cond])[:, None]],
+        generator=torch.Generator().manual_seed(seed),
+        **common,
     ).images
     np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=1e-4)

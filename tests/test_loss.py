@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ip_adapter.loss import compute_loss, image_dpo_loss, mse_loss, patch_dpo_loss, patch_weights
+from patchdpo.loss import compute_loss, image_dpo_loss, mse_loss, patch_dpo_loss, patch_weights
 
 B, C, H, W = 2, 4, 3, 5
 
@@ -26,8 +26,9 @@ def tensors() -> dict[str, torch.Tensor]:
 
 def test_mse_is_the_plain_mean_of_squares(tensors):
     pred, target = tensors["pred"].double(), tensors["target"].double()
-    total = sum(float((pred[n, c, y, x] - target[n, c, y, x]) ** 2)
-                for n in range(2 * B) for c in range(C) for y in range(H) for x in range(W))
+    total = sum(
+        float((pred[n, c, y, x] - target[n, c, y, x]) ** 2) for n in range(2 * B) for c in range(C) for y in range(H) for x in range(W)
+    )
     assert mse_loss(tensors["pred"], tensors["target"]).item() == pytest.approx(total / (2 * B * C * H * W), rel=1e-6)
 
 
@@ -44,8 +45,9 @@ def test_patch_dpo_weights_reference_half_by_one_minus_map_and_generated_half_by
     expected = total / (2 * B * C * H * W)  # a plain mean over all elements, not over the weights
     got = patch_dpo_loss(tensors["pred"], tensors["target"], tensors["reference_map"], tensors["generated_map"])
     assert got.item() == pytest.approx(expected, rel=1e-6)
-    assert compute_loss("patch_dpo", tensors["pred"], tensors["target"], reference_map=tensors["reference_map"],
-                        generated_map=tensors["generated_map"]).loss.item() == pytest.approx(expected, rel=1e-6)
+    assert compute_loss(
+        "patch_dpo", tensors["pred"], tensors["target"], reference_map=tensors["reference_map"], generated_map=tensors["generated_map"]
+    ).loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_patch_dpo_all_zero_weights_give_zero_not_nan(tensors):

@@ -13,11 +13,28 @@ from PIL import Image
 from patch_quality import layout
 from patch_quality.categories import OBJECT_CATEGORIES, SCENE_TEMPLATES, load_categories, with_article
 from patch_quality.construct import main, plan_samples
+from tests.kit.cli import bad_input_message
 
 DREAMBENCH = Path("/work/shared/dreambench/dataset")
 # Class words the official evaluation fills into DreamBench prompts.
-DREAMBENCH_CLASSES = {"backpack", "stuffed", "animal", "bowl", "can", "candle", "clock", "sneaker", "toy", "boot",
-                      "glasses", "cartoon", "teapot", "vase", "cat", "dog"}
+DREAMBENCH_CLASSES = {
+    "backpack",
+    "stuffed",
+    "animal",
+    "bowl",
+    "can",
+    "candle",
+    "clock",
+    "sneaker",
+    "toy",
+    "boot",
+    "glasses",
+    "cartoon",
+    "teapot",
+    "vase",
+    "cat",
+    "dog",
+}
 
 
 def test_categories_avoid_dreambench_subjects_and_make_valid_prompts():
@@ -63,9 +80,28 @@ def _pixels(path: Path) -> np.ndarray:
 
 def test_construct_writes_layout_manifest_and_resumes(tmp_path, tiny_models):
     out = tmp_path / "DATA"
-    args = ["--base_model_path", str(tiny_models.sdxl_dir), "--image_encoder_path", str(tiny_models.image_encoder_dir),
-            "--ip_ckpt", str(tiny_models.ip_ckpt), "--output_dir", str(out), "--num_samples", "2", "--num_generated", "2",
-            "--num_inference_steps", "2", "--height", "32", "--width", "32", "--batch_size", "3"]
+    args = [
+        "--base_model_path",
+        str(tiny_models.sdxl_dir),
+        "--image_encoder_path",
+        str(tiny_models.image_encoder_dir),
+        "--ip_ckpt",
+        str(tiny_models.ip_ckpt),
+        "--output_dir",
+        str(out),
+        "--num_samples",
+        "2",
+        "--num_generated",
+        "2",
+        "--num_inference_steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--batch_size",
+        "3",
+    ]
     main(args)
 
     samples = layout.list_samples(out)
@@ -96,8 +132,7 @@ def test_construct_writes_layout_manifest_and_resumes(tmp_path, tiny_models):
         np.testing.assert_array_equal(_pixels(path), pixels)
     assert not list(out.rglob(".*"))  # no temporary files left
 
-    with pytest.raises(SystemExit, match="other settings .*seed"):
-        main(args + ["--seed", "7"])
+    assert re.search("other settings .*seed", bad_input_message(main, args + ["--seed", "7"]))
 
 
 def test_given_reference_images_become_the_samples(tmp_path, tiny_models):
@@ -108,9 +143,22 @@ def test_given_reference_images_become_the_samples(tmp_path, tiny_models):
     listing = tmp_path / "refs.json"
     listing.write_text(json.dumps(photos))
     out = tmp_path / "DATA"
-    base = ["--base_model_path", str(tiny_models.sdxl_dir), "--image_encoder_path", str(tiny_models.image_encoder_dir),
-            "--ip_ckpt", str(tiny_models.ip_ckpt), "--output_dir", str(out), "--num_inference_steps", "2",
-            "--height", "32", "--width", "32"]
+    base = [
+        "--base_model_path",
+        str(tiny_models.sdxl_dir),
+        "--image_encoder_path",
+        str(tiny_models.image_encoder_dir),
+        "--ip_ckpt",
+        str(tiny_models.ip_ckpt),
+        "--output_dir",
+        str(out),
+        "--num_inference_steps",
+        "2",
+        "--height",
+        "32",
+        "--width",
+        "32",
+    ]
     main(base + ["--reference_images", str(listing)])
     samples = layout.list_samples(out)
     assert len(samples) == 3
@@ -121,8 +169,9 @@ def test_given_reference_images_become_the_samples(tmp_path, tiny_models):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["settings"]["reference_images"]["sha256"]
 
-    with pytest.raises(SystemExit, match="disagrees with the 3 images"):
-        main(base + ["--reference_images", str(listing), "--num_samples", "2", "--output_dir", str(tmp_path / "other")])
+    error = bad_input_message(
+        main, base + ["--reference_images", str(listing), "--num_samples", "2", "--output_dir", str(tmp_path / "other")]
+    )
+    assert "disagrees with the 3 images" in error
     listing.write_text(json.dumps([{"image": str(tmp_path / "missing.png"), "category": "lamp"}]))
-    with pytest.raises(SystemExit, match="missing.png"):
-        main(base + ["--reference_images", str(listing), "--output_dir", str(tmp_path / "third")])
+    assert "missing.png" in bad_input_message(main, base + ["--reference_images", str(listing), "--output_dir", str(tmp_path / "third")])

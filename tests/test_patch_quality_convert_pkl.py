@@ -152,7 +152,9 @@ def test_cli_reports_refusal_on_one_line(tmp_path):
     out = tmp_path / "out.safetensors"
     result = subprocess.run(
         [sys.executable, "-m", "patch_quality.convert_pkl", str(evil), str(out)],
-        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not allowed" in result.stderr

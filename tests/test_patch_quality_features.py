@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from common.errors import BadInputError
 from patch_quality.features import IMAGENET_MEAN, PatchFeatureExtractor, load_finetuned, save_finetuned, transformer_blocks
-from tests.kit.vit_models import TINY_IMAGE_SIZE, TINY_PATCH_SIZE, save_tiny_vit, structured_texture
+from stand_ins.vit_models import TINY_IMAGE_SIZE, TINY_PATCH_SIZE, save_tiny_vit, structured_texture
 
 BACKBONES = ["tiny_dinov2_dir", "tiny_dinov2_registers_dir", "tiny_vit_dir", "tiny_clip_vision_dir"]
 GRID = TINY_IMAGE_SIZE // TINY_PATCH_SIZE
@@ -42,7 +43,9 @@ def test_last_layer_other_sizes_and_square_crop(backbone, request):
     backbone_dir = request.getfixturevalue(backbone)
     last = PatchFeatureExtractor.from_pretrained(backbone_dir, layer=-1)
     assert last.layer == 2
-    torch.testing.assert_close(last([structured_texture(1)]), PatchFeatureExtractor.from_pretrained(backbone_dir, layer=2)([structured_texture(1)]))
+    torch.testing.assert_close(
+        last([structured_texture(1)]), PatchFeatureExtractor.from_pretrained(backbone_dir, layer=2)([structured_texture(1)])
+    )
     larger = PatchFeatureExtractor.from_pretrained(backbone_dir, layer=1, image_size=96)
     assert larger([structured_texture(1)]).shape == (1, 12, 12, 32)
     # A non-square image is read as its centred square, the region training keeps.
@@ -60,11 +63,13 @@ def test_defaults_without_image_processor_config(tmp_path, tiny_vit_dir):
     extractor = PatchFeatureExtractor.from_pretrained(bare)
     assert extractor.image_size == TINY_IMAGE_SIZE  # config.image_size
     torch.testing.assert_close(extractor.image_mean.flatten(), torch.tensor(IMAGENET_MEAN))
-    torch.testing.assert_close(extractor([structured_texture(0)]), PatchFeatureExtractor.from_pretrained(tiny_vit_dir)([structured_texture(0)]))
+    torch.testing.assert_close(
+        extractor([structured_texture(0)]), PatchFeatureExtractor.from_pretrained(tiny_vit_dir)([structured_texture(0)])
+    )
 
 
 def test_one_line_errors(tmp_path, tiny_vit_dir):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(BadInputError, match="config.json"):
         PatchFeatureExtractor.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="layer 5 is out of range"):
         PatchFeatureExtractor.from_pretrained(tiny_vit_dir, layer=5)
@@ -97,5 +102,5 @@ def test_finetuned_checkpoint_round_trip_and_backbone_check(tmp_path, tiny_dinov
     other = save_tiny_vit(tmp_path / "other_vit")
     with pytest.raises(ValueError, match="different backbone"):
         PatchFeatureExtractor.from_pretrained(other, finetuned=checkpoint)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(BadInputError, match="not found"):
         load_finetuned(extractor.model, tmp_path / "absent.safetensors", tiny_dinov2_dir)

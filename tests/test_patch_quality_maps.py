@@ -13,7 +13,7 @@ from patch_quality import layout
 from patch_quality.features import PatchFeatureExtractor
 from patch_quality.maps import MapSettings, foreground_patch_mask, main, quality_maps
 from patch_quality.store import QualityMaps
-from tests.kit.vit_models import structured_texture
+from stand_ins.vit_models import structured_texture
 
 BACKBONES = ["tiny_dinov2_dir", "tiny_vit_dir", "tiny_clip_vision_dir"]
 
@@ -66,7 +66,9 @@ def test_pasted_foreign_region_is_low_exactly_there(backbone, request):
     threshold = (raw_gen[inside].max() + raw_gen[far].min()).item() / 2
     _, th_gen = quality_maps(reference, generated, None, MapSettings(transform="threshold", good_threshold=threshold, latent_size=latent))
     assert th_gen[inside].eq(0).all() and th_gen[far].eq(1).all()
-    _, signed_gen = quality_maps(reference, generated, None, MapSettings(transform="threshold", good_threshold=threshold, signed=True, latent_size=latent))
+    _, signed_gen = quality_maps(
+        reference, generated, None, MapSettings(transform="threshold", good_threshold=threshold, signed=True, latent_size=latent)
+    )
     assert signed_gen[inside].eq(-1).all() and signed_gen[far].eq(1).all()
 
 

@@ -23,7 +23,7 @@ from patch_quality.ssl_train import (
     make_pairs,
     train,
 )
-from tests.kit.vit_models import structured_texture
+from stand_ins.vit_models import structured_texture
 
 
 def _tensor(image) -> torch.Tensor:
@@ -82,7 +82,9 @@ def test_training_improves_patch_matching(tmp_path, tiny_vit_dir):
     trained = {name for name, p in extractor.model.named_parameters() if id(p) in last_block}
     settings = TrainSettings(trainable_blocks=1, learning_rate=2e-3, batch_size=8, max_steps=30, seed=0)
 
-    metrics = train(Accelerator(cpu=True), extractor, train_images, held_out, settings, AugmentSettings(), tmp_path, tiny_vit_dir, validation_steps=0)
+    metrics = train(
+        Accelerator(cpu=True), extractor, train_images, held_out, settings, AugmentSettings(), tmp_path, tiny_vit_dir, validation_steps=0
+    )
 
     assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.1, metrics
     # Only the last block moved, and only it is stored.
@@ -105,9 +107,27 @@ def test_cli_checkpoints_and_resumes(tmp_path, tiny_dinov2_dir, capsys):
     for seed in range(6):
         structured_texture(seed, size=96).save(images / f"{seed}.png")
     out = tmp_path / "out"
-    args = ["--backbone", str(tiny_dinov2_dir), "--train_data", str(images), "--output_dir", str(out), "--cpu",
-            "--train_batch_size", "2", "--validation_fraction", "0.34", "--validation_steps", "0", "--trainable_blocks", "1",
-            "--checkpointing_steps", "2", "--report_to", ""]
+    args = [
+        "--backbone",
+        str(tiny_dinov2_dir),
+        "--train_data",
+        str(images),
+        "--output_dir",
+        str(out),
+        "--cpu",
+        "--train_batch_size",
+        "2",
+        "--validation_fraction",
+        "0.34",
+        "--validation_steps",
+        "0",
+        "--trainable_blocks",
+        "1",
+        "--checkpointing_steps",
+        "2",
+        "--report_to",
+        "",
+    ]
     main(args + ["--max_train_steps", "2"])
     assert (out / "checkpoint-2" / "training_state" / FINETUNED_NAME).is_file()
     metrics = main(args + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from common.errors import BadInputError
 from patch_quality import layout
 from patch_quality.store import QualityMaps, save_quality_maps
 
@@ -66,7 +67,7 @@ def test_missing_key_names_sample_k_and_file(tmp_path):
 
 
 def test_load_errors_are_one_line(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(BadInputError, match="not found"):
         QualityMaps.load(tmp_path / "absent.safetensors")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 5)
@@ -118,7 +119,7 @@ def test_layout_lists_samples_numerically_and_parses_files(tmp_path):
 
 
 def test_layout_errors_are_one_line(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data folder not found"):
+    with pytest.raises(BadInputError, match="data folder not found"):
         layout.list_samples(tmp_path / "absent")
     folder = tmp_path / "sample0"
     folder.mkdir()

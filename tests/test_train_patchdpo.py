@@ -1,4 +1,4 @@
-"""train_patchdpo.py and ip_adapter.training on the tiny models and a tiny synthetic data set."""
+"""train_patchdpo.py and patchdpo.training on the tiny models and a tiny synthetic data set."""
 
 from __future__ import annotations
 
@@ -15,22 +15,23 @@ from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
 import train_patchdpo
+from common.training_state import TRAINING_STATE_DIR
 from ip_adapter import IPAdapterPlusXL, IPAttnProcessor, load_ip_adapter_checkpoint
-from ip_adapter.feature_cache import FeatureCache, build_feature_cache, cache_key
-from ip_adapter.pair_dataset import DropoutRates, PairDataset, clip_training_pixels, index_pairs
-from ip_adapter.random_models import load_pipeline
-from ip_adapter.sdxl_conditioning import pair_time_ids
-from ip_adapter.synthetic_pairs import PairData, write_pair_data
-from ip_adapter.training import (
+from patch_quality.store import QualityMaps, save_quality_maps
+from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
+from patchdpo.pair_dataset import DropoutRates, PairDataset, clip_training_pixels, index_pairs
+from patchdpo.sdxl_conditioning import pair_time_ids
+from patchdpo.training import (
     ADAPTER_STATE_NAME,
     FRESH_RESAMPLER_CONFIG,
-    TRAINING_STATE_DIR,
     PairConditioning,
     frozen_adapter_copy,
     load_training_models,
     training_step,
 )
-from patch_quality.store import QualityMaps, save_quality_maps
+from stand_ins.pairs import PairData, save_pair_data
+from stand_ins.sdxl import load_pipeline
+from tests.kit.cli import bad_input_message
 
 RESOLUTION, LATENT = 32, 16  # the tiny VAE downsamples by 2
 LR = 1e-3
@@ -38,12 +39,30 @@ LR = 1e-3
 
 def train_args(models, data, out: Path, *extra: str, steps: int = 2, batch: int = 2, quality: bool = True) -> list[str]:
     return [
-        "--pretrained_model_name_or_path", str(models.sdxl_dir), "--image_encoder_path", str(models.image_encoder_dir),
-        "--pretrained_ip_adapter_path", str(models.ip_ckpt), "--data_root_path", str(data.root),
+        "--pretrained_model_name_or_path",
+        str(models.sdxl_dir),
+        "--image_encoder_path",
+        str(models.image_encoder_dir),
+        "--pretrained_ip_adapter_path",
+        str(models.ip_ckpt),
+        "--data_root_path",
+        str(data.root),
         *(["--patch_quality_file", str(data.quality_file)] if quality else []),
-        "--resolution", str(RESOLUTION), "--train_batch_size", str(batch),
-        "--stop_step", str(steps), "--save_steps", str(steps), "--output_dir", str(out), "--logging_steps", "1",
-        "--learning_rate", str(LR), *extra,
+        "--resolution",
+        str(RESOLUTION),
+        "--train_batch_size",
+        str(batch),
+        "--stop_step",
+        str(steps),
+        "--save_steps",
+        str(steps),
+        "--output_dir",
+        str(out),
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        str(LR),
+        *extra,
     ]
 
 
@@ -79,8 +98,11 @@ def test_training_changes_only_to_k_ip_and_to_v_ip(loaded, tiny_pair_data):
     accelerator = Accelerator(cpu=True)
     model = loaded.model
     frozen = {
-        "unet": model.unet, "resampler": model.image_proj_model, "vae": loaded.encoders.vae,
-        "image_encoder": loaded.encoders.image_encoder, "text_encoder": loaded.encoders.text_encoders[0],
+        "unet": model.unet,
+        "resampler": model.image_proj_model,
+        "vae": loaded.encoders.vae,
+        "image_encoder": loaded.encoders.image_encoder,
+        "text_encoder": loaded.encoders.text_encoders[0],
         "text_encoder_2": loaded.encoders.text_encoders[1],
     }
     before = {name: {k: v.clone() for k, v in module.state_dict().items()} for name, module in frozen.items()}
@@ -171,17 +193,29 @@ def test_official_time_ids_are_the_scrambled_rows_the_analysis_describes():
     ref = torch.tensor([[100.0, 200.0], [300.0, 400.0]])
     gen = torch.tensor([[110.0, 210.0], [310.0, 410.0]])
     ids = pair_time_ids(ref, gen, 512, official=True)
-    expected = torch.tensor([
-        [100, 200, 110, 210, 0, 0],  # latent ref_0 <- pair 0, first half of its 12 numbers
-        [0, 0, 512, 512, 512, 512],  # latent ref_1 <- pair 0, second half
-        [300, 400, 310, 410, 0, 0],  # latent gen_0 <- pair 1
-        [0, 0, 512, 512, 512, 512],  # latent gen_1
-    ], dtype=torch.float32)
+    expected = torch.tensor(
+        [
+            [100, 200, 110, 210, 0, 0],  # latent ref_0 <- pair 0, first half of its 12 numbers
+            [0, 0, 512, 512, 512, 512],  # latent ref_1 <- pair 0, second half
+            [300, 400, 310, 410, 0, 0],  # latent gen_0 <- pair 1
+            [0, 0, 512, 512, 512, 512],  # latent gen_1
+        ],
+        dtype=torch.float32,
+    )
     torch.testing.assert_close(ids, expected)
     correct = pair_time_ids(ref, gen, 512)
-    torch.testing.assert_close(correct, torch.tensor([
-        [100, 200, 0, 0, 512, 512], [300, 400, 0, 0, 512, 512], [110, 210, 0, 0, 512, 512], [310, 410, 0, 0, 512, 512],
-    ], dtype=torch.float32))
+    torch.testing.assert_close(
+        correct,
+        torch.tensor(
+            [
+                [100, 200, 0, 0, 512, 512],
+                [300, 400, 0, 0, 512, 512],
+                [110, 210, 0, 0, 512, 512],
+                [310, 410, 0, 0, 512, 512],
+            ],
+            dtype=torch.float32,
+        ),
+    )
 
 
 def test_official_time_ids_feed_the_unet_exactly_what_the_reference_code_fed(tiny_models):
@@ -211,7 +245,7 @@ def test_official_time_ids_feed_the_unet_exactly_what_the_reference_code_fed(tin
 
 
 def test_cached_features_equal_the_encoders_on_the_fly_including_dropout(loaded, tiny_models, tmp_path):
-    data = write_pair_data(tmp_path / "data", 4, 32, LATENT)
+    data = save_pair_data(tmp_path / "data", 4, 32, LATENT)
     pairs = index_pairs(data.root, None, 1, LATENT)
     key = cache_key(RESOLUTION, tiny_models.sdxl_dir, tiny_models.image_encoder_dir, torch.float32)
     cache = FeatureCache.for_key(tmp_path / "cache", key)
@@ -298,8 +332,19 @@ def test_resuming_2_plus_2_steps_equals_4_straight_steps(tiny_models, tiny_pair_
 
 def test_cache_does_not_change_what_is_trained(tiny_models, tiny_pair_data, tmp_path):
     # Also runs the image-level DPO ablation and the official time ids end to end.
-    extra = ("--loss", "image_dpo", "--dpo_beta", "50", "--official_time_ids", "--checkpointing_steps", "2",
-             "--image_drop_rate", "0.3", "--text_drop_rate", "0.3")
+    extra = (
+        "--loss",
+        "image_dpo",
+        "--dpo_beta",
+        "50",
+        "--official_time_ids",
+        "--checkpointing_steps",
+        "2",
+        "--image_drop_rate",
+        "0.3",
+        "--text_drop_rate",
+        "0.3",
+    )
     train_patchdpo.main(train_args(tiny_models, tiny_pair_data, tmp_path / "live", *extra))
     train_patchdpo.main(train_args(tiny_models, tiny_pair_data, tmp_path / "cached", *extra, "--cache_dir", str(tmp_path / "cache")))
     assert logged(tmp_path / "cached", "loss") == pytest.approx(logged(tmp_path / "live", "loss"), rel=1e-5)
@@ -315,31 +360,29 @@ def test_cache_does_not_change_what_is_trained(tiny_models, tiny_pair_data, tmp_
 
 
 def _expect_exit(argv: list[str], message: str) -> None:
-    with pytest.raises(SystemExit) as raised:
-        train_patchdpo.main(argv)
-    assert message in str(raised.value), str(raised.value)
-    assert "\n" not in str(raised.value)
+    error = bad_input_message(train_patchdpo.main, argv)
+    assert message in error, error
 
 
 def test_non_square_references_are_refused_with_a_cache(tiny_models, tmp_path):
-    data = write_pair_data(tmp_path / "data", 2, 32, LATENT, reference_sizes={1: (48, 32)})
+    data = save_pair_data(tmp_path / "data", 2, 32, LATENT, reference_sizes={1: (48, 32)})
     _expect_exit(train_args(tiny_models, data, tmp_path / "out", "--cache_dir", str(tmp_path / "cache")), "needs square references")
 
 
 def test_missing_quality_map_entry(tiny_models, tmp_path):
-    data = write_pair_data(tmp_path / "data", 2, 32, LATENT)
+    data = save_pair_data(tmp_path / "data", 2, 32, LATENT)
     maps = QualityMaps.load(data.quality_file)
     save_quality_maps(data.quality_file, {("sample0", 0): maps.get("sample0", 0)}, {})
     _expect_exit(train_args(tiny_models, data, tmp_path / "out", "--use_dpo_loss", "True"), "no quality maps for sample 'sample1' k=0")
 
 
 def test_quality_maps_not_at_latent_size(tiny_models, tmp_path):
-    data = write_pair_data(tmp_path / "data", 2, 32, LATENT, map_size=8)
+    data = save_pair_data(tmp_path / "data", 2, 32, LATENT, map_size=8)
     _expect_exit(train_args(tiny_models, data, tmp_path / "out", "--use_dpo_loss", "True"), "expected the latent size (16, 16)")
 
 
 def test_data_dir_without_samples_or_images(tiny_models, tmp_path):
-    data = write_pair_data(tmp_path / "data", 2, 32, LATENT)
+    data = save_pair_data(tmp_path / "data", 2, 32, LATENT)
     empty = PairData(tmp_path / "empty", data.quality_file, 0)
     empty.root.mkdir()
     _expect_exit(train_args(tiny_models, empty, tmp_path / "out"), "holds no 'sample{i}' folders")

@@ -11,7 +11,9 @@ import sys
 import pytest
 from PIL import Image
 
-from ip_adapter.utils import atomic_save_image, atomic_write, atomic_write_json, stable_seed, str2bool
+from common.cli import str2bool
+from common.io import atomic_save_image, atomic_write, atomic_write_json
+from common.seeds import stable_seed
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path) -> None:
@@ -39,8 +41,10 @@ def test_outputs_get_the_usual_permissions(tmp_path) -> None:
 
 
 def test_stable_seed_is_the_same_in_another_process() -> None:
-    code = "from ip_adapter.utils import stable_seed; print(stable_seed(42, 'dog', 'a dog in the jungle'))"
-    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "random"})
+    code = "from common.seeds import stable_seed; print(stable_seed(42, 'dog', 'a dog in the jungle'))"
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "random"}
+    )
     assert int(other.stdout) == stable_seed(42, "dog", "a dog in the jungle")
     assert stable_seed(42, "dog", "a") != stable_seed(42, "dog", "b") and 0 <= stable_seed(1) < 2**63
 

@@ -1,4 +1,4 @@
-"""Session fixtures over the tiny DreamBench metric models of `dreambench.random_models`."""
+"""Session fixtures over the tiny DreamBench metric models of `stand_ins.metric_models`."""
 
 from __future__ import annotations
 
@@ -6,16 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from dreambench.random_models import build_tiny_clip_archive, build_tiny_dino_dir
-
-__all__ = ["build_tiny_clip_archive", "build_tiny_dino_dir", "tiny_clip_path", "tiny_dino_dir"]
+from stand_ins.metric_models import save_tiny_clip_archive, save_tiny_dino
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_clip_archive(tmp_path_factory.mktemp("tiny_clip") / "tiny-clip.pt")
+    return save_tiny_clip_archive(tmp_path_factory.mktemp("tiny_clip") / "tiny-clip.pt")
 
 
 @pytest.fixture(scope="session")
 def tiny_dino_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_dino_dir(tmp_path_factory.mktemp("tiny_dino") / "dino-vits16")
+    return save_tiny_dino(tmp_path_factory.mktemp("tiny_dino") / "dino-vits16")

@@ -2,11 +2,11 @@
 
 Used by the tests and by the offline demo, where no CLIP or DINO weights can be downloaded.
 
-- `build_tiny_clip_archive`: an OpenAI-CLIP TorchScript archive (what `clip.load(path, jit=False)` reads: it
+- `save_tiny_clip_archive`: an OpenAI-CLIP TorchScript archive (what `clip.load(path, jit=False)` reads: it
   `torch.jit.load`s the file and rebuilds the architecture from the state-dict shapes, with
   heads = width // 64, so the widths are 64 and the vocabulary/context are the real 49408/77 that
   `clip.tokenize` produces).
-- `build_tiny_dino_dir`: a `transformers.ViTModel` with 16-pixel patches at 224, saved with
+- `save_tiny_dino`: a `transformers.ViTModel` with 16-pixel patches at 224, saved with
   `save_pretrained` like facebook/dino-vits16, without a pooler.
 """
 
@@ -23,10 +23,10 @@ with warnings.catch_warnings():
     import clip
     from clip.model import CLIP
 
-__all__ = ["build_tiny_clip_archive", "build_tiny_dino_dir"]
+__all__ = ["save_tiny_clip_archive", "save_tiny_dino"]
 
 
-def build_tiny_clip_archive(path: Path, seed: int = 0) -> Path:
+def save_tiny_clip_archive(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = CLIP(
         embed_dim=32,
@@ -48,7 +48,7 @@ def build_tiny_clip_archive(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_dino_dir(path: Path, seed: int = 0) -> Path:
+def save_tiny_dino(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = ViTConfig(
         hidden_size=32,

@@ -34,7 +34,7 @@ class PairData:
     num_samples: int
 
 
-def write_pair_data(
+def save_pair_data(
     root: str | os.PathLike,
     num_samples: int,
     image_size: int,
@@ -63,6 +63,6 @@ def write_pair_data(
             grid = map_size or latent_size
             maps[(folder.name, k)] = tuple(torch.from_numpy(rng.random((grid, grid), dtype=np.float32)) for _ in range(2))
     quality_file = root / QUALITY_MAPS_NAME
-    save_quality_maps(quality_file, maps, {"source": "ip_adapter.synthetic_pairs"})
-    (root / MANIFEST_NAME).write_text(json.dumps({"made_by": "ip_adapter.synthetic_pairs"}))
+    save_quality_maps(quality_file, maps, {"source": "stand_ins.pairs"})
+    (root / MANIFEST_NAME).write_text(json.dumps({"made_by": "stand_ins.pairs"}))
     return PairData(root, quality_file, num_samples)

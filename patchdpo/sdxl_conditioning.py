@@ -35,10 +35,10 @@ from collections.abc import Sequence
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from common.errors import BadInputError
 
-def tokenize_prompts(
-    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], prompts: Sequence[str]
-) -> tuple[torch.Tensor, torch.Tensor]:
+
+def tokenize_prompts(tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 77) token ids for each tokenizer, padded to its max length as the pipeline does."""
     return tuple(
         tokenizer(
@@ -66,9 +66,7 @@ def encode_prompts(
     return prompt_embeds, output_2.text_embeds
 
 
-def pair_time_ids(
-    reference_sizes: torch.Tensor, generated_sizes: torch.Tensor, resolution: int, official: bool = False
-) -> torch.Tensor:
+def pair_time_ids(reference_sizes: torch.Tensor, generated_sizes: torch.Tensor, resolution: int, official: bool = False) -> torch.Tensor:
     """(2B, 6) time ids for the latent batch `[references; generated]`.
 
     `reference_sizes` / `generated_sizes` are (B, 2) original (H, W) of each image. Default: each
@@ -76,9 +74,8 @@ def pair_time_ids(
     module docstring), the exact numbers its UNet saw.
     """
     if reference_sizes.shape != generated_sizes.shape or reference_sizes.ndim != 2 or reference_sizes.shape[1] != 2:
-        raise ValueError(
-            f"expected (B, 2) original sizes for both halves, got {tuple(reference_sizes.shape)} "
-            f"and {tuple(generated_sizes.shape)}"
+        raise BadInputError(
+            f"expected (B, 2) original sizes for both halves, got {tuple(reference_sizes.shape)} and {tuple(generated_sizes.shape)}"
         )
     reference_sizes = reference_sizes.float()
     generated_sizes = generated_sizes.float()

@@ -1,19 +1,19 @@
 """The PatchDPO training step and what it needs: frozen encoders, trainable model, checkpoints.
 
-One step on B pairs (see `ip_adapter.loss` for the objectives):
+One step on B pairs (see `patchdpo.loss` for the objectives):
 
 * latents `[reference; generated]` (2B) from the VAE posterior mean x scaling factor, VAE in fp32;
 * one noise and one timestep per pair, shared by its two halves;
 * image tokens from the Resampler applied to the reference's CLIP penultimate features, and the
   two-encoder prompt embeddings, both repeated for the two halves;
-* SDXL time ids per latent (`ip_adapter.sdxl_conditioning.pair_time_ids`).
+* SDXL time ids per latent (`patchdpo.sdxl_conditioning.pair_time_ids`).
 
 Only the IP-Adapter projections `to_k_ip` / `to_v_ip` train. The Resampler is frozen and sits
 upstream of them, so its tokens are computed without autograd; the UNet's frozen weights are
 held in the compute dtype (no per-step casts) while the adapter stays in fp32 for the optimizer.
 
 Randomness is stateless: a step's noise and timesteps come from a generator seeded with
-`(seed, step, process)`, and the data side is seeded per item (`ip_adapter.pair_dataset`), so a
+`(seed, step, process)`, and the data side is seeded per item (`patchdpo.pair_dataset`), so a
 resumed run repeats a straight run exactly and caching does not change what is trained.
 """
 
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,20 +30,20 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from .attention_processor import adapter_modules_of, install_ip_adapter
-from .checkpoint import load_adapter_state, load_ip_adapter_checkpoint, load_strict, save_ip_adapter
-from .image_encoder import encode_image_features, load_image_encoder
+from common.errors import BadInputError
+from ip_adapter.attention_processor import adapter_modules_of, install_ip_adapter
+from ip_adapter.checkpoint import load_adapter_state, load_ip_adapter_checkpoint, load_strict, save_ip_adapter
+from ip_adapter.image_encoder import encode_image_features, load_image_encoder
+from ip_adapter.resampler import Resampler
+
 from .loss import LossOutput, compute_loss
-from .resampler import Resampler
 from .sdxl_conditioning import encode_prompts, pair_time_ids
 
 logger = logging.getLogger(__name__)
 
 #: The IP-Adapter-Plus SDXL resampler (`ip-adapter-plus_sdxl_vit-h.bin`), used when training from scratch.
 FRESH_RESAMPLER_CONFIG = dict(dim=1280, depth=4, dim_head=64, heads=20, num_queries=16, ff_mult=4)
-TRAINING_STATE_DIR = "training_state"
 ADAPTER_STATE_NAME = "ip_adapter_state.safetensors"
-_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
 def vae_downsample_factor(vae: AutoencoderKL) -> int:
@@ -92,7 +90,7 @@ class PairConditioning:
         return self.image_features.shape[0]
 
     @classmethod
-    def from_cached_batch(cls, batch: dict[str, torch.Tensor]) -> "PairConditioning":
+    def from_cached_batch(cls, batch: dict[str, torch.Tensor]) -> PairConditioning:
         return cls(
             latents=torch.cat([batch["reference_latents"], batch["generated_latents"]]).float(),
             image_features=batch["image_features"],
@@ -105,7 +103,7 @@ class PairConditioning:
         )
 
     @classmethod
-    def encode(cls, encoders: FrozenEncoders, batch: dict[str, torch.Tensor]) -> "PairConditioning":
+    def encode(cls, encoders: FrozenEncoders, batch: dict[str, torch.Tensor]) -> PairConditioning:
         """Run the frozen encoders on a pixel batch (`clip_pixels` is already zeroed where dropped)."""
         prompt_embeds, pooled = encoders.prompt_embeds((batch["input_ids"], batch["input_ids_2"]))
         return cls(
@@ -169,7 +167,7 @@ def _build_resampler(ip_adapter_path: str | os.PathLike | None, embedding_dim: i
     config = Resampler.config_from_state_dict(checkpoint["image_proj"])
     for key, expected in (("embedding_dim", embedding_dim), ("output_dim", output_dim)):
         if config[key] != expected:
-            raise ValueError(f"{ip_adapter_path}: image_proj has {key}={config[key]}, but the models here need {expected}")
+            raise BadInputError(f"{ip_adapter_path}: image_proj has {key}={config[key]}, but the models here need {expected}")
     return Resampler.from_state_dict(checkpoint["image_proj"]), checkpoint
 
 
@@ -184,7 +182,7 @@ def load_training_models(
     model_dir = Path(model_dir)
     for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
         if not (model_dir / sub).is_dir():
-            raise FileNotFoundError(f"{model_dir} has no {sub}/ folder; expected an SDXL pipeline saved with save_pretrained")
+            raise BadInputError(f"{model_dir} has no {sub}/ folder; expected an SDXL pipeline saved with save_pretrained")
     local = dict(local_files_only=True)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **local)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **local)
@@ -249,7 +247,7 @@ def training_step(
     elif scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
-        raise ValueError(f"unsupported scheduler prediction_type {scheduler.config.prediction_type!r}")
+        raise BadInputError(f"unsupported scheduler prediction_type {scheduler.config.prediction_type!r}")
 
     time_ids = pair_time_ids(cond.reference_size, cond.generated_size, resolution, official_time_ids).to(device)
     inputs = (noisy_latents, timesteps, cond.image_features, cond.prompt_embeds, cond.pooled_prompt_embeds, time_ids)
@@ -298,39 +296,3 @@ def register_adapter_state_hooks(accelerator: Accelerator, model: IPAdapterTrain
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-def save_training_state(accelerator: Accelerator, checkpoint_dir: str | os.PathLike) -> Path:
-    """Full accelerate state in `checkpoint_dir/training_state`, renamed into place when complete."""
-    final = Path(checkpoint_dir) / TRAINING_STATE_DIR
-    partial = final.with_name(TRAINING_STATE_DIR + ".partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def checkpoint_step(checkpoint_dir: str | os.PathLike) -> int:
-    match = _CHECKPOINT_DIR.match(Path(checkpoint_dir).name)
-    if match is None:
-        raise ValueError(f"{checkpoint_dir} is not a 'checkpoint-N' folder")
-    return int(match.group(1))
-
-
-def find_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str) -> Path | None:
-    """`"latest"`: the highest `checkpoint-N` holding a complete training state, or None; else that folder."""
-    if resume_from != "latest":
-        path = Path(resume_from)
-        if not (path / TRAINING_STATE_DIR).is_dir():
-            raise FileNotFoundError(f"{path} holds no {TRAINING_STATE_DIR}/ (saved by --checkpointing_steps); cannot resume from it")
-        checkpoint_step(path)
-        return path
-    root = Path(output_dir)
-    candidates = [p for p in root.glob("checkpoint-*") if _CHECKPOINT_DIR.match(p.name) and (p / TRAINING_STATE_DIR).is_dir()]
-    return max(candidates, key=checkpoint_step, default=None)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from transformers import (
     BitImageProcessor,
     CLIPImageProcessor,
@@ -42,8 +45,10 @@ def save_tiny_dinov2(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Dinov2Model(Dinov2Config(mlp_ratio=2, **_COMMON)).eval()
     processor = BitImageProcessor(
-        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-        image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD,
+        size={"shortest_edge": TINY_IMAGE_SIZE},
+        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        image_mean=_IMAGENET_MEAN,
+        image_std=_IMAGENET_STD,
     )
     return _save(model, processor, path)
 
@@ -52,8 +57,10 @@ def save_tiny_dinov2_registers(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=4, **_COMMON)).eval()
     processor = BitImageProcessor(
-        size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-        image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD,
+        size={"shortest_edge": TINY_IMAGE_SIZE},
+        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+        image_mean=_IMAGENET_MEAN,
+        image_std=_IMAGENET_STD,
     )
     return _save(model, processor, path)
 
@@ -62,7 +69,9 @@ def save_tiny_vit(path: Path, seed: int = 0) -> Path:
     """Plain ViTModel: the class the DINO (v1) checkpoints load as."""
     torch.manual_seed(seed)
     model = ViTModel(ViTConfig(intermediate_size=64, **_COMMON), add_pooling_layer=False).eval()
-    processor = ViTImageProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD)
+    processor = ViTImageProcessor(
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD
+    )
     return _save(model, processor, path)
 
 
@@ -71,3 +80,13 @@ def save_tiny_clip_vision(path: Path, seed: int = 0) -> Path:
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(intermediate_size=64, projection_dim=16, **_COMMON)).eval()
     processor = CLIPImageProcessor(size={"shortest_edge": TINY_IMAGE_SIZE}, crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
     return _save(model, processor, path)
+
+
+def structured_texture(seed: int, size: int = 64, cells: int = 4, noise: float = 0.25) -> Image.Image:
+    """A smooth random colour field plus fine noise: every patch looks different, like a photo."""
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, cells, cells, generator=generator)
+    image = F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    image = image + noise * torch.rand(1, 3, size, size, generator=generator)
+    array = (image[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    return Image.fromarray(array)

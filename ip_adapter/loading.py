@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from common.errors import BadInputError
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import IPAdapterPlusXL
 
@@ -31,7 +32,7 @@ def resolve_dtype(override: str | None, mixed_precision: str, device: torch.devi
     """
     if override is not None:
         if override not in DTYPES:
-            raise ValueError(f"unknown dtype {override!r}; expected one of {sorted(DTYPES)}")
+            raise BadInputError(f"unknown dtype {override!r}; expected one of {sorted(DTYPES)}")
         return DTYPES[override]
     if torch.device(device).type == "cpu":
         return torch.float32
@@ -52,19 +53,19 @@ def check_sdxl_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     expected = "expected a diffusers StableDiffusionXLPipeline folder (save_pretrained layout)"
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: base model folder not found; {expected}")
+        raise BadInputError(f"{path}: base model folder not found; {expected}")
     index_path = path / "model_index.json"
     if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: missing; {expected}")
+        raise BadInputError(f"{index_path}: missing; {expected}")
     try:
         index = json.loads(index_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{index_path}: unreadable ({_one_line(exc)}); {expected}") from None
+        raise BadInputError(f"{index_path}: unreadable ({_one_line(exc)}); {expected}") from None
     for component in SDXL_COMPONENTS:
         if component not in index:
-            raise ValueError(f"{index_path}: no {component!r} entry; {expected}")
+            raise BadInputError(f"{index_path}: no {component!r} entry; {expected}")
         if not (path / component).is_dir():
-            raise FileNotFoundError(f"{path / component}: component folder missing; {expected}")
+            raise BadInputError(f"{path / component}: component folder missing; {expected}")
     return path
 
 
@@ -72,16 +73,16 @@ def check_image_encoder_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     expected = "expected a CLIPVisionModelWithProjection folder with config.json and weights"
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: image encoder folder not found; {expected}")
+        raise BadInputError(f"{path}: image encoder folder not found; {expected}")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'}: missing; {expected}")
+        raise BadInputError(f"{path / 'config.json'}: missing; {expected}")
     return path
 
 
 def check_ip_ckpt(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: IP-Adapter checkpoint not found; expected a .bin or .safetensors file")
+        raise BadInputError(f"{path}: IP-Adapter checkpoint not found; expected a .bin or .safetensors file")
     return path
 
 
@@ -93,11 +94,9 @@ def load_sdxl_pipeline(base_model_path: str | os.PathLike, dtype: torch.dtype) -
     """
     check_sdxl_dir(base_model_path)
     try:
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            str(base_model_path), dtype=dtype, local_files_only=True, add_watermarker=False
-        )
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(base_model_path), dtype=dtype, local_files_only=True, add_watermarker=False)
     except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{base_model_path}: cannot load the SDXL pipeline ({_one_line(exc)})") from None
+        raise BadInputError(f"{base_model_path}: cannot load the SDXL pipeline ({_one_line(exc)})") from None
     pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -123,9 +122,9 @@ def load_generation_model(
     except (ValueError, KeyError) as exc:
         # KeyError's str() would quote the message; most messages name the checkpoint already.
         message = " ".join(str(exc.args[0]).split()) if exc.args else type(exc).__name__
-        raise ValueError(message if str(ip_ckpt) in message else f"{ip_ckpt}: {message}") from None
+        raise BadInputError(message if str(ip_ckpt) in message else f"{ip_ckpt}: {message}") from None
     except OSError as exc:
-        raise ValueError(f"cannot build IP-Adapter-Plus from {ip_ckpt} and {image_encoder_path} ({_one_line(exc)})") from None
+        raise BadInputError(f"cannot build IP-Adapter-Plus from {ip_ckpt} and {image_encoder_path} ({_one_line(exc)})") from None
     ip_model.set_scale(scale)
     return ip_model
 
@@ -136,7 +135,9 @@ def add_generator_args(parser: argparse.ArgumentParser, base_model_help: str, ip
     parser.add_argument("--image_encoder_path", type=Path, required=True, help="local CLIP ViT-H vision encoder folder")
     parser.add_argument("--ip_ckpt", type=Path, required=True, help=ip_ckpt_help)
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None,
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
         help="model dtype (default: accelerate's mixed precision on GPU, float32 on CPU)",
     )
 
@@ -146,4 +147,3 @@ def check_generator_paths(args: argparse.Namespace) -> None:
     check_sdxl_dir(args.base_model_path)
     check_image_encoder_dir(args.image_encoder_path)
     check_ip_ckpt(args.ip_ckpt)
-

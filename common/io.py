@@ -1,4 +1,4 @@
-"""Small helpers every script needs: atomic output files, checksums, boolean flags.
+"""Atomic output files and checksums.
 
 Outputs are written to a temporary file in the destination folder and renamed into place, so a
 run that is killed midway never leaves a truncated image, JSON or checkpoint that a later resumed
@@ -7,15 +7,14 @@ run would mistake for finished work.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import os
-import sys
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from PIL import Image
 
@@ -67,36 +66,18 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed derived from `parts` that is the same in every process and Python run.
+def remove_stale_temp_files(output_dir: str | os.PathLike, folders: Iterable[str], suffix: str = ".png") -> list[Path]:
+    """Delete the temporary `suffix` files a killed run left behind in the given sub-folders of `output_dir`.
 
-    Python's `hash()` of a string is salted per process, so seeding from it would make images depend
-    on which worker generated them; sha256 of the parts' text does not.
+    `atomic_path` names its temporary files `.<name>.<random>.tmp<suffix>`.
+
+    Only call this while no process is writing: a live writer's temporary file matches the pattern too.
     """
-    text = "\x1f".join(str(part) for part in parts)
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
-
-
-def str2bool(value: str | bool) -> bool:
-    """argparse type for the official scripts' `--flag True/False` style switches."""
-    if isinstance(value, bool):
-        return value
-    lowered = value.strip().lower()
-    if lowered in {"true", "1", "yes", "y", "t"}:
-        return True
-    if lowered in {"false", "0", "no", "n", "f"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean word (true/false), got {value!r}")
-
-
-@contextlib.contextmanager
-def exit_on_bad_input(program: str) -> Iterator[None]:
-    """Turn the one-line bad-input errors our modules raise into `program: error: ...` and exit 1.
-
-    A researcher launching a multi-GPU job wants the reason, not a traceback from every process.
-    """
-    try:
-        yield
-    except (ValueError, FileNotFoundError) as error:
-        sys.exit(f"{program}: error: {error}")
-
+    removed = []
+    for folder in folders:
+        directory = Path(output_dir) / folder
+        if directory.is_dir():
+            for path in sorted(directory.glob(f".*.tmp{suffix}")):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed

@@ -63,15 +63,12 @@ def patch_weights(reference_map: torch.Tensor, generated_map: torch.Tensor) -> t
     """(2B, 1, h, w) per-position weights `cat([1 - M_ref, M_gen])` for a pair batch."""
     if reference_map.ndim != 3 or reference_map.shape != generated_map.shape:
         raise ValueError(
-            f"quality maps must both be (B, h, w), got reference {tuple(reference_map.shape)} "
-            f"and generated {tuple(generated_map.shape)}"
+            f"quality maps must both be (B, h, w), got reference {tuple(reference_map.shape)} and generated {tuple(generated_map.shape)}"
         )
     return torch.cat([1.0 - reference_map.float(), generated_map.float()], dim=0).unsqueeze(1)
 
 
-def patch_dpo_loss(
-    pred: torch.Tensor, target: torch.Tensor, reference_map: torch.Tensor, generated_map: torch.Tensor
-) -> torch.Tensor:
+def patch_dpo_loss(pred: torch.Tensor, target: torch.Tensor, reference_map: torch.Tensor, generated_map: torch.Tensor) -> torch.Tensor:
     _check_pair_batch(pred, target)
     weights = patch_weights(reference_map, generated_map)
     if weights.shape[0] != pred.shape[0] or weights.shape[-2:] != pred.shape[-2:]:

@@ -32,9 +32,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from common.errors import BadInputError
+from common.io import atomic_write, sha256_file
+
 from .pair_dataset import CLIP_SIZE, TrainingPair, clip_training_pixels, load_training_image
 from .sdxl_conditioning import tokenize_prompts
-from .utils import atomic_write, sha256_file
 
 if TYPE_CHECKING:
     from .training import FrozenEncoders
@@ -76,7 +78,7 @@ class FeatureCache:
         self._null: dict[str, torch.Tensor] | None = None
 
     @classmethod
-    def for_key(cls, cache_dir: str | os.PathLike, key: str) -> "FeatureCache":
+    def for_key(cls, cache_dir: str | os.PathLike, key: str) -> FeatureCache:
         return cls(Path(cache_dir) / key)
 
     def sample_path(self, sample: str) -> Path:
@@ -98,10 +100,10 @@ class FeatureCache:
     def read_pair(self, sample: str, k: int) -> dict[str, torch.Tensor]:
         path = self.sample_path(sample)
         if not path.is_file():
-            raise FileNotFoundError(f"feature cache {self.root} has no entry for sample {sample!r}; rebuild it")
+            raise BadInputError(f"feature cache {self.root} has no entry for sample {sample!r}; rebuild it")
         tensors = load_file(str(path))
         if f"generated_latents.{k}" not in tensors:
-            raise KeyError(f"feature cache file {path} has no generated image k={k}; rebuild the cache")
+            raise BadInputError(f"feature cache file {path} has no generated image k={k}; rebuild the cache")
         return {
             "reference_latents": tensors["reference_latents"],
             "generated_latents": tensors[f"generated_latents.{k}"],
@@ -117,7 +119,7 @@ class FeatureCache:
         if self._null is None:
             path = self.root / NULL_NAME
             if not path.is_file():
-                raise FileNotFoundError(f"feature cache {self.root} has no {NULL_NAME}; rebuild it")
+                raise BadInputError(f"feature cache {self.root} has no {NULL_NAME}; rebuild it")
             self._null = load_file(str(path))
         return dict(self._null)
 
@@ -131,7 +133,7 @@ def _encode_sample(encoders: FrozenEncoders, pairs: list[TrainingPair], resoluti
     try:
         clip_pixels = clip_training_pixels(reference.reference_path, generator=None)
     except ValueError as error:
-        raise ValueError(
+        raise BadInputError(
             f"{error}; --cache_dir needs square references (their CLIP crop is then fixed): train without --cache_dir"
         ) from None
     images = [load_training_image(reference.reference_path, resolution)]

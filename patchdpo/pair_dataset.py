@@ -21,11 +21,12 @@ from torch.utils.data import Dataset, Sampler
 from transformers import CLIPTokenizer
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from common.errors import BadInputError
+from common.seeds import stable_seed
 from patch_quality.layout import list_samples, sample_files
 from patch_quality.store import QualityMaps
 
 from .sdxl_conditioning import tokenize_prompts
-from .utils import stable_seed
 
 if TYPE_CHECKING:
     from .feature_cache import FeatureCache
@@ -53,7 +54,7 @@ class DropoutRates:
     def __post_init__(self) -> None:
         rates = (self.image, self.text, self.both)
         if min(rates) < 0 or sum(rates) > 1:
-            raise ValueError(f"dropout rates must be >= 0 and sum to <= 1, got image={self.image} text={self.text} both={self.both}")
+            raise BadInputError(f"dropout rates must be >= 0 and sum to <= 1, got image={self.image} text={self.text} both={self.both}")
 
     def draw(self, generator: torch.Generator) -> tuple[bool, bool]:
         """(drop_image, drop_text) from one uniform draw, in the reference's order of cases."""
@@ -81,21 +82,21 @@ def index_pairs(
     """
     samples = list_samples(data_root)
     if not samples:
-        raise FileNotFoundError(f"{data_root} holds no 'sample{{i}}' folders; expected the PatchDPO data layout")
+        raise BadInputError(f"{data_root} holds no 'sample{{i}}' folders; expected the PatchDPO data layout")
     pairs = []
     for folder in samples:
         prompt, reference, generated = sample_files(folder)
         for k in range(generated_per_sample):
             if k not in generated:
-                raise FileNotFoundError(
+                raise BadInputError(
                     f"{folder} has no generated image '{prompt}_gen_{k}.png' (needed for --generated_per_sample {generated_per_sample})"
                 )
             if quality_maps is not None:
                 if (folder.name, k) not in quality_maps:
-                    raise KeyError(f"{quality_maps.path} has no quality maps for sample {folder.name!r} k={k}")
+                    raise BadInputError(f"{quality_maps.path} has no quality maps for sample {folder.name!r} k={k}")
                 for role, quality_map in zip(("reference", "generated"), quality_maps.get(folder.name, k)):
                     if tuple(quality_map.shape) != (latent_size, latent_size):
-                        raise ValueError(
+                        raise BadInputError(
                             f"{quality_maps.path}: {role} map of sample {folder.name!r} k={k} is {tuple(quality_map.shape)}, "
                             f"expected the latent size ({latent_size}, {latent_size})"
                         )
@@ -124,7 +125,7 @@ def clip_training_pixels(path: Path, generator: torch.Generator | None) -> torch
     top = left = 0
     if image.size != (CLIP_SIZE, CLIP_SIZE):
         if generator is None:
-            raise ValueError(f"{path} is {image.width}x{image.height} after resizing, not square: its CLIP crop is random")
+            raise BadInputError(f"{path} is {image.width}x{image.height} after resizing, not square: its CLIP crop is random")
         top = int(torch.randint(0, image.height - CLIP_SIZE + 1, (), generator=generator))
         left = int(torch.randint(0, image.width - CLIP_SIZE + 1, (), generator=generator))
     image = TF.crop(image, top, left, CLIP_SIZE, CLIP_SIZE)

@@ -28,9 +28,9 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from .attention_processor import install_ip_adapter
-from .checkpoint import save_ip_adapter
-from .resampler import Resampler
+from ip_adapter.attention_processor import install_ip_adapter
+from ip_adapter.checkpoint import save_ip_adapter
+from ip_adapter.resampler import Resampler
 
 NUM_TOKENS = 16
 
@@ -50,35 +50,61 @@ class ModelShape:
 def _unet(channels, heads, layers, cross_dim, time_dim, pooled_dim, groups=32, **extra) -> dict[str, Any]:
     down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(channels) - 1)
     return dict(
-        block_out_channels=channels, attention_head_dim=heads, transformer_layers_per_block=layers,
-        down_block_types=down, up_block_types=tuple(name.replace("Down", "Up") for name in reversed(down)),
-        layers_per_block=2, in_channels=4, out_channels=4, use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=6 * time_dim + pooled_dim, cross_attention_dim=cross_dim,
-        norm_num_groups=groups, **extra,
+        block_out_channels=channels,
+        attention_head_dim=heads,
+        transformer_layers_per_block=layers,
+        down_block_types=down,
+        up_block_types=tuple(name.replace("Down", "Up") for name in reversed(down)),
+        layers_per_block=2,
+        in_channels=4,
+        out_channels=4,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + pooled_dim,
+        cross_attention_dim=cross_dim,
+        norm_num_groups=groups,
+        **extra,
     )
 
 
 def _vae(channels, **extra) -> dict[str, Any]:
     return dict(
-        block_out_channels=channels, in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
+        block_out_channels=channels,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
         **extra,
     )
 
 
 def _text(hidden, layers, heads, act="gelu") -> dict[str, Any]:
     return dict(
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, vocab_size=49408, hidden_size=hidden,
-        intermediate_size=4 * hidden if hidden > 32 else 37, num_attention_heads=heads, num_hidden_layers=layers,
-        projection_dim=hidden, max_position_embeddings=77, hidden_act=act,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden if hidden > 32 else 37,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        projection_dim=hidden,
+        max_position_embeddings=77,
+        hidden_act=act,
     )
 
 
 def _vision(hidden, layers, heads, patch, projection) -> dict[str, Any]:
     return dict(
-        hidden_size=hidden, intermediate_size=4 * hidden if hidden > 32 else 37, num_attention_heads=heads,
-        num_hidden_layers=layers, image_size=224, patch_size=patch, projection_dim=projection,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden if hidden > 32 else 37,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        image_size=224,
+        patch_size=patch,
+        projection_dim=projection,
     )
 
 
@@ -129,7 +155,11 @@ def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
 def build_sdxl_pipeline(shape: ModelShape = TINY, seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
     )
     return StableDiffusionXLPipeline(
         vae=AutoencoderKL(**shape.vae),
@@ -150,12 +180,16 @@ def build_image_encoder(shape: ModelShape = TINY, seed: int = 1) -> CLIPVisionMo
 def build_resampler(shape: ModelShape = TINY, seed: int = 2) -> Resampler:
     torch.manual_seed(seed)
     return Resampler(
-        dim_head=64, num_queries=NUM_TOKENS, embedding_dim=shape.image_encoder["hidden_size"],
-        output_dim=shape.unet["cross_attention_dim"], ff_mult=4, **shape.resampler,
+        dim_head=64,
+        num_queries=NUM_TOKENS,
+        embedding_dim=shape.image_encoder["hidden_size"],
+        output_dim=shape.unet["cross_attention_dim"],
+        ff_mult=4,
+        **shape.resampler,
     )
 
 
-def write_ip_checkpoint(path: str | os.PathLike, unet: UNet2DConditionModel, shape: ModelShape = TINY, seed: int = 3) -> Path:
+def save_ip_checkpoint(path: str | os.PathLike, unet: UNet2DConditionModel, shape: ModelShape = TINY, seed: int = 3) -> Path:
     """An IP-Adapter-Plus checkpoint in the public layout whose image branch is far from identity."""
     adapter_modules = install_ip_adapter(unet, num_tokens=NUM_TOKENS)
     generator = torch.Generator().manual_seed(seed)
@@ -172,13 +206,13 @@ class ModelPaths:
     ip_ckpt: Path
 
 
-def save_random_models(root: str | os.PathLike, shape: ModelShape = TINY) -> ModelPaths:
+def save_sdxl_models(root: str | os.PathLike, shape: ModelShape = TINY) -> ModelPaths:
     """SDXL pipeline folder, CLIP vision folder and IP-Adapter-Plus `.bin` under `root`."""
     root = Path(root)
     pipe = build_sdxl_pipeline(shape)
     pipe.save_pretrained(root / "sdxl")
     build_image_encoder(shape).save_pretrained(root / "image_encoder")
-    ckpt = write_ip_checkpoint(root / "ip-adapter-plus.bin", pipe.unet, shape)
+    ckpt = save_ip_checkpoint(root / "ip-adapter-plus.bin", pipe.unet, shape)
     return ModelPaths(sdxl_dir=root / "sdxl", image_encoder_dir=root / "image_encoder", ip_ckpt=ckpt)
 
 

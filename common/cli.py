@@ -1,0 +1,42 @@
+"""Command-line conventions shared by every script: boolean flags and the bad-input exit."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import NoReturn
+
+from common.errors import BadInputError
+
+
+def str2bool(value: str | bool) -> bool:
+    """argparse type for the official scripts' `--flag True/False` style switches."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in {"true", "1", "yes", "y", "t"}:
+        return True
+    if lowered in {"false", "0", "no", "n", "f"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean word (true/false), got {value!r}")
+
+
+@contextlib.contextmanager
+def exit_on_bad_input(program: str) -> Iterator[None]:
+    """Turn a `BadInputError` into argparse's `prog: error: ...` line and exit 2.
+
+    A researcher launching a multi-GPU job wants the reason, not a traceback from every process.
+    Only the bad-input type is caught: any other exception is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except BadInputError as error:
+        fail(program, error)
+
+
+def fail(program: str, error: BadInputError) -> NoReturn:
+    """Print argparse's `prog: error: message` line for a bad input and exit with argparse's code 2."""
+    print(f"{program}: error: {error}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,57 @@
+"""The package layering: imports point one way, and the cheap modules stay cheap (no diffusers)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("common", "ip_adapter", "patchdpo", "dreambench", "patch_quality", "stand_ins")
+# What each package may import of the others; anything else is an upward or sideways import.
+ALLOWED = {
+    "common": set(),
+    "ip_adapter": {"common"},
+    "patchdpo": {"common", "ip_adapter", "patch_quality"},
+    "dreambench": {"common", "ip_adapter"},
+    "patch_quality": {"common", "ip_adapter"},
+    "stand_ins": {"common", "ip_adapter", "patch_quality"},
+}
+
+
+def package_imports(package: str) -> dict[str, set[str]]:
+    """For each module of `package`, the other project packages it imports (at any depth of the file)."""
+    found = {}
+    for path in sorted((ROOT / package).glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+        found[f"{package}/{path.name}"] = {name for name in names if name in PACKAGES and name != package}
+    return found
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_point_down(package):
+    wrong = {module: sorted(imported - ALLOWED[package]) for module, imported in package_imports(package).items()}
+    assert not {module: names for module, names in wrong.items() if names}
+
+
+def test_library_code_never_imports_the_stand_ins():
+    for package in set(PACKAGES) - {"stand_ins"}:
+        for module, imported in package_imports(package).items():
+            assert "stand_ins" not in imported, module
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["common.io", "common.cli", "common.errors", "common.images", "common.seeds", "common.training_state", "patch_quality.store", "dreambench.benchmark"],
+)
+def test_cheap_modules_do_not_load_diffusers(module):
+    code = f"import sys, {module}; assert 'diffusers' not in sys.modules, 'diffusers loaded'"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
