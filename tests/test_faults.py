@@ -218,6 +218,21 @@ def test_bf16_training_saves_the_starting_image_proj_exactly(tiny_models, tiny_p
     assert [k for k in initial if not torch.equal(state[k], initial[k])] == []
 
 
+def test_resume_saves_the_image_proj_of_the_training_state(tiny_models, tiny_pair_data, tmp_path):
+    out = tmp_path / "out"
+    argv = train_args(tiny_models, tiny_pair_data, out, "--checkpointing_steps", "1", steps=1)
+    train_patchdpo.main(argv)
+    other = load_ip_adapter_checkpoint(tiny_models.ip_ckpt)
+    other["image_proj"] = {k: v * 2 for k, v in other["image_proj"].items()}
+    torch.save(other, tmp_path / "other.bin")
+    argv = train_args(tiny_models, tiny_pair_data, out, "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest", steps=2)
+    argv[argv.index("--pretrained_ip_adapter_path") + 1] = str(tmp_path / "other.bin")
+    train_patchdpo.main(argv)
+    first = load_ip_adapter_checkpoint(out / "checkpoint-1" / "model.bin")["image_proj"]
+    second = load_ip_adapter_checkpoint(out / "checkpoint-2" / "model.bin")["image_proj"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding 4: a corrupt training image fails before the first step
 
