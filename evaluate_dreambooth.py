@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 
+from common.checks import require_flags_in_range
 from common.cli import fail, str2bool
 from common.errors import BadInputError
 from dreambench.benchmark import SUBJECT_NAMES
-from dreambench.evaluation import METRIC_KEYS, add_evaluation_args, evaluate_generations, format_score_table
+from dreambench.evaluation import METRIC_KEYS, add_evaluation_args, format_score_table, score_generations, write_scores
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -35,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
 def main(argv: list[str] | None = None) -> dict:
     parser, args = parse_args(argv)
     try:
-        scores = evaluate_generations(
+        require_flags_in_range(args, ("batch_size",), minimum=1)
+        scores = score_generations(
             output_dir=args.output_dir,
             data_root=args.data_root,
             kosmosg=args.is_kosmosg,
@@ -49,7 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     except BadInputError as error:
         fail(parser.prog, error)
     print(format_score_table(scores))
-    print(", ".join(f"{key}: {scores[key]:.4f}" for key in METRIC_KEYS))
+    print(", ".join(f"{key}: {scores[key]:.4f}" for key in METRIC_KEYS), flush=True)
+    try:
+        write_scores(args.output_dir, scores)
+    except BadInputError as error:
+        fail(parser.prog, error)
     return scores
 
 

@@ -19,13 +19,15 @@ from pathlib import Path
 from accelerate import Accelerator
 from PIL import Image
 
+from common.checks import require_flags_in_range
 from common.cli import exit_on_bad_input, str2bool
 from common.errors import BadInputError
 from common.io import remove_stale_temp_files, sha256_file
+from common.outputs import check_output_dir
 from dreambench.benchmark import prompts_for, resolve_subjects
 from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
-from dreambench.data import load_conditioning_images, reference_photos
-from dreambench.evaluation import evaluate_generations, format_score_table
+from dreambench.data import check_boxes_inside_photos, load_conditioning_images, reference_photos
+from dreambench.evaluation import check_scores_writable, format_score_table, score_generations, write_scores
 from dreambench.generation import build_items, generate_items, pending_items
 from dreambench.metrics import resolve_clip_checkpoint
 from dreambench.run_config import check_resumable, make_run_config, write_run_config
@@ -79,10 +81,14 @@ def check_args(args: argparse.Namespace) -> None:
             raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
     if args.prompts_per_subject is not None and args.prompts_per_subject < 1:
         raise BadInputError(f"--prompts_per_subject must be >= 1, got {args.prompts_per_subject}")
+    require_flags_in_range(args, ("scale",), minimum=0)
+    require_flags_in_range(args, ("guidance_scale",))
+    check_output_dir(args.output_dir)
     if (args.clip_model is None) != (args.dino_model is None):
         raise BadInputError("--clip_model and --dino_model go together: give both to score the run, or neither")
     if args.clip_model is not None:  # fail now rather than after hours of generation
         resolve_clip_checkpoint(args.clip_model)
+        check_scores_writable(args.output_dir)
         if not (args.dino_model / "config.json").is_file():
             raise BadInputError(f"--dino_model {args.dino_model}: no config.json; pass a local copy of facebook/dino-vits16")
     check_generator_paths(args)
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
     check_args(args)
     subjects = [subject.name for subject in resolve_subjects(args.subjects)]
     for subject in subjects:  # a broken data root fails here, before any model is loaded
-        reference_photos(args.data_root, subject, args.is_kosmosg)
+        check_boxes_inside_photos(reference_photos(args.data_root, subject, args.is_kosmosg))
     subject_prompts = {subject: prompts_for(subject)[: args.prompts_per_subject] for subject in subjects}
 
     def load_references(subject: str) -> list[Image.Image]:
@@ -150,7 +156,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
         write_contact_sheets(args.output_dir, subject_prompts, load_references)
         accelerator.print(f"images in {args.output_dir}, contact sheets in {args.output_dir / GRIDS_DIR}")
         if args.clip_model is not None:
-            scores = evaluate_generations(
+            scores = score_generations(
                 args.output_dir,
                 args.data_root,
                 kosmosg=args.is_kosmosg,
@@ -160,7 +166,8 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
                 allow_partial=args.prompts_per_subject is not None,
                 subjects=subjects,
             )
-            print(format_score_table(scores))
+            print(format_score_table(scores), flush=True)
+            write_scores(args.output_dir, scores)
 
 
 def main(argv: list[str] | None = None) -> None:

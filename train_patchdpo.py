@@ -26,12 +26,19 @@ from accelerate.utils import ProjectConfiguration, release_memory, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common.cli import fail, str2bool
+from common.cli import exit_on_bad_input, fail, str2bool
 from common.errors import BadInputError
 from common.seeds import stable_seed
-from common.training_state import TRAINING_STATE_DIR, checkpoint_step, find_resume_checkpoint, save_training_state
+from common.training_state import (
+    TRAINING_STATE_DIR,
+    checkpoint_step,
+    find_resume_checkpoint,
+    remove_orphan_checkpoint_files,
+    save_training_state,
+)
 from patch_quality.store import QualityMaps
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
+from patchdpo.finite_guard import check_step_is_finite
 from patchdpo.loss import LOSS_MODES
 from patchdpo.pair_dataset import DropoutRates, EpochSampler, PairDataset, index_pairs
 from patchdpo.training import (
@@ -43,6 +50,7 @@ from patchdpo.training import (
     training_step,
     vae_downsample_factor,
 )
+from patchdpo.validate_inputs import check_training_args, validate_training_inputs
 
 logger = get_logger(__name__)
 
@@ -115,8 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@exit_on_bad_input("train_patchdpo.py")
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_training_args(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -142,8 +152,11 @@ def main(argv: list[str] | None = None) -> None:
         latent_size = args.resolution // factor
         quality_maps = QualityMaps.load(args.patch_quality_file) if args.loss == "patch_dpo" else None
         pairs = index_pairs(args.data_root_path, quality_maps, args.generated_per_sample, latent_size)
+        validate_training_inputs(pairs, quality_maps, show_progress=accelerator.is_local_main_process)
         dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
         resume_dir = find_resume_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        if accelerator.is_main_process:
+            remove_orphan_checkpoint_files(output_dir)
         encoders, tokenizers, cache = models.encoders, models.encoders.tokenizers, None
         if args.cache_dir is not None:
             key = cache_key(args.resolution, args.pretrained_model_name_or_path, args.image_encoder_path, weight_dtype)
@@ -213,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                 dpo_beta=args.dpo_beta,
             )
             accelerator.backward(output.loss)
+            check_step_is_finite(accelerator, output.loss, model.adapter_modules.parameters(), global_step + 1, batch, pairs)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             global_step += 1

@@ -2,7 +2,8 @@
 
 Outputs are written to a temporary file in the destination folder and renamed into place, so a
 run that is killed midway never leaves a truncated image, JSON or checkpoint that a later resumed
-run would mistake for finished work.
+run would mistake for finished work. A temporary file's name carries its writer's pid and host, so a
+resumed run removes only the orphans of dead processes, never the files another live run is writing.
 """
 
 from __future__ import annotations
@@ -10,13 +11,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+logger = logging.getLogger(__name__)
+_TEMP_OWNER = re.compile(r"\.pid(?P<pid>\d+)@(?P<host>[^.]*)\.[^.]*\.tmp")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.pid{os.getpid()}@{_host()}."
 
 
 def _current_umask() -> int:
@@ -30,7 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp" + path.suffix)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -66,18 +81,54 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def remove_stale_temp_files(output_dir: str | os.PathLike, folders: Iterable[str], suffix: str = ".png") -> list[Path]:
-    """Delete the temporary `suffix` files a killed run left behind in the given sub-folders of `output_dir`.
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
-    `atomic_path` names its temporary files `.<name>.<random>.tmp<suffix>`.
 
-    Only call this while no process is writing: a live writer's temporary file matches the pattern too.
+def temp_file_owner(path: Path) -> tuple[int, str] | None:
+    """(pid, host) of the process that created an `atomic_path` temporary file; None for an untagged name."""
+    match = _TEMP_OWNER.search(path.name)
+    return None if match is None else (int(match["pid"]), match["host"])
+
+
+def is_orphan_temp_file(path: Path) -> bool:
+    """True unless a live process (this one included) or a process on another host may still write it.
+
+    Untagged names (written before the pid tag existed) count as orphans; another host's files are
+    kept, since its processes cannot be checked from here.
     """
-    removed = []
+    owner = temp_file_owner(path)
+    if owner is None:
+        return True
+    pid, host = owner
+    return host == _host() and pid != os.getpid() and not _pid_alive(pid)
+
+
+def remove_stale_temp_files(output_dir: str | os.PathLike, folders: Iterable[str], suffix: str = ".png") -> list[Path]:
+    """Delete the temporary `suffix` files (`"*"`: any) that dead runs left in the given sub-folders of `output_dir`.
+
+    `atomic_path` names its temporary files `.<name>.pid<pid>@<host>.<random>.tmp<suffix>`. Files of a
+    live process are kept and reported: another run is writing to this folder.
+    """
+    removed, live = [], []
     for folder in folders:
         directory = Path(output_dir) / folder
         if directory.is_dir():
             for path in sorted(directory.glob(f".*.tmp{suffix}")):
-                path.unlink(missing_ok=True)
-                removed.append(path)
+                if is_orphan_temp_file(path):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+                else:
+                    live.append(path)
+    if live:
+        owners = sorted({"pid {}@{}".format(*temp_file_owner(path)) for path in live})
+        logger.warning(
+            f"kept {len(live)} temporary file(s) in {output_dir} being written by {', '.join(owners)}: another run is writing to this folder"
+        )
     return removed

@@ -1,7 +1,14 @@
-"""`checkpoint-N/training_state` folders: written whole or not at all, found again on resume."""
+"""`checkpoint-N/training_state` folders: written whole or not at all, found again on resume.
+
+A state can still be damaged after it was written (a full disk, a copy that stopped half-way), so
+resuming checks that every file of the state loads: an explicit `--resume_from_checkpoint` folder
+that does not is a one-line error naming the file, and `latest` falls back to the newest state that
+does, with a warning.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -9,11 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.errors import BadInputError
+from common.io import remove_stale_temp_files
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+logger = logging.getLogger(__name__)
+
 TRAINING_STATE_DIR = "training_state"
+#: Files every state holds: accelerate's optimizer state (both trainers have one optimizer).
+REQUIRED_STATE_FILES = ("optimizer.bin",)
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -47,7 +59,56 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str) -> P
         if not (path / TRAINING_STATE_DIR).is_dir():
             raise BadInputError(f"{path} holds no {TRAINING_STATE_DIR}/ (saved by --checkpointing_steps); cannot resume from it")
         checkpoint_step(path)
+        check_training_state(path / TRAINING_STATE_DIR)
         return path
     root = Path(output_dir)
     candidates = [p for p in root.glob("checkpoint-*") if _CHECKPOINT_DIR.match(p.name) and (p / TRAINING_STATE_DIR).is_dir()]
-    return max(candidates, key=checkpoint_step, default=None)
+    for candidate in sorted(candidates, key=checkpoint_step, reverse=True):
+        try:
+            check_training_state(candidate / TRAINING_STATE_DIR)
+        except BadInputError as error:
+            logger.warning(f"skipping a damaged training state: {error}; trying an older checkpoint")
+            continue
+        return candidate
+    return None
+
+
+def check_training_state(state_dir: str | os.PathLike) -> None:
+    """Every file of an accelerate state loads (safetensors and weights-only torch files); else one line naming it.
+
+    `random_states_*.pkl` is not checked: accelerate tolerates an unreadable one.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    state_dir = Path(state_dir)
+    for name in REQUIRED_STATE_FILES:
+        if not (state_dir / name).is_file():
+            raise BadInputError(f"{state_dir / name}: missing; the training state is incomplete")
+    for path in sorted(state_dir.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                load_file(str(path))
+            elif path.suffix == ".bin":
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch and safetensors raise many types for a truncated or corrupt file
+            detail = " ".join(str(error).split())[:200] or type(error).__name__
+            raise BadInputError(f"{path}: corrupt training state file ({type(error).__name__}: {detail})") from None
+
+
+def remove_orphan_checkpoint_files(output_dir: str | os.PathLike) -> list[Path]:
+    """Temporary files and half-saved `training_state.partial/` folders that killed runs left in `checkpoint-N/`.
+
+    Temporary files of a live process are kept (`common.io.remove_stale_temp_files`); call this
+    from the main process before training starts.
+    """
+    root = Path(output_dir)
+    folders = [p for p in sorted(root.glob("checkpoint-*")) if _CHECKPOINT_DIR.match(p.name) and p.is_dir()]
+    removed = remove_stale_temp_files(root, [p.name for p in folders] + [f"{p.name}/{TRAINING_STATE_DIR}" for p in folders], suffix="*")
+    for partial in (p / (TRAINING_STATE_DIR + ".partial") for p in folders):
+        if partial.is_dir():
+            shutil.rmtree(partial)
+            removed.append(partial)
+    if removed:
+        logger.warning(f"removed {len(removed)} unfinished file(s) left in {root} by an interrupted run")
+    return removed

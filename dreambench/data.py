@@ -142,10 +142,32 @@ def resize_and_pad(image: Image.Image, size: int = CONDITIONING_SIZE) -> Image.I
     return canvas
 
 
+def check_boxes_inside_photos(photos: list[ReferencePhoto]) -> list[ReferencePhoto]:
+    """Each subject box lies inside its photo (read from the image header); returns `photos`.
+
+    PIL pads a crop outside the image with black, so a wrong box would silently condition the
+    generator on a black image.
+    """
+    for photo in photos:
+        try:
+            with Image.open(photo.path) as image:
+                width, height = image.size
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise BadInputError(f"{photo.path}: unreadable image ({type(exc).__name__})") from None
+        x0, y0, x1, y1 = photo.box
+        bottom = BOX_REFERENCE_WIDTH * height / width
+        if x0 < 0 or y0 < 0 or x1 > BOX_REFERENCE_WIDTH or y1 > bottom:
+            raise BadInputError(
+                f"{photo.json_path}: subject box {list(photo.box)} lies outside its {width}x{height} photo {photo.path.name} "
+                f"(which spans [0, 0, {BOX_REFERENCE_WIDTH}, {bottom:g}] in 800-pixel-wide box coordinates)"
+            )
+    return photos
+
+
 def load_conditioning_images(root: str | os.PathLike, subject: str | Subject, kosmosg: bool) -> list[Image.Image]:
     """Box-cropped, padded 224x224 subject images that condition the generator (never used for scoring)."""
     images = []
-    for photo in reference_photos(root, subject, kosmosg):
+    for photo in check_boxes_inside_photos(reference_photos(root, subject, kosmosg)):
         image = load_rgb_image(photo.path)
         try:
             crop = crop_to_box(image, photo.box)

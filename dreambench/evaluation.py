@@ -23,6 +23,7 @@ from common.cli import str2bool
 from common.errors import BadInputError
 from common.images import is_image_file, load_rgb_image
 from common.io import atomic_write_json
+from common.outputs import check_output_file
 from dreambench.benchmark import SUBJECTS, Subject, prompts_for, resolve_subjects
 from dreambench.data import load_reference_images, validate_dreambench
 from dreambench.metrics import (
@@ -156,7 +157,46 @@ def evaluate_generations(
     subjects: list[str] | None = None,
     clip_download_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Score `output_dir`, write `output_dir/all_score.json` atomically and return its content.
+    """`score_generations`, then `write_scores`: the scores in `output_dir/all_score.json` and returned."""
+    scores = score_generations(
+        output_dir, data_root, kosmosg, clip_model, dino_model, device, batch_size, allow_partial, subjects, clip_download_root
+    )
+    write_scores(output_dir, scores)
+    return scores
+
+
+def check_scores_writable(output_dir: str | os.PathLike) -> Path:
+    """Fail before any model loads if `all_score.json` could not be written (a folder of that name, a read-only disk)."""
+    return check_output_file(Path(output_dir) / SCORE_FILE, "--output_dir")
+
+
+def write_scores(output_dir: str | os.PathLike, scores: dict[str, Any]) -> Path:
+    """Write `output_dir/all_score.json` atomically; a failure is one line naming the path.
+
+    Scripts print the score table before calling this, so a failed write leaves the printed scores.
+    """
+    path = Path(output_dir) / SCORE_FILE
+    try:
+        return atomic_write_json(path, scores)
+    except OSError as error:
+        raise BadInputError(
+            f"{path}: cannot write the scores ({error.strerror or type(error).__name__}); the table printed above is the record"
+        ) from None
+
+
+def score_generations(
+    output_dir: str | os.PathLike,
+    data_root: str | os.PathLike,
+    kosmosg: bool,
+    clip_model: str | os.PathLike,
+    dino_model: str | os.PathLike,
+    device: str | torch.device,
+    batch_size: int = 25,
+    allow_partial: bool = False,
+    subjects: list[str] | None = None,
+    clip_download_root: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Score `output_dir` and return what `write_scores` stores as `all_score.json`.
 
     `kosmosg` selects the reference photos for CLIP-I and DINO: all photos of the subject (original
     setting) or only the Kosmos-G image. `subjects` restricts scoring to some subjects (default all
@@ -169,6 +209,7 @@ def evaluate_generations(
     wanted = resolve_subjects(subjects)
     validate_dreambench(data_root)
     generations = find_generations(output_dir, wanted, allow_partial)
+    check_scores_writable(output_dir)
 
     device = _check_device(device)
     clip_net, clip_preprocess = load_clip(clip_model, device, clip_download_root)
@@ -206,7 +247,6 @@ def evaluate_generations(
         "clip_model": str(clip_model),
         "dino_model": str(dino_model),
     }
-    atomic_write_json(Path(output_dir) / SCORE_FILE, result)
     return result
 
 

@@ -33,7 +33,18 @@ def _check_sections(checkpoint: object, path: Path) -> Checkpoint:
             raise BadInputError(f"{path}: checkpoint has no {section!r} section (found {sorted(checkpoint)})")
         if not checkpoint[section] or not all(isinstance(v, torch.Tensor) for v in checkpoint[section].values()):
             raise BadInputError(f"{path}: checkpoint section {section!r} must be a non-empty dict of tensors")
+        _check_values(checkpoint[section], path, section)
     return {section: dict(checkpoint[section]) for section in SECTIONS}
+
+
+def _check_values(tensors: Mapping[str, torch.Tensor], path: Path, section: str) -> None:
+    """Every tensor finite and the section not wiped to zeros: either would generate black images without an error."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BadInputError(f"{path}: checkpoint section {section!r} key {key!r} holds {bad} NaN/inf value(s)")
+    if all(not tensor.any() for tensor in tensors.values()):
+        raise BadInputError(f"{path}: checkpoint section {section!r} is all zeros (a wiped or never-trained checkpoint)")
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], section: str) -> None:
@@ -80,13 +91,20 @@ def load_ip_adapter_checkpoint(path: str | os.PathLike) -> Checkpoint:
     raise BadInputError(f"{path}: unsupported checkpoint extension {path.suffix!r}, expected .bin or .safetensors")
 
 
-def adapter_state(image_proj_model: nn.Module, adapter_modules: nn.Module, dtype: torch.dtype | None = torch.float16) -> Checkpoint:
-    """Detached CPU copies of the two sections, cast to `dtype` (fp16 as the released files)."""
+def adapter_state(
+    image_proj_model: nn.Module | Mapping[str, torch.Tensor], adapter_modules: nn.Module, dtype: torch.dtype | None = torch.float16
+) -> Checkpoint:
+    """Detached CPU copies of the two sections, cast to `dtype` (fp16 as the released files).
 
-    def export(module: nn.Module) -> dict[str, torch.Tensor]:
+    `image_proj_model` may also be a state dict: a trainer keeps the frozen Resampler's loaded tensors
+    so that running it in half precision never changes what is saved.
+    """
+
+    def export(source: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors = source.state_dict() if isinstance(source, nn.Module) else source
         return {
             key: tensor.detach().to("cpu", dtype=dtype if dtype is not None else tensor.dtype).contiguous()
-            for key, tensor in module.state_dict().items()
+            for key, tensor in tensors.items()
         }
 
     return {"image_proj": export(image_proj_model), "ip_adapter": export(adapter_modules)}
@@ -94,7 +112,7 @@ def adapter_state(image_proj_model: nn.Module, adapter_modules: nn.Module, dtype
 
 def save_ip_adapter(
     path: str | os.PathLike,
-    image_proj_model: nn.Module,
+    image_proj_model: nn.Module | Mapping[str, torch.Tensor],
     adapter_modules: nn.Module,
     dtype: torch.dtype | None = torch.float16,
 ) -> Path:

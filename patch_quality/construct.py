@@ -38,12 +38,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.batching import batched
+from common.checks import require_flags_in_range, require_template_fields
 from common.cli import exit_on_bad_input
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
+from common.outputs import check_output_dir
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
+from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
 from ip_adapter.loading import add_generator_args, check_generator_paths, dtype_name, load_sdxl_pipeline, resolve_dtype
 from patch_quality import layout
@@ -259,9 +262,12 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
     for name in ("num_samples", "num_generated", "num_inference_steps", "height", "width", "batch_size"):
         if getattr(args, name) < 1:
             raise BadInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_flags_in_range(args, ("scale",), minimum=0)
+    require_flags_in_range(args, ("guidance_scale",))
+    require_template_fields("--reference_template", args.reference_template, ["object"])
     check_generator_paths(args)
-    if "{object}" not in args.reference_template:
-        raise BadInputError(f"--reference_template {args.reference_template!r} must contain '{{object}}'")
+    check_output_dir(args.output_dir)
+    ip_checkpoint = load_ip_adapter_checkpoint(args.ip_ckpt)  # a NaN or wiped checkpoint fails before any image is drawn
     categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
     output_dir = args.output_dir
     plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
@@ -327,7 +333,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
     accelerator.wait_for_everyone()  # every reference exists before any generation reads one
     if pending_generated:
         # Installing the adapter changes the UNet's attention, so it happens after the references.
-        ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, args.ip_ckpt, device=accelerator.device)
+        ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, ip_checkpoint, device=accelerator.device)
         ip_model.set_scale(args.scale)
         with accelerator.split_between_processes(pending_generated) as shard:
             generate_pairs(

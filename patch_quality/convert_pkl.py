@@ -33,6 +33,7 @@ from accelerate import PartialState
 
 from common.errors import BadInputError
 from common.io import sha256_file
+from common.outputs import check_output_file
 from patch_quality.store import save_quality_maps
 
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if not PartialState(cpu=True).is_main_process:
         return
     try:
+        check_output_file(args.output, "output")
         count = convert_pkl(args.input, args.output)
     except BadInputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

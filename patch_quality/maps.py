@@ -35,10 +35,12 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.cli import str2bool
+from common.checks import require_flags_in_range
+from common.cli import exit_on_bad_input, str2bool
 from common.errors import BadInputError
 from common.images import load_rgb_image
-from common.io import sha256_file
+from common.io import remove_stale_temp_files, sha256_file
+from common.outputs import check_output_dir, check_output_file
 from patch_quality import layout
 from patch_quality.features import PatchFeatureExtractor, center_square, describe
 from patch_quality.store import QualityMaps, save_quality_maps
@@ -198,6 +200,9 @@ def estimate_quality_maps(
     run_meta = {**feature_metadata, **settings.metadata()}
     run_tag = hashlib.sha256(json.dumps(run_meta, sort_keys=True).encode()).hexdigest()
     parts_dir = data_root / PARTS_DIR_NAME
+    if state.is_main_process:  # orphans of a killed run; a live writer's files are kept
+        remove_stale_temp_files(output.parent, ["."], ".safetensors")
+        remove_stale_temp_files(data_root, [PARTS_DIR_NAME], ".safetensors")
 
     todo = []
     for sample, _prompt, reference, generated in entries[state.process_index :: state.num_processes]:
@@ -299,9 +304,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_map_args(args: argparse.Namespace) -> None:
+    """Sizes >= 1, fractions in [0, 1], and writable outputs, before the backbone loads."""
+    require_flags_in_range(args, ("resolution", "vae_scale_factor", "batch_size", "image_size"), minimum=1)
+    require_flags_in_range(args, ("foreground_fraction",), minimum=0, maximum=1)
+    require_flags_in_range(args, ("good_threshold",))
+    check_output_file(args.output or args.data_root / layout.QUALITY_MAPS_NAME)
+    check_output_dir(args.data_root / PARTS_DIR_NAME, "--data_root")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with exit_on_bad_input(parser.prog):
+        check_map_args(args)
     if args.resolution % args.vae_scale_factor:
         parser.error(f"--resolution {args.resolution} is not divisible by --vae_scale_factor {args.vae_scale_factor}")
     state = PartialState(cpu=args.cpu)

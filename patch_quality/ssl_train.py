@@ -34,10 +34,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from common.checks import require_flags_in_range
+from common.cli import exit_on_bad_input
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_write_json
-from common.training_state import checkpoint_step, find_resume_checkpoint, save_training_state
+from common.outputs import check_output_dir
+from common.training_state import checkpoint_step, find_resume_checkpoint, remove_orphan_checkpoint_files, save_training_state
 from patch_quality.features import PatchFeatureExtractor, center_square, load_finetuned, save_finetuned, transformer_blocks
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -303,6 +306,8 @@ def train(
 
     step = 0
     resume_dir = find_resume_checkpoint(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
+    if accelerator.is_main_process:
+        remove_orphan_checkpoint_files(output_dir)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir / "training_state"))
         step = checkpoint_step(resume_dir)
@@ -405,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with exit_on_bad_input(parser.prog):
+        require_flags_in_range(args, ("train_batch_size", "image_size", "source_size"), minimum=1)
+        check_output_dir(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         cpu=args.cpu,

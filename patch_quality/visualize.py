@@ -20,10 +20,12 @@ from accelerate import PartialState
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from common.checks import require_flags_in_range
 from common.cli import str2bool
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image
+from common.outputs import check_output_dir
 from patch_quality import layout
 from patch_quality.features import center_square
 from patch_quality.store import QualityMaps
@@ -125,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        require_flags_in_range(args, ("size",), minimum=1)
+        require_flags_in_range(args, ("alpha",), minimum=0, maximum=1)
+        check_output_dir(args.output_dir)
         written = visualize(args.data_root, args.output_dir, args.maps, args.max_samples, args.size, args.alpha, args.overwrite)
     except BadInputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -194,6 +194,7 @@ class PairDataset(Dataset):
             item["reference_map"], item["generated_map"] = self.quality_maps.get(pair.sample, pair.k)
         else:
             item["reference_map"] = item["generated_map"] = torch.zeros(self.latent_size, self.latent_size)
+        item["index"] = torch.tensor(index)  # names the batch's samples if its step goes non-finite
         item["drop_image"] = torch.tensor(drop_image)
         item["drop_text"] = torch.tensor(drop_text)
         return item

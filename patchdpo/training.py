@@ -121,11 +121,20 @@ class PairConditioning:
 class IPAdapterTrainingModel(nn.Module):
     """SDXL UNet with IP-Adapter layers plus the frozen Resampler; forward takes pair-level inputs."""
 
-    def __init__(self, unet: UNet2DConditionModel, image_proj_model: Resampler, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        image_proj_model: Resampler,
+        compute_dtype: torch.dtype,
+        image_proj_state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.unet = unet
         self.image_proj_model = image_proj_model
         self.compute_dtype = compute_dtype
+        # The frozen Resampler's tensors as loaded: saved instead of its copy in the compute dtype, so a
+        # bf16 or fp16 run writes back exactly the image_proj it started from.
+        self.image_proj_state = image_proj_state if image_proj_state is not None else cpu_state(image_proj_model)
 
     @property
     def adapter_modules(self) -> nn.ModuleDict:
@@ -202,6 +211,7 @@ def load_training_models(
 
     for module in (unet, vae, text_encoder, text_encoder_2, resampler):
         module.eval().requires_grad_(False)
+    image_proj_state = cpu_state(resampler)  # before the cast to the compute dtype
     unet.to(device, weight_dtype)
     adapter_modules.to(torch.float32).requires_grad_(True)
     resampler.to(device, weight_dtype)
@@ -209,7 +219,12 @@ def load_training_models(
     text_encoder.to(device, weight_dtype)
     text_encoder_2.to(device, weight_dtype)
     encoders = FrozenEncoders(vae, image_encoder, (text_encoder, text_encoder_2), tokenizers)
-    return TrainingModels(IPAdapterTrainingModel(unet, resampler, weight_dtype), encoders, scheduler)
+    return TrainingModels(IPAdapterTrainingModel(unet, resampler, weight_dtype, image_proj_state), encoders, scheduler)
+
+
+def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of a module's tensors, unaffected by later `.to(dtype)` calls."""
+    return {key: tensor.detach().to("cpu", copy=True) for key, tensor in module.state_dict().items()}
 
 
 def frozen_adapter_copy(model: IPAdapterTrainingModel) -> dict[str, torch.Tensor]:
@@ -272,8 +287,8 @@ def training_step(
 def save_adapter_checkpoint(directory: str | os.PathLike, model: IPAdapterTrainingModel) -> Path:
     """`model.bin` and `model.safetensors` (fp16, public IP-Adapter layout) in `directory`."""
     directory = Path(directory)
-    save_ip_adapter(directory / "model.bin", model.image_proj_model, model.adapter_modules)
-    save_ip_adapter(directory / "model.safetensors", model.image_proj_model, model.adapter_modules)
+    save_ip_adapter(directory / "model.bin", model.image_proj_state, model.adapter_modules)
+    save_ip_adapter(directory / "model.safetensors", model.image_proj_state, model.adapter_modules)
     return directory
 
 
@@ -286,12 +301,13 @@ def register_adapter_state_hooks(accelerator: Accelerator, model: IPAdapterTrain
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
-            save_ip_adapter(Path(output_dir) / ADAPTER_STATE_NAME, model.image_proj_model, model.adapter_modules, dtype=None)
+            save_ip_adapter(Path(output_dir) / ADAPTER_STATE_NAME, model.image_proj_state, model.adapter_modules, dtype=None)
         weights.clear()
 
     def load_hook(models: list, input_dir: str) -> None:
         checkpoint = load_ip_adapter_checkpoint(Path(input_dir) / ADAPTER_STATE_NAME)
         load_adapter_state(model.image_proj_model, model.adapter_modules, checkpoint)
+        model.image_proj_state = {key: tensor.clone() for key, tensor in checkpoint["image_proj"].items()}
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)

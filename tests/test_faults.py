@@ -1,0 +1,450 @@
+"""Fault injection on the tiny models: bad inputs and broken outputs fail loudly and lose nothing.
+
+Each test injects one fault of issue 14 (NaN or out-of-range quality maps, NaN / wiped checkpoints,
+NaN losses and gradients, corrupt images, unusable output folders, live writers' temporary files,
+boxes outside their photos, bad numeric flags, damaged training states, orphan temporary files) and
+asserts the one-line `prog: error:` exit with code 2 (via `bad_input_message`) and that nothing
+was written or lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import evaluate_dreambooth
+import inference_dreambooth
+import train_patchdpo
+from common.io import atomic_path, remove_stale_temp_files
+from common.training_state import TRAINING_STATE_DIR, check_training_state
+from dreambench.data import load_conditioning_images
+from ip_adapter import load_ip_adapter_checkpoint
+from patch_quality import construct, convert_pkl, maps, ssl_train, visualize
+from patch_quality.store import FORMAT_KEY, FORMAT_VALUE, QualityMaps
+from patchdpo import training as training_module
+from patchdpo.training import ADAPTER_STATE_NAME
+from stand_ins.pairs import save_pair_data
+from tests.kit.cli import bad_input_message
+from tests.test_train_patchdpo import LATENT, train_args
+
+REPO = Path(__file__).resolve().parents[1]
+DREAMBENCH = REPO.parent / "shared" / "dreambench"
+UNWRITABLE = Path("/proc/patchdpo_faults_out")  # /proc refuses new files even for root
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def orphan_temp(folder: Path, name: str) -> Path:
+    """A temporary file as `atomic_path` names it, left by a process that no longer runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".{name}.pid{dead_pid()}@{os.uname().nodename.replace('.', '_')}.abc123.tmp{Path(name).suffix}"
+    path.write_bytes(b"half written")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding 1: NaN or out-of-range quality maps
+
+
+def write_maps(path: Path, edit: dict[str, float], metadata: dict[str, str] | None = None) -> None:
+    """Rewrite a quality-map file with `edit[tensor name]` poked into [0, 0] (save_quality_maps refuses NaN)."""
+    stored = QualityMaps.load(path)
+    tensors = {}
+    for sample, k in stored.keys():
+        for role, tensor in zip(("reference_map", "generated_map"), stored.get(sample, k)):
+            name = f"{sample}/{k}/{role}"
+            if name in edit:
+                tensor[0, 0] = edit[name]
+            tensors[name] = tensor.half().contiguous()
+    save_file(tensors, str(path), metadata={**stored.metadata, **(metadata or {}), FORMAT_KEY: FORMAT_VALUE})
+
+
+@pytest.mark.parametrize("value, fragment", [(math.nan, "NaN/inf"), (3.0, "values in [0"), (-0.5, "values in [-0.5")])
+def test_bad_quality_map_stops_training_before_any_step(tiny_models, tmp_path, value, fragment):
+    data = save_pair_data(tmp_path / "data", 3, 32, LATENT)
+    write_maps(data.quality_file, {"sample2/0/generated_map": value})
+    out = tmp_path / "out"
+    message = bad_input_message(train_patchdpo.main, train_args(tiny_models, data, out, "--use_dpo_loss", "True", "--save_steps", "1"))
+    assert str(data.quality_file) in message and "sample 'sample2'" in message and "sample2/0/generated_map" in message
+    assert fragment in message
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_signed_maps_accept_their_declared_range(tiny_models, tmp_path):
+    data = save_pair_data(tmp_path / "data", 2, 32, LATENT)
+    write_maps(data.quality_file, {"sample1/0/generated_map": -0.5}, {"signed": "true"})
+    train_patchdpo.main(train_args(tiny_models, data, tmp_path / "out", "--use_dpo_loss", "True", steps=1))
+    assert (tmp_path / "out" / "checkpoint-1" / "model.bin").is_file()
+    write_maps(data.quality_file, {"sample1/0/reference_map": -0.5}, {"signed": "true"})  # reference maps are never signed
+    message = bad_input_message(train_patchdpo.main, train_args(tiny_models, data, tmp_path / "out2", "--use_dpo_loss", "True"))
+    assert "sample1/0/reference_map" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# Item 2: a non-finite loss or gradient stops training before the optimizer step
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.nan
+
+
+@pytest.mark.parametrize("fault", ["loss", "gradient"])
+def test_non_finite_step_stops_before_the_optimizer_step_and_any_checkpoint(tiny_models, tiny_pair_data, tmp_path, monkeypatch, fault):
+    real = training_module.compute_loss
+    calls = []
+
+    def faulty(*args, **kwargs):
+        output = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # step 2
+            output = output._replace(loss=output.loss * math.nan if fault == "loss" else _NaNGradient.apply(output.loss))
+        return output
+
+    monkeypatch.setattr(training_module, "compute_loss", faulty)
+    out = tmp_path / "out"
+    # --logging_steps 10: the old check ran only when logging, after checkpoint-2 was saved.
+    argv = train_args(tiny_models, tiny_pair_data, out, "--use_dpo_loss", "True", "--save_steps", "1", "--logging_steps", "10", steps=3)
+    message = bad_input_message(train_patchdpo.main, argv)
+    assert f"step 2: non-finite {fault}" in message and "sample" in message and "(index " in message
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    state = torch.load(out / "checkpoint-1" / "model.bin", weights_only=True)
+    assert all(torch.isfinite(t).all() for section in state.values() for t in section.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding 2: NaN or wiped checkpoints, NaN or negative --scale
+
+
+def broken_checkpoint(tiny_models, tmp_path: Path, how: str) -> Path:
+    checkpoint = load_ip_adapter_checkpoint(tiny_models.ip_ckpt)
+    if how == "nan":
+        key = sorted(checkpoint["ip_adapter"])[0]
+        checkpoint["ip_adapter"][key][0] = math.nan
+    else:
+        checkpoint["image_proj"] = {k: torch.zeros_like(v) for k, v in checkpoint["image_proj"].items()}
+    path = tmp_path / f"{how}.bin"
+    torch.save(checkpoint, path)
+    return path
+
+
+def inference_argv(tiny_models, out: Path, *extra: str, ip_ckpt: Path | None = None, data_root: Path = DREAMBENCH) -> list[str]:
+    return [
+        "--base_model_path", str(tiny_models.sdxl_dir), "--image_encoder_path", str(tiny_models.image_encoder_dir),
+        "--ip_ckpt", str(ip_ckpt or tiny_models.ip_ckpt), "--data_root", str(data_root), "--output_dir", str(out),
+        "--subjects", "backpack", "--prompts_per_subject", "1", "--num_inference_steps", "1", "--height", "32", "--width", "32",
+        *extra,
+    ]  # fmt: skip
+
+
+def construct_argv(tiny_models, out: Path, *extra: str, ip_ckpt: Path | None = None) -> list[str]:
+    return [
+        "--base_model_path", str(tiny_models.sdxl_dir), "--image_encoder_path", str(tiny_models.image_encoder_dir),
+        "--ip_ckpt", str(ip_ckpt or tiny_models.ip_ckpt), "--output_dir", str(out), "--num_samples", "1",
+        "--num_inference_steps", "1", "--height", "32", "--width", "32",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("how, fragment", [("nan", "NaN/inf value"), ("zero", "'image_proj' is all zeros")])
+def test_nan_or_wiped_checkpoint_is_refused_by_inference_construct_and_training(tiny_models, tiny_pair_data, tmp_path, how, fragment):
+    ckpt = broken_checkpoint(tiny_models, tmp_path, how)
+    message = bad_input_message(inference_dreambooth.main, inference_argv(tiny_models, tmp_path / "gen", ip_ckpt=ckpt))
+    assert str(ckpt) in message and fragment in message
+    assert files_under(tmp_path / "gen") == []
+    message = bad_input_message(construct.main, construct_argv(tiny_models, tmp_path / "data", ip_ckpt=ckpt))
+    assert str(ckpt) in message and fragment in message
+    assert files_under(tmp_path / "data") == []
+    message = bad_input_message(
+        train_patchdpo.main, [*train_args(tiny_models, tiny_pair_data, tmp_path / "run"), "--pretrained_ip_adapter_path", str(ckpt)]
+    )
+    assert str(ckpt) in message and fragment in message
+    assert files_under(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "-0.5"])
+def test_bad_scale_is_refused_before_anything_is_written(tiny_models, tmp_path, scale):
+    message = bad_input_message(inference_dreambooth.main, inference_argv(tiny_models, tmp_path / "gen", "--scale", scale))
+    assert f"--scale must be finite and >= 0, got {float(scale)}" in message
+    assert files_under(tmp_path / "gen") == []  # no run_config.json with "scale": NaN
+    message = bad_input_message(construct.main, construct_argv(tiny_models, tmp_path / "data", "--scale", scale))
+    assert "--scale must be finite and >= 0" in message
+    assert files_under(tmp_path / "data") == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding 3: bf16 training saves the starting image_proj bit for bit
+
+
+def test_bf16_training_saves_the_starting_image_proj_exactly(tiny_models, tiny_pair_data, tmp_path):
+    out = tmp_path / "out"
+    extra = ("--use_dpo_loss", "True", "--mixed_precision", "bf16", "--checkpointing_steps", "1")
+    # Accelerate fixes the precision once per process: run the script in its own.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = train_args(tiny_models, tiny_pair_data, out, *extra, steps=1)
+    result = subprocess.run([sys.executable, "train_patchdpo.py", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    initial = load_ip_adapter_checkpoint(tiny_models.ip_ckpt)["image_proj"]
+    saved = load_ip_adapter_checkpoint(out / "checkpoint-1" / "model.bin")["image_proj"]
+    state = load_ip_adapter_checkpoint(out / "checkpoint-1" / TRAINING_STATE_DIR / ADAPTER_STATE_NAME)["image_proj"]
+    assert [k for k in initial if not torch.equal(saved[k], initial[k].half())] == []
+    assert [k for k in initial if not torch.equal(state[k], initial[k])] == []
+
+
+def test_resume_saves_the_image_proj_of_the_training_state(tiny_models, tiny_pair_data, tmp_path):
+    out = tmp_path / "out"
+    argv = train_args(tiny_models, tiny_pair_data, out, "--checkpointing_steps", "1", steps=1)
+    train_patchdpo.main(argv)
+    other = load_ip_adapter_checkpoint(tiny_models.ip_ckpt)
+    other["image_proj"] = {k: v * 2 for k, v in other["image_proj"].items()}
+    torch.save(other, tmp_path / "other.bin")
+    argv = train_args(tiny_models, tiny_pair_data, out, "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest", steps=2)
+    argv[argv.index("--pretrained_ip_adapter_path") + 1] = str(tmp_path / "other.bin")
+    train_patchdpo.main(argv)
+    first = load_ip_adapter_checkpoint(out / "checkpoint-1" / "model.bin")["image_proj"]
+    second = load_ip_adapter_checkpoint(out / "checkpoint-2" / "model.bin")["image_proj"]
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding 4: a corrupt training image fails before the first step
+
+
+def test_corrupt_generated_image_fails_before_any_checkpoint(tiny_models, tmp_path):
+    data = save_pair_data(tmp_path / "data", 4, 32, LATENT)
+    corrupt = next((data.root / "sample3").glob("*_gen_0.png"))
+    corrupt.write_bytes(corrupt.read_bytes()[:40])
+    out = tmp_path / "out"
+    message = bad_input_message(train_patchdpo.main, train_args(tiny_models, data, out, "--save_steps", "1", steps=2))
+    assert str(corrupt) in message and "unreadable image" in message
+    assert not list(out.glob("checkpoint-*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding 5: unusable output paths fail before any model loads, in every CLI
+
+
+def _cli_cases(tiny_models, tmp_path: Path) -> dict[str, tuple]:
+    """name -> (main, argv builder taking the output path, flag text)."""
+    missing = str(tmp_path / "no_model")  # a model path that would fail if anything loaded before the output check
+    return {
+        "train": (
+            train_patchdpo.main,
+            lambda out: ["--pretrained_model_name_or_path", missing, "--image_encoder_path", missing,
+                         "--data_root_path", missing, "--output_dir", str(out)],
+        ),
+        "inference": (inference_dreambooth.main, lambda out: inference_argv(tiny_models, out)),
+        "construct": (construct.main, lambda out: construct_argv(tiny_models, out)),
+        "maps": (maps.main, lambda out: ["--data_root", missing, "--backbone", missing, "--output", str(out / "maps.safetensors")]),
+        "ssl_train": (ssl_train.main, lambda out: ["--backbone", missing, "--train_data", missing, "--output_dir", str(out)]),
+        "visualize": (visualize.main, lambda out: ["--data_root", missing, "--output_dir", str(out)]),
+        "convert_pkl": (convert_pkl.main, lambda out: [missing, str(out / "maps.safetensors")]),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("cli", ["train", "inference", "construct", "maps", "ssl_train", "visualize", "convert_pkl"])
+@pytest.mark.parametrize("problem", ["is_a_file", "unwritable"])
+def test_unusable_output_fails_first_in_every_cli(tiny_models, tmp_path, cli, problem):
+    main, argv = _cli_cases(tiny_models, tmp_path)[cli]
+    if problem == "is_a_file":
+        out = tmp_path / "taken"
+        out.write_text("not a folder")
+        expected = str(out)
+    else:
+        out = UNWRITABLE
+        expected = "cannot write in /proc"
+    message = bad_input_message(main, argv(out))
+    assert expected in message, message
+    assert "no_model" not in message  # nothing was loaded or read before the output check
+    assert files_under(tmp_path) == (["taken"] if problem == "is_a_file" else [])
+
+
+@pytest.fixture()
+def one_generation(tmp_path) -> Path:
+    out = tmp_path / "gen"
+    (out / "backpack").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(out / "backpack" / "a backpack in the jungle.png")
+    return out
+
+
+def evaluate_argv(out: Path, clip: Path, dino: Path) -> list[str]:
+    return ["--output_dir", str(out), "--data_root", str(DREAMBENCH), "--clip_model", str(clip), "--dino_model", str(dino),
+            "--device", "cpu", "--subjects", "backpack", "--allow_partial"]  # fmt: skip
+
+
+def test_evaluation_checks_its_score_file_before_loading_models(one_generation, tiny_clip_path, tiny_dino_dir, monkeypatch):
+    (one_generation / "all_score.json").mkdir()
+    monkeypatch.setattr("dreambench.evaluation.load_clip", lambda *a: pytest.fail("a model loaded before the output check"))
+    message = bad_input_message(evaluate_dreambooth.main, evaluate_argv(one_generation, tiny_clip_path, tiny_dino_dir))
+    assert str(one_generation / "all_score.json") in message and "is a folder" in message
+
+
+def test_failed_score_write_names_the_path_and_keeps_the_printed_scores(one_generation, tiny_clip_path, tiny_dino_dir, monkeypatch):
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("dreambench.evaluation.atomic_write_json", disk_full)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        message = bad_input_message(evaluate_dreambooth.main, evaluate_argv(one_generation, tiny_clip_path, tiny_dino_dir))
+    assert str(one_generation / "all_score.json") in message and "No space left" in message
+    printed = stdout.getvalue()
+    assert "backpack" in printed and "dino_score: " in printed and "clipt_score: " in printed
+    assert not (one_generation / "all_score.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding 6: a starting run never deletes a live writer's temporary files
+
+_WRITER = """
+import sys
+from pathlib import Path
+from common.io import atomic_path
+with atomic_path(Path(sys.argv[1])) as tmp:
+    tmp.write_bytes(b"finished image")
+    print("writing", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_live_writers_temp_files_survive_a_cleanup_orphans_do_not(tmp_path, caplog):
+    target = tmp_path / "out" / "backpack" / "a.png"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(target)], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        orphan = orphan_temp(target.parent, "b.png")
+        removed = remove_stale_temp_files(tmp_path / "out", ["backpack"])
+        assert removed == [orphan]
+        assert f"pid {writer.pid}@" in caplog.text and "another run is writing" in caplog.text
+    finally:
+        writer.communicate("done\n", timeout=60)
+    assert writer.returncode == 0
+    assert target.read_bytes() == b"finished image"
+    assert files_under(target.parent) == ["a.png"]
+
+
+def test_own_temp_files_are_never_removed(tmp_path):
+    with atomic_path(tmp_path / "x.png") as tmp:
+        tmp.write_bytes(b"x")
+        assert remove_stale_temp_files(tmp_path, ["."]) == []
+    assert (tmp_path / "x.png").read_bytes() == b"x"
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding 7: a DreamBench box outside its photo
+
+
+def test_box_outside_its_photo_is_refused(tiny_models, tmp_path):
+    root = tmp_path / "dreambench"
+    for sub in ("dataset", "json_data"):
+        (root / sub / "backpack").mkdir(parents=True)
+    for photo in sorted((DREAMBENCH / "dataset" / "backpack").iterdir()):
+        (root / "dataset" / "backpack" / photo.name).symlink_to(photo)
+        box_file = DREAMBENCH / "json_data" / "backpack" / f"{photo.stem}.json"
+        (root / "json_data" / "backpack" / box_file.name).write_text(box_file.read_text())
+    bad = root / "json_data" / "backpack" / "02.json"
+    bad.write_text(json.dumps({"mask": [{}, {"box": [700.0, 100.0, 900.0, 300.0]}]}))
+    message = bad_input_message(inference_dreambooth.main, inference_argv(tiny_models, tmp_path / "gen", data_root=root))
+    assert str(bad) in message and "lies outside its" in message
+    assert files_under(tmp_path / "gen") == []
+    with pytest.raises(ValueError, match="lies outside its"):
+        load_conditioning_images(root, "backpack", kosmosg=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding 8: tracebacks that are now one-line errors; damaged states and orphans on resume
+
+
+@pytest.mark.parametrize(
+    "main, argv, fragment",
+    [
+        ("train", ["--resolution", "0"], "--resolution must be finite and >= 1, got 0"),
+        ("maps", ["--vae_scale_factor", "0"], "--vae_scale_factor must be finite and >= 1, got 0"),
+        ("maps", ["--batch_size", "0"], "--batch_size must be finite and >= 1, got 0"),
+        ("construct", ["--reference_template", "a {object} on {surface}"], "unknown field {surface}"),
+        ("construct", ["--reference_template", "a photo"], "must contain {object}"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(tiny_models, tiny_pair_data, tiny_dinov2_dir, tmp_path, main, argv, fragment):
+    if main == "train":
+        message = bad_input_message(train_patchdpo.main, train_args(tiny_models, tiny_pair_data, tmp_path / "out", *argv))
+    elif main == "maps":
+        message = bad_input_message(maps.main, ["--data_root", str(tiny_pair_data.root), "--backbone", str(tiny_dinov2_dir), *argv])
+    else:
+        message = bad_input_message(construct.main, construct_argv(tiny_models, tmp_path / "out", *argv))
+    assert fragment in message
+    assert files_under(tmp_path) == []
+
+
+@pytest.fixture()
+def two_states(tiny_models, tiny_pair_data, tmp_path) -> Path:
+    out = tmp_path / "out"
+    train_patchdpo.main(train_args(tiny_models, tiny_pair_data, out, "--checkpointing_steps", "1", "--save_steps", "1"))
+    return out
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage, not a torch file"])
+def test_damaged_training_state(two_states, tiny_models, tiny_pair_data, caplog, damage):
+    optimizer = two_states / "checkpoint-2" / TRAINING_STATE_DIR / "optimizer.bin"
+    optimizer.write_bytes(damage)
+    argv = train_args(tiny_models, tiny_pair_data, two_states, "--checkpointing_steps", "1", "--save_steps", "1", steps=3)
+    explicit = [*argv, "--resume_from_checkpoint", str(two_states / "checkpoint-2")]
+    message = bad_input_message(train_patchdpo.main, explicit)
+    assert str(optimizer) in message and "corrupt training state file" in message
+    assert optimizer.read_bytes() == damage and not (two_states / "checkpoint-3").exists()
+
+    train_patchdpo.main([*argv, "--resume_from_checkpoint", "latest"])  # falls back to checkpoint-1 and redoes step 2
+    assert "skipping a damaged training state" in caplog.text and str(optimizer) in caplog.text
+    check_training_state(two_states / "checkpoint-2" / TRAINING_STATE_DIR)  # rewritten whole
+    assert (two_states / "checkpoint-3" / "model.bin").is_file()
+
+
+def test_orphans_in_checkpoint_folders_are_removed_on_resume(two_states, tiny_models, tiny_pair_data):
+    orphans = [
+        orphan_temp(two_states / "checkpoint-1", "model.bin"),
+        orphan_temp(two_states / "checkpoint-2" / TRAINING_STATE_DIR, "optimizer.bin"),
+    ]
+    partial = two_states / "checkpoint-2" / (TRAINING_STATE_DIR + ".partial")
+    partial.mkdir()
+    (partial / "optimizer.bin").write_bytes(b"half")
+    argv = train_args(tiny_models, tiny_pair_data, two_states, "--checkpointing_steps", "1", "--save_steps", "1", steps=3)
+    train_patchdpo.main([*argv, "--resume_from_checkpoint", "latest"])
+    assert not any(path.exists() for path in [*orphans, partial])
+    assert not [p for p in two_states.rglob(".*.tmp*")]
+
+
+def test_orphans_next_to_the_maps_file_are_removed(tmp_path, tiny_dinov2_dir):
+    data = save_pair_data(tmp_path / "data", 1, 32, LATENT)
+    orphans = [orphan_temp(data.root, "patch_quality.safetensors"), orphan_temp(data.root / maps.PARTS_DIR_NAME, "sample0.safetensors")]
+    maps.main(["--data_root", str(data.root), "--backbone", str(tiny_dinov2_dir), "--cpu", "--resolution", "32"])
+    assert not any(path.exists() for path in orphans)
+    assert QualityMaps.load(data.quality_file).keys() == [("sample0", 0)]
