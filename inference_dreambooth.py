@@ -121,7 +121,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
     # that would then refuse the corrected command.
     ip_model = None
     if pending:
-        ip_model = load_generation_model(args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype, args.scale)
+        ip_model = load_generation_model(args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype)
     if accelerator.is_main_process:
         removed = remove_stale_temp_files(args.output_dir, [*subjects, GRIDS_DIR])
         if removed:
@@ -139,6 +139,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
                 args.output_dir,
                 args.batch_size,
                 args.num_inference_steps,
+                scale=args.scale,
                 progress_position=accelerator.process_index,
                 guidance_scale=args.guidance_scale,
                 height=args.height,

@@ -108,9 +108,8 @@ def load_generation_model(
     ip_ckpt: str | os.PathLike,
     device: torch.device | str,
     dtype: torch.dtype,
-    scale: float,
 ) -> IPAdapterPlusXL:
-    """SDXL + IP-Adapter-Plus on `device` in `dtype` at IP scale `scale`, ready for batched generation."""
+    """SDXL + IP-Adapter-Plus on `device` in `dtype`, ready for batched generation (each call gives its scale)."""
     check_image_encoder_dir(image_encoder_path)
     check_ip_ckpt(ip_ckpt)
     try:
@@ -125,7 +124,6 @@ def load_generation_model(
         raise BadInputError(message if str(ip_ckpt) in message else f"{ip_ckpt}: {message}") from None
     except OSError as exc:
         raise BadInputError(f"cannot build IP-Adapter-Plus from {ip_ckpt} and {image_encoder_path} ({_one_line(exc)})") from None
-    ip_model.set_scale(scale)
     return ip_model
 
 

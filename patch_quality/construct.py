@@ -35,9 +35,8 @@ import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
-from tqdm.auto import tqdm
 
-from common.batching import batched
+from common.batching import generate_and_save
 from common.cli import exit_on_bad_input
 from common.errors import BadInputError
 from common.images import load_rgb_image
@@ -151,21 +150,19 @@ def generate_references(
     **pipeline_kwargs: Any,
 ) -> int:
     """Base-model references for `plans`, saved atomically batch by batch; returns the count."""
-    written = 0
-    with tqdm(total=len(plans), desc=f"references [{position}]", unit="img", position=position) as bar:
-        for batch in batched(list(plans), batch_size):
-            images = pipe(
-                prompt=[plan.reference_prompt for plan in batch],
-                negative_prompt=[negative_prompt] * len(batch),
-                generator=[torch.Generator("cpu").manual_seed(plan.reference_seed) for plan in batch],
-                num_inference_steps=num_inference_steps,
-                **pipeline_kwargs,
-            ).images
-            for plan, image in zip(batch, images, strict=True):
-                atomic_save_image(image, plan.reference_path(output_dir))
-                written += 1
-            bar.update(len(batch))
-    return written
+
+    def generate(batch: Sequence[SamplePlan]) -> list[Image.Image]:
+        return pipe(
+            prompt=[plan.reference_prompt for plan in batch],
+            negative_prompt=[negative_prompt] * len(batch),
+            generator=[torch.Generator("cpu").manual_seed(plan.reference_seed) for plan in batch],
+            num_inference_steps=num_inference_steps,
+            **pipeline_kwargs,
+        ).images
+
+    return generate_and_save(
+        list(plans), batch_size, generate, lambda plan: plan.reference_path(output_dir), f"references [{position}]", position
+    )
 
 
 def generate_pairs(
@@ -176,25 +173,25 @@ def generate_pairs(
     batch_size: int,
     num_inference_steps: int,
     position: int = 0,
+    *,
+    scale: float,
     **pipeline_kwargs: Any,
 ) -> int:
-    """IP-Adapter-Plus images for (sample index, k) `items`, conditioned on each sample's reference."""
+    """IP-Adapter-Plus images at `scale` for (sample index, k) `items`, conditioned on each sample's reference."""
     by_folder = {plan.folder: plan for plan in plans}
 
     def load_reference(folder: str) -> list[Image.Image]:
         return [load_rgb_image(by_folder[folder].reference_path(output_dir))]
 
     tokens = SubjectTokens(ip_model, load_reference)
-    written = 0
-    with tqdm(total=len(items), desc=f"generated [{position}]", unit="img", position=position) as bar:
-        for batch in batched(list(items), batch_size):
-            rows = [GenerationItem(plans[i].folder, plans[i].prompt, plans[i].generated_seeds[k]) for i, k in batch]
-            images = generate_batch(ip_model, tokens, rows, num_inference_steps, **pipeline_kwargs)
-            for (i, k), image in zip(batch, images, strict=True):
-                atomic_save_image(image, plans[i].generated_path(output_dir, k))
-                written += 1
-            bar.update(len(batch))
-    return written
+
+    def generate(batch: Sequence[tuple[int, int]]) -> list[Image.Image]:
+        rows = [GenerationItem(plans[i].folder, plans[i].prompt, plans[i].generated_seeds[k]) for i, k in batch]
+        return generate_batch(ip_model, tokens, rows, num_inference_steps, scale=scale, **pipeline_kwargs)
+
+    return generate_and_save(
+        list(items), batch_size, generate, lambda item: plans[item[0]].generated_path(output_dir, item[1]), f"generated [{position}]", position
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,10 +325,17 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
     if pending_generated:
         # Installing the adapter changes the UNet's attention, so it happens after the references.
         ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, args.ip_ckpt, device=accelerator.device)
-        ip_model.set_scale(args.scale)
         with accelerator.split_between_processes(pending_generated) as shard:
             generate_pairs(
-                ip_model, plans, shard, output_dir, args.batch_size, args.num_inference_steps, accelerator.process_index, **common
+                ip_model,
+                plans,
+                shard,
+                output_dir,
+                args.batch_size,
+                args.num_inference_steps,
+                accelerator.process_index,
+                scale=args.scale,
+                **common,
             )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
