@@ -112,18 +112,14 @@ def load_generation_model(
     """SDXL + IP-Adapter-Plus on `device` in `dtype`, ready for batched generation (each call gives its scale)."""
     check_image_encoder_dir(image_encoder_path)
     check_ip_ckpt(ip_ckpt)
+    checkpoint = load_ip_adapter_checkpoint(ip_ckpt)  # a bad checkpoint fails before SDXL spends minutes loading
+    pipe = load_sdxl_pipeline(base_model_path, dtype)
     try:
-        checkpoint = load_ip_adapter_checkpoint(ip_ckpt)  # a bad checkpoint fails before SDXL spends minutes loading
-        pipe = load_sdxl_pipeline(base_model_path, dtype)
         ip_model = IPAdapterPlusXL(pipe, image_encoder_path, checkpoint, device=device)
-    except FileNotFoundError:
-        raise
-    except (ValueError, KeyError) as exc:
-        # KeyError's str() would quote the message; most messages name the checkpoint already.
-        message = " ".join(str(exc.args[0]).split()) if exc.args else type(exc).__name__
-        raise BadInputError(message if str(ip_ckpt) in message else f"{ip_ckpt}: {message}") from None
-    except OSError as exc:
-        raise BadInputError(f"cannot build IP-Adapter-Plus from {ip_ckpt} and {image_encoder_path} ({_one_line(exc)})") from None
+    except BadInputError as exc:  # the checkpoint's sections were checked without knowing their file
+        raise BadInputError(str(exc) if str(ip_ckpt) in str(exc) else f"{ip_ckpt}: {exc}") from None
+    except OSError as exc:  # transformers' from_pretrained on a broken image encoder folder
+        raise BadInputError(f"{image_encoder_path}: cannot load the image encoder ({_one_line(exc)})") from None
     return ip_model
 
 
