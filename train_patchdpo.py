@@ -28,12 +28,13 @@ from tqdm.auto import tqdm
 
 from common.cli import fail, str2bool
 from common.errors import BadInputError
+from common.sampling import EpochSampler
 from common.seeds import stable_seed
 from common.training_state import TRAINING_STATE_DIR, checkpoint_step, find_resume_checkpoint, save_training_state
 from patch_quality.store import QualityMaps
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
 from patchdpo.loss import LOSS_MODES
-from patchdpo.pair_dataset import DropoutRates, EpochSampler, PairDataset, index_pairs
+from patchdpo.pair_dataset import DropoutRates, PairDataset, index_pairs
 from patchdpo.training import (
     PairConditioning,
     frozen_adapter_copy,

@@ -43,6 +43,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
+from common.sampling import EpochSampler  # noqa: E402
 from common.seeds import stable_seed  # noqa: E402
 from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint, load_strict  # noqa: E402
@@ -50,7 +51,7 @@ from ip_adapter.image_encoder import load_image_encoder  # noqa: E402
 from ip_adapter.resampler import Resampler  # noqa: E402
 from patch_quality.store import QualityMaps  # noqa: E402
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key  # noqa: E402
-from patchdpo.pair_dataset import EpochSampler, PairDataset, index_pairs  # noqa: E402
+from patchdpo.pair_dataset import PairDataset, index_pairs  # noqa: E402
 from patchdpo.training import PairConditioning, load_training_models, training_step, vae_downsample_factor  # noqa: E402
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
