@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import traceback
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ from ip_adapter import IPAdapterPlusXL, IPAttnProcessor
 from ip_adapter.batch_generation import SubjectTokens, generate_batch
 from ip_adapter.loading import load_generation_model
 from stand_ins.sdxl import load_pipeline
+from tests.kit.dreambench import DREAMBENCH_ROOT
 
-DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
 SIZE, STEPS = 32, 2
 
 
@@ -47,7 +46,7 @@ def test_a_call_at_scale_s_after_a_call_at_0_3_equals_a_fresh_models_call_at_s(t
 
 def test_generate_from_tokens_and_generate_batch_take_the_scale_of_the_call(tiny_models):
     model = load_generation_model(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", torch.float32)
-    tokens = SubjectTokens(model, lambda subject: load_conditioning_images(DATA_ROOT, subject, kosmosg=False))
+    tokens = SubjectTokens(model, lambda subject: load_conditioning_images(DREAMBENCH_ROOT, subject, kosmosg=False))
     items = build_items({"backpack": ["a photo in the snow"]}, seed=42)
     common = dict(height=SIZE, width=SIZE)
     first = _pixels(generate_batch(model, tokens, items, STEPS, scale=0.7, **common))
@@ -74,7 +73,7 @@ def test_an_internal_value_error_deep_in_generation_keeps_its_traceback(tiny_mod
         "--ip_ckpt",
         str(tiny_models.ip_ckpt),
         "--data_root",
-        str(DATA_ROOT),
+        str(DREAMBENCH_ROOT),
         "--output_dir",
         str(tmp_path / "out"),
         "--subjects",
