@@ -19,7 +19,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from PIL import Image
 
-from common.cli import exit_on_bad_input, str2bool
+from common.cli import exit_on_bad_input, require_at_least_one, str2bool
 from common.errors import BadInputError
 from common.io import remove_stale_temp_files, sha256_file
 from dreambench.benchmark import prompts_for, resolve_subjects
@@ -71,14 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("num_inference_steps", "height", "width", "batch_size"):
-        if getattr(args, name) < 1:
-            raise BadInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_at_least_one(args, "num_inference_steps", "height", "width", "batch_size", "prompts_per_subject")
     for name in ("height", "width"):
         if getattr(args, name) % 8:
             raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
-    if args.prompts_per_subject is not None and args.prompts_per_subject < 1:
-        raise BadInputError(f"--prompts_per_subject must be >= 1, got {args.prompts_per_subject}")
     if (args.clip_model is None) != (args.dino_model is None):
         raise BadInputError("--clip_model and --dino_model go together: give both to score the run, or neither")
     if args.clip_model is not None:  # fail now rather than after hours of generation

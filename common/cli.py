@@ -1,4 +1,4 @@
-"""Command-line conventions shared by every script: boolean flags and the bad-input exit."""
+"""Command-line conventions shared by every script: boolean flags, counts, and the bad-input exit."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ def str2bool(value: str | bool) -> bool:
     if lowered in {"false", "0", "no", "n", "f"}:
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean word (true/false), got {value!r}")
+
+
+def require_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Counts (steps, sizes, batch sizes...) must be >= 1; a flag left at None is not checked."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise BadInputError(f"--{name} must be >= 1, got {value}")
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 from transformers import ViTModel
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from common.errors import BadInputError
 from common.io import sha256_file
@@ -35,15 +36,13 @@ with warnings.catch_warnings():
     import clip
     import clip.clip as _clip_impl
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DINO_TRANSFORM = transforms.Compose(
     [
         transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(224),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ]
 )
 

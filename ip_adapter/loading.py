@@ -10,17 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 
 from common.errors import BadInputError
+from common.precision import mixed_precision_dtype
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import IPAdapterPlusXL
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-MIXED_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
@@ -36,7 +38,12 @@ def resolve_dtype(override: str | None, mixed_precision: str, device: torch.devi
         return DTYPES[override]
     if torch.device(device).type == "cpu":
         return torch.float32
-    return MIXED_PRECISION_DTYPES.get(mixed_precision, torch.float32)
+    return mixed_precision_dtype(mixed_precision)
+
+
+def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent cell, as diffusers' pipelines compute `vae_scale_factor` (8 for SDXL's VAE, 2 for the test VAE)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

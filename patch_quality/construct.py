@@ -37,10 +37,11 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from common.batching import generate_and_save
-from common.cli import exit_on_bad_input
+from common.cli import exit_on_bad_input, require_at_least_one
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
+from common.recorded_settings import read_recorded, refuse_other_settings
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
@@ -120,23 +121,13 @@ def build_manifest(settings: dict[str, Any], plans: Sequence[SamplePlan], comple
 def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
     """Refuse to add images to a folder whose manifest records other settings."""
     path = output_dir / layout.MANIFEST_NAME
-    if not path.is_file():
+    recorded = read_recorded(path, "manifest")
+    if recorded is None:
         return
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path}: unreadable manifest ({type(exc).__name__}); fix or delete it, or use a new --output_dir") from None
-    if not isinstance(recorded, dict) or recorded.get("format") != MANIFEST_FORMAT:
+    if recorded.get("format") != MANIFEST_FORMAT:
         raise BadInputError(f"{path}: not a {MANIFEST_FORMAT} manifest; use a new --output_dir")
-    differences = [
-        f"{key}: recorded {recorded['settings'].get(key)!r}, now {value!r}"
-        for key, value in manifest["settings"].items()
-        if recorded["settings"].get(key) != value
-    ]
-    if recorded.get("samples") != manifest["samples"]:
-        differences.append("the sample plan (categories or templates) differs")
-    if differences:
-        raise BadInputError(f"{path} was written with other settings ({'; '.join(differences)}); rerun with them or use a new --output_dir")
+    plan_differs = ["the sample plan (categories or templates) differs"] if recorded.get("samples") != manifest["samples"] else []
+    refuse_other_settings(path, recorded["settings"], manifest["settings"], manifest["settings"], other_differences=plan_differs)
 
 
 def generate_references(
@@ -190,7 +181,12 @@ def generate_pairs(
         return generate_batch(ip_model, tokens, rows, num_inference_steps, scale=scale, **pipeline_kwargs)
 
     return generate_and_save(
-        list(items), batch_size, generate, lambda item: plans[item[0]].generated_path(output_dir, item[1]), f"generated [{position}]", position
+        list(items),
+        batch_size,
+        generate,
+        lambda item: plans[item[0]].generated_path(output_dir, item[1]),
+        f"generated [{position}]",
+        position,
     )
 
 
@@ -245,7 +241,8 @@ def load_reference_images(path: Path) -> list[dict[str, str]]:
     return entries
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
+def _given_references(args: argparse.Namespace) -> list[dict[str, str]] | None:
+    """The --reference_images entries (which also fix --num_samples), or None when references are drawn."""
     given = load_reference_images(args.reference_images) if args.reference_images is not None else None
     if given is not None:
         if args.num_samples not in (None, len(given)):
@@ -253,17 +250,16 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
         args.num_samples = len(given)
     elif args.num_samples is None:
         raise BadInputError("--num_samples is required (or pass --reference_images)")
-    for name in ("num_samples", "num_generated", "num_inference_steps", "height", "width", "batch_size"):
-        if getattr(args, name) < 1:
-            raise BadInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_at_least_one(args, "num_samples", "num_generated", "num_inference_steps", "height", "width", "batch_size")
     check_generator_paths(args)
     if "{object}" not in args.reference_template:
         raise BadInputError(f"--reference_template {args.reference_template!r} must contain '{{object}}'")
-    categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
-    output_dir = args.output_dir
-    plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
-    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
-    settings = {
+    return given
+
+
+def _settings(args: argparse.Namespace, dtype: torch.dtype, given: list[dict[str, str]] | None) -> dict[str, Any]:
+    """Everything the images depend on, as recorded in the manifest."""
+    return {
         "base_model_path": str(args.base_model_path.resolve()),
         "image_encoder_path": str(args.image_encoder_path.resolve()),
         "ip_ckpt": str(args.ip_ckpt.resolve()),
@@ -281,6 +277,68 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
         if given is None
         else {"list": str(args.reference_images.resolve()), "sha256": sha256_file(args.reference_images)},
     }
+
+
+def _make_references(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    pipe: StableDiffusionXLPipeline | None,
+    pending: list[SamplePlan],
+    given: list[dict[str, str]] | None,
+) -> None:
+    """Copy the given references, or draw them with the base pipeline, sharded over the processes."""
+    with accelerator.split_between_processes(pending) as shard:
+        if given is not None:
+            for plan in shard:
+                atomic_save_image(load_rgb_image(given[plan.index]["image"]), plan.reference_path(args.output_dir))
+        elif shard:
+            generate_references(
+                pipe,
+                shard,
+                args.output_dir,
+                args.batch_size,
+                args.num_inference_steps,
+                args.negative_prompt,
+                accelerator.process_index,
+                guidance_scale=args.guidance_scale,
+                height=args.height,
+                width=args.width,
+            )
+
+
+def _make_generated(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    pipe: StableDiffusionXLPipeline,
+    plans: list[SamplePlan],
+    pending: list[tuple[int, int]],
+) -> None:
+    """IP-Adapter-Plus generations of the pending (sample, k), sharded over the processes."""
+    # Installing the adapter changes the UNet's attention, so it happens after the references.
+    ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, args.ip_ckpt, device=accelerator.device)
+    with accelerator.split_between_processes(pending) as shard:
+        generate_pairs(
+            ip_model,
+            plans,
+            shard,
+            args.output_dir,
+            args.batch_size,
+            args.num_inference_steps,
+            accelerator.process_index,
+            scale=args.scale,
+            guidance_scale=args.guidance_scale,
+            height=args.height,
+            width=args.width,
+        )
+
+
+def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
+    given = _given_references(args)
+    categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
+    output_dir = args.output_dir
+    plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
+    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
+    settings = _settings(args, dtype, given)
     manifest = build_manifest(settings, plans, complete=False)
     check_manifest(output_dir, manifest)  # every process checks, so all of them stop together
 
@@ -294,49 +352,18 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
         f"{len(plans) * args.num_generated - len(pending_generated)}/{len(plans) * args.num_generated} generated images exist; "
         f"{accelerator.num_processes} process(es), {dtype_name(dtype)}"
     )
-    pipe = (
-        load_sdxl_pipeline(args.base_model_path, dtype).to(accelerator.device)
-        if (pending_references and given is None) or pending_generated
-        else None
-    )
+    needs_pipe = (pending_references and given is None) or pending_generated
+    pipe = load_sdxl_pipeline(args.base_model_path, dtype).to(accelerator.device) if needs_pipe else None
     if accelerator.is_main_process:
         remove_stale_temp_files(output_dir, [plan.folder for plan in plans])
         atomic_write_json(output_dir / layout.MANIFEST_NAME, manifest)
     accelerator.wait_for_everyone()
 
-    common = dict(guidance_scale=args.guidance_scale, height=args.height, width=args.width)
-    if pending_references and given is not None:
-        with accelerator.split_between_processes(pending_references) as shard:
-            for plan in shard:
-                atomic_save_image(load_rgb_image(given[plan.index]["image"]), plan.reference_path(output_dir))
-    elif pending_references:
-        with accelerator.split_between_processes(pending_references) as shard:
-            generate_references(
-                pipe,
-                shard,
-                output_dir,
-                args.batch_size,
-                args.num_inference_steps,
-                args.negative_prompt,
-                accelerator.process_index,
-                **common,
-            )
+    if pending_references:
+        _make_references(args, accelerator, pipe, pending_references, given)
     accelerator.wait_for_everyone()  # every reference exists before any generation reads one
     if pending_generated:
-        # Installing the adapter changes the UNet's attention, so it happens after the references.
-        ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, args.ip_ckpt, device=accelerator.device)
-        with accelerator.split_between_processes(pending_generated) as shard:
-            generate_pairs(
-                ip_model,
-                plans,
-                shard,
-                output_dir,
-                args.batch_size,
-                args.num_inference_steps,
-                accelerator.process_index,
-                scale=args.scale,
-                **common,
-            )
+        _make_generated(args, accelerator, pipe, plans, pending_generated)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(output_dir / layout.MANIFEST_NAME, build_manifest(settings, plans, complete=True))
