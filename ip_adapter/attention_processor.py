@@ -26,10 +26,10 @@ class IPAttnProcessor(nn.Module):
     recompile).
     """
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int = 16) -> None:
+    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int = 16, scale: float = 1.0) -> None:
         super().__init__()
         self.num_tokens = num_tokens
-        self.scale = _scale_tensor(1.0)
+        self.scale = _scale_tensor(scale)
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
