@@ -144,12 +144,12 @@ def adapter_modules_of(unet: nn.Module) -> nn.ModuleDict:
     return modules
 
 
-def set_ip_adapter_scale(unet: nn.Module, scale: float) -> None:
-    """Weight of the image branch in every IP-Adapter layer (0 turns the image prompt off).
+def set_ip_adapter_scale(model: nn.Module, scale: float) -> None:
+    """Weight of the image branch in every IP-Adapter layer of `model` (0 turns the image prompt off).
 
     Called by every generation call with its own scale, so no call inherits another's.
     """
     value = _scale_tensor(scale)
-    for processor in unet.attn_processors.values():
-        if isinstance(processor, IPAttnProcessor):
-            processor.scale = value
+    for module in model.modules():
+        if isinstance(module, IPAttnProcessor):
+            module.scale = value

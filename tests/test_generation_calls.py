@@ -7,12 +7,13 @@ import traceback
 import numpy as np
 import pytest
 import torch
+import torch._dynamo.testing
 from PIL import Image
 
 import inference_dreambooth
 from dreambench.data import load_conditioning_images
 from dreambench.generation import build_items
-from ip_adapter import IPAdapterPlusXL, IPAttnProcessor
+from ip_adapter import IPAdapterPlusXL, IPAttnProcessor, set_ip_adapter_scale
 from ip_adapter.batch_generation import SubjectTokens, generate_batch
 from ip_adapter.loading import load_generation_model
 from stand_ins.sdxl import load_pipeline
@@ -42,6 +43,26 @@ def test_a_call_at_scale_s_after_a_call_at_0_3_equals_a_fresh_models_call_at_s(t
     after = _pixels(used.generate(_reference(), **default, **kwargs))
     assert np.array_equal(after, _pixels(_fresh(tiny_models).generate(_reference(), **default, **kwargs)))
     assert np.abs(after - _pixels(at_0_3)).max() > 2  # the scale matters, so the check above can fail
+
+
+def test_a_new_scale_needs_no_recompile_and_matches_eager():
+    """The scale is a runtime input of the processors: a compiled model traces once for every scale."""
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=64, cross_attention_dim=48, heads=4, dim_head=16).eval()
+    attn.set_processor(IPAttnProcessor(hidden_size=64, cross_attention_dim=48, num_tokens=16))
+    hidden, context = torch.randn(2, 16, 64), torch.randn(2, 11 + 16, 48)
+    frames = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(attn, backend=frames)
+    outputs = []
+    for scale in (1.0, 0.3, 0.7):
+        set_ip_adapter_scale(attn, scale)
+        with torch.no_grad():
+            outputs.append(compiled(hidden, encoder_hidden_states=context))
+            assert torch.equal(outputs[-1], attn(hidden, encoder_hidden_states=context))
+    assert frames.frame_count == 1
+    assert not torch.allclose(outputs[0], outputs[1])
 
 
 def test_generate_from_tokens_and_generate_batch_take_the_scale_of_the_call(tiny_models):
