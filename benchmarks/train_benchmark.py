@@ -48,16 +48,18 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
+from common.precision import mixed_precision_dtype  # noqa: E402
 from common.sampling import EpochSampler  # noqa: E402
 from common.seeds import stable_seed  # noqa: E402
 from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint, load_strict  # noqa: E402
 from ip_adapter.image_encoder import load_image_encoder  # noqa: E402
+from ip_adapter.loading import vae_scale_factor  # noqa: E402
 from ip_adapter.resampler import Resampler  # noqa: E402
 from patch_quality.store import QualityMaps  # noqa: E402
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key  # noqa: E402
 from patchdpo.pair_dataset import PairDataset, index_pairs  # noqa: E402
-from patchdpo.training import PairConditioning, load_training_models, training_step, vae_downsample_factor  # noqa: E402
+from patchdpo.training import PairConditioning, load_training_models, training_step  # noqa: E402
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
 
@@ -202,8 +204,8 @@ def run_variant(args) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    latent_size = args.resolution // vae_downsample_factor(AutoencoderKL.from_pretrained(Path(args.models) / "sdxl", subfolder="vae"))
+    weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
+    latent_size = args.resolution // vae_scale_factor(AutoencoderKL.load_config(Path(args.models) / "sdxl", subfolder="vae"))
     maps = QualityMaps.load(Path(args.data) / "patch_quality.safetensors")
     dataset_kwargs = dict(
         pairs=index_pairs(args.data, maps, 1, latent_size), resolution=args.resolution, latent_size=latent_size, seed=0, quality_maps=maps
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (models / "ip-adapter-plus.bin").is_file():
             print(f"building random {args.shape} models in {models} ...", flush=True)
             save_sdxl_models(models, SHAPES[args.shape])
-        factor = vae_downsample_factor(AutoencoderKL.from_pretrained(models / "sdxl", subfolder="vae"))
+        factor = vae_scale_factor(AutoencoderKL.load_config(models / "sdxl", subfolder="vae"))
         num_samples = (args.warmup + args.steps) * args.batch_size
         shutil.rmtree(data, ignore_errors=True)
         save_pair_data(data, num_samples, args.resolution, args.resolution // factor)
