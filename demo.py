@@ -26,6 +26,7 @@ from dreambench.benchmark import get_subject
 from dreambench.contact_sheet import contact_sheet_path
 from dreambench.data import load_conditioning_images
 from dreambench.report import RunReport, read_scalar
+from ip_adapter.loading import vae_scale_factor
 from patch_quality import construct, maps, ssl_train, visualize
 from stand_ins.metric_models import save_tiny_clip_archive, save_tiny_dino
 from stand_ins.sdxl import save_sdxl_models
@@ -100,11 +101,6 @@ def prepare_models(args: argparse.Namespace, models_dir: Path) -> bool:
         args.dino_model = save_tiny_dino(models_dir / "dino-vits16-tiny")
         tiny = True
     return tiny
-
-
-def vae_scale_factor(sdxl_dir: Path) -> int:
-    config = json.loads((sdxl_dir / "vae" / "config.json").read_text())
-    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def write_reference_list(args: argparse.Namespace, folder: Path) -> Path:
@@ -194,7 +190,7 @@ def run(args: argparse.Namespace) -> Path:
                 "--resolution",
                 str(args.resolution),
                 "--vae_scale_factor",
-                str(vae_scale_factor(args.base_model_path)),
+                str(vae_scale_factor(json.loads((args.base_model_path / "vae" / "config.json").read_text()))),
                 "--output",
                 str(quality_file),
             ]

@@ -73,14 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("num_inference_steps", "height", "width", "batch_size"):
-        if getattr(args, name) < 1:
-            raise BadInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_flags_in_range(args, ("num_inference_steps", "height", "width", "batch_size", "prompts_per_subject"), minimum=1)
     for name in ("height", "width"):
         if getattr(args, name) % 8:
             raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
-    if args.prompts_per_subject is not None and args.prompts_per_subject < 1:
-        raise BadInputError(f"--prompts_per_subject must be >= 1, got {args.prompts_per_subject}")
     require_flags_in_range(args, ("scale",), minimum=0)
     require_flags_in_range(args, ("guidance_scale",))
     check_output_dir(args.output_dir)
@@ -127,7 +123,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
     # that would then refuse the corrected command.
     ip_model = None
     if pending:
-        ip_model = load_generation_model(args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype, args.scale)
+        ip_model = load_generation_model(args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype)
     if accelerator.is_main_process:
         removed = remove_stale_temp_files(args.output_dir, [*subjects, GRIDS_DIR])
         if removed:
@@ -145,6 +141,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
                 args.output_dir,
                 args.batch_size,
                 args.num_inference_steps,
+                scale=args.scale,
                 progress_position=accelerator.process_index,
                 guidance_scale=args.guidance_scale,
                 height=args.height,

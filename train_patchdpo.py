@@ -26,8 +26,11 @@ from accelerate.utils import ProjectConfiguration, release_memory, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from common.checks import require_flags_in_range
 from common.cli import exit_on_bad_input, fail, str2bool
 from common.errors import BadInputError
+from common.precision import mixed_precision_dtype
+from common.sampling import EpochSampler
 from common.seeds import stable_seed
 from common.training_state import (
     TRAINING_STATE_DIR,
@@ -36,11 +39,12 @@ from common.training_state import (
     remove_orphan_checkpoint_files,
     save_training_state,
 )
+from ip_adapter.loading import vae_scale_factor
 from patch_quality.store import QualityMaps
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
 from patchdpo.finite_guard import check_step_is_finite
 from patchdpo.loss import LOSS_MODES
-from patchdpo.pair_dataset import DropoutRates, EpochSampler, PairDataset, index_pairs
+from patchdpo.pair_dataset import DropoutRates, PairDataset, index_pairs
 from patchdpo.training import (
     PairConditioning,
     frozen_adapter_copy,
@@ -48,7 +52,6 @@ from patchdpo.training import (
     register_adapter_state_hooks,
     save_adapter_checkpoint,
     training_step,
-    vae_downsample_factor,
 )
 from patchdpo.validate_inputs import check_training_args, validate_training_inputs
 
@@ -116,10 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.loss = args.loss or loss_from_switch or "mse"
     if args.loss == "patch_dpo" and args.patch_quality_file is None:
         parser.error("--loss patch_dpo (--use_dpo_loss True) needs --patch_quality_file")
-    for name in ("train_batch_size", "stop_step", "save_steps", "generated_per_sample", "logging_steps", "checkpointing_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1, got {value}")
+    try:
+        require_flags_in_range(
+            args, ("train_batch_size", "stop_step", "save_steps", "generated_per_sample", "logging_steps", "checkpointing_steps"), minimum=1
+        )
+    except BadInputError as error:
+        parser.error(str(error))
     return args
 
 
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logger.info(f"loss={args.loss} time_ids={'official' if args.official_time_ids else 'per-image'}", main_process_only=True)
     set_seed(args.seed)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
 
     try:
         models = load_training_models(
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.device,
             weight_dtype,
         )
-        factor = vae_downsample_factor(models.encoders.vae)
+        factor = vae_scale_factor(models.encoders.vae.config)
         if args.resolution % factor:
             raise BadInputError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
         latent_size = args.resolution // factor

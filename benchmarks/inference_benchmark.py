@@ -36,6 +36,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common.batching import batched  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
 from dreambench.benchmark import SUBJECT_NAMES, prompts_for  # noqa: E402
 from dreambench.data import load_conditioning_images  # noqa: E402
@@ -49,12 +50,15 @@ REFERENCE_BATCH = 2
 
 
 def reference_loop(
-    ip_model: IPAdapterPlusXL, items: Sequence[GenerationItem], references: dict[str, list[Image.Image]], **pipeline_kwargs
+    ip_model: IPAdapterPlusXL,
+    items: Sequence[GenerationItem],
+    references: dict[str, list[Image.Image]],
+    scale: float,
+    **pipeline_kwargs,
 ) -> list[Image.Image]:
     """The official loop: per batch of 2, encode every reference photo, average, one seeded generator."""
     images: list[Image.Image] = []
-    for start in range(0, len(items), REFERENCE_BATCH):
-        batch = items[start : start + REFERENCE_BATCH]
+    for batch in batched(items, REFERENCE_BATCH):
         cond, uncond = ip_model.get_image_embeds([references[item.subject] for item in batch])
         images += ip_model.generate_from_tokens(
             cond,
@@ -62,18 +66,24 @@ def reference_loop(
             [item.prompt for item in batch],
             [DEFAULT_NEGATIVE_PROMPT] * len(batch),
             torch.Generator("cpu").manual_seed(REFERENCE_SEED),
+            scale=scale,
             **pipeline_kwargs,
         )
     return images
 
 
 def our_path(
-    ip_model: IPAdapterPlusXL, items: Sequence[GenerationItem], references: dict[str, list[Image.Image]], batch_size: int, **pipeline_kwargs
+    ip_model: IPAdapterPlusXL,
+    items: Sequence[GenerationItem],
+    references: dict[str, list[Image.Image]],
+    batch_size: int,
+    scale: float,
+    **pipeline_kwargs,
 ) -> list[Image.Image]:
     tokens = SubjectTokens(ip_model, references.__getitem__)
     images: list[Image.Image] = []
-    for start in range(0, len(items), batch_size):
-        images += generate_batch(ip_model, tokens, items[start : start + batch_size], **pipeline_kwargs)
+    for batch in batched(items, batch_size):
+        images += generate_batch(ip_model, tokens, batch, scale=scale, **pipeline_kwargs)
     return images
 
 
@@ -123,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         paths = save_sdxl_models(folder, SHAPES[args.shape])
         ip_model = IPAdapterPlusXL(load_sdxl_pipeline(paths.sdxl_dir, dtype), paths.image_encoder_dir, paths.ip_ckpt, device)
-    ip_model.set_scale(args.scale)
-    common = dict(num_inference_steps=args.num_inference_steps, height=args.size, width=args.size)
+    common = dict(num_inference_steps=args.num_inference_steps, scale=args.scale, height=args.size, width=args.size)
     warmup = dict(common, num_inference_steps=1)
     reference_loop(ip_model, items[:REFERENCE_BATCH], references, **warmup)
     our_path(ip_model, items[:REFERENCE_BATCH], references, args.batch_size, **warmup)

@@ -14,12 +14,17 @@ wall-clock pairs/s between synchronisations.
 reference: the official `train_patchdpo.py` step: every step encodes the pixels with the fp32 VAE,
   the CLIP image encoder and both text encoders; the UNet keeps fp32 weights under autocast; the
   Resampler runs inside autograd (its weights require grad though the optimizer never sees
-  them); the loss is gathered and synchronised every step.
+  them); the loss is gathered and synchronised every step. Its noise and timesteps are drawn as
+  ours draws them (one seeded generator per step), which costs the same and makes the losses comparable.
 ours: `patchdpo.training` as `train_patchdpo.py --cache_dir` runs it: the frozen encoders' outputs
   are read from the feature cache (built once before timing; its build time is reported), the
   UNet's frozen weights are held in the compute dtype, the Resampler runs without autograd.
 ours_no_cache: the same step with the frozen encoders run every step (what non-square
   references need), to separate the cache's share of the speed-up.
+
+Speed never comes from a different computation: every variant starts from the same weights, and
+the loss of its first step (same pairs, noise, timesteps and the official time ids) must match the
+reference's to `loss_tolerance` (float rounding), or the benchmark fails.
 """
 
 from __future__ import annotations
@@ -43,20 +48,33 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
+from common.precision import mixed_precision_dtype  # noqa: E402
+from common.sampling import EpochSampler  # noqa: E402
 from common.seeds import stable_seed  # noqa: E402
 from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint, load_strict  # noqa: E402
 from ip_adapter.image_encoder import load_image_encoder  # noqa: E402
+from ip_adapter.loading import vae_scale_factor  # noqa: E402
 from ip_adapter.resampler import Resampler  # noqa: E402
 from patch_quality.store import QualityMaps  # noqa: E402
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key  # noqa: E402
-from patchdpo.pair_dataset import EpochSampler, PairDataset, index_pairs  # noqa: E402
-from patchdpo.training import PairConditioning, load_training_models, training_step, vae_downsample_factor  # noqa: E402
+from patchdpo.pair_dataset import PairDataset, index_pairs  # noqa: E402
+from patchdpo.training import PairConditioning, load_training_models, training_step  # noqa: E402
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
 
 VARIANTS = ("reference", "ours_no_cache", "ours")
 LOGGING_STEPS = 10  # ours synchronises for the loss only when it logs, as train_patchdpo.py
+
+
+def step_seed(step: int) -> int:
+    """The seed of a step's noise and timesteps, the same in every variant."""
+    return stable_seed(0, step)
+
+
+def loss_tolerance(mixed_precision: str) -> float:
+    """Relative difference allowed between first-step losses: float32 rounding, or half-precision's."""
+    return 1e-4 if mixed_precision == "no" else 2e-2
 
 
 class ReferenceIPAdapter(nn.Module):
@@ -96,13 +114,18 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
     ip_adapter, optimizer, loader = accelerator.prepare(ip_adapter, optimizer, loader)
 
-    def step(batch) -> None:
+    counter = {"step": 0}
+
+    def step(batch) -> torch.Tensor:
+        counter["step"] += 1
         with torch.no_grad():
             images = torch.cat([batch["reference_pixels"], batch["generated_pixels"]]).to(device, torch.float32)
             latents = (vae.encode(images).latent_dist.mean * vae.config.scaling_factor).to(weight_dtype)
-        noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        timesteps, noise = timesteps.chunk(2)[0].repeat(2), noise.chunk(2)[0].repeat(2, 1, 1, 1)
+        b = batch["reference_size"].shape[0]
+        generator = torch.Generator(device).manual_seed(step_seed(counter["step"]))
+        noise = torch.randn((b, *latents.shape[1:]), generator=generator, device=device).to(weight_dtype)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+        timesteps, noise = timesteps.repeat(2), noise.repeat(2, 1, 1, 1)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         with torch.no_grad():
             image_embeds = image_encoder(batch["clip_pixels"].to(device, weight_dtype), output_hidden_states=True).hidden_states[-2]
@@ -111,7 +134,6 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
             output_2 = text_encoder_2(batch["input_ids_2"], output_hidden_states=True)
             text_embeds = torch.cat([text, output_2.hidden_states[-2]], dim=-1).repeat(2, 1, 1)
             pooled = output_2.text_embeds.repeat(2, 1)
-        b = batch["reference_size"].shape[0]
         original = torch.stack([batch["reference_size"], batch["generated_size"]], dim=1)
         target_size = torch.full((b, 2, 2), float(args.resolution), device=device)
         time_ids = torch.cat([original, torch.zeros(b, 2, 2, device=device), target_size], 1).to(weight_dtype)  # (B, 6, 2)
@@ -122,6 +144,7 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
+        return loss.detach()
 
     return loader, step, {}
 
@@ -154,7 +177,7 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
     prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     counter = {"step": 0}
 
-    def step(batch) -> None:
+    def step(batch) -> torch.Tensor:
         counter["step"] += 1
         cond = PairConditioning.encode(encoders, batch) if cache is None else PairConditioning.from_cached_batch(batch)
         output = training_step(
@@ -163,14 +186,16 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
             cond,
             models.scheduler,
             loss_mode="patch_dpo",
-            seed=stable_seed(0, counter["step"]),
+            seed=step_seed(counter["step"]),
             resolution=args.resolution,
+            official_time_ids=True,  # what the reference loop feeds; the same cost as per-image ids
         )
         accelerator.backward(output.loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if counter["step"] % LOGGING_STEPS == 0:
             accelerator.reduce(output.loss.detach(), "mean").item()
+        return output.loss.detach()
 
     return loader, step, extras
 
@@ -179,8 +204,8 @@ def run_variant(args) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    latent_size = args.resolution // vae_downsample_factor(AutoencoderKL.from_pretrained(Path(args.models) / "sdxl", subfolder="vae"))
+    weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
+    latent_size = args.resolution // vae_scale_factor(AutoencoderKL.load_config(Path(args.models) / "sdxl", subfolder="vae"))
     maps = QualityMaps.load(Path(args.data) / "patch_quality.safetensors")
     dataset_kwargs = dict(
         pairs=index_pairs(args.data, maps, 1, latent_size), resolution=args.resolution, latent_size=latent_size, seed=0, quality_maps=maps
@@ -188,7 +213,8 @@ def run_variant(args) -> dict:
     setup = reference_loop if args.variant == "reference" else our_loop
     loader, step, extras = setup(args, accelerator, weight_dtype, dataset_kwargs)
     batches = iter(loader)
-    for _ in range(args.warmup):
+    first_loss = step(next(batches)).item()  # before any update: comparable across variants
+    for _ in range(args.warmup - 1):
         step(next(batches))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -205,6 +231,7 @@ def run_variant(args) -> dict:
         "pairs_per_s": args.steps * args.batch_size / seconds,
         "pairs_per_cpu_s": args.steps * args.batch_size / cpu_seconds,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "first_loss": first_loss,
         **extras,
     }
     if torch.cuda.is_available():
@@ -221,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=None, help="pairs per step; default: 4 on cuda, 2 on cpu")
     parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: fp16 on cuda, no on cpu")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (>= 1: the first one checks the losses agree)")
     parser.add_argument("--num_workers", type=int, default=None, help="data loader workers; default: 4 on cuda, 0 on cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each CPU run")
     parser.add_argument("--work_dir", default=None, help="models, data and cache go here (default: a temporary folder)")
@@ -240,6 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error(f"--warmup and --steps must be >= 1, got {args.warmup} and {args.steps}")
     return args
 
 
@@ -254,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (models / "ip-adapter-plus.bin").is_file():
             print(f"building random {args.shape} models in {models} ...", flush=True)
             save_sdxl_models(models, SHAPES[args.shape])
-        factor = vae_downsample_factor(AutoencoderKL.from_pretrained(models / "sdxl", subfolder="vae"))
+        factor = vae_scale_factor(AutoencoderKL.load_config(models / "sdxl", subfolder="vae"))
         num_samples = (args.warmup + args.steps) * args.batch_size
         shutil.rmtree(data, ignore_errors=True)
         save_pair_data(data, num_samples, args.resolution, args.resolution // factor)
@@ -297,6 +326,17 @@ def main(argv: list[str] | None = None) -> None:
         f"memory ratio {ours[memory] / ref[memory]:.2f} ({memory}); "
         f"one-off cache build {ours['cache_build_s']:.1f} s for {(args.warmup + args.steps) * args.batch_size} samples"
     )
+    check_losses_agree(results, loss_tolerance(args.mixed_precision))
+
+
+def check_losses_agree(results: dict[str, dict], tolerance: float) -> None:
+    """Fail unless every variant's first-step loss matches the reference loop's (relative `tolerance`)."""
+    reference = results["reference"]["first_loss"]
+    losses = ", ".join(f"{name} {result['first_loss']:.6g}" for name, result in results.items())
+    print(f"first-step losses: {losses}")
+    for name, result in results.items():
+        if abs(result["first_loss"] - reference) > tolerance * abs(reference):
+            raise SystemExit(f"the loops disagree: first-step loss of {name} is {result['first_loss']:.6g}, reference {reference:.6g}")
 
 
 if __name__ == "__main__":

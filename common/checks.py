@@ -20,7 +20,7 @@ def require_in_range(flag: str, value: float | None, minimum: float | None = Non
     if value is None:
         return
     bounds = [f">= {minimum}" if minimum is not None else "", f"<= {maximum}" if maximum is not None else ""]
-    expected = " and ".join(["finite", *filter(None, bounds)])
+    expected = " and ".join([*(["finite"] if isinstance(value, float) else []), *filter(None, bounds)])
     if not math.isfinite(value) or (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise BadInputError(f"{flag} must be {expected}, got {value}")
 

@@ -1,4 +1,4 @@
-"""Command-line conventions shared by every script: boolean flags and the bad-input exit."""
+"""Command-line conventions shared by every script: boolean flags, counts, and the bad-input exit."""
 
 from __future__ import annotations
 

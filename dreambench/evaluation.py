@@ -214,40 +214,50 @@ def score_generations(
     device = _check_device(device)
     clip_net, clip_preprocess = load_clip(clip_model, device, clip_download_root)
     dino_net = load_dino(dino_model, device)
-
-    per_subject: dict[str, dict[str, Any]] = {}
     scored = [subject for subject in wanted if subject.name in generations.images]
-    for subject in tqdm(scored, desc="DreamBench subjects", unit="subject"):
-        references = load_reference_images(data_root, subject, kosmosg)
-        images = generations.images[subject.name]
-        scores = score_subject(images, references, clip_net, clip_preprocess, dino_net, batch_size)
-        per_subject[subject.name] = {
-            "group": subject.group,
-            **scores,
-            "num_images": len(images),
-            "num_references": len(references),
-        }
+    per_subject = {
+        subject.name: _subject_row(
+            subject, generations.images[subject.name], data_root, kosmosg, clip_net, clip_preprocess, dino_net, batch_size
+        )
+        for subject in tqdm(scored, desc="DreamBench subjects", unit="subject")
+    }
+    return {**_summary(per_subject, generations, kosmosg), "clip_model": str(clip_model), "dino_model": str(dino_model)}
 
+
+def _subject_row(
+    subject: Subject,
+    images: list[tuple[str, Path]],
+    data_root: str | os.PathLike,
+    kosmosg: bool,
+    clip_net: torch.nn.Module,
+    clip_preprocess: CLIPPreprocess,
+    dino_net: torch.nn.Module,
+    batch_size: int,
+) -> dict[str, Any]:
+    """One subject's scores against its reference photos (all, or the Kosmos-G one), with its counts."""
+    references = load_reference_images(data_root, subject, kosmosg)
+    scores = score_subject(images, references, clip_net, clip_preprocess, dino_net, batch_size)
+    return {"group": subject.group, **scores, "num_images": len(images), "num_references": len(references)}
+
+
+def _summary(per_subject: dict[str, dict[str, Any]], generations: GenerationSet, kosmosg: bool) -> dict[str, Any]:
+    """The benchmark means (over subjects, then per group), the per-subject rows and the gaps."""
     groups = {group: _mean_scores([row for row in per_subject.values() if row["group"] == group]) for group in ("object", "live")}
     for group, summary in groups.items():
         if summary is not None:
             summary["num_subjects"] = sum(row["group"] == group for row in per_subject.values())
-    num_images = sum(row["num_images"] for row in per_subject.values())
-    result: dict[str, Any] = {
+    return {
         **_mean_scores(list(per_subject.values())),
         "setting": "kosmosg" if kosmosg else "original",
         "num_subjects": len(per_subject),
-        "num_images": num_images,
+        "num_images": sum(row["num_images"] for row in per_subject.values()),
         "complete": len(per_subject) == len(SUBJECTS) and not generations.missing_images,
         "groups": groups,
         "subjects": per_subject,
         "missing_subjects": generations.missing_subjects,
         "missing_images": generations.missing_images,
         "unexpected_images": generations.unexpected_images,
-        "clip_model": str(clip_model),
-        "dino_model": str(dino_model),
     }
-    return result
 
 
 def format_score_table(scores: dict[str, Any]) -> str:

@@ -13,11 +13,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from common.batching import batched
+from common.batching import generate_and_save
 from common.errors import BadInputError
-from common.io import atomic_save_image
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.ip_adapter import IPAdapterPlusXL
@@ -53,19 +50,17 @@ def generate_items(
     output_dir: str | os.PathLike,
     batch_size: int,
     num_inference_steps: int,
+    *,
+    scale: float,
     progress_position: int = 0,
     **pipeline_kwargs,
 ) -> int:
-    """Generate and atomically save `items` batch by batch; returns the number of images written.
-
-    Each image is saved as soon as its batch is done, so an interrupted run loses at most one batch.
-    """
-    written = 0
-    with tqdm(total=len(items), desc=f"process {progress_position}", unit="img", position=progress_position) as bar:
-        for batch in batched(items, batch_size):
-            images = generate_batch(ip_model, tokens, batch, num_inference_steps, **pipeline_kwargs)
-            for item, image in zip(batch, images, strict=True):
-                atomic_save_image(image, image_path(output_dir, item.subject, item.prompt))
-                written += 1
-            bar.update(len(batch))
-    return written
+    """Generate `items` at IP-Adapter scale `scale` and save them atomically batch by batch; returns the count."""
+    return generate_and_save(
+        items,
+        batch_size,
+        lambda batch: generate_batch(ip_model, tokens, batch, num_inference_steps, scale=scale, **pipeline_kwargs),
+        lambda item: image_path(output_dir, item.subject, item.prompt),
+        desc=f"process {progress_position}",
+        position=progress_position,
+    )

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 from transformers import ViTModel
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from common.batching import batched
 from common.errors import BadInputError
 from common.io import sha256_file
 
@@ -35,15 +37,13 @@ with warnings.catch_warnings():
     import clip
     import clip.clip as _clip_impl
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DINO_TRANSFORM = transforms.Compose(
     [
         transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(224),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ]
 )
 
@@ -123,13 +123,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _batched(items: Sequence, batch_size: int):
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    for start in range(0, len(items), batch_size):
-        yield items[start : start + batch_size]
-
-
 def _normalised(features: list[torch.Tensor]) -> torch.Tensor:
     return F.normalize(torch.cat(features).float().cpu(), dim=-1)
 
@@ -138,9 +131,7 @@ def _normalised(features: list[torch.Tensor]) -> torch.Tensor:
 def clip_image_features(model: torch.nn.Module, preprocess: CLIPPreprocess, images: Sequence[Image.Image], batch_size: int) -> torch.Tensor:
     """Unit-norm CLIP image embeddings (N, D), fp32 on CPU."""
     device = _model_device(model)
-    features = [
-        model.encode_image(torch.stack([preprocess(image) for image in batch]).to(device)) for batch in _batched(images, batch_size)
-    ]
+    features = [model.encode_image(torch.stack([preprocess(image) for image in batch]).to(device)) for batch in batched(images, batch_size)]
     return _normalised(features)
 
 
@@ -148,7 +139,7 @@ def clip_image_features(model: torch.nn.Module, preprocess: CLIPPreprocess, imag
 def clip_text_features(model: torch.nn.Module, prompts: Sequence[str], batch_size: int) -> torch.Tensor:
     """Unit-norm CLIP text embeddings (N, D), fp32 on CPU; prompts longer than 77 tokens are truncated."""
     device = _model_device(model)
-    features = [model.encode_text(clip.tokenize(list(batch), truncate=True).to(device)) for batch in _batched(prompts, batch_size)]
+    features = [model.encode_text(clip.tokenize(list(batch), truncate=True).to(device)) for batch in batched(prompts, batch_size)]
     return _normalised(features)
 
 
@@ -157,7 +148,7 @@ def dino_image_features(model: ViTModel, images: Sequence[Image.Image], batch_si
     """Unit-norm DINO CLS features (N, D): the final-layernorm CLS token, fp32 on CPU."""
     device = _model_device(model)
     features = []
-    for batch in _batched(images, batch_size):
+    for batch in batched(images, batch_size):
         pixel_values = torch.stack([DINO_TRANSFORM(image.convert("RGB")) for image in batch]).to(device)
         features.append(model(pixel_values=pixel_values).last_hidden_state[:, 0])
     return _normalised(features)

@@ -8,7 +8,6 @@ whose generation settings differ from the recorded ones is refused instead of re
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ import transformers
 
 from common.errors import BadInputError
 from common.io import atomic_write_json
+from common.recorded_settings import read_recorded, refuse_other_settings
 
 RUN_CONFIG_NAME = "run_config.json"
 
@@ -63,31 +63,14 @@ def make_run_config(arguments: Mapping[str, Any], **derived: Any) -> dict[str, A
 
 def read_run_config(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The recorded config, or None for a folder no run has claimed yet."""
-    path = run_config_path(output_dir)
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path}: unreadable run config ({type(exc).__name__}); fix or delete it, or use a new --output_dir") from None
-    if not isinstance(config, dict):
-        raise BadInputError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_recorded(run_config_path(output_dir), "run config")
 
 
 def check_resumable(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> None:
     """Refuse to add images made with other generation settings to an existing output folder."""
     recorded = read_run_config(output_dir)
-    if recorded is None:
-        return
-    differences = [
-        f"{key}: recorded {recorded.get(key)!r}, now {config[key]!r}" for key in GENERATION_KEYS if recorded.get(key) != config[key]
-    ]
-    if differences:
-        raise BadInputError(
-            f"{run_config_path(output_dir)} was written with other generation settings "
-            f"({'; '.join(differences)}); rerun with the recorded settings or use a new --output_dir"
-        )
+    if recorded is not None:
+        refuse_other_settings(run_config_path(output_dir), recorded, config, GENERATION_KEYS, "generation settings")
 
 
 def write_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> Path:

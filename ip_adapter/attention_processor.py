@@ -19,12 +19,17 @@ class IPAttnProcessor(nn.Module):
 
     It is an `nn.Module` so the `to_k_ip`/`to_v_ip` projections are parameters of the UNet (moved,
     cast and saved with it), as in the IP-Adapter reference implementation.
+
+    `scale` is a runtime input, not a setting: every generation call sets it (`set_ip_adapter_scale`)
+    and training leaves it at 1. It is held as a 0-dim float32 CPU tensor, outside the state dict
+    and untouched by `.to()`: a compiled UNet then reads it as a graph input (a new value needs no
+    recompile).
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int = 16, scale: float = 1.0) -> None:
         super().__init__()
         self.num_tokens = num_tokens
-        self.scale = scale
+        self.scale = _scale_tensor(scale)
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
 
@@ -79,7 +84,8 @@ class IPAttnProcessor(nn.Module):
         query = attn.to_q(hidden_states)
         hidden_states = self._attend(attn, query, attn.to_k(text_states), attn.to_v(text_states), attention_mask)
         image_attention = self._attend(attn, query, self.to_k_ip(image_states), self.to_v_ip(image_states))
-        hidden_states = hidden_states + self.scale * image_attention
+        # Scaled in float32, as a Python-float scale would be, then rounded once to the compute dtype.
+        hidden_states = hidden_states + (self.scale * image_attention.float()).to(hidden_states.dtype)
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
@@ -89,11 +95,15 @@ class IPAttnProcessor(nn.Module):
         return hidden_states / attn.rescale_output_factor
 
 
+def _scale_tensor(scale: float) -> torch.Tensor:
+    return torch.tensor(float(scale), dtype=torch.float32)
+
+
 def _is_cross_attention(name: str) -> bool:
     return not name.endswith("attn1.processor")
 
 
-def install_ip_adapter(unet: nn.Module, num_tokens: int = 16, scale: float = 1.0) -> nn.ModuleDict:
+def install_ip_adapter(unet: nn.Module, num_tokens: int = 16) -> nn.ModuleDict:
     """Put an `IPAttnProcessor` on every cross-attention layer; self-attention keeps its processor.
 
     `to_k_ip`/`to_v_ip` start as copies of the layer's text `to_k`/`to_v`, the IP-Adapter recipe for
@@ -115,7 +125,6 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int = 16, scale: float = 1.0
             hidden_size=attn.to_k.out_features,
             cross_attention_dim=attn.to_k.in_features,
             num_tokens=num_tokens,
-            scale=scale,
         ).to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
         with torch.no_grad():
             ip_processor.to_k_ip.weight.copy_(attn.to_k.weight)
@@ -135,8 +144,12 @@ def adapter_modules_of(unet: nn.Module) -> nn.ModuleDict:
     return modules
 
 
-def set_ip_adapter_scale(unet: nn.Module, scale: float) -> None:
-    """Weight of the image branch in every IP-Adapter layer (0 turns the image prompt off)."""
-    for processor in unet.attn_processors.values():
-        if isinstance(processor, IPAttnProcessor):
-            processor.scale = scale
+def set_ip_adapter_scale(model: nn.Module, scale: float) -> None:
+    """Weight of the image branch in every IP-Adapter layer of `model` (0 turns the image prompt off).
+
+    Called by every generation call with its own scale, so no call inherits another's.
+    """
+    value = _scale_tensor(scale)
+    for module in model.modules():
+        if isinstance(module, IPAttnProcessor):
+            module.scale = value

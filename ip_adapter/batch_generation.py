@@ -52,9 +52,11 @@ def generate_batch(
     tokens: SubjectTokens,
     items: Sequence[GenerationItem],
     num_inference_steps: int,
+    *,
+    scale: float,
     **pipeline_kwargs,
 ) -> list[Image.Image]:
-    """One image per item; rows may belong to different subjects."""
+    """One image per item at IP-Adapter scale `scale`; rows may belong to different subjects."""
     cond = torch.cat([tokens(item.subject)[0] for item in items])
     uncond = torch.cat([tokens(item.subject)[1] for item in items])
     # CPU generators: the noise of an item is the same on every device type, not just every process.
@@ -66,5 +68,6 @@ def generate_batch(
         [DEFAULT_NEGATIVE_PROMPT] * len(items),
         generators,
         num_inference_steps,
+        scale=scale,
         **pipeline_kwargs,
     )

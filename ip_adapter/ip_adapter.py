@@ -77,9 +77,6 @@ class IPAdapterPlusXL:
                 raise BadInputError(f"checkpoint image_proj has {key}={config[key]}, but this pipeline/encoder needs {value}")
         return config
 
-    def set_scale(self, scale: float) -> None:
-        set_ip_adapter_scale(self.pipe.unet, scale)
-
     @torch.inference_mode()
     def get_image_embeds(self, images: ImageInput) -> tuple[torch.Tensor, torch.Tensor]:
         """Image tokens (N, num_tokens, C) and the unconditional tokens of an all-zero CLIP input.
@@ -102,9 +99,16 @@ class IPAdapterPlusXL:
         negative_prompts: Sequence[str],
         generators: Generators = None,
         num_inference_steps: int = 30,
+        *,
+        scale: float,
         **pipeline_kwargs,
     ) -> list[Image.Image]:
-        """One image per row. Pass one generator per row to make each image independent of batching."""
+        """One image per row at IP-Adapter scale `scale`.
+
+        The scale is an argument of every call (set on the processors just before denoising), so a
+        call never depends on an earlier one. Pass one generator per row to make each image
+        independent of batching.
+        """
         rows = len(prompts)
         if not (cond_tokens.shape[0] == uncond_tokens.shape[0] == len(negative_prompts) == rows):
             raise BadInputError(
@@ -118,6 +122,7 @@ class IPAdapterPlusXL:
             do_classifier_free_guidance=True,
             negative_prompt=list(negative_prompts),
         )
+        set_ip_adapter_scale(self.pipe.unet, scale)
         cond_tokens = cond_tokens.to(self.device, prompt_embeds.dtype)
         uncond_tokens = uncond_tokens.to(self.device, prompt_embeds.dtype)
         return self.pipe(
@@ -141,8 +146,7 @@ class IPAdapterPlusXL:
         num_inference_steps: int = 30,
         **pipeline_kwargs,
     ) -> list[Image.Image]:
-        """`num_samples` images per reference row, drawn from one generator seeded with `seed`."""
-        self.set_scale(scale)
+        """`num_samples` images per reference row, drawn from one generator seeded with `seed` (the official signature)."""
         cond, uncond = self.get_image_embeds(pil_image)
         rows = cond.shape[0]
 
@@ -160,5 +164,6 @@ class IPAdapterPlusXL:
             per_row(negative_prompt, DEFAULT_NEGATIVE_PROMPT),
             generator,
             num_inference_steps,
+            scale=scale,
             **pipeline_kwargs,
         )

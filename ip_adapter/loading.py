@@ -10,17 +10,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 
 from common.errors import BadInputError
+from common.precision import mixed_precision_dtype
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import IPAdapterPlusXL
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-MIXED_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
@@ -36,7 +38,12 @@ def resolve_dtype(override: str | None, mixed_precision: str, device: torch.devi
         return DTYPES[override]
     if torch.device(device).type == "cpu":
         return torch.float32
-    return MIXED_PRECISION_DTYPES.get(mixed_precision, torch.float32)
+    return mixed_precision_dtype(mixed_precision)
+
+
+def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent cell, as diffusers' pipelines compute `vae_scale_factor` (8 for SDXL's VAE, 2 for the test VAE)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -108,24 +115,18 @@ def load_generation_model(
     ip_ckpt: str | os.PathLike,
     device: torch.device | str,
     dtype: torch.dtype,
-    scale: float,
 ) -> IPAdapterPlusXL:
-    """SDXL + IP-Adapter-Plus on `device` in `dtype` at IP scale `scale`, ready for batched generation."""
+    """SDXL + IP-Adapter-Plus on `device` in `dtype`, ready for batched generation (each call gives its scale)."""
     check_image_encoder_dir(image_encoder_path)
     check_ip_ckpt(ip_ckpt)
+    checkpoint = load_ip_adapter_checkpoint(ip_ckpt)  # a bad checkpoint fails before SDXL spends minutes loading
+    pipe = load_sdxl_pipeline(base_model_path, dtype)
     try:
-        checkpoint = load_ip_adapter_checkpoint(ip_ckpt)  # a bad checkpoint fails before SDXL spends minutes loading
-        pipe = load_sdxl_pipeline(base_model_path, dtype)
         ip_model = IPAdapterPlusXL(pipe, image_encoder_path, checkpoint, device=device)
-    except FileNotFoundError:
-        raise
-    except (ValueError, KeyError) as exc:
-        # KeyError's str() would quote the message; most messages name the checkpoint already.
-        message = " ".join(str(exc.args[0]).split()) if exc.args else type(exc).__name__
-        raise BadInputError(message if str(ip_ckpt) in message else f"{ip_ckpt}: {message}") from None
-    except OSError as exc:
-        raise BadInputError(f"cannot build IP-Adapter-Plus from {ip_ckpt} and {image_encoder_path} ({_one_line(exc)})") from None
-    ip_model.set_scale(scale)
+    except BadInputError as exc:  # the checkpoint's sections were checked without knowing their file
+        raise BadInputError(str(exc) if str(ip_ckpt) in str(exc) else f"{ip_ckpt}: {exc}") from None
+    except OSError as exc:  # transformers' from_pretrained on a broken image encoder folder
+        raise BadInputError(f"{image_encoder_path}: cannot load the image encoder ({_one_line(exc)})") from None
     return ip_model
 
 

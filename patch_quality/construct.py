@@ -35,18 +35,18 @@ import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
-from tqdm.auto import tqdm
 
-from common.batching import batched
+from common.batching import generate_and_save
 from common.checks import require_flags_in_range, require_template_fields
 from common.cli import exit_on_bad_input
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
 from common.outputs import check_output_dir
+from common.recorded_settings import read_recorded, refuse_other_settings
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from ip_adapter.checkpoint import load_ip_adapter_checkpoint
+from ip_adapter.checkpoint import Checkpoint, load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
 from ip_adapter.loading import add_generator_args, check_generator_paths, dtype_name, load_sdxl_pipeline, resolve_dtype
 from patch_quality import layout
@@ -124,23 +124,13 @@ def build_manifest(settings: dict[str, Any], plans: Sequence[SamplePlan], comple
 def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
     """Refuse to add images to a folder whose manifest records other settings."""
     path = output_dir / layout.MANIFEST_NAME
-    if not path.is_file():
+    recorded = read_recorded(path, "manifest")
+    if recorded is None:
         return
-    try:
-        recorded = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInputError(f"{path}: unreadable manifest ({type(exc).__name__}); fix or delete it, or use a new --output_dir") from None
-    if not isinstance(recorded, dict) or recorded.get("format") != MANIFEST_FORMAT:
+    if recorded.get("format") != MANIFEST_FORMAT:
         raise BadInputError(f"{path}: not a {MANIFEST_FORMAT} manifest; use a new --output_dir")
-    differences = [
-        f"{key}: recorded {recorded['settings'].get(key)!r}, now {value!r}"
-        for key, value in manifest["settings"].items()
-        if recorded["settings"].get(key) != value
-    ]
-    if recorded.get("samples") != manifest["samples"]:
-        differences.append("the sample plan (categories or templates) differs")
-    if differences:
-        raise BadInputError(f"{path} was written with other settings ({'; '.join(differences)}); rerun with them or use a new --output_dir")
+    plan_differs = ["the sample plan (categories or templates) differs"] if recorded.get("samples") != manifest["samples"] else []
+    refuse_other_settings(path, recorded["settings"], manifest["settings"], manifest["settings"], other_differences=plan_differs)
 
 
 def generate_references(
@@ -154,21 +144,19 @@ def generate_references(
     **pipeline_kwargs: Any,
 ) -> int:
     """Base-model references for `plans`, saved atomically batch by batch; returns the count."""
-    written = 0
-    with tqdm(total=len(plans), desc=f"references [{position}]", unit="img", position=position) as bar:
-        for batch in batched(list(plans), batch_size):
-            images = pipe(
-                prompt=[plan.reference_prompt for plan in batch],
-                negative_prompt=[negative_prompt] * len(batch),
-                generator=[torch.Generator("cpu").manual_seed(plan.reference_seed) for plan in batch],
-                num_inference_steps=num_inference_steps,
-                **pipeline_kwargs,
-            ).images
-            for plan, image in zip(batch, images, strict=True):
-                atomic_save_image(image, plan.reference_path(output_dir))
-                written += 1
-            bar.update(len(batch))
-    return written
+
+    def generate(batch: Sequence[SamplePlan]) -> list[Image.Image]:
+        return pipe(
+            prompt=[plan.reference_prompt for plan in batch],
+            negative_prompt=[negative_prompt] * len(batch),
+            generator=[torch.Generator("cpu").manual_seed(plan.reference_seed) for plan in batch],
+            num_inference_steps=num_inference_steps,
+            **pipeline_kwargs,
+        ).images
+
+    return generate_and_save(
+        list(plans), batch_size, generate, lambda plan: plan.reference_path(output_dir), f"references [{position}]", position
+    )
 
 
 def generate_pairs(
@@ -179,25 +167,30 @@ def generate_pairs(
     batch_size: int,
     num_inference_steps: int,
     position: int = 0,
+    *,
+    scale: float,
     **pipeline_kwargs: Any,
 ) -> int:
-    """IP-Adapter-Plus images for (sample index, k) `items`, conditioned on each sample's reference."""
+    """IP-Adapter-Plus images at `scale` for (sample index, k) `items`, conditioned on each sample's reference."""
     by_folder = {plan.folder: plan for plan in plans}
 
     def load_reference(folder: str) -> list[Image.Image]:
         return [load_rgb_image(by_folder[folder].reference_path(output_dir))]
 
     tokens = SubjectTokens(ip_model, load_reference)
-    written = 0
-    with tqdm(total=len(items), desc=f"generated [{position}]", unit="img", position=position) as bar:
-        for batch in batched(list(items), batch_size):
-            rows = [GenerationItem(plans[i].folder, plans[i].prompt, plans[i].generated_seeds[k]) for i, k in batch]
-            images = generate_batch(ip_model, tokens, rows, num_inference_steps, **pipeline_kwargs)
-            for (i, k), image in zip(batch, images, strict=True):
-                atomic_save_image(image, plans[i].generated_path(output_dir, k))
-                written += 1
-            bar.update(len(batch))
-    return written
+
+    def generate(batch: Sequence[tuple[int, int]]) -> list[Image.Image]:
+        rows = [GenerationItem(plans[i].folder, plans[i].prompt, plans[i].generated_seeds[k]) for i, k in batch]
+        return generate_batch(ip_model, tokens, rows, num_inference_steps, scale=scale, **pipeline_kwargs)
+
+    return generate_and_save(
+        list(items),
+        batch_size,
+        generate,
+        lambda item: plans[item[0]].generated_path(output_dir, item[1]),
+        f"generated [{position}]",
+        position,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,7 +244,8 @@ def load_reference_images(path: Path) -> list[dict[str, str]]:
     return entries
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
+def _given_references(args: argparse.Namespace) -> list[dict[str, str]] | None:
+    """The --reference_images entries (which also fix --num_samples), or None when references are drawn."""
     given = load_reference_images(args.reference_images) if args.reference_images is not None else None
     if given is not None:
         if args.num_samples not in (None, len(given)):
@@ -259,20 +253,18 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
         args.num_samples = len(given)
     elif args.num_samples is None:
         raise BadInputError("--num_samples is required (or pass --reference_images)")
-    for name in ("num_samples", "num_generated", "num_inference_steps", "height", "width", "batch_size"):
-        if getattr(args, name) < 1:
-            raise BadInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    require_flags_in_range(args, ("num_samples", "num_generated", "num_inference_steps", "height", "width", "batch_size"), minimum=1)
     require_flags_in_range(args, ("scale",), minimum=0)
     require_flags_in_range(args, ("guidance_scale",))
     require_template_fields("--reference_template", args.reference_template, ["object"])
     check_generator_paths(args)
     check_output_dir(args.output_dir)
-    ip_checkpoint = load_ip_adapter_checkpoint(args.ip_ckpt)  # a NaN or wiped checkpoint fails before any image is drawn
-    categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
-    output_dir = args.output_dir
-    plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
-    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
-    settings = {
+    return given
+
+
+def _settings(args: argparse.Namespace, dtype: torch.dtype, given: list[dict[str, str]] | None) -> dict[str, Any]:
+    """Everything the images depend on, as recorded in the manifest."""
+    return {
         "base_model_path": str(args.base_model_path.resolve()),
         "image_encoder_path": str(args.image_encoder_path.resolve()),
         "ip_ckpt": str(args.ip_ckpt.resolve()),
@@ -290,6 +282,70 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
         if given is None
         else {"list": str(args.reference_images.resolve()), "sha256": sha256_file(args.reference_images)},
     }
+
+
+def _make_references(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    pipe: StableDiffusionXLPipeline | None,
+    pending: list[SamplePlan],
+    given: list[dict[str, str]] | None,
+) -> None:
+    """Copy the given references, or draw them with the base pipeline, sharded over the processes."""
+    with accelerator.split_between_processes(pending) as shard:
+        if given is not None:
+            for plan in shard:
+                atomic_save_image(load_rgb_image(given[plan.index]["image"]), plan.reference_path(args.output_dir))
+        elif shard:
+            generate_references(
+                pipe,
+                shard,
+                args.output_dir,
+                args.batch_size,
+                args.num_inference_steps,
+                args.negative_prompt,
+                accelerator.process_index,
+                guidance_scale=args.guidance_scale,
+                height=args.height,
+                width=args.width,
+            )
+
+
+def _make_generated(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    pipe: StableDiffusionXLPipeline,
+    plans: list[SamplePlan],
+    pending: list[tuple[int, int]],
+    ip_checkpoint: Checkpoint,
+) -> None:
+    """IP-Adapter-Plus generations of the pending (sample, k), sharded over the processes."""
+    # Installing the adapter changes the UNet's attention, so it happens after the references.
+    ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, ip_checkpoint, device=accelerator.device)
+    with accelerator.split_between_processes(pending) as shard:
+        generate_pairs(
+            ip_model,
+            plans,
+            shard,
+            args.output_dir,
+            args.batch_size,
+            args.num_inference_steps,
+            accelerator.process_index,
+            scale=args.scale,
+            guidance_scale=args.guidance_scale,
+            height=args.height,
+            width=args.width,
+        )
+
+
+def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
+    given = _given_references(args)
+    ip_checkpoint = load_ip_adapter_checkpoint(args.ip_ckpt)  # a NaN or wiped checkpoint fails before any image is drawn
+    categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
+    output_dir = args.output_dir
+    plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
+    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
+    settings = _settings(args, dtype, given)
     manifest = build_manifest(settings, plans, complete=False)
     check_manifest(output_dir, manifest)  # every process checks, so all of them stop together
 
@@ -303,42 +359,18 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
         f"{len(plans) * args.num_generated - len(pending_generated)}/{len(plans) * args.num_generated} generated images exist; "
         f"{accelerator.num_processes} process(es), {dtype_name(dtype)}"
     )
-    pipe = (
-        load_sdxl_pipeline(args.base_model_path, dtype).to(accelerator.device)
-        if (pending_references and given is None) or pending_generated
-        else None
-    )
+    needs_pipe = (pending_references and given is None) or pending_generated
+    pipe = load_sdxl_pipeline(args.base_model_path, dtype).to(accelerator.device) if needs_pipe else None
     if accelerator.is_main_process:
         remove_stale_temp_files(output_dir, [plan.folder for plan in plans])
         atomic_write_json(output_dir / layout.MANIFEST_NAME, manifest)
     accelerator.wait_for_everyone()
 
-    common = dict(guidance_scale=args.guidance_scale, height=args.height, width=args.width)
-    if pending_references and given is not None:
-        with accelerator.split_between_processes(pending_references) as shard:
-            for plan in shard:
-                atomic_save_image(load_rgb_image(given[plan.index]["image"]), plan.reference_path(output_dir))
-    elif pending_references:
-        with accelerator.split_between_processes(pending_references) as shard:
-            generate_references(
-                pipe,
-                shard,
-                output_dir,
-                args.batch_size,
-                args.num_inference_steps,
-                args.negative_prompt,
-                accelerator.process_index,
-                **common,
-            )
+    if pending_references:
+        _make_references(args, accelerator, pipe, pending_references, given)
     accelerator.wait_for_everyone()  # every reference exists before any generation reads one
     if pending_generated:
-        # Installing the adapter changes the UNet's attention, so it happens after the references.
-        ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, ip_checkpoint, device=accelerator.device)
-        ip_model.set_scale(args.scale)
-        with accelerator.split_between_processes(pending_generated) as shard:
-            generate_pairs(
-                ip_model, plans, shard, output_dir, args.batch_size, args.num_inference_steps, accelerator.process_index, **common
-            )
+        _make_generated(args, accelerator, pipe, plans, pending_generated, ip_checkpoint)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(output_dir / layout.MANIFEST_NAME, build_manifest(settings, plans, complete=True))

@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoImageProcessor
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from common.errors import BadInputError
 from common.io import atomic_path, sha256_file
@@ -39,8 +40,6 @@ _MODEL_TYPES = {
     "clip_vision_model": "CLIPVisionModel",
     "clip": "CLIPVisionModel",
 }
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FINETUNE_FORMAT = "patchdpo-ssl-backbone/1"
 
 
@@ -82,7 +81,7 @@ def _edge(size: Mapping | object) -> int | None:
 def _processor_settings(backbone_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...], int | None]:
     """(mean, std, input edge) from the directory's image-processor config, ImageNet defaults without one."""
     if not (backbone_dir / "preprocessor_config.json").is_file():
-        return IMAGENET_MEAN, IMAGENET_STD, None
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, None
     processor = AutoImageProcessor.from_pretrained(backbone_dir, local_files_only=True)
     crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
     edges = [_edge(size) for size in (crop, getattr(processor, "size", None)) if size is not None]
@@ -116,8 +115,8 @@ class PatchFeatureExtractor:
         model: torch.nn.Module,
         layer: int = -1,
         image_size: int | None = None,
-        image_mean: Iterable[float] = IMAGENET_MEAN,
-        image_std: Iterable[float] = IMAGENET_STD,
+        image_mean: Iterable[float] = IMAGENET_DEFAULT_MEAN,
+        image_std: Iterable[float] = IMAGENET_DEFAULT_STD,
     ):
         vision_config = _vision_config(model)
         self.model = model

@@ -24,7 +24,7 @@ import argparse
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
+from common.batching import batched
 from common.checks import require_flags_in_range
 from common.cli import exit_on_bad_input, str2bool
 from common.errors import BadInputError
@@ -159,11 +160,6 @@ def _sample_digest(reference: Path, generated: dict[int, Path]) -> str:
     return digest.hexdigest()
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _part_is_current(part: Path, run_tag: str, inputs: str) -> bool:
     if not part.is_file():
         return False
@@ -204,48 +200,68 @@ def estimate_quality_maps(
         remove_stale_temp_files(output.parent, ["."], ".safetensors")
         remove_stale_temp_files(data_root, [PARTS_DIR_NAME], ".safetensors")
 
-    todo = []
-    for sample, _prompt, reference, generated in entries[state.process_index :: state.num_processes]:
-        inputs = _sample_digest(reference, generated)
-        if not _part_is_current(parts_dir / f"{sample.name}.safetensors", run_tag, inputs):
-            todo.append((sample, reference, generated, inputs))
-
+    todo = _pending_samples(entries[state.process_index :: state.num_processes], parts_dir, run_tag)
     progress = tqdm(total=len(todo), desc=f"quality maps [{state.process_index}]", disable=not state.is_local_main_process)
-    for chunk in _chunks(todo, batch_size):
-        images, masks = [], []
-        for _sample, reference, generated, _inputs in chunk:
-            reference_image = load_rgb_image(reference)
-            masks.append(
-                foreground_patch_mask(reference_image, extractor.grid_size, settings.background_level, settings.foreground_fraction)
-            )
-            images.append(reference_image)
-            images.extend(load_rgb_image(path) for path in generated.values())
-        features = extractor(images)
-        offset = 0
-        for (sample, _reference, generated, inputs), mask in zip(chunk, masks):
-            reference_features = features[offset]
-            maps = {}
-            for index, k in enumerate(generated, start=1):
-                maps[(sample.name, k)] = quality_maps(reference_features, features[offset + index], mask, settings)
-            offset += 1 + len(generated)
-            save_quality_maps(parts_dir / f"{sample.name}.safetensors", maps, {"run": run_tag, "inputs": inputs})
-            progress.update(1)
+    for chunk in batched(todo, batch_size):
+        _write_parts(chunk, extractor, settings, parts_dir, run_tag)
+        progress.update(len(chunk))
     progress.close()
 
     state.wait_for_everyone()
     if state.is_main_process:
-        merged: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        for sample, *_ in entries:
-            part = QualityMaps.load(parts_dir / f"{sample.name}.safetensors")
-            if part.metadata.get("run") != run_tag:
-                raise BadInputError(f"part file for {sample.name} in {parts_dir} was made with other settings; rerun")
-            for key in part.keys():
-                merged[key] = tuple(m.half() for m in part.get(*key))
-        metadata = {**run_meta, "num_samples": str(len(entries)), "num_pairs": str(len(merged))}
-        save_quality_maps(output, merged, metadata)
-        shutil.rmtree(parts_dir)
+        _merge_parts([sample for sample, *_ in entries], parts_dir, run_tag, output, run_meta)
     state.wait_for_everyone()
     return output
+
+
+def _pending_samples(entries: list, parts_dir: Path, run_tag: str) -> list[tuple[Path, Path, dict[int, Path], str]]:
+    """(sample, reference, generated, input digest) of the samples without a current part file."""
+    todo = []
+    for sample, _prompt, reference, generated in entries:
+        inputs = _sample_digest(reference, generated)
+        if not _part_is_current(parts_dir / f"{sample.name}.safetensors", run_tag, inputs):
+            todo.append((sample, reference, generated, inputs))
+    return todo
+
+
+def _write_parts(
+    chunk: Sequence[tuple[Path, Path, dict[int, Path], str]],
+    extractor: PatchFeatureExtractor,
+    settings: MapSettings,
+    parts_dir: Path,
+    run_tag: str,
+) -> None:
+    """Maps of a few samples from one feature-extractor batch; one part file per sample, tagged with the run and inputs."""
+    images, masks = [], []
+    for _sample, reference, generated, _inputs in chunk:
+        reference_image = load_rgb_image(reference)
+        masks.append(foreground_patch_mask(reference_image, extractor.grid_size, settings.background_level, settings.foreground_fraction))
+        images.append(reference_image)
+        images.extend(load_rgb_image(path) for path in generated.values())
+    features = extractor(images)
+    offset = 0
+    for (sample, _reference, generated, inputs), mask in zip(chunk, masks):
+        reference_features = features[offset]
+        maps = {
+            (sample.name, k): quality_maps(reference_features, features[offset + index], mask, settings)
+            for index, k in enumerate(generated, start=1)
+        }
+        offset += 1 + len(generated)
+        save_quality_maps(parts_dir / f"{sample.name}.safetensors", maps, {"run": run_tag, "inputs": inputs})
+
+
+def _merge_parts(samples: list[Path], parts_dir: Path, run_tag: str, output: Path, run_meta: dict[str, str]) -> None:
+    """Merge every sample's part into `output` (float16, atomically), then remove the parts."""
+    merged: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    for sample in samples:
+        part = QualityMaps.load(parts_dir / f"{sample.name}.safetensors")
+        if part.metadata.get("run") != run_tag:
+            raise BadInputError(f"part file for {sample.name} in {parts_dir} was made with other settings; rerun")
+        for key in part.keys():
+            merged[key] = tuple(m.half() for m in part.get(*key))
+    metadata = {**run_meta, "num_samples": str(len(samples)), "num_pairs": str(len(merged))}
+    save_quality_maps(output, merged, metadata)
+    shutil.rmtree(parts_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,15 @@ from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_write_json
 from common.outputs import check_output_dir
-from common.training_state import checkpoint_step, find_resume_checkpoint, remove_orphan_checkpoint_files, save_training_state
+from common.sampling import EpochSampler
+from common.seeds import stable_seed
+from common.training_state import (
+    TRAINING_STATE_DIR,
+    checkpoint_step,
+    find_resume_checkpoint,
+    remove_orphan_checkpoint_files,
+    save_training_state,
+)
 from patch_quality.features import PatchFeatureExtractor, center_square, load_finetuned, save_finetuned, transformer_blocks
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -123,20 +131,27 @@ def correspondence(view_a: View, view_b: View, size: int, patch_size: int) -> to
     return torch.where(inside, index.long(), torch.full_like(index.long(), -1)).flatten()
 
 
+def make_pair(
+    image: torch.Tensor, size: int, patch_size: int, settings: AugmentSettings, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two views of one (3, S, S) image: (view_a, view_b (3, size, size), targets a->b, targets b->a (grid²,))."""
+    low, high = 1.0 - settings.color_jitter, 1.0 + settings.color_jitter
+    view_a, view_b = (sample_view(image.shape[-1], settings, generator) for _ in range(2))
+    jitter_a, jitter_b = (low + (high - low) * torch.rand(3, generator=generator) for _ in range(2))
+    return (
+        render_view(image, view_a, size, jitter_a),
+        render_view(image, view_b, size, jitter_b),
+        correspondence(view_a, view_b, size, patch_size),
+        correspondence(view_b, view_a, size, patch_size),
+    )
+
+
 def make_pairs(
     images: torch.Tensor, size: int, patch_size: int, settings: AugmentSettings, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Two views per image: (views_a, views_b (N, 3, size, size), targets a->b, targets b->a (N, grid²))."""
-    views_a, views_b, targets_ab, targets_ba = [], [], [], []
-    low, high = 1.0 - settings.color_jitter, 1.0 + settings.color_jitter
-    for image in images:
-        view_a, view_b = (sample_view(image.shape[-1], settings, generator) for _ in range(2))
-        jitter_a, jitter_b = (low + (high - low) * torch.rand(3, generator=generator) for _ in range(2))
-        views_a.append(render_view(image, view_a, size, jitter_a))
-        views_b.append(render_view(image, view_b, size, jitter_b))
-        targets_ab.append(correspondence(view_a, view_b, size, patch_size))
-        targets_ba.append(correspondence(view_b, view_a, size, patch_size))
-    return torch.stack(views_a), torch.stack(views_b), torch.stack(targets_ab), torch.stack(targets_ba)
+    """`make_pair` for each image in turn from one generator, stacked: views (N, 3, size, size), targets (N, grid²)."""
+    pairs = [make_pair(image, size, patch_size, settings, generator) for image in images]
+    return tuple(torch.stack(part) for part in zip(*pairs, strict=True))
 
 
 def _one_direction(
@@ -236,6 +251,26 @@ def validation_pairs(
     return [make_pairs(chunk, size, patch_size, settings, generator) for chunk in repeated.split(batch_size)]
 
 
+class AugmentedPairs(Dataset):
+    """Training items `(index, epoch)` -> the two views of source image `index` and their targets.
+
+    Each item draws its views from a generator seeded with `(seed, epoch, index)`, so a batch is a
+    function of where it sits in training: a resumed run sees the same views as a straight one,
+    whatever the number of processes or data workers.
+    """
+
+    def __init__(self, sources: Dataset, size: int, patch_size: int, augment: AugmentSettings, seed: int) -> None:
+        self.sources, self.size, self.patch_size, self.augment, self.seed = sources, size, patch_size, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, epoch = key
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "views", epoch, index))
+        return make_pair(self.sources[index], self.size, self.patch_size, self.augment, generator)
+
+
 @dataclass
 class TrainSettings:
     trainable_blocks: int = 2
@@ -245,6 +280,70 @@ class TrainSettings:
     batch_size: int = 16
     max_steps: int = 2000
     seed: int = 42
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When to validate and checkpoint, and where to resume from (None: start fresh)."""
+
+    validation_steps: int = 200
+    checkpointing_steps: int | None = None
+    resume_from_checkpoint: str | None = None
+
+
+def _unfreeze(extractor: PatchFeatureExtractor, trainable_blocks: int) -> tuple[list[str], list[torch.nn.Parameter]]:
+    """Freeze the backbone except the last blocks up to the feature layer; optimise in fp32."""
+    model = extractor.model
+    names = trainable_parameter_names(extractor, trainable_blocks)
+    named = dict(model.named_parameters())
+    model.requires_grad_(False)
+    for name in names:
+        named[name].requires_grad_(True)
+    model.float()  # accelerate's --mixed_precision handles autocast
+    return names, [named[name] for name in names]
+
+
+def _register_state_hooks(accelerator: Accelerator, model: torch.nn.Module, names: list[str], backbone_dir: Path, metadata: dict) -> None:
+    """`save_state` / `load_state` store only the trained blocks (as the finetuned file), not the whole backbone."""
+
+    def save_hook(models: list, weights: list, directory: str) -> None:
+        if accelerator.is_main_process:
+            save_finetuned(Path(directory) / FINETUNED_NAME, model, names, backbone_dir, metadata)
+        weights.clear()
+
+    def load_hook(models: list, directory: str) -> None:
+        load_finetuned(model, Path(directory) / FINETUNED_NAME, backbone_dir)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _resume_step(accelerator: Accelerator, output_dir: Path, resume_from_checkpoint: str | None) -> int:
+    resume_dir = find_resume_checkpoint(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
+    if accelerator.is_main_process:
+        remove_orphan_checkpoint_files(output_dir)
+    if resume_dir is None:
+        return 0
+    accelerator.load_state(str(resume_dir / TRAINING_STATE_DIR))
+    return checkpoint_step(resume_dir)
+
+
+def _batches_from(accelerator: Accelerator, loader: DataLoader, step: int):
+    """The batches of training from `step` on, epoch after epoch: the resumed epoch skips what was trained."""
+    epoch, skip = divmod(step, len(loader))
+    while True:
+        loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+def _loss(accelerator: Accelerator, extractor: PatchFeatureExtractor, batch, temperature: float) -> torch.Tensor:
+    views_a, views_b, targets_ab, targets_ba = batch
+    with accelerator.autocast():
+        features = extractor.patch_features(torch.cat([views_a, views_b]).to(accelerator.device)).flatten(1, 2)
+    features_a, features_b = features.float().chunk(2)
+    return correspondence_info_nce(features_a, features_b, targets_ab.to(features.device), targets_ba.to(features.device), temperature)
 
 
 def train(
@@ -262,110 +361,100 @@ def train(
     resume_from_checkpoint: str | None = None,
     num_workers: int = 0,
 ) -> dict[str, float]:
-    """Train the last blocks; returns {"accuracy_before", "accuracy_after", "final_loss"}."""
-    model = extractor.model
-    names = trainable_parameter_names(extractor, settings.trainable_blocks)
-    named = dict(model.named_parameters())
-    model.requires_grad_(False)
-    for name in names:
-        named[name].requires_grad_(True)
-    model.float()  # optimise in fp32; accelerate's --mixed_precision handles autocast
-
+    """Train the last blocks; returns {"accuracy_before", "accuracy_after", "final_loss", "steps"}."""
+    schedule = Schedule(validation_steps, checkpointing_steps, resume_from_checkpoint)
+    names, parameters = _unfreeze(extractor, settings.trainable_blocks)
     size, patch = extractor.image_size, extractor.patch_size
     eval_pairs = validation_pairs(held_out, size, patch, augment, validation_pairs_per_image, settings.seed + 1, settings.batch_size)
-    model.eval()
+    extractor.model.eval()
     accuracy_before = matching_accuracy(extractor, eval_pairs)
 
-    optimizer = torch.optim.AdamW([named[n] for n in names], lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     loader = DataLoader(
-        train_images,
+        AugmentedPairs(train_images, size, patch, augment, settings.seed),
         batch_size=settings.batch_size,
-        shuffle=True,
+        sampler=EpochSampler(len(train_images), settings.seed),
         drop_last=len(train_images) >= settings.batch_size,
         num_workers=num_workers,
     )
-    prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    unwrapped = accelerator.unwrap_model(prepared_model)
-    finetune_metadata = {
+    unwrapped = extractor.model
+    metadata = {
         "layer": str(extractor.layer),
         "trainable_blocks": str(settings.trainable_blocks),
         "objective": "patch-correspondence InfoNCE",
     }
-
-    def save_hook(models: list, weights: list, directory: str) -> None:
-        if accelerator.is_main_process:
-            save_finetuned(Path(directory) / FINETUNED_NAME, unwrapped, names, backbone_dir, finetune_metadata)
-        weights.clear()
-
-    def load_hook(models: list, directory: str) -> None:
-        load_finetuned(unwrapped, Path(directory) / FINETUNED_NAME, backbone_dir)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-    step = 0
-    resume_dir = find_resume_checkpoint(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
-    if accelerator.is_main_process:
-        remove_orphan_checkpoint_files(output_dir)
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir / "training_state"))
-        step = checkpoint_step(resume_dir)
+    prepared_model, optimizer, loader = accelerator.prepare(unwrapped, optimizer, loader)
+    _register_state_hooks(accelerator, unwrapped, names, backbone_dir, metadata)
+    step = _resume_step(accelerator, output_dir, schedule.resume_from_checkpoint)
 
     extractor.model = prepared_model
-    generator = torch.Generator().manual_seed(settings.seed + 1000 * accelerator.process_index + step)
-    progress = tqdm(total=settings.max_steps, initial=step, desc="ssl_train", disable=not accelerator.is_local_main_process)
-    loss_value = float("nan")
-    prepared_model.train()
-    while step < settings.max_steps:
-        for images in loader:
-            views_a, views_b, targets_ab, targets_ba = make_pairs(images.cpu(), size, patch, augment, generator)
-            with accelerator.autocast():
-                features = extractor.patch_features(torch.cat([views_a, views_b]).to(accelerator.device)).flatten(1, 2)
-            features_a, features_b = features.float().chunk(2)
-            loss = correspondence_info_nce(
-                features_a, features_b, targets_ab.to(features.device), targets_ba.to(features.device), settings.temperature
-            )
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_value = accelerator.reduce(loss.detach(), "mean").item()
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}")
-            accelerator.log({"train/loss": loss_value}, step=step)
-            if validation_steps and step % validation_steps == 0 and step < settings.max_steps:
-                prepared_model.eval()
-                accelerator.log({"val/patch_matching_top1": matching_accuracy(extractor, eval_pairs)}, step=step)
-                prepared_model.train()
-            if checkpointing_steps and step % checkpointing_steps == 0:
-                save_training_state(accelerator, output_dir / f"checkpoint-{step}")
-            if step >= settings.max_steps:
-                break
-    progress.close()
-
+    step, loss_value = _train_steps(accelerator, extractor, optimizer, loader, eval_pairs, settings, schedule, output_dir, step)
     prepared_model.eval()
     accuracy_after = matching_accuracy(extractor, eval_pairs)
     extractor.model = unwrapped
     metrics = {"accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "final_loss": loss_value, "steps": step}
     accelerator.log({"val/patch_matching_top1": accuracy_after}, step=step)
+    _save_results(accelerator, output_dir, unwrapped, names, backbone_dir, metadata, metrics)
+    return metrics
+
+
+def _train_steps(
+    accelerator: Accelerator,
+    extractor: PatchFeatureExtractor,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    eval_pairs: list,
+    settings: TrainSettings,
+    schedule: Schedule,
+    output_dir: Path,
+    step: int,
+) -> tuple[int, float]:
+    """Optimise from `step` to `settings.max_steps`; returns the last step and its loss."""
+    model = extractor.model
+    progress = tqdm(total=settings.max_steps, initial=step, desc="ssl_train", disable=not accelerator.is_local_main_process)
+    loss_value = float("nan")
+    model.train()
+    batches = _batches_from(accelerator, loader, step)
+    while step < settings.max_steps:
+        loss = _loss(accelerator, extractor, next(batches), settings.temperature)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = accelerator.reduce(loss.detach(), "mean").item()
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+        accelerator.log({"train/loss": loss_value}, step=step)
+        if schedule.validation_steps and step % schedule.validation_steps == 0 and step < settings.max_steps:
+            model.eval()
+            accelerator.log({"val/patch_matching_top1": matching_accuracy(extractor, eval_pairs)}, step=step)
+            model.train()
+        if schedule.checkpointing_steps and step % schedule.checkpointing_steps == 0:
+            save_training_state(accelerator, output_dir / f"checkpoint-{step}")
+    progress.close()
+    return step, loss_value
+
+
+def _save_results(
+    accelerator: Accelerator, output_dir: Path, model: torch.nn.Module, names: list[str], backbone_dir: Path, metadata: dict, metrics: dict
+) -> None:
+    """The finetuned blocks (with the accuracies in their metadata) and metrics.json, from the main process."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_finetuned(
             output_dir / FINETUNED_NAME,
-            unwrapped,
+            model,
             names,
             backbone_dir,
             {
-                **finetune_metadata,
-                "steps": str(step),
-                "patch_matching_top1_before": f"{accuracy_before:.4f}",
-                "patch_matching_top1_after": f"{accuracy_after:.4f}",
+                **metadata,
+                "steps": str(metrics["steps"]),
+                "patch_matching_top1_before": f"{metrics['accuracy_before']:.4f}",
+                "patch_matching_top1_after": f"{metrics['accuracy_after']:.4f}",
             },
         )
         atomic_write_json(output_dir / "metrics.json", metrics)
     accelerator.wait_for_everyone()
-    return metrics
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,6 +496,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings(args: argparse.Namespace) -> tuple[TrainSettings, AugmentSettings]:
+    train_settings = TrainSettings(
+        trainable_blocks=args.trainable_blocks,
+        temperature=args.temperature,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        batch_size=args.train_batch_size,
+        max_steps=args.max_train_steps,
+        seed=args.seed,
+    )
+    return train_settings, AugmentSettings(tuple(args.crop_scale), tuple(args.crop_ratio), args.flip_prob, args.color_jitter)
+
+
+def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, float]:
+    """Load the backbone and the images, hold some out, train, write the results."""
+    extractor = PatchFeatureExtractor.from_pretrained(
+        args.backbone, layer=args.layer, image_size=args.image_size, device=accelerator.device
+    )
+    train_paths, validation_paths = split_paths(find_images(args.train_data), args.validation_fraction, args.seed)
+    if not validation_paths:
+        raise BadInputError("--validation_fraction must hold out at least one image to measure the matching accuracy")
+    source_size = args.source_size or 2 * extractor.image_size
+    held_out = torch.stack([SourceImages(validation_paths, source_size)[i] for i in range(len(validation_paths))])
+    settings, augment = _settings(args)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("patch_quality_ssl", config={k: str(v) for k, v in vars(args).items()})
+    return train(
+        accelerator,
+        extractor,
+        SourceImages(train_paths, source_size),
+        held_out,
+        settings,
+        augment,
+        args.output_dir,
+        args.backbone,
+        args.validation_pairs_per_image,
+        args.validation_steps,
+        args.checkpointing_steps,
+        args.resume_from_checkpoint,
+        args.dataloader_num_workers,
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -420,44 +552,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         project_config=ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")),
     )
     set_seed(args.seed)
-    try:
-        extractor = PatchFeatureExtractor.from_pretrained(
-            args.backbone, layer=args.layer, image_size=args.image_size, device=accelerator.device
-        )
-        train_paths, validation_paths = split_paths(find_images(args.train_data), args.validation_fraction, args.seed)
-        if not validation_paths:
-            raise BadInputError("--validation_fraction must hold out at least one image to measure the matching accuracy")
-        source_size = args.source_size or 2 * extractor.image_size
-        held_out = torch.stack([SourceImages(validation_paths, source_size)[i] for i in range(len(validation_paths))])
-        settings = TrainSettings(
-            trainable_blocks=args.trainable_blocks,
-            temperature=args.temperature,
-            learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay,
-            batch_size=args.train_batch_size,
-            max_steps=args.max_train_steps,
-            seed=args.seed,
-        )
-        augment = AugmentSettings(tuple(args.crop_scale), tuple(args.crop_ratio), args.flip_prob, args.color_jitter)
-        if accelerator.is_main_process:
-            accelerator.init_trackers("patch_quality_ssl", config={k: str(v) for k, v in vars(args).items()})
-        metrics = train(
-            accelerator,
-            extractor,
-            SourceImages(train_paths, source_size),
-            held_out,
-            settings,
-            augment,
-            args.output_dir,
-            args.backbone,
-            args.validation_pairs_per_image,
-            args.validation_steps,
-            args.checkpointing_steps,
-            args.resume_from_checkpoint,
-            args.dataloader_num_workers,
-        )
-    except BadInputError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    with exit_on_bad_input(parser.prog):
+        metrics = run(args, accelerator)
     accelerator.end_training()
     if accelerator.is_main_process:
         print(

@@ -1,7 +1,7 @@
 """Training pairs (reference image, generated image k) of a PatchDPO data folder.
 
 Randomness is stateless: every random choice of an item (CFG dropout, CLIP crop offset) comes
-from a generator seeded with `(seed, epoch, item index)`, and `EpochSampler` shuffles with
+from a generator seeded with `(seed, epoch, item index)`, and `common.sampling.EpochSampler` shuffles with
 `(seed, epoch)`. A batch is therefore a function of where it sits in training, not of how many
 workers produced it, whether features come from the cache, or whether the run was resumed.
 """
@@ -9,7 +9,6 @@ workers produced it, whether features come from the cache, or whether the run wa
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from transformers import CLIPTokenizer
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -130,26 +129,6 @@ def clip_training_pixels(path: Path, generator: torch.Generator | None) -> torch
         left = int(torch.randint(0, image.width - CLIP_SIZE + 1, (), generator=generator))
     image = TF.crop(image, top, left, CLIP_SIZE, CLIP_SIZE)
     return TF.normalize(TF.to_tensor(image), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-
-
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Shuffles by `(seed, epoch)` and yields `(index, epoch)` so items can seed their own randomness."""
-
-    def __init__(self, num_items: int, seed: int) -> None:
-        self.num_items = num_items
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(stable_seed(self.seed, "shuffle", self.epoch))
-        for index in torch.randperm(self.num_items, generator=generator).tolist():
-            yield index, self.epoch
-
-    def __len__(self) -> int:
-        return self.num_items
 
 
 class PairDataset(Dataset):

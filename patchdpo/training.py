@@ -34,6 +34,7 @@ from common.errors import BadInputError
 from ip_adapter.attention_processor import adapter_modules_of, install_ip_adapter
 from ip_adapter.checkpoint import load_adapter_state, load_ip_adapter_checkpoint, load_strict, save_ip_adapter
 from ip_adapter.image_encoder import encode_image_features, load_image_encoder
+from ip_adapter.loading import SDXL_COMPONENTS
 from ip_adapter.resampler import Resampler
 
 from .loss import LossOutput, compute_loss
@@ -44,11 +45,6 @@ logger = logging.getLogger(__name__)
 #: The IP-Adapter-Plus SDXL resampler (`ip-adapter-plus_sdxl_vit-h.bin`), used when training from scratch.
 FRESH_RESAMPLER_CONFIG = dict(dim=1280, depth=4, dim_head=64, heads=20, num_queries=16, ff_mult=4)
 ADAPTER_STATE_NAME = "ip_adapter_state.safetensors"
-
-
-def vae_downsample_factor(vae: AutoencoderKL) -> int:
-    """Pixels per latent cell: 8 for SDXL's VAE, read from its config (the test VAE uses 2)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 @dataclass
@@ -189,7 +185,7 @@ def load_training_models(
 ) -> TrainingModels:
     """Load SDXL parts from a local folder, install and initialise the adapter, freeze the rest."""
     model_dir = Path(model_dir)
-    for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+    for sub in SDXL_COMPONENTS:
         if not (model_dir / sub).is_dir():
             raise BadInputError(f"{model_dir} has no {sub}/ folder; expected an SDXL pipeline saved with save_pretrained")
     local = dict(local_files_only=True)

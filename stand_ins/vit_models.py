@@ -27,12 +27,11 @@ from transformers import (
     ViTImageProcessor,
     ViTModel,
 )
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 TINY_IMAGE_SIZE = 64
 TINY_PATCH_SIZE = 8
 _COMMON = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=TINY_IMAGE_SIZE, patch_size=TINY_PATCH_SIZE)
-_IMAGENET_MEAN = [0.485, 0.456, 0.406]
-_IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def _save(model: torch.nn.Module, processor, path: Path) -> Path:
@@ -47,8 +46,8 @@ def save_tiny_dinov2(path: Path, seed: int = 0) -> Path:
     processor = BitImageProcessor(
         size={"shortest_edge": TINY_IMAGE_SIZE},
         crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-        image_mean=_IMAGENET_MEAN,
-        image_std=_IMAGENET_STD,
+        image_mean=IMAGENET_DEFAULT_MEAN,
+        image_std=IMAGENET_DEFAULT_STD,
     )
     return _save(model, processor, path)
 
@@ -59,8 +58,8 @@ def save_tiny_dinov2_registers(path: Path, seed: int = 0) -> Path:
     processor = BitImageProcessor(
         size={"shortest_edge": TINY_IMAGE_SIZE},
         crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
-        image_mean=_IMAGENET_MEAN,
-        image_std=_IMAGENET_STD,
+        image_mean=IMAGENET_DEFAULT_MEAN,
+        image_std=IMAGENET_DEFAULT_STD,
     )
     return _save(model, processor, path)
 
@@ -70,7 +69,7 @@ def save_tiny_vit(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = ViTModel(ViTConfig(intermediate_size=64, **_COMMON), add_pooling_layer=False).eval()
     processor = ViTImageProcessor(
-        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_mean=_IMAGENET_MEAN, image_std=_IMAGENET_STD
+        size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD
     )
     return _save(model, processor, path)
 

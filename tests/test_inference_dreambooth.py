@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-import dreambench.generation
+import common.batching
 import inference_dreambooth
 from common.io import sha256_file
 from dreambench.benchmark import prompts_for
@@ -111,7 +111,7 @@ def batch1_run(tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ip_model(tiny_models):
-    return load_generation_model(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", torch.float32, scale=0.78)
+    return load_generation_model(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", torch.float32)
 
 
 def test_clean_run_writes_images_grids_and_config(clean_run, tiny_models):
@@ -148,7 +148,7 @@ def test_mixed_subject_batch_matches_single_subject_batches(ip_model):
     items = build_items({subject: ["a photo in the jungle", "a photo in the snow"] for subject in SUBJECTS}, seed=42)
 
     def pixels(batch: list[GenerationItem]) -> np.ndarray:
-        images = generate_batch(ip_model, tokens, batch, 2, height=SIZE, width=SIZE)
+        images = generate_batch(ip_model, tokens, batch, 2, scale=0.78, height=SIZE, width=SIZE)
         return np.stack([np.asarray(image, dtype=np.int16) for image in images])
 
     mixed = pixels([items[0], items[2]])  # backpack, cat in one batch
@@ -194,7 +194,7 @@ class Interrupted(Exception):
 def test_resume_after_interrupt_matches_clean_run(batch1_run, tiny_models, tmp_path, monkeypatch):
     """Batch size 1 as in `batch1_run`, so the resumed images must be bit-identical to it."""
     output_dir = tmp_path / "out"
-    real_save = dreambench.generation.atomic_save_image
+    real_save = common.batching.atomic_save_image
     saved = []
 
     def save_then_stop(image, path):
@@ -202,7 +202,7 @@ def test_resume_after_interrupt_matches_clean_run(batch1_run, tiny_models, tmp_p
             raise Interrupted
         saved.append(real_save(image, path))
 
-    monkeypatch.setattr(dreambench.generation, "atomic_save_image", save_then_stop)
+    monkeypatch.setattr(common.batching, "atomic_save_image", save_then_stop)
     with pytest.raises(Interrupted):
         run_script(tiny_models, output_dir, "--batch_size", "1")
     assert all_files(output_dir) == {RUN_CONFIG_NAME, *(str(path.relative_to(output_dir)) for path in saved)}
@@ -212,7 +212,7 @@ def test_resume_after_interrupt_matches_clean_run(batch1_run, tiny_models, tmp_p
     stale.parent.mkdir(parents=True, exist_ok=True)
     stale.write_bytes(b"\x89PNG truncated")
 
-    monkeypatch.setattr(dreambench.generation, "atomic_save_image", real_save)
+    monkeypatch.setattr(common.batching, "atomic_save_image", real_save)
     run_script(tiny_models, output_dir, "--batch_size", "1")
     assert all_files(output_dir) == all_files(batch1_run)
     assert {path: path.stat().st_mtime_ns for path in saved} == first_images  # kept, not regenerated

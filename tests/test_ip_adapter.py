@@ -239,7 +239,6 @@ def test_generate_is_seeded_and_uses_the_image(ip_model) -> None:
 
 
 def test_mixed_subject_batch_equals_single_rows(ip_model) -> None:
-    ip_model.set_scale(0.8)
     cond, uncond = ip_model.get_image_embeds([[_image(0), _image(1)], [_image(2)]])
     prompts, negatives = ["a dog on the beach", "a red backpack"], ["low quality", "blurry"]
     seeds = [11, 12]
@@ -253,6 +252,7 @@ def test_mixed_subject_batch_equals_single_rows(ip_model) -> None:
             [negatives[i] for i in rows],
             generators,
             num_inference_steps=STEPS,
+            scale=0.8,
             height=SIZE,
             width=SIZE,
         )

@@ -14,8 +14,8 @@ from patch_quality import layout
 from patch_quality.categories import OBJECT_CATEGORIES, SCENE_TEMPLATES, load_categories, with_article
 from patch_quality.construct import main, plan_samples
 from tests.kit.cli import bad_input_message
+from tests.kit.dreambench import dreambench_dataset
 
-DREAMBENCH = Path("/work/shared/dreambench/dataset")
 # Class words the official evaluation fills into DreamBench prompts.
 DREAMBENCH_CLASSES = {
     "backpack",
@@ -38,11 +38,9 @@ DREAMBENCH_CLASSES = {
 
 
 def test_categories_avoid_dreambench_subjects_and_make_valid_prompts():
-    banned = set(DREAMBENCH_CLASSES)
-    if DREAMBENCH.is_dir():
-        subjects = [p.name for p in DREAMBENCH.iterdir() if p.is_dir()]
-        assert len(subjects) == 30
-        banned |= {word for subject in subjects for word in re.split(r"[_\d]+", subject) if word}
+    subjects = [p.name for p in dreambench_dataset().iterdir() if p.is_dir()]
+    assert len(subjects) == 30
+    banned = set(DREAMBENCH_CLASSES) | {word for subject in subjects for word in re.split(r"[_\d]+", subject) if word}
     for category in OBJECT_CATEGORIES:
         words = set(category.lower().split())
         assert not words & banned, f"{category!r} overlaps DreamBench ({words & banned})"

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN
 
 from common.errors import BadInputError
-from patch_quality.features import IMAGENET_MEAN, PatchFeatureExtractor, load_finetuned, save_finetuned, transformer_blocks
+from patch_quality.features import PatchFeatureExtractor, load_finetuned, save_finetuned, transformer_blocks
 from stand_ins.vit_models import TINY_IMAGE_SIZE, TINY_PATCH_SIZE, save_tiny_vit, structured_texture
 
 BACKBONES = ["tiny_dinov2_dir", "tiny_dinov2_registers_dir", "tiny_vit_dir", "tiny_clip_vision_dir"]
@@ -62,7 +63,7 @@ def test_defaults_without_image_processor_config(tmp_path, tiny_vit_dir):
     (bare / "preprocessor_config.json").unlink()
     extractor = PatchFeatureExtractor.from_pretrained(bare)
     assert extractor.image_size == TINY_IMAGE_SIZE  # config.image_size
-    torch.testing.assert_close(extractor.image_mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    torch.testing.assert_close(extractor.image_mean.flatten(), torch.tensor(IMAGENET_DEFAULT_MEAN))
     torch.testing.assert_close(
         extractor([structured_texture(0)]), PatchFeatureExtractor.from_pretrained(tiny_vit_dir)([structured_texture(0)])
     )
