@@ -43,7 +43,6 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
-from common.seeds import stable_seed  # noqa: E402
 from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint, load_strict  # noqa: E402
 from ip_adapter.image_encoder import load_image_encoder  # noqa: E402
@@ -163,7 +162,6 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
             cond,
             models.scheduler,
             loss_mode="patch_dpo",
-            seed=stable_seed(0, counter["step"]),
             resolution=args.resolution,
         )
         accelerator.backward(output.loss)

@@ -48,6 +48,26 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str) -> P
             raise BadInputError(f"{path} holds no {TRAINING_STATE_DIR}/ (saved by --checkpointing_steps); cannot resume from it")
         checkpoint_step(path)
         return path
+    return max(_with_training_state(output_dir), key=checkpoint_step, default=None)
+
+
+def _with_training_state(output_dir: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-N` folders of `output_dir` holding a complete training state."""
     root = Path(output_dir)
-    candidates = [p for p in root.glob("checkpoint-*") if _CHECKPOINT_DIR.match(p.name) and (p / TRAINING_STATE_DIR).is_dir()]
-    return max(candidates, key=checkpoint_step, default=None)
+    return [p for p in root.glob("checkpoint-*") if _CHECKPOINT_DIR.match(p.name) and (p / TRAINING_STATE_DIR).is_dir()]
+
+
+def prune_training_states(output_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete training states (`--checkpoints_total_limit`).
+
+    Only `training_state/` folders go: the `model.bin` next to them is the run's product and stays
+    (a folder left empty is removed). The newest complete state is never deleted (`keep` >= 1).
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    removed = sorted(_with_training_state(output_dir), key=checkpoint_step)[:-keep]
+    for checkpoint in removed:
+        shutil.rmtree(checkpoint / TRAINING_STATE_DIR)
+        if not any(checkpoint.iterdir()):
+            checkpoint.rmdir()
+    return removed

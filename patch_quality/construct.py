@@ -42,6 +42,7 @@ from common.cli import exit_on_bad_input
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
+from common.launch import check_launch
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
@@ -249,6 +250,7 @@ def load_reference_images(path: Path) -> list[dict[str, str]]:
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
+    check_launch(accelerator.num_processes, "-m patch_quality.construct")
     given = load_reference_images(args.reference_images) if args.reference_images is not None else None
     if given is not None:
         if args.num_samples not in (None, len(given)):

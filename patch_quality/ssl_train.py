@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_write_json
+from common.launch import check_launch
 from common.training_state import checkpoint_step, find_resume_checkpoint, save_training_state
 from patch_quality.features import PatchFeatureExtractor, center_square, load_finetuned, save_finetuned, transformer_blocks
 
@@ -413,6 +414,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     set_seed(args.seed)
     try:
+        check_launch(accelerator.num_processes, "-m patch_quality.ssl_train")
         extractor = PatchFeatureExtractor.from_pretrained(
             args.backbone, layer=args.layer, image_size=args.image_size, device=accelerator.device
         )

@@ -1,9 +1,10 @@
 """Training pairs (reference image, generated image k) of a PatchDPO data folder.
 
 Randomness is stateless: every random choice of an item (CFG dropout, CLIP crop offset) comes
-from a generator seeded with `(seed, epoch, item index)`, and `EpochSampler` shuffles with
-`(seed, epoch)`. A batch is therefore a function of where it sits in training, not of how many
-workers produced it, whether features come from the cache, or whether the run was resumed.
+from a generator seeded with `(seed, epoch, item index)`, the item carries the seed of its
+diffusion noise and timestep (`noise_seed`, keyed the same way), and `EpochSampler` shuffles with
+`(seed, epoch)`. A pair is therefore trained the same way whichever process, micro-batch or
+worker it lands in, whether features come from the cache, or whether the run was resumed.
 """
 
 from __future__ import annotations
@@ -133,11 +134,20 @@ def clip_training_pixels(path: Path, generator: torch.Generator | None) -> torch
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """Shuffles by `(seed, epoch)` and yields `(index, epoch)` so items can seed their own randomness."""
+    """Shuffles by `(seed, epoch)` and yields `(index, epoch)` so items can seed their own randomness.
 
-    def __init__(self, num_items: int, seed: int) -> None:
+    Only the first `len(self)` items of the permutation are yielded: a whole number of
+    `global_batch`es (pairs per optimizer step over all processes and accumulated micro-batches).
+    Consecutive chunks of the permutation are then the optimizer steps whatever the layout, and no
+    step is a short or padded one.
+    """
+
+    def __init__(self, num_items: int, seed: int, global_batch: int = 1) -> None:
+        if num_items < global_batch:
+            raise BadInputError(f"{num_items} training pairs do not fill one optimizer step of {global_batch} pairs")
         self.num_items = num_items
         self.seed = seed
+        self.global_batch = global_batch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -145,11 +155,11 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "shuffle", self.epoch))
-        for index in torch.randperm(self.num_items, generator=generator).tolist():
+        for index in torch.randperm(self.num_items, generator=generator)[: len(self)].tolist():
             yield index, self.epoch
 
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_items - self.num_items % self.global_batch
 
 
 class PairDataset(Dataset):
@@ -158,7 +168,7 @@ class PairDataset(Dataset):
     Without a cache an item carries pixels and token ids for the frozen encoders; with a
     `FeatureCache` it carries their cached outputs, with the zero-image / empty-prompt entries
     substituted when the item's dropout says so. Both kinds carry the quality maps (zeros when
-    `quality_maps` is None), the original sizes and the dropout flags.
+    `quality_maps` is None), the original sizes, the dropout flags and the noise seed.
     """
 
     def __init__(
@@ -196,6 +206,7 @@ class PairDataset(Dataset):
             item["reference_map"] = item["generated_map"] = torch.zeros(self.latent_size, self.latent_size)
         item["drop_image"] = torch.tensor(drop_image)
         item["drop_text"] = torch.tensor(drop_text)
+        item["noise_seed"] = torch.tensor(stable_seed(self.seed, "noise", epoch, index))
         return item
 
     def _decoded(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -112,7 +112,7 @@ def test_training_changes_only_to_k_ip_and_to_v_ip(loaded, tiny_pair_data):
     dataset = make_dataset(loaded, tiny_pair_data, maps)
     for step in range(2):
         cond = PairConditioning.encode(loaded.encoders, collate(dataset, [2 * step, 2 * step + 1]))
-        output = training_step(accelerator, prepared, cond, loaded.scheduler, loss_mode="patch_dpo", seed=step, resolution=RESOLUTION)
+        output = training_step(accelerator, prepared, cond, loaded.scheduler, loss_mode="patch_dpo", resolution=RESOLUTION)
         assert math.isfinite(output.loss.item()) and output.loss.item() > 0
         accelerator.backward(output.loss)
         optimizer.step()
@@ -138,7 +138,7 @@ def test_image_dpo_starts_at_log2_against_the_frozen_initial_adapter(loaded, tin
     optimizer = torch.optim.AdamW(model.adapter_modules.parameters(), lr=LR)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     cond = PairConditioning.encode(loaded.encoders, collate(make_dataset(loaded, tiny_pair_data), [0, 1]))
-    kwargs = dict(loss_mode="image_dpo", seed=7, resolution=RESOLUTION, reference_params=reference, dpo_beta=5000.0)
+    kwargs = dict(loss_mode="image_dpo", resolution=RESOLUTION, reference_params=reference, dpo_beta=5000.0)
 
     first = training_step(accelerator, prepared, cond, loaded.scheduler, **kwargs)
     assert first.loss.item() == pytest.approx(math.log(2), abs=1e-6)  # trained == reference at step 0
@@ -158,7 +158,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(loaded, tiny_p
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
-        output = training_step(accelerator, model, cond, loaded.scheduler, loss_mode="mse", seed=3, resolution=RESOLUTION)
+        output = training_step(accelerator, model, cond, loaded.scheduler, loss_mode="mse", resolution=RESOLUTION)
         output.loss.backward()
         return output.loss.item(), [p.grad.clone() for p in model.adapter_modules.parameters()]
 
