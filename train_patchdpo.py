@@ -183,6 +183,7 @@ class TrainingRun:
     cached: bool
     global_step: int = 0
     last_saved: int | None = None
+    grad_norm: torch.Tensor | None = None  # before clipping, at the last optimizer step (with --max_grad_norm)
 
     def checkpoint_dir(self) -> Path:
         return Path(self.args.output_dir) / f"checkpoint-{self.global_step}"
@@ -308,7 +309,7 @@ def micro_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> LossOutput:
         )
         accelerator.backward(output.loss)
         if accelerator.sync_gradients and args.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(run.models.model.adapter_modules.parameters(), args.max_grad_norm)
+            run.grad_norm = accelerator.clip_grad_norm_(run.models.model.adapter_modules.parameters(), args.max_grad_norm)
         run.optimizer.step()
         if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
             run.lr_scheduler.step()
@@ -320,6 +321,8 @@ def log_step(run: TrainingRun, logs: dict[str, float], progress: tqdm) -> None:
     if not math.isfinite(logs["loss"]):
         raise FloatingPointError(f"loss is {logs['loss']} at step {run.global_step}")
     logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+    if run.grad_norm is not None:
+        logs["grad_norm"] = run.grad_norm.item()
     run.accelerator.log(logs, step=run.global_step)
     progress.set_postfix(loss=f"{logs['loss']:.4g}", pairs_per_s=f"{logs['samples_per_s']:.2f}")
 

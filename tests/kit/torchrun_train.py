@@ -3,8 +3,8 @@
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m tests.kit.torchrun_train SPEC.json
 
 SPEC.json: {"record_dir": DIR, "runs": [{"name": NAME, "argv": [...], "kill_after_step": N?}, ...]}.
-Each run is the script's real `main` in the launched processes (one process group for all runs,
-which saves the launch cost per run). Per run NAME, every rank writes to DIR/NAME/:
+Each run is the script's real `main` in the launched processes, one after the other in one
+process group (which saves the launch cost per run). Per run NAME, every rank writes to DIR/NAME/:
 
 * `rank{r}/step{n}.safetensors`: its trainable weights after optimizer step n (a global
   optimizer-step hook, so nothing in the script is changed);
@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import save_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -51,6 +52,9 @@ def main(spec_path: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     os.replace = recording_replace
+    # `end_training` would destroy the process group; the next run reuses it (re-creating a gloo group is flaky).
+    keep_group = AcceleratorState.destroy_process_group
+    AcceleratorState.destroy_process_group = lambda self, group=None: None
     register_optimizer_step_post_hook(record_step)
     for run in spec["runs"]:
         state.update(dir=Path(spec["record_dir"]) / run["name"], step=0, kill_after_step=run.get("kill_after_step"))
@@ -58,6 +62,7 @@ def main(spec_path: str) -> None:
         train_patchdpo.main(run["argv"])
         if rank == 0:
             (state["dir"] / "done").write_text("")
+    keep_group(AcceleratorState())
 
 
 if __name__ == "__main__":
