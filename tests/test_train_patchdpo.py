@@ -315,19 +315,24 @@ def test_script_trains_logs_and_writes_checkpoints_that_load_in_ip_adapter_and_d
         assert len(values) == 2 and all(math.isfinite(v) for v in values), tag
 
 
-def test_resuming_2_plus_2_steps_equals_4_straight_steps(tiny_models, tiny_pair_data, tmp_path):
-    # 5 samples at batch 2: 3 batches per epoch, so the resumed half skips into epoch 0 and crosses into epoch 1.
+@pytest.mark.parametrize("batch, accumulation", [(2, 1), (1, 2)])
+def test_resuming_3_plus_2_steps_equals_5_straight_steps(tiny_models, tiny_pair_data, tmp_path, batch, accumulation):
+    # 5 samples, 2 pairs per optimizer step: 2 steps per epoch (the fifth pair is dropped), so the resumed run
+    # starts inside epoch 1, after its first step's micro-batches, and crosses into epoch 2, in the LR warmup.
     def run(out: Path, steps: int, *extra: str) -> None:
-        train_patchdpo.main(train_args(tiny_models, tiny_pair_data, out, "--use_dpo_loss", "True", *extra, steps=steps))
+        schedule = ("--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "4", "--gradient_accumulation_steps", str(accumulation))
+        train_patchdpo.main(
+            train_args(tiny_models, tiny_pair_data, out, "--use_dpo_loss", "True", *schedule, *extra, steps=steps, batch=batch)
+        )
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(straight, 4, "--checkpointing_steps", "4")
-    run(resumed, 2, "--checkpointing_steps", "2")
-    run(resumed, 4, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", "--dataloader_num_workers", "1")
-    a, b = adapter_state(straight, 4), adapter_state(resumed, 4)
+    run(straight, 5, "--checkpointing_steps", "5")
+    run(resumed, 3, "--checkpointing_steps", "3")
+    run(resumed, 5, "--checkpointing_steps", "5", "--resume_from_checkpoint", "latest", "--dataloader_num_workers", "1")
+    a, b = adapter_state(straight, 5), adapter_state(resumed, 5)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], adapter_state(resumed, 2)[k]) for k in a)
+    assert not all(torch.equal(a[k], adapter_state(resumed, 3)[k]) for k in a)
 
 
 def test_cache_does_not_change_what_is_trained(tiny_models, tiny_pair_data, tmp_path):
