@@ -190,6 +190,8 @@ class TrainingRun:
 
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This process's micro-batches from where `global_step` stands, epoch after epoch."""
+        if self.global_step >= self.plan.total_steps:
+            return
         first_epoch, skip = self.plan.position(self.global_step)
         for epoch in range(first_epoch, self.args.num_train_epochs):
             self.loader.set_epoch(epoch)
@@ -207,6 +209,11 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     return accelerator
+
+
+def pairs_per_step(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """The global batch: micro-batch x processes x accumulated micro-batches."""
+    return args.train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
 
 
 def set_up(args: argparse.Namespace, accelerator: Accelerator) -> TrainingRun:
@@ -243,8 +250,7 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator) -> TrainingRun:
         release_memory()
 
     dataset = PairDataset(pairs, args.resolution, latent_size, args.seed, tokenizers, quality_maps, dropout, cache)
-    global_batch = args.train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
-    sampler = EpochSampler(len(dataset), args.seed, global_batch)
+    sampler = EpochSampler(len(dataset), args.seed, pairs_per_step(args, accelerator))
     loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, num_workers=args.dataloader_num_workers)
     model = models.model
     if args.gradient_checkpointing:
@@ -274,8 +280,8 @@ def train(run: TrainingRun) -> None:
     progress = tqdm(
         total=run.plan.total_steps, initial=run.global_step, desc="optimizer steps", disable=not accelerator.is_local_main_process
     )
-    meter = StepMeter(args.train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps)
-    for batch in run.micro_batches() if run.global_step < run.plan.total_steps else ():
+    meter = StepMeter(pairs_per_step(args, accelerator))
+    for batch in run.micro_batches():
         meter.add(micro_step(run, batch))
         if not accelerator.sync_gradients:
             continue

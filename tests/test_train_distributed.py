@@ -47,6 +47,7 @@ def train_argv(models, data, out: Path, loss: str, *extra: str, batch: int, accu
         *("--train_batch_size", str(batch), "--gradient_accumulation_steps", str(accumulation), "--learning_rate", str(LR)),
         *("--stop_step", str(STEPS), "--save_steps", str(CHECKPOINT_EVERY), "--checkpointing_steps", str(CHECKPOINT_EVERY)),
         *("--logging_steps", "1", "--noise_offset", "0.05", "--output_dir", str(out)),
+        *("--lr_scheduler", "cosine", "--lr_warmup_steps", "1"),  # the LR of an optimizer step is layout-independent too
         *("--image_drop_rate", "0.2", "--text_drop_rate", "0.2", "--both_drop_rate", "0.2"),
         *extra,
     ]
