@@ -23,6 +23,7 @@ from common.checks import require_flags_in_range
 from common.cli import exit_on_bad_input, str2bool
 from common.errors import BadInputError
 from common.io import remove_stale_temp_files, sha256_file
+from common.launch import check_launch
 from common.outputs import check_output_dir
 from dreambench.benchmark import prompts_for, resolve_subjects
 from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
@@ -91,6 +92,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    check_launch(accelerator.num_processes, "inference_dreambooth.py")
     if args.scale is None:
         args.scale = DEFAULT_SCALES[args.is_kosmosg]
     check_args(args)

@@ -186,7 +186,6 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
             cond,
             models.scheduler,
             loss_mode="patch_dpo",
-            seed=step_seed(counter["step"]),
             resolution=args.resolution,
             official_time_ids=True,  # what the reference loop feeds; the same cost as per-image ids
         )

@@ -61,9 +61,7 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str) -> P
         checkpoint_step(path)
         check_training_state(path / TRAINING_STATE_DIR)
         return path
-    root = Path(output_dir)
-    candidates = [p for p in root.glob("checkpoint-*") if _CHECKPOINT_DIR.match(p.name) and (p / TRAINING_STATE_DIR).is_dir()]
-    for candidate in sorted(candidates, key=checkpoint_step, reverse=True):
+    for candidate in sorted(_with_training_state(output_dir), key=checkpoint_step, reverse=True):
         try:
             check_training_state(candidate / TRAINING_STATE_DIR)
         except BadInputError as error:
@@ -71,6 +69,12 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, resume_from: str) -> P
             continue
         return candidate
     return None
+
+
+def _with_training_state(output_dir: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-N` folders of `output_dir` holding a complete training state."""
+    root = Path(output_dir)
+    return [p for p in root.glob("checkpoint-*") if _CHECKPOINT_DIR.match(p.name) and (p / TRAINING_STATE_DIR).is_dir()]
 
 
 def check_training_state(state_dir: str | os.PathLike) -> None:
@@ -111,4 +115,20 @@ def remove_orphan_checkpoint_files(output_dir: str | os.PathLike) -> list[Path]:
             removed.append(partial)
     if removed:
         logger.warning(f"removed {len(removed)} unfinished file(s) left in {root} by an interrupted run")
+    return removed
+
+
+def prune_training_states(output_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete training states (`--checkpoints_total_limit`).
+
+    Only `training_state/` folders go: the `model.bin` next to them is the run's product and stays
+    (a folder left empty is removed). The newest complete state is never deleted (`keep` >= 1).
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    removed = sorted(_with_training_state(output_dir), key=checkpoint_step)[:-keep]
+    for checkpoint in removed:
+        shutil.rmtree(checkpoint / TRAINING_STATE_DIR)
+        if not any(checkpoint.iterdir()):
+            checkpoint.rmdir()
     return removed

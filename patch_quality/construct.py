@@ -42,6 +42,7 @@ from common.cli import exit_on_bad_input
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
+from common.launch import check_launch
 from common.outputs import check_output_dir
 from common.recorded_settings import read_recorded, refuse_other_settings
 from common.seeds import stable_seed
@@ -339,6 +340,7 @@ def _make_generated(
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
+    check_launch(accelerator.num_processes, "-m patch_quality.construct")
     given = _given_references(args)
     ip_checkpoint = load_ip_adapter_checkpoint(args.ip_ckpt)  # a NaN or wiped checkpoint fails before any image is drawn
     categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)

@@ -41,6 +41,7 @@ from common.cli import exit_on_bad_input, str2bool
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import remove_stale_temp_files, sha256_file
+from common.launch import check_launch
 from common.outputs import check_output_dir, check_output_file
 from patch_quality import layout
 from patch_quality.features import PatchFeatureExtractor, center_square, describe
@@ -338,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--resolution {args.resolution} is not divisible by --vae_scale_factor {args.vae_scale_factor}")
     state = PartialState(cpu=args.cpu)
     try:
+        check_launch(state.num_processes, "-m patch_quality.maps")
         settings = MapSettings(
             transform=args.transform,
             good_threshold=args.good_threshold,

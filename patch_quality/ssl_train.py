@@ -39,6 +39,7 @@ from common.cli import exit_on_bad_input
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_write_json
+from common.launch import check_launch
 from common.outputs import check_output_dir
 from common.sampling import EpochSampler
 from common.seeds import stable_seed
@@ -553,6 +554,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     set_seed(args.seed)
     with exit_on_bad_input(parser.prog):
+        check_launch(accelerator.num_processes, "-m patch_quality.ssl_train")
         metrics = run(args, accelerator)
     accelerator.end_training()
     if accelerator.is_main_process:

@@ -1,9 +1,10 @@
 """Training pairs (reference image, generated image k) of a PatchDPO data folder.
 
 Randomness is stateless: every random choice of an item (CFG dropout, CLIP crop offset) comes
-from a generator seeded with `(seed, epoch, item index)`, and `common.sampling.EpochSampler` shuffles with
-`(seed, epoch)`. A batch is therefore a function of where it sits in training, not of how many
-workers produced it, whether features come from the cache, or whether the run was resumed.
+from a generator seeded with `(seed, epoch, item index)`, the item carries the seed of its
+diffusion noise and timestep (`noise_seed`, keyed the same way), and `common.sampling.EpochSampler` shuffles with
+`(seed, epoch)`. A pair is therefore trained the same way whichever process, micro-batch or
+worker it lands in, whether features come from the cache, or whether the run was resumed.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class PairDataset(Dataset):
     Without a cache an item carries pixels and token ids for the frozen encoders; with a
     `FeatureCache` it carries their cached outputs, with the zero-image / empty-prompt entries
     substituted when the item's dropout says so. Both kinds carry the quality maps (zeros when
-    `quality_maps` is None), the original sizes and the dropout flags.
+    `quality_maps` is None), the original sizes, the dropout flags and the noise seed.
     """
 
     def __init__(
@@ -176,6 +177,7 @@ class PairDataset(Dataset):
         item["index"] = torch.tensor(index)  # names the batch's samples if its step goes non-finite
         item["drop_image"] = torch.tensor(drop_image)
         item["drop_text"] = torch.tensor(drop_text)
+        item["noise_seed"] = torch.tensor(stable_seed(self.seed, "noise", epoch, index))
         return item
 
     def _decoded(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:

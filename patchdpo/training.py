@@ -12,9 +12,10 @@ Only the IP-Adapter projections `to_k_ip` / `to_v_ip` train. The Resampler is fr
 upstream of them, so its tokens are computed without autograd; the UNet's frozen weights are
 held in the compute dtype (no per-step casts) while the adapter stays in fp32 for the optimizer.
 
-Randomness is stateless: a step's noise and timesteps come from a generator seeded with
-`(seed, step, process)`, and the data side is seeded per item (`patchdpo.pair_dataset`), so a
-resumed run repeats a straight run exactly and caching does not change what is trained.
+Randomness is stateless and keyed on the pair: each pair's noise and timestep come from a
+generator seeded with its `noise_seed`, a function of `(seed, epoch, dataset index)` drawn by
+`patchdpo.pair_dataset` like the pair's dropout and crop. So neither the process a pair lands
+on, nor its micro-batch, nor a resume changes how it is trained, and caching changes nothing.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class PairConditioning:
     generated_size: torch.Tensor
     reference_map: torch.Tensor  # (B, h, w)
     generated_map: torch.Tensor
+    noise_seeds: torch.Tensor  # (B,) int64, each pair's noise and timestep seed
 
     @property
     def batch_size(self) -> int:
@@ -96,6 +98,7 @@ class PairConditioning:
             generated_size=batch["generated_size"],
             reference_map=batch["reference_map"],
             generated_map=batch["generated_map"],
+            noise_seeds=batch["noise_seed"],
         )
 
     @classmethod
@@ -111,6 +114,7 @@ class PairConditioning:
             generated_size=batch["generated_size"],
             reference_map=batch["reference_map"],
             generated_map=batch["generated_map"],
+            noise_seeds=batch["noise_seed"],
         )
 
 
@@ -228,6 +232,21 @@ def frozen_adapter_copy(model: IPAdapterTrainingModel) -> dict[str, torch.Tensor
     return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
 
 
+def pair_noise(
+    noise_seeds: torch.Tensor, latent_shape: torch.Size, num_timesteps: int, noise_offset: float | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise (B, *latent_shape), timesteps (B,)): pair i's from a generator seeded with `noise_seeds[i]`."""
+    noises, timesteps = [], []
+    for seed in noise_seeds.tolist():
+        generator = torch.Generator(device).manual_seed(seed)
+        noise = torch.randn(latent_shape, generator=generator, device=device)
+        if noise_offset:
+            noise += noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator, device=device)
+        noises.append(noise)
+        timesteps.append(torch.randint(0, num_timesteps, (), generator=generator, device=device))
+    return torch.stack(noises), torch.stack(timesteps)
+
+
 def training_step(
     accelerator: Accelerator,
     model: nn.Module,
@@ -235,22 +254,16 @@ def training_step(
     scheduler: DDPMScheduler,
     *,
     loss_mode: str,
-    seed: int,
     resolution: int,
     official_time_ids: bool = False,
     noise_offset: float | None = None,
     reference_params: dict[str, torch.Tensor] | None = None,
     dpo_beta: float | None = None,
 ) -> LossOutput:
-    """Forward pass and loss for one batch of pairs; `seed` fixes this step's noise and timesteps."""
+    """Forward pass and loss for one batch of pairs; `cond.noise_seeds` fix their noise and timesteps."""
     latents = cond.latents
     device = latents.device
-    batch = cond.batch_size
-    generator = torch.Generator(device).manual_seed(seed)
-    noise = torch.randn((batch, *latents.shape[1:]), generator=generator, device=device)
-    if noise_offset:
-        noise += noise_offset * torch.randn((batch, latents.shape[1], 1, 1), generator=generator, device=device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator, device=device)
+    noise, timesteps = pair_noise(cond.noise_seeds, latents.shape[1:], scheduler.config.num_train_timesteps, noise_offset, device)
     noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "epsilon":

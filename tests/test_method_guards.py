@@ -120,7 +120,7 @@ def test_asymmetric_quality_maps_reach_the_loss_in_their_roles(loaded, tiny_pair
     # A nearly noise-free schedule: the two halves' errors then differ clearly (at SDXL's noise levels the
     # tiny UNet barely sees the image, and giving a half the other half's weights would hide in rounding).
     scheduler = DDPMScheduler.from_config(loaded.scheduler.config, beta_start=1e-5, beta_end=1e-4, beta_schedule="linear")
-    output = training_step(Accelerator(cpu=True), loaded.model, cond, scheduler, loss_mode="patch_dpo", seed=0, resolution=RESOLUTION)
+    output = training_step(Accelerator(cpu=True), loaded.model, cond, scheduler, loss_mode="patch_dpo", resolution=RESOLUTION)
 
     (seen,) = loss_inputs
     expected_ref = torch.stack([maps.get(pairs[index].sample, 0)[0] for index in rows])
@@ -176,7 +176,7 @@ def test_v_prediction_targets_the_velocity(loaded, tiny_pair_data, loss_inputs):
     cond = PairConditioning.encode(loaded.encoders, default_collate([dataset[(index, 0)] for index in (0, 1)]))
     v_scheduler = DDPMScheduler.from_config(loaded.scheduler.config, prediction_type="v_prediction")
     for scheduler in (loaded.scheduler, v_scheduler):  # the epsilon run gives the step's noise
-        training_step(Accelerator(cpu=True), loaded.model, cond, scheduler, loss_mode="mse", seed=11, resolution=RESOLUTION)
+        training_step(Accelerator(cpu=True), loaded.model, cond, scheduler, loss_mode="mse", resolution=RESOLUTION)
     noise, velocity = (call["target"] for call in loss_inputs)
     alphas = v_scheduler.alphas_cumprod
     coefficients = []

@@ -112,7 +112,7 @@ def test_training_changes_only_to_k_ip_and_to_v_ip(loaded, tiny_pair_data):
     dataset = make_dataset(loaded, tiny_pair_data, maps)
     for step in range(2):
         cond = PairConditioning.encode(loaded.encoders, collate(dataset, [2 * step, 2 * step + 1]))
-        output = training_step(accelerator, prepared, cond, loaded.scheduler, loss_mode="patch_dpo", seed=step, resolution=RESOLUTION)
+        output = training_step(accelerator, prepared, cond, loaded.scheduler, loss_mode="patch_dpo", resolution=RESOLUTION)
         assert math.isfinite(output.loss.item()) and output.loss.item() > 0
         accelerator.backward(output.loss)
         optimizer.step()
@@ -138,7 +138,7 @@ def test_image_dpo_starts_at_log2_against_the_frozen_initial_adapter(loaded, tin
     optimizer = torch.optim.AdamW(model.adapter_modules.parameters(), lr=LR)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     cond = PairConditioning.encode(loaded.encoders, collate(make_dataset(loaded, tiny_pair_data), [0, 1]))
-    kwargs = dict(loss_mode="image_dpo", seed=7, resolution=RESOLUTION, reference_params=reference, dpo_beta=5000.0)
+    kwargs = dict(loss_mode="image_dpo", resolution=RESOLUTION, reference_params=reference, dpo_beta=5000.0)
 
     first = training_step(accelerator, prepared, cond, loaded.scheduler, **kwargs)
     assert first.loss.item() == pytest.approx(math.log(2), abs=1e-6)  # trained == reference at step 0
@@ -158,7 +158,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(loaded, tiny_p
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
-        output = training_step(accelerator, model, cond, loaded.scheduler, loss_mode="mse", seed=3, resolution=RESOLUTION)
+        output = training_step(accelerator, model, cond, loaded.scheduler, loss_mode="mse", resolution=RESOLUTION)
         output.loss.backward()
         return output.loss.item(), [p.grad.clone() for p in model.adapter_modules.parameters()]
 
@@ -315,19 +315,24 @@ def test_script_trains_logs_and_writes_checkpoints_that_load_in_ip_adapter_and_d
         assert len(values) == 2 and all(math.isfinite(v) for v in values), tag
 
 
-def test_resuming_2_plus_2_steps_equals_4_straight_steps(tiny_models, tiny_pair_data, tmp_path):
-    # 5 samples at batch 2: 3 batches per epoch, so the resumed half skips into epoch 0 and crosses into epoch 1.
+@pytest.mark.parametrize("batch, accumulation", [(2, 1), (1, 2)])
+def test_resuming_3_plus_2_steps_equals_5_straight_steps(tiny_models, tiny_pair_data, tmp_path, batch, accumulation):
+    # 5 samples, 2 pairs per optimizer step: 2 steps per epoch (the fifth pair is dropped), so the resumed run
+    # starts inside epoch 1, after its first step's micro-batches, and crosses into epoch 2, in the LR warmup.
     def run(out: Path, steps: int, *extra: str) -> None:
-        train_patchdpo.main(train_args(tiny_models, tiny_pair_data, out, "--use_dpo_loss", "True", *extra, steps=steps))
+        schedule = ("--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "4", "--gradient_accumulation_steps", str(accumulation))
+        train_patchdpo.main(
+            train_args(tiny_models, tiny_pair_data, out, "--use_dpo_loss", "True", *schedule, *extra, steps=steps, batch=batch)
+        )
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run(straight, 4, "--checkpointing_steps", "4")
-    run(resumed, 2, "--checkpointing_steps", "2")
-    run(resumed, 4, "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", "--dataloader_num_workers", "1")
-    a, b = adapter_state(straight, 4), adapter_state(resumed, 4)
+    run(straight, 5, "--checkpointing_steps", "5")
+    run(resumed, 3, "--checkpointing_steps", "3")
+    run(resumed, 5, "--checkpointing_steps", "5", "--resume_from_checkpoint", "latest", "--dataloader_num_workers", "1")
+    a, b = adapter_state(straight, 5), adapter_state(resumed, 5)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], adapter_state(resumed, 2)[k]) for k in a)
+    assert not all(torch.equal(a[k], adapter_state(resumed, 3)[k]) for k in a)
 
 
 def test_cache_does_not_change_what_is_trained(tiny_models, tiny_pair_data, tmp_path):

@@ -1,0 +1,52 @@
+"""The optimizer, its learning-rate schedule and where a run stands, all counted in optimizer steps.
+
+One optimizer step trains on a fixed global batch: `train_batch_size` pairs per micro-batch x
+processes x `gradient_accumulation_steps` micro-batches. `--stop_step`, the checkpoints, logging
+and the LR schedule count these steps, so 8 GPUs x 4 pairs, 1 GPU x 4 pairs x 8 accumulated
+micro-batches and every layout in between run the same optimisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from diffusers.optimization import SchedulerType, get_scheduler
+
+LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
+
+
+def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:
+    """The official AdamW; `fused` runs each step as one kernel (the same update, fewer launches on CUDA)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """diffusers' `get_scheduler`, stepped once per optimizer step (not once per process, as a prepared one would be)."""
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Optimizer steps of a run over a loader that yields `micro_batches_per_epoch` per process."""
+
+    micro_batches_per_epoch: int
+    accumulation: int
+    total_steps: int
+
+    @classmethod
+    def create(cls, micro_batches_per_epoch: int, accumulation: int, stop_step: int, num_train_epochs: int) -> StepPlan:
+        if micro_batches_per_epoch % accumulation:
+            raise ValueError(f"{micro_batches_per_epoch} micro-batches per epoch are not whole steps of {accumulation}")
+        steps_per_epoch = micro_batches_per_epoch // accumulation
+        return cls(micro_batches_per_epoch, accumulation, min(stop_step, num_train_epochs * steps_per_epoch))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.micro_batches_per_epoch // self.accumulation
+
+    def position(self, global_step: int) -> tuple[int, int]:
+        """(epoch, micro-batches of it already trained) after `global_step` optimizer steps."""
+        epoch, steps = divmod(global_step, self.steps_per_epoch)
+        return epoch, steps * self.accumulation

@@ -1,0 +1,69 @@
+"""Run `train_patchdpo.main` under torchrun, recording what each rank does.
+
+    ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m tests.kit.torchrun_train SPEC.json
+
+SPEC.json: {"record_dir": DIR, "runs": [{"name": NAME, "argv": [...], "kill_after_step": N?}, ...]}.
+Each run is the script's real `main` in the launched processes, one after the other in one
+process group (which saves the launch cost per run). Per run NAME, every rank writes to DIR/NAME/:
+
+* `rank{r}/step{n}.safetensors`: its trainable weights after optimizer step n (a global
+  optimizer-step hook, so nothing in the script is changed);
+* `rank{r}.replaced`: one line per file or folder it moved into place (`os.replace`, which every
+  atomic output write and the training-state rename end with);
+* `done`: written by rank 0 when the run returned.
+
+`kill_after_step` SIGKILLs rank 0 right after that optimizer step (torchrun then stops the
+others): a run killed mid-training, after the checkpoints before that step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import save_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import train_patchdpo
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    rank = int(os.environ["RANK"])
+    state = {"dir": None, "step": 0, "kill_after_step": None}
+    real_replace = os.replace
+
+    def recording_replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        with open(state["dir"] / f"rank{rank}.replaced", "a") as log:
+            log.write(f"{dst}\n")
+
+    def record_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        state["step"] += 1
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        tensors = {str(i): p.detach().cpu().clone() for i, p in enumerate(params)}
+        save_file(tensors, str(state["dir"] / f"rank{rank}" / f"step{state['step']}.safetensors"))
+        if rank == 0 and state["step"] == state["kill_after_step"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace = recording_replace
+    # `end_training` would destroy the process group; the next run reuses it (re-creating a gloo group is flaky).
+    keep_group = AcceleratorState.destroy_process_group
+    AcceleratorState.destroy_process_group = lambda self, group=None: None
+    register_optimizer_step_post_hook(record_step)
+    for run in spec["runs"]:
+        state.update(dir=Path(spec["record_dir"]) / run["name"], step=0, kill_after_step=run.get("kill_after_step"))
+        (state["dir"] / f"rank{rank}").mkdir(parents=True, exist_ok=True)
+        train_patchdpo.main(run["argv"])
+        if rank == 0:
+            (state["dir"] / "done").write_text("")
+    keep_group(AcceleratorState())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
