@@ -15,7 +15,7 @@ reference: the official `train_patchdpo.py` step: every step encodes the pixels 
   the CLIP image encoder and both text encoders; the UNet keeps fp32 weights under autocast; the
   Resampler runs inside autograd (its weights require grad though the optimizer never sees
   them); the loss is gathered and synchronised every step. Its noise and timesteps are drawn as
-  ours draws them (one seeded generator per step), which costs the same and makes the losses comparable.
+  ours draws them (one generator per pair, seeded by the dataset), which costs the same and makes the losses comparable.
 ours: `patchdpo.training` as `train_patchdpo.py --cache_dir` runs it: the frozen encoders' outputs
   are read from the feature cache (built once before timing; its build time is reported), the
   UNet's frozen weights are held in the compute dtype, the Resampler runs without autograd.
@@ -50,7 +50,6 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from common.precision import mixed_precision_dtype  # noqa: E402
 from common.sampling import EpochSampler  # noqa: E402
-from common.seeds import stable_seed  # noqa: E402
 from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint, load_strict  # noqa: E402
 from ip_adapter.image_encoder import load_image_encoder  # noqa: E402
@@ -59,17 +58,12 @@ from ip_adapter.resampler import Resampler  # noqa: E402
 from patch_quality.store import QualityMaps  # noqa: E402
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key  # noqa: E402
 from patchdpo.pair_dataset import PairDataset, index_pairs  # noqa: E402
-from patchdpo.training import PairConditioning, load_training_models, training_step  # noqa: E402
+from patchdpo.training import PairConditioning, load_training_models, pair_noise, training_step  # noqa: E402
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
 
 VARIANTS = ("reference", "ours_no_cache", "ours")
 LOGGING_STEPS = 10  # ours synchronises for the loss only when it logs, as train_patchdpo.py
-
-
-def step_seed(step: int) -> int:
-    """The seed of a step's noise and timesteps, the same in every variant."""
-    return stable_seed(0, step)
 
 
 def loss_tolerance(mixed_precision: str) -> float:
@@ -114,17 +108,13 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
     ip_adapter, optimizer, loader = accelerator.prepare(ip_adapter, optimizer, loader)
 
-    counter = {"step": 0}
-
     def step(batch) -> torch.Tensor:
-        counter["step"] += 1
         with torch.no_grad():
             images = torch.cat([batch["reference_pixels"], batch["generated_pixels"]]).to(device, torch.float32)
             latents = (vae.encode(images).latent_dist.mean * vae.config.scaling_factor).to(weight_dtype)
         b = batch["reference_size"].shape[0]
-        generator = torch.Generator(device).manual_seed(step_seed(counter["step"]))
-        noise = torch.randn((b, *latents.shape[1:]), generator=generator, device=device).to(weight_dtype)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
+        noise, timesteps = pair_noise(batch["noise_seed"], latents.shape[1:], scheduler.config.num_train_timesteps, None, device)
+        noise = noise.to(weight_dtype)
         timesteps, noise = timesteps.repeat(2), noise.repeat(2, 1, 1, 1)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
         with torch.no_grad():
