@@ -30,6 +30,7 @@ from common.cli import fail, str2bool
 from common.errors import BadInputError
 from common.seeds import stable_seed
 from common.training_state import TRAINING_STATE_DIR, checkpoint_step, find_resume_checkpoint, save_training_state
+from ip_adapter.speed import add_speed_args, apply_speed_args
 from patch_quality.store import QualityMaps
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
 from patchdpo.loss import LOSS_MODES
@@ -100,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--cache_dir", default=None, help="precompute the frozen encoders' outputs once, here")
     extra.add_argument("--gradient_checkpointing", action="store_true")
     extra.add_argument("--logging_steps", type=int, default=10)
+    add_speed_args(extra)
     args = parser.parse_args(argv)
 
     loss_from_switch = None if args.use_dpo_loss is None else ("patch_dpo" if args.use_dpo_loss else "mse")
@@ -170,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     model = models.model
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
+    apply_speed_args(args, model.unet, accelerator.print)
     reference_params = frozen_adapter_copy(model) if args.loss == "image_dpo" else None
     optimizer = torch.optim.AdamW(model.adapter_modules.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     register_adapter_state_hooks(accelerator, model)

@@ -18,15 +18,26 @@ class IPAttnProcessor(nn.Module):
     """Text cross-attention plus `scale` x attention over the image tokens (separate K/V).
 
     It is an `nn.Module` so the `to_k_ip`/`to_v_ip` projections are parameters of the UNet (moved,
-    cast and saved with it), as in the IP-Adapter reference implementation.
+    cast and saved with it), as in the IP-Adapter reference implementation. The scale lives in a
+    0-d buffer (not saved in checkpoints) rather than a Python float: a compiled UNet reads it as a
+    tensor input, so changing the scale does not recompile (`torch.compile` specialises on floats).
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int = 16, scale: float = 1.0) -> None:
         super().__init__()
         self.num_tokens = num_tokens
-        self.scale = scale
+        self.register_buffer("scale_weight", torch.tensor(float(scale)), persistent=False)
         self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
         self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+    @property
+    def scale(self) -> float:
+        return float(self.scale_weight)
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        with torch.no_grad():
+            self.scale_weight.fill_(value)
 
     def _attend(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None) -> torch.Tensor:
         batch = query.shape[0]
@@ -79,7 +90,7 @@ class IPAttnProcessor(nn.Module):
         query = attn.to_q(hidden_states)
         hidden_states = self._attend(attn, query, attn.to_k(text_states), attn.to_v(text_states), attention_mask)
         image_attention = self._attend(attn, query, self.to_k_ip(image_states), self.to_v_ip(image_states))
-        hidden_states = hidden_states + self.scale * image_attention
+        hidden_states = hidden_states + self.scale_weight * image_attention
 
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
