@@ -72,6 +72,14 @@ def test_a_broken_stage_is_reported_and_the_run_goes_on(gpu_check, work_dir, tmp
         raise RuntimeError("broken on purpose")
 
     monkeypatch.setattr(gpu_check.inference_benchmark, "reference_loop", broken)
+    written_before = {}
+    original = gpu_check.stage_batch_invariance
+
+    def spy(run, name):  # what results.json holds when the next stage starts
+        written_before.update(json.loads(run.path.read_text())["stages"])
+        original(run, name)
+
+    monkeypatch.setattr(gpu_check, "stage_batch_invariance", spy)
     out = tmp_path / "out"
     results = gpu_check.main(
         ["--size", "tiny", "--device", "cpu", "--out", str(out), "--work_dir", str(work_dir), "--stages", "inference", "batch_invariance"]
@@ -79,6 +87,7 @@ def test_a_broken_stage_is_reported_and_the_run_goes_on(gpu_check, work_dir, tmp
     stages = json.loads((out / "results.json").read_text())["stages"]
     assert stages == results["stages"]
     assert stages["inference"]["error"] == "RuntimeError: broken on purpose" and "reference_loop" in stages["inference"]["traceback"]
+    assert written_before["inference"]["error"] == stages["inference"]["error"]  # written when the stage ended
     assert "error" not in stages["batch_invariance"] and stages["batch_invariance"]["max_pixel_difference"] <= 2
 
 

@@ -7,6 +7,8 @@ selects), everything else a few seconds.
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import os
 
 import numpy as np
@@ -20,7 +22,7 @@ from torch.utils.data import default_collate
 
 import inference_dreambooth
 import train_patchdpo
-from ip_adapter import IPAttnProcessor
+from ip_adapter import IPAttnProcessor, attention_processor, resampler
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.loading import load_generation_model
 from ip_adapter.speed import apply_speed_args, speed_up_unet
@@ -102,6 +104,24 @@ def test_compiled_inference_equals_eager_and_never_recompiles_for_scale_or_subje
     assert _max_pixel_difference(compiled_low_scale, compiled_cat) > 2  # the scale did reach the compiled graph
     assert _compiled_graphs() == graphs + 1, "recompiled for a new subject or scale"
     assert len(messages) == 1 and "compiled in" in messages[0] and report.first_call_s > 0
+
+
+def test_changing_the_scale_does_not_recompile(generator):
+    """Dynamo's guards alone (the `eager` backend, seconds): a Python-float scale would recompile here."""
+    ip_model, _ = generator
+    speed_up_unet(ip_model.pipe.unet, compile=True, backend="eager", announce=lambda message: None)
+    graphs = _compiled_graphs()
+    _generate(generator, CAT)
+    ip_model.set_scale(0.3)
+    _generate(generator, DOG)
+    assert _compiled_graphs() == graphs + 1
+
+
+def test_scripts_compile_the_unet_only_with_the_flag(tiny_models):
+    unet = torch.nn.Conv2d(4, 4, 1)
+    assert apply_speed_args(argparse.Namespace(compile=False, allow_tf32=False), unet) is None and "forward" not in vars(unet)
+    report = apply_speed_args(argparse.Namespace(compile=True, allow_tf32=False), unet)
+    assert "forward" in vars(unet) and report.first_call_s is None
 
 
 def test_scale_is_a_tensor_outside_the_checkpoint():
@@ -209,6 +229,9 @@ def test_allow_tf32_is_a_flag_of_both_scripts(flag, tiny_models, restore_tf32):
 
 
 def test_attention_is_sdpa_everywhere(generator):
+    for module in (attention_processor, resampler):
+        source = inspect.getsource(module)
+        assert "scaled_dot_product_attention" in source and "softmax" not in source, module.__name__
     ip_model, _ = generator
     for module in (ip_model.pipe.unet, ip_model.pipe.vae):
         for name, processor in module.attn_processors.items():
