@@ -124,6 +124,18 @@ def test_scripts_compile_the_unet_only_with_the_flag(tiny_models):
     assert "forward" in vars(unet) and report.first_call_s is None
 
 
+def test_a_graph_break_is_an_error_not_a_silent_slowdown():
+    class Breaking(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            torch._dynamo.graph_break()
+            return x + 1
+
+    module = Breaking()
+    speed_up_unet(module, compile=True, channels_last=False, backend="eager", announce=lambda message: None)
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        module(torch.zeros(2))
+
+
 def test_scale_is_a_tensor_outside_the_checkpoint():
     processor = IPAttnProcessor(hidden_size=8, cross_attention_dim=4, scale=0.5)
     assert set(processor.state_dict()) == {"to_k_ip.weight", "to_v_ip.weight"}
