@@ -209,6 +209,9 @@ class Run:
             "size": size.shape,
             "compile_backend": args.compile_backend,
             "budget_s": args.budget_s,
+            "train_resolution": size.train_resolution,
+            "train_pairs": size.train_pairs,
+            "image_size": size.image_size,
             "stages": {},
         }
         self.flush()
@@ -520,6 +523,10 @@ def render_section(results: dict[str, Any], template: str) -> str:
                     )
     summary = []
     for name, stage in stages.items():
+        compiled = stage.get("ours", {}) if name.endswith("_compile") else {}
+        for key in ("speedup_vs_eager", "max_pixel_difference_vs_eager", "graphs_compiled_while_timed"):
+            if key in compiled:
+                summary.append(f"{name}.{key} = {_number(compiled[key], 3)}")
         for key in ("speedup", "memory_ratio", "max_pixel_difference_where_seeds_agree", "max_pixel_difference", "mean_pixel_difference"):
             if key in stage:
                 summary.append(f"{name}.{key} = {_number(stage[key], 3)}")
@@ -529,6 +536,9 @@ def render_section(results: dict[str, Any], template: str) -> str:
         torch=results["torch"],
         peak_tflops=_number(results["peak_tflops"], 0),
         elapsed_s=_number(results["elapsed_s"], 0),
+        train_resolution=results["train_resolution"],
+        train_pairs=results["train_pairs"],
+        image_size=results["image_size"],
         training_rows="\n".join(train_rows) or "| – | – | – | – | – | – |",
         inference_rows="\n".join(inference_rows) or "| – | – | – | – | – | – |",
         summary="; ".join(summary) or "–",
