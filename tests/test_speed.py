@@ -29,6 +29,8 @@ from ip_adapter.speed import apply_speed_args, speed_up_unet
 from patch_quality.store import QualityMaps
 from patchdpo.pair_dataset import DropoutRates, PairDataset, index_pairs
 from patchdpo.training import PairConditioning, load_training_models, training_step
+from tests.test_inference_dreambooth import script_args as inference_args
+from tests.test_train_patchdpo import train_args
 
 SIZE, STEPS = 32, 2
 TRAIN_BACKEND = "inductor" if os.environ.get("PATCHDPO_SLOW_TESTS") else "aot_eager"
@@ -134,6 +136,25 @@ def test_a_graph_break_is_an_error_not_a_silent_slowdown():
     speed_up_unet(module, compile=True, channels_last=False, backend="eager", announce=lambda message: None)
     with pytest.raises(torch._dynamo.exc.Unsupported):
         module(torch.zeros(2))
+
+
+@pytest.mark.parametrize("script", ["inference", "training"])
+def test_scripts_compile_the_unet_with_the_ip_processors(script, tiny_models, tiny_pair_data, tmp_path, monkeypatch, capsys):
+    """The scripts' `--compile` reaches `torch.compile` with the adapter installed (compiling itself is tested above)."""
+    compiled = []
+
+    def fake_compile(function, **options):
+        compiled.append((function.__self__, options))
+        return function
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    if script == "inference":
+        inference_dreambooth.main(inference_args(tiny_models, tmp_path, "--subjects", "dog", "--prompts_per_subject", "1", "--compile"))
+    else:
+        train_patchdpo.main(train_args(tiny_models, tiny_pair_data, tmp_path, "--compile", steps=1))
+    (unet, options), *others = compiled
+    assert not others and options["fullgraph"] and any(isinstance(p, IPAttnProcessor) for p in unet.attn_processors.values())
+    assert capsys.readouterr().out.count("torch.compile: UNet compiled in") == 1
 
 
 def test_scale_is_a_tensor_outside_the_checkpoint():
