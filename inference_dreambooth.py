@@ -34,6 +34,7 @@ from dreambench.metrics import resolve_clip_checkpoint
 from dreambench.run_config import check_resumable, make_run_config, write_run_config
 from ip_adapter.batch_generation import SubjectTokens
 from ip_adapter.loading import add_generator_args, check_generator_paths, dtype_name, load_generation_model, resolve_dtype
+from ip_adapter.speed import add_speed_args, apply_speed_args
 
 DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / Kosmos-G
 
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch_size", type=int, default=8, help="images per denoising batch (does not change the images)")
     parser.add_argument("--subjects", nargs="+", default=None, help="subset of subjects (default: all 30)")
+    add_speed_args(parser)
     parser.add_argument(
         "--prompts_per_subject",
         type=int,
@@ -126,6 +128,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
     ip_model = None
     if pending:
         ip_model = load_generation_model(args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype)
+        apply_speed_args(args, ip_model.pipe.unet, accelerator.print)
     if accelerator.is_main_process:
         removed = remove_stale_temp_files(args.output_dir, [*subjects, GRIDS_DIR])
         if removed:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from common.training_state import (
     save_training_state,
 )
 from ip_adapter.loading import vae_scale_factor
+from ip_adapter.speed import add_speed_args, apply_speed_args
 from patch_quality.store import QualityMaps
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
 from patchdpo.finite_guard import check_step_is_finite
@@ -138,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep only the newest N training states (model.bin files stay); the last complete one is never deleted",
     )
     extra.add_argument("--fused_adamw", action="store_true", help="fused AdamW kernel (the same update; faster on CUDA)")
+    add_speed_args(extra)
     args = parser.parse_args(argv)
 
     loss_from_switch = None if args.use_dpo_loss is None else ("patch_dpo" if args.use_dpo_loss else "mse")
@@ -266,6 +267,7 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator) -> TrainingRun:
     model = models.model
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
+    apply_speed_args(args, model.unet, accelerator.print)
     reference_params = frozen_adapter_copy(model) if args.loss == "image_dpo" else None
     optimizer = adamw(model.adapter_modules.parameters(), args.learning_rate, args.weight_decay, args.fused_adamw)
     register_adapter_state_hooks(accelerator, model)
@@ -338,8 +340,6 @@ def micro_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> LossOutput:
 
 
 def log_step(run: TrainingRun, logs: dict[str, float], progress: tqdm) -> None:
-    if not math.isfinite(logs["loss"]):
-        raise FloatingPointError(f"loss is {logs['loss']} at step {run.global_step}")
     logs["lr"] = run.lr_scheduler.get_last_lr()[0]
     if run.grad_norm is not None:
         logs["grad_norm"] = run.grad_norm.item()

@@ -46,6 +46,7 @@ from accelerate import Accelerator  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from common.precision import mixed_precision_dtype  # noqa: E402
@@ -55,6 +56,7 @@ from ip_adapter.checkpoint import load_ip_adapter_checkpoint, load_strict  # noq
 from ip_adapter.image_encoder import load_image_encoder  # noqa: E402
 from ip_adapter.loading import vae_scale_factor  # noqa: E402
 from ip_adapter.resampler import Resampler  # noqa: E402
+from ip_adapter.speed import speed_up_unet  # noqa: E402
 from patch_quality.store import QualityMaps  # noqa: E402
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key  # noqa: E402
 from patchdpo.pair_dataset import PairDataset, index_pairs  # noqa: E402
@@ -163,6 +165,7 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
     dataset = PairDataset(tokenizers=tokenizers, cache=cache, **dataset_kwargs)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
     model = models.model
+    speed_up_unet(model.unet, compile=args.compile, backend=args.compile_backend)  # as train_patchdpo.py (--compile)
     optimizer = torch.optim.AdamW(model.adapter_modules.parameters(), lr=3e-5, weight_decay=0.01)
     prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     counter = {"step": 0}
@@ -189,6 +192,11 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
     return loader, step, extras
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def run_variant(args) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -202,9 +210,17 @@ def run_variant(args) -> dict:
     setup = reference_loop if args.variant == "reference" else our_loop
     loader, step, extras = setup(args, accelerator, weight_dtype, dataset_kwargs)
     batches = iter(loader)
-    first_loss = step(next(batches)).item()  # before any update: comparable across variants
-    for _ in range(args.warmup - 1):
-        step(next(batches))
+    for index in range(args.warmup):
+        started = time.perf_counter()
+        loss = step(next(batches))
+        if index == 0:  # the loss before any update is comparable across variants; the time includes --compile's
+            first_loss = loss.item()
+            _synchronize()
+            extras["first_step_s"] = time.perf_counter() - started
+    if args.count_flops:  # one more step, counted: model FLOPs of a training step (forward + backward)
+        with FlopCounterMode(display=False) as flop_counter:
+            step(next(batches))
+        extras["flops_per_step"] = flop_counter.get_total_flops()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         extras["peak_gpu_gib_setup_and_warmup"] = torch.cuda.max_memory_allocated() / 2**30
@@ -240,6 +256,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (>= 1: the first one checks the losses agree)")
     parser.add_argument("--num_workers", type=int, default=None, help="data loader workers; default: 4 on cuda, 0 on cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each CPU run")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet, as train_patchdpo.py --compile")
+    parser.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)
+    parser.add_argument("--count_flops", action="store_true", help="count the FLOPs of one step (torch.utils.flop_counter)")
     parser.add_argument("--work_dir", default=None, help="models, data and cache go here (default: a temporary folder)")
     parser.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--models", default=None, help=argparse.SUPPRESS)
@@ -273,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"building random {args.shape} models in {models} ...", flush=True)
             save_sdxl_models(models, SHAPES[args.shape])
         factor = vae_scale_factor(AutoencoderKL.load_config(models / "sdxl", subfolder="vae"))
-        num_samples = (args.warmup + args.steps) * args.batch_size
+        num_samples = (args.warmup + args.steps + args.count_flops) * args.batch_size
         shutil.rmtree(data, ignore_errors=True)
         save_pair_data(data, num_samples, args.resolution, args.resolution // factor)
         results = {}

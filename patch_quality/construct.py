@@ -50,6 +50,7 @@ from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_
 from ip_adapter.checkpoint import Checkpoint, load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
 from ip_adapter.loading import add_generator_args, check_generator_paths, dtype_name, load_sdxl_pipeline, resolve_dtype
+from ip_adapter.speed import add_speed_args, apply_speed_args
 from patch_quality import layout
 from patch_quality.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
 
@@ -204,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "IP-Adapter-Plus checkpoint to generate with (.bin or .safetensors)",
     )
     parser.add_argument("--output_dir", type=Path, required=True, help="DATA folder to create or resume")
+    add_speed_args(parser)  # applied to the generator (the UNet with the adapter installed)
     parser.add_argument("--num_samples", type=int, default=None, help="number of sample{i}/ folders (required unless --reference_images)")
     parser.add_argument(
         "--reference_images",
@@ -323,6 +325,7 @@ def _make_generated(
     """IP-Adapter-Plus generations of the pending (sample, k), sharded over the processes."""
     # Installing the adapter changes the UNet's attention, so it happens after the references.
     ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, ip_checkpoint, device=accelerator.device)
+    apply_speed_args(args, ip_model.pipe.unet, accelerator.print)
     with accelerator.split_between_processes(pending) as shard:
         generate_pairs(
             ip_model,
