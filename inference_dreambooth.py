@@ -21,6 +21,7 @@ from PIL import Image
 
 from common.cli import exit_on_bad_input, str2bool
 from common.errors import BadInputError
+from common.hub import resolve_file, resolve_folder
 from common.io import remove_stale_temp_files, sha256_file
 from dreambench.benchmark import prompts_for, resolve_subjects
 from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
@@ -38,7 +39,9 @@ DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generator_args(
-        parser, "local SDXL pipeline folder (e.g. RealVisXL_V1.0)", "IP-Adapter-Plus / PatchDPO checkpoint (.bin or .safetensors)"
+        parser,
+        "SDXL pipeline: folder or Hugging Face id (e.g. SG161222/RealVisXL_V1.0)",
+        "IP-Adapter-Plus / PatchDPO checkpoint: .bin/.safetensors file or REPO_ID/path/in/repo.bin",
     )
     parser.add_argument("--data_root", type=Path, required=True, help="DreamBench folder with dataset/ and json_data/")
     parser.add_argument("--output_dir", type=Path, required=True, help="gets <subject>/<prompt>.png, grids/, run_config.json")
@@ -65,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="smoke tests only: generate the first N prompts of each subject (scores are then not comparable)",
     )
     scoring = parser.add_argument_group("scoring at the end (both or neither; as evaluate_dreambooth.py)")
-    scoring.add_argument("--clip_model", default=None, help="openai-clip model name in ~/.cache/clip or local .pt file")
-    scoring.add_argument("--dino_model", type=Path, default=None, help="local DINO ViT-S/16 folder (facebook/dino-vits16 layout)")
+    scoring.add_argument("--clip_model", default=None, help="openai-clip model name (fetched as clip.load does) or local .pt file")
+    scoring.add_argument("--dino_model", type=Path, default=None, help="DINO ViT-S/16: facebook/dino-vits16 or a local folder")
     return parser
 
 
@@ -83,8 +86,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise BadInputError("--clip_model and --dino_model go together: give both to score the run, or neither")
     if args.clip_model is not None:  # fail now rather than after hours of generation
         resolve_clip_checkpoint(args.clip_model)
-        if not (args.dino_model / "config.json").is_file():
-            raise BadInputError(f"--dino_model {args.dino_model}: no config.json; pass a local copy of facebook/dino-vits16")
+        if not (resolve_folder(args.dino_model, "--dino_model") / "config.json").is_file():
+            raise BadInputError(f"--dino_model {args.dino_model}: no config.json; pass facebook/dino-vits16 or a local copy")
     check_generator_paths(args)
 
 
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
     dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
     config = make_run_config(
         vars(args),
-        ip_ckpt_sha256=sha256_file(args.ip_ckpt),
+        ip_ckpt_sha256=sha256_file(resolve_file(args.ip_ckpt, "--ip_ckpt")),
         dtype=dtype_name(dtype),
         num_processes=accelerator.num_processes,
     )

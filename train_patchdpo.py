@@ -50,14 +50,14 @@ logger = get_logger(__name__)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     official = parser.add_argument_group("official flags (train_patchdpo.py of hqhQAQ/PatchDPO)")
-    official.add_argument("--pretrained_model_name_or_path", required=True, help="local SDXL pipeline folder")
+    official.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL pipeline: folder or Hugging Face id")
     official.add_argument(
         "--pretrained_ip_adapter_path",
         default=None,
-        help="IP-Adapter-Plus checkpoint to start from; absent: adapter from to_k/to_v, fresh Resampler",
+        help="IP-Adapter-Plus checkpoint (file or REPO_ID/path/in/repo.bin) to start from; absent: adapter from to_k/to_v, fresh Resampler",
     )
     official.add_argument("--data_root_path", required=True, help="folder of sample{i}/ pairs")
-    official.add_argument("--image_encoder_path", required=True, help="local CLIP vision model folder")
+    official.add_argument("--image_encoder_path", required=True, help="CLIP vision model: folder or Hugging Face id (REPO_ID[/subfolder])")
     official.add_argument("--output_dir", default="sd-ip_adapter")
     official.add_argument("--logging_dir", default="logs", help="TensorBoard folder, relative to --output_dir")
     official.add_argument("--resolution", type=int, default=512)
@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
 
     extra = parser.add_argument_group("beyond the official script")
+    extra.add_argument("--revision", default=None, help="revision of a --pretrained_model_name_or_path id (branch, tag or commit)")
+    extra.add_argument(
+        "--variant", default=None, help="weight variant of the SDXL files to load, e.g. fp16 (as diffusers' from_pretrained)"
+    )
     extra.add_argument("--loss", choices=LOSS_MODES, default=None, help="objective (see patchdpo/loss.py)")
     extra.add_argument("--dpo_beta", type=float, default=5000.0, help="beta of --loss image_dpo")
     extra.add_argument(
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
             args.pretrained_ip_adapter_path,
             accelerator.device,
             weight_dtype,
+            revision=args.revision,
+            variant=args.variant,
         )
         factor = vae_downsample_factor(models.encoders.vae)
         if args.resolution % factor:

@@ -16,6 +16,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from common.errors import BadInputError
+from common.hub import resolve_file, resolve_folder
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import IPAdapterPlusXL
 
@@ -48,9 +49,9 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def check_sdxl_dir(path: str | os.PathLike) -> Path:
-    """A `save_pretrained` SDXL folder: model_index.json and every component it names."""
-    path = Path(path)
+def check_sdxl_dir(path: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> Path:
+    """A `save_pretrained` SDXL folder (or a Hugging Face id, `common.hub`): model_index.json and every component it names."""
+    path = resolve_folder(path, "--base_model_path", revision, SDXL_COMPONENTS, variant)
     expected = "expected a diffusers StableDiffusionXLPipeline folder (save_pretrained layout)"
     if not path.is_dir():
         raise BadInputError(f"{path}: base model folder not found; {expected}")
@@ -70,7 +71,7 @@ def check_sdxl_dir(path: str | os.PathLike) -> Path:
 
 
 def check_image_encoder_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = resolve_folder(path, "--image_encoder_path")
     expected = "expected a CLIPVisionModelWithProjection folder with config.json and weights"
     if not path.is_dir():
         raise BadInputError(f"{path}: image encoder folder not found; {expected}")
@@ -80,7 +81,7 @@ def check_image_encoder_dir(path: str | os.PathLike) -> Path:
 
 
 def check_ip_ckpt(path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = resolve_file(path, "--ip_ckpt")
     if not path.is_file():
         raise BadInputError(f"{path}: IP-Adapter checkpoint not found; expected a .bin or .safetensors file")
     return path
@@ -92,7 +93,7 @@ def load_sdxl_pipeline(base_model_path: str | os.PathLike, dtype: torch.dtype) -
     The VAE decodes one image at a time (a batch of 1024-pixel images would not fit otherwise) and
     the pipeline's own progress bar is off: callers show one bar per process over all their images.
     """
-    check_sdxl_dir(base_model_path)
+    base_model_path = check_sdxl_dir(base_model_path)
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(base_model_path), dtype=dtype, local_files_only=True, add_watermarker=False)
     except (OSError, ValueError, KeyError) as exc:
@@ -111,8 +112,8 @@ def load_generation_model(
     scale: float,
 ) -> IPAdapterPlusXL:
     """SDXL + IP-Adapter-Plus on `device` in `dtype` at IP scale `scale`, ready for batched generation."""
-    check_image_encoder_dir(image_encoder_path)
-    check_ip_ckpt(ip_ckpt)
+    image_encoder_path = check_image_encoder_dir(image_encoder_path)
+    ip_ckpt = check_ip_ckpt(ip_ckpt)
     try:
         checkpoint = load_ip_adapter_checkpoint(ip_ckpt)  # a bad checkpoint fails before SDXL spends minutes loading
         pipe = load_sdxl_pipeline(base_model_path, dtype)
@@ -132,7 +133,12 @@ def load_generation_model(
 def add_generator_args(parser: argparse.ArgumentParser, base_model_help: str, ip_ckpt_help: str) -> None:
     """The model flags of every script that generates with SDXL + IP-Adapter-Plus."""
     parser.add_argument("--base_model_path", type=Path, required=True, help=base_model_help)
-    parser.add_argument("--image_encoder_path", type=Path, required=True, help="local CLIP ViT-H vision encoder folder")
+    parser.add_argument(
+        "--image_encoder_path",
+        type=Path,
+        required=True,
+        help="CLIP ViT-H vision encoder: folder or Hugging Face id (e.g. h94/IP-Adapter/models/image_encoder)",
+    )
     parser.add_argument("--ip_ckpt", type=Path, required=True, help=ip_ckpt_help)
     parser.add_argument(
         "--dtype",
