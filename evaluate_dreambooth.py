@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 
-from common.cli import fail, str2bool
+from common.cli import DefaultsHelpFormatter, fail, str2bool
 from common.errors import BadInputError
 from dreambench.benchmark import SUBJECT_NAMES
 from dreambench.evaluation import METRIC_KEYS, add_evaluation_args, evaluate_generations, format_score_table
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True, help="folder of generations: <subject>/<prompt>.png")
     parser.add_argument("--data_root", required=True, help="DreamBench folder with dataset/ and json_data/")
     parser.add_argument(

@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
 from common.errors import BadInputError
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every option's default, also of options without a help text.
+
+    argparse's own formatter appends "(default: ...)" only to options that have a help string;
+    required options and defaults of None (meaning "unset") are left without one.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and not action.required and action.default not in (None, argparse.SUPPRESS):
+            # argparse expands (and so appends the default to) only non-empty help texts
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 def str2bool(value: str | bool) -> bool:

@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from common.cli import DefaultsHelpFormatter
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_write_json
@@ -365,7 +366,9 @@ def train(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m patch_quality.ssl_train", description="Patch-correspondence self-supervised finetuning of a ViT backbone."
+        formatter_class=DefaultsHelpFormatter,
+        prog="python -m patch_quality.ssl_train",
+        description="Patch-correspondence self-supervised finetuning of a ViT backbone.",
     )
     parser.add_argument(
         "--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model"

@@ -20,7 +20,7 @@ from accelerate import PartialState
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from common.cli import str2bool
+from common.cli import DefaultsHelpFormatter, str2bool
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image
@@ -109,7 +109,9 @@ def visualize(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m patch_quality.visualize", description="Overlay quality maps on their images (PNG strips)."
+        formatter_class=DefaultsHelpFormatter,
+        prog="python -m patch_quality.visualize",
+        description="Overlay quality maps on their images (PNG strips).",
     )
     parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs")
     parser.add_argument("--output_dir", type=Path, required=True, help="where {sample}_gen_{k}.png strips go")
