@@ -21,7 +21,7 @@ from pathlib import Path
 import evaluate_dreambooth
 import inference_dreambooth
 import train_patchdpo
-from common.cli import DefaultsHelpFormatter
+from common.cli import ArgumentParser
 from common.io import atomic_save_image, atomic_write_json
 from dreambench.benchmark import get_subject
 from dreambench.contact_sheet import contact_sheet_path
@@ -44,7 +44,7 @@ TINY_NOTE = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("demo_out"))
     parser.add_argument("--data_root", type=Path, default=DEFAULT_DATA_ROOT, help="DreamBench folder (dataset/, json_data/)")
     parser.add_argument("--subjects", nargs="+", default=["backpack", "dog"], help="2-3 DreamBench subjects")

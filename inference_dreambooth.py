@@ -19,7 +19,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from PIL import Image
 
-from common.cli import DefaultsHelpFormatter, exit_on_bad_input, str2bool
+from common.cli import ArgumentParser, exit_on_bad_input, str2bool
 from common.errors import BadInputError
 from common.hub import resolve_file, resolve_folder
 from common.io import remove_stale_temp_files, sha256_file
@@ -37,7 +37,7 @@ DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generator_args(
         parser,
         "SDXL pipeline: folder or Hugging Face id (e.g. SG161222/RealVisXL_V1.0)",

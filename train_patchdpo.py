@@ -26,7 +26,7 @@ from accelerate.utils import ProjectConfiguration, release_memory, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common.cli import DefaultsHelpFormatter, fail, str2bool
+from common.cli import ArgumentParser, fail, str2bool
 from common.errors import BadInputError
 from common.seeds import stable_seed
 from common.training_state import TRAINING_STATE_DIR, checkpoint_step, find_resume_checkpoint, save_training_state
@@ -48,7 +48,7 @@ logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     official = parser.add_argument_group("official flags (train_patchdpo.py of hqhQAQ/PatchDPO)")
     official.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL pipeline: folder or Hugging Face id")
     official.add_argument(

@@ -43,7 +43,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
-from common.cli import DefaultsHelpFormatter  # noqa: E402
+from common.cli import ArgumentParser  # noqa: E402
 from common.seeds import stable_seed  # noqa: E402
 from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint, load_strict  # noqa: E402
@@ -215,7 +215,7 @@ def run_variant(args) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(formatter_class=DefaultsHelpFormatter, description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: full on cuda, mid on cpu")
     parser.add_argument("--resolution", type=int, default=None, help="default: 512 on cuda, 128 on cpu")

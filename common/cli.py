@@ -32,6 +32,21 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._format_action(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: defaults in `--help`, and a bad value is one `prog: error: ...` line.
+
+    argparse prints the whole usage (10+ lines for our scripts) above an error; the line itself is
+    what a user needs, and the usage is one `--help` away.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def str2bool(value: str | bool) -> bool:
     """argparse type for the official scripts' `--flag True/False` style switches."""
     if isinstance(value, bool):

@@ -243,13 +243,13 @@ def add_evaluation_args(parser: argparse.ArgumentParser, dino_required: bool = T
     group.add_argument(
         "--clip_model",
         default="ViT-B/32",
-        help="openai-clip model name (must already be in ~/.cache/clip) or local .pt checkpoint path",
+        help="openai-clip model name (fetched as clip.load does, ~/.cache/clip) or local .pt checkpoint path",
     )
     group.add_argument(
         "--dino_model",
         required=dino_required,
         default=None,
-        help="local Hugging Face directory of DINO ViT-S/16 (facebook/dino-vits16 layout)",
+        help="DINO ViT-S/16: facebook/dino-vits16 or a local copy",
     )
     group.add_argument("--batch_size", type=int, default=25, help="images per metric-model forward pass")
     group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")

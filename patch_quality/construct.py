@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.batching import batched
-from common.cli import DefaultsHelpFormatter, exit_on_bad_input
+from common.cli import ArgumentParser, exit_on_bad_input
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
@@ -198,8 +198,7 @@ def generate_pairs(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        formatter_class=DefaultsHelpFormatter,
+    parser = ArgumentParser(
         prog="python -m patch_quality.construct",
         description="Build PatchDPO training pairs (references + IP-Adapter-Plus generations).",
     )

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from accelerate import PartialState
 
-from common.cli import DefaultsHelpFormatter
+from common.cli import ArgumentParser
 from common.errors import BadInputError
 from common.io import sha256_file
 from patch_quality.store import save_quality_maps
@@ -139,8 +139,7 @@ def convert_pkl(input_path: str | os.PathLike, output_path: str | os.PathLike) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        formatter_class=DefaultsHelpFormatter,
+    parser = ArgumentParser(
         prog="python -m patch_quality.convert_pkl",
         description="Convert the official patch_quality.pkl to patch_quality.safetensors with a restricted unpickler.",
     )

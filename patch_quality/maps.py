@@ -35,7 +35,7 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.cli import DefaultsHelpFormatter, str2bool
+from common.cli import ArgumentParser, str2bool
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import sha256_file
@@ -244,8 +244,7 @@ def estimate_quality_maps(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        formatter_class=DefaultsHelpFormatter,
+    parser = ArgumentParser(
         prog="python -m patch_quality.maps",
         description="Estimate patch-quality maps for DATA/sample*/ and write DATA/patch_quality.safetensors.",
     )

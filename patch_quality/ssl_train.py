@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from common.cli import DefaultsHelpFormatter
+from common.cli import ArgumentParser
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_write_json
@@ -365,8 +365,7 @@ def train(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        formatter_class=DefaultsHelpFormatter,
+    parser = ArgumentParser(
         prog="python -m patch_quality.ssl_train",
         description="Patch-correspondence self-supervised finetuning of a ViT backbone.",
     )

@@ -20,7 +20,7 @@ from accelerate import PartialState
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from common.cli import DefaultsHelpFormatter, str2bool
+from common.cli import ArgumentParser, str2bool
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image
@@ -108,8 +108,7 @@ def visualize(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        formatter_class=DefaultsHelpFormatter,
+    parser = ArgumentParser(
         prog="python -m patch_quality.visualize",
         description="Overlay quality maps on their images (PNG strips).",
     )

@@ -256,6 +256,31 @@ def test_cli_main_partial_run_and_table(generations, original_scores, tiny_clip_
     assert json.loads((output_dir / "all_score.json").read_text())["clipi_score"] == scores["clipi_score"]
 
 
+def test_cli_takes_subjects_and_setting_from_run_config(generations, kosmosg_scores, tiny_clip_path, tiny_dino_dir, tmp_path, capsys):
+    """After `inference_dreambooth.py --subjects ... --is_kosmosg True`, the plain evaluate command scores that run."""
+    output_dir = _copy_generations(generations, tmp_path / "gen")
+    (output_dir / "run_config.json").write_text(json.dumps({"subjects": list(reversed(SUBJECTS)), "is_kosmosg": True}))
+    argv = _argv(output_dir, tiny_clip_path, tiny_dino_dir)
+    del argv[argv.index("--is_kosmosg") : argv.index("--is_kosmosg") + 2]
+    scores = _load_script().main(argv)
+    printed = capsys.readouterr().out
+    assert scores["setting"] == "kosmosg" and scores["num_subjects"] == len(SUBJECTS)
+    _assert_same_scores(scores, kosmosg_scores[1])
+    assert "run_config.json: subjects, is_kosmosg" in printed
+    assert f"scores written to {(output_dir / 'all_score.json').resolve()}" in printed
+    # an explicit flag wins over the record
+    scores = _load_script().main(argv + ["--is_kosmosg", "false", "--subjects", "cat"])
+    assert scores["setting"] != "kosmosg" and scores["num_subjects"] == 1
+
+
+def test_cli_bad_subject_is_one_short_line(generations, tiny_clip_path, tiny_dino_dir, capsys):
+    for extra in (("--subjects", "dog", "no_such_subject"), ("--is_kosmosg", "maybe")):
+        with pytest.raises(SystemExit) as info:
+            _load_script().main(_argv(generations, tiny_clip_path, tiny_dino_dir, *extra))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(lines) == 1 and extra[-1] in lines[0] and ": error: " in lines[0]
+
+
 @pytest.mark.parametrize("problem", ["missing_subject", "missing_image", "extra_image", "unreadable_image"])
 def test_cli_bad_generations_are_one_line_errors(generations, tiny_clip_path, tiny_dino_dir, tmp_path, capsys, problem):
     output_dir = _copy_generations(generations, tmp_path / "gen")
