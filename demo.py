@@ -13,7 +13,6 @@ saved in the real on-disk layouts; those draw noise, which the report says plain
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import evaluate_dreambooth
 import inference_dreambooth
 import train_patchdpo
-from common.cli import ArgumentParser
+from common.cli import ArgumentParser, quiet_libraries
 from common.io import atomic_save_image, atomic_write_json
 from dreambench.benchmark import get_subject
 from dreambench.contact_sheet import contact_sheet_path
@@ -101,11 +100,6 @@ def prepare_models(args: argparse.Namespace, models_dir: Path) -> bool:
         args.dino_model = save_tiny_dino(models_dir / "dino-vits16-tiny")
         tiny = True
     return tiny
-
-
-def vae_scale_factor(sdxl_dir: Path) -> int:
-    config = json.loads((sdxl_dir / "vae" / "config.json").read_text())
-    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def write_reference_list(args: argparse.Namespace, folder: Path) -> Path:
@@ -194,8 +188,8 @@ def run(args: argparse.Namespace) -> Path:
                 *finetuned,
                 "--resolution",
                 str(args.resolution),
-                "--vae_scale_factor",
-                str(vae_scale_factor(args.base_model_path)),
+                "--base_model_path",
+                str(args.base_model_path),
                 "--output",
                 str(quality_file),
             ]
@@ -308,6 +302,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    quiet_libraries()
     start = time.perf_counter()
     path = run(args)
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Report: {path.resolve()}")

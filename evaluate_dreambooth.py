@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.cli import ArgumentParser, fail, str2bool
+from common.cli import ArgumentParser, fail, quiet_libraries, str2bool
 from common.errors import BadInputError
 from dreambench.benchmark import resolve_subjects
 from dreambench.evaluation import METRIC_KEYS, SCORE_FILE, add_evaluation_args, evaluate_generations, format_score_table
@@ -56,6 +56,7 @@ def apply_recorded_defaults(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser, args = parse_args(argv)
+    quiet_libraries()
     try:
         taken = apply_recorded_defaults(args)
         if taken:

@@ -19,14 +19,14 @@ from pathlib import Path
 from accelerate import Accelerator
 from PIL import Image
 
-from common.cli import ArgumentParser, exit_on_bad_input, str2bool
+from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries, str2bool
 from common.errors import BadInputError
 from common.hub import resolve_file, resolve_folder
 from common.io import remove_stale_temp_files, sha256_file
 from dreambench.benchmark import prompts_for, resolve_subjects
 from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
 from dreambench.data import load_conditioning_images, reference_photos
-from dreambench.evaluation import evaluate_generations, format_score_table
+from dreambench.evaluation import SCORE_FILE, evaluate_generations, format_score_table
 from dreambench.generation import build_items, generate_items, pending_items
 from dreambench.metrics import resolve_clip_checkpoint
 from dreambench.run_config import check_resumable, make_run_config, write_run_config
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
 
     if accelerator.is_main_process:
         write_contact_sheets(args.output_dir, subject_prompts, load_references)
-        accelerator.print(f"images in {args.output_dir}, contact sheets in {args.output_dir / GRIDS_DIR}")
+        accelerator.print(f"images in {args.output_dir.resolve()}, contact sheets in {(args.output_dir / GRIDS_DIR).resolve()}")
         if args.clip_model is not None:
             scores = evaluate_generations(
                 args.output_dir,
@@ -164,10 +164,12 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
                 subjects=subjects,
             )
             print(format_score_table(scores))
+            print(f"scores written to {(args.output_dir / SCORE_FILE).resolve()}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     with exit_on_bad_input(Path(__file__).name):
         run(args, Accelerator())
 

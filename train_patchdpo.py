@@ -26,7 +26,7 @@ from accelerate.utils import ProjectConfiguration, release_memory, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from common.cli import ArgumentParser, fail, str2bool
+from common.cli import ArgumentParser, fail, quiet_libraries, str2bool
 from common.errors import BadInputError
 from common.seeds import stable_seed
 from common.training_state import TRAINING_STATE_DIR, checkpoint_step, find_resume_checkpoint, save_training_state
@@ -121,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    quiet_libraries()
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -247,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         save_adapter_checkpoint(output_dir / f"checkpoint-{global_step}", model)
     progress.close()
     accelerator.end_training()
+    accelerator.print(
+        f"adapter checkpoints: {output_dir.resolve()}/checkpoint-*/model.bin, TensorBoard logs: {output_dir.resolve() / args.logging_dir}"
+    )
 
 
 if __name__ == "__main__":

@@ -47,6 +47,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers loading bars and info/warning lines (errors still show).
+
+    Every model load otherwise prints bars and lines such as "should be kept in float32: []" that
+    say nothing to a user; our own tqdm bars (steps, images) stay. Only libraries a script has
+    already imported are touched, so this module never imports diffusers itself.
+    """
+    for name in ("diffusers", "transformers"):
+        library = sys.modules.get(name)
+        if library is not None:
+            library.utils.logging.set_verbosity_error()
+            library.utils.logging.disable_progress_bar()
+
+
 def str2bool(value: str | bool) -> bool:
     """argparse type for the official scripts' `--flag True/False` style switches."""
     if isinstance(value, bool):

@@ -38,14 +38,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from common.batching import batched
-from common.cli import ArgumentParser, exit_on_bad_input
+from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries
 from common.errors import BadInputError
+from common.hub import recorded_name
 from common.images import load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
-from ip_adapter.loading import add_generator_args, check_generator_paths, dtype_name, load_sdxl_pipeline, resolve_dtype
+from ip_adapter.loading import add_generator_args, check_generator_paths, check_ip_ckpt, dtype_name, load_sdxl_pipeline, resolve_dtype
 from patch_quality import layout
 from patch_quality.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
 
@@ -268,10 +269,10 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
     plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
     dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
     settings = {
-        "base_model_path": str(args.base_model_path.resolve()),
-        "image_encoder_path": str(args.image_encoder_path.resolve()),
-        "ip_ckpt": str(args.ip_ckpt.resolve()),
-        "ip_ckpt_sha256": sha256_file(args.ip_ckpt),
+        "base_model_path": recorded_name(args.base_model_path),
+        "image_encoder_path": recorded_name(args.image_encoder_path),
+        "ip_ckpt": recorded_name(args.ip_ckpt),
+        "ip_ckpt_sha256": sha256_file(check_ip_ckpt(args.ip_ckpt)),
         "scale": args.scale,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
@@ -328,7 +329,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
     accelerator.wait_for_everyone()  # every reference exists before any generation reads one
     if pending_generated:
         # Installing the adapter changes the UNet's attention, so it happens after the references.
-        ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, args.ip_ckpt, device=accelerator.device)
+        ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, check_ip_ckpt(args.ip_ckpt), device=accelerator.device)
         ip_model.set_scale(args.scale)
         with accelerator.split_between_processes(pending_generated) as shard:
             generate_pairs(
@@ -342,8 +343,11 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
+    accelerator = Accelerator()
     with exit_on_bad_input("python -m patch_quality.construct"):
-        run(args, Accelerator())
+        run(args, accelerator)
+    accelerator.print(f"training pairs in {Path(args.output_dir).resolve()}/sample*/")
 
 
 if __name__ == "__main__":

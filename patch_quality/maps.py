@@ -15,7 +15,7 @@ Our additions, each a flag (see README.md):
   (`--transform raw|minmax|threshold`, `--good_threshold`, `--signed`), so thresholded maps stay
   binary at latent resolution.
 
-    accelerate launch -m patch_quality.maps --data_root DATA --backbone DINOV2_DIR
+    accelerate launch -m patch_quality.maps --data_root DATA --backbone DINOV2_DIR --base_model_path SDXL_DIR --resolution 512
 """
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.cli import ArgumentParser, str2bool
+from common.cli import ArgumentParser, quiet_libraries, str2bool
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import sha256_file
 from patch_quality import layout
 from patch_quality.features import PatchFeatureExtractor, center_square, describe
+from patch_quality.latent_grid import latent_grid
 from patch_quality.store import QualityMaps, save_quality_maps
 
 TRANSFORMS = ("raw", "minmax", "threshold")
@@ -286,7 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask_reference_background", type=str2bool, default=True, help="set reference_map to 1 (weight 0) on the reference background"
     )
     parser.add_argument("--resolution", type=int, default=512, help="training resolution")
-    parser.add_argument("--vae_scale_factor", type=int, default=8, help="VAE downsampling factor; maps are resolution / factor square")
+    parser.add_argument(
+        "--base_model_path",
+        default=None,
+        help="SDXL model training uses (folder or Hugging Face id): maps are resolution / its VAE factor square",
+    )
+    parser.add_argument(
+        "--vae_scale_factor", type=int, default=None, help="VAE downsampling factor; checked against --base_model_path, or used alone"
+    )
     parser.add_argument("--output", type=Path, default=None, help="default: DATA_ROOT/patch_quality.safetensors")
     parser.add_argument("--batch_size", type=int, default=8, help="samples per backbone forward pass")
     parser.add_argument(
@@ -302,10 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.resolution % args.vae_scale_factor:
-        parser.error(f"--resolution {args.resolution} is not divisible by --vae_scale_factor {args.vae_scale_factor}")
+    quiet_libraries()
     state = PartialState(cpu=args.cpu)
     try:
+        latent_size, vae_factor = latent_grid(args.resolution, args.base_model_path, args.vae_scale_factor)
         settings = MapSettings(
             transform=args.transform,
             good_threshold=args.good_threshold,
@@ -314,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
             background_level=args.background_level,
             foreground_fraction=args.foreground_fraction,
             mask_reference_background=args.mask_reference_background,
-            latent_size=args.resolution // args.vae_scale_factor,
+            latent_size=latent_size,
         )
         extractor = PatchFeatureExtractor.from_pretrained(
             args.backbone,
@@ -327,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         feature_metadata = {
             **describe(extractor, args.backbone, args.finetuned),
             "resolution": str(args.resolution),
-            "vae_scale_factor": str(args.vae_scale_factor),
+            "vae_scale_factor": str(vae_factor),
         }
         output = estimate_quality_maps(args.data_root, extractor, settings, feature_metadata, args.output, args.batch_size, state)
     except BadInputError as error:

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from common.cli import ArgumentParser
+from common.cli import ArgumentParser, quiet_libraries
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_write_json
@@ -407,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries()
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         cpu=args.cpu,

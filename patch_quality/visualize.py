@@ -20,7 +20,7 @@ from accelerate import PartialState
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from common.cli import ArgumentParser, str2bool
+from common.cli import ArgumentParser, quiet_libraries, str2bool
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image
@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries()
     try:
         written = visualize(args.data_root, args.output_dir, args.maps, args.max_samples, args.size, args.alpha, args.overwrite)
     except BadInputError as error:

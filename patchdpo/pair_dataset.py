@@ -98,7 +98,9 @@ def index_pairs(
                     if tuple(quality_map.shape) != (latent_size, latent_size):
                         raise BadInputError(
                             f"{quality_maps.path}: {role} map of sample {folder.name!r} k={k} is {tuple(quality_map.shape)}, "
-                            f"expected the latent size ({latent_size}, {latent_size})"
+                            f"expected the latent size ({latent_size}, {latent_size}); remake them for this model and --resolution: "
+                            f"python -m patch_quality.maps --data_root {data_root} --base_model_path <--pretrained_model_name_or_path> "
+                            "--resolution <--resolution>"
                         )
             pairs.append(TrainingPair(folder.name, k, prompt, reference, generated[k]))
     return pairs

@@ -36,6 +36,7 @@ from ip_adapter.attention_processor import adapter_modules_of, install_ip_adapte
 from ip_adapter.checkpoint import load_adapter_state, load_ip_adapter_checkpoint, load_strict, save_ip_adapter
 from ip_adapter.image_encoder import encode_image_features, load_image_encoder
 from ip_adapter.resampler import Resampler
+from patch_quality.latent_grid import vae_scale_factor_from_config
 
 from .loss import LossOutput, compute_loss
 from .sdxl_conditioning import encode_prompts, pair_time_ids
@@ -49,7 +50,7 @@ ADAPTER_STATE_NAME = "ip_adapter_state.safetensors"
 
 def vae_downsample_factor(vae: AutoencoderKL) -> int:
     """Pixels per latent cell: 8 for SDXL's VAE, read from its config (the test VAE uses 2)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae_scale_factor_from_config(vae.config)
 
 
 @dataclass

@@ -50,7 +50,16 @@ def test_library_code_never_imports_the_stand_ins():
 
 @pytest.mark.parametrize(
     "module",
-    ["common.io", "common.cli", "common.errors", "common.images", "common.seeds", "common.training_state", "patch_quality.store", "dreambench.benchmark"],
+    [
+        "common.io",
+        "common.cli",
+        "common.errors",
+        "common.images",
+        "common.seeds",
+        "common.training_state",
+        "patch_quality.store",
+        "dreambench.benchmark",
+    ],
 )
 def test_cheap_modules_do_not_load_diffusers(module):
     code = f"import sys, {module}; assert 'diffusers' not in sys.modules, 'diffusers loaded'"

@@ -378,7 +378,10 @@ def test_missing_quality_map_entry(tiny_models, tmp_path):
 
 def test_quality_maps_not_at_latent_size(tiny_models, tmp_path):
     data = save_pair_data(tmp_path / "data", 2, 32, LATENT, map_size=8)
-    _expect_exit(train_args(tiny_models, data, tmp_path / "out", "--use_dpo_loss", "True"), "expected the latent size (16, 16)")
+    _expect_exit(
+        train_args(tiny_models, data, tmp_path / "out", "--use_dpo_loss", "True"),
+        "expected the latent size (16, 16); remake them for this model and --resolution: python -m patch_quality.maps",
+    )
 
 
 def test_data_dir_without_samples_or_images(tiny_models, tmp_path):
