@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
                 show_progress=accelerator.is_local_main_process,
             )
             accelerator.wait_for_everyone()
+            # non-square references: their random CLIP crop is encoded each step (patchdpo/feature_cache.py)
+            clip_encoder = encoders.image_encoder if cache.use_clip_per_step(pairs) else None
             encoders = models.encoders = None  # the frozen encoders are not needed any more: free their memory
             release_memory()
     except BadInputError as error:
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         skip = skip_batches if epoch == first_epoch else 0
         loader = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         for batch in loader:
-            cond = PairConditioning.encode(encoders, batch) if cache is None else PairConditioning.from_cached_batch(batch)
+            cond = PairConditioning.encode(encoders, batch) if cache is None else PairConditioning.from_cached_batch(batch, clip_encoder)
             output = training_step(
                 accelerator,
                 prepared_model,

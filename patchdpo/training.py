@@ -92,10 +92,18 @@ class PairConditioning:
         return self.image_features.shape[0]
 
     @classmethod
-    def from_cached_batch(cls, batch: dict[str, torch.Tensor]) -> PairConditioning:
+    def from_cached_batch(
+        cls, batch: dict[str, torch.Tensor], image_encoder: CLIPVisionModelWithProjection | None = None
+    ) -> PairConditioning:
+        """Cached outputs; `image_encoder` encodes the `clip_pixels` of a cache whose CLIP crops are drawn per step."""
+        if "clip_pixels" in batch:
+            with torch.no_grad():
+                image_features = encode_image_features(image_encoder, batch["clip_pixels"])
+        else:
+            image_features = batch["image_features"]
         return cls(
             latents=torch.cat([batch["reference_latents"], batch["generated_latents"]]).float(),
-            image_features=batch["image_features"],
+            image_features=image_features,
             prompt_embeds=batch["prompt_embeds"],
             pooled_prompt_embeds=batch["pooled_prompt_embeds"],
             reference_size=batch["reference_size"],
