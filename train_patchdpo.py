@@ -30,6 +30,7 @@ from common.cli import ArgumentParser, fail, quiet_libraries, str2bool
 from common.errors import BadInputError
 from common.seeds import stable_seed
 from common.training_state import TRAINING_STATE_DIR, checkpoint_step, find_resume_checkpoint, save_training_state
+from dreambench.validation import TrainingValidation, add_validation_args
 from patch_quality.store import QualityMaps
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
 from patchdpo.loss import LOSS_MODES
@@ -104,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument("--cache_dir", default=None, help="precompute the frozen encoders' outputs once, here")
     extra.add_argument("--gradient_checkpointing", action="store_true")
     extra.add_argument("--logging_steps", type=int, default=10)
+    add_validation_args(parser)
     args = parser.parse_args(argv)
 
     loss_from_switch = None if args.use_dpo_loss is None else ("patch_dpo" if args.use_dpo_loss else "mse")
@@ -112,7 +114,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.loss = args.loss or loss_from_switch or "mse"
     if args.loss == "patch_dpo" and args.patch_quality_file is None:
         parser.error("--loss patch_dpo (--use_dpo_loss True) needs --patch_quality_file")
-    for name in ("train_batch_size", "stop_step", "save_steps", "generated_per_sample", "logging_steps", "checkpointing_steps"):
+    for name in (
+        "train_batch_size",
+        "stop_step",
+        "save_steps",
+        "generated_per_sample",
+        "logging_steps",
+        "checkpointing_steps",
+        "validation_steps",
+        "validation_prompts",
+    ):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
@@ -169,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
             clip_encoder = encoders.image_encoder if cache.use_clip_per_step(pairs) else None
             encoders = models.encoders = None  # the frozen encoders are not needed any more: free their memory
             release_memory()
+        validation = TrainingValidation(args, accelerator, args.seed) if args.validation_data_root else None
     except BadInputError as error:
         fail("train_patchdpo.py", error)
 
@@ -197,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     hparams = {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in vars(args).items()}
     accelerator.init_trackers("patchdpo", config=hparams)
     progress = tqdm(total=total_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    if validation:
+        validation(global_step, model.adapter_modules)  # the adapter this run starts from
     pairs_per_step = args.train_batch_size * accelerator.num_processes
     window_start, window_steps, last_saved = time.perf_counter(), 0, None
 
@@ -241,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
                 if accelerator.is_main_process:
                     save_adapter_checkpoint(output_dir / f"checkpoint-{global_step}", model)
                 last_saved = global_step
+            if validation and validation.due(global_step):
+                validation(global_step, model.adapter_modules)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
                 save_training_state(accelerator, output_dir / f"checkpoint-{global_step}")
             if global_step >= total_steps:

@@ -118,6 +118,19 @@ def score_subject(
     """CLIP-T, CLIP-I and DINO of one subject's generations against its reference photos."""
     prompts = [prompt for prompt, _ in generations]
     images = [load_rgb_image(path) for _, path in generations]
+    return score_images(prompts, images, references, clip_model, clip_preprocess, dino_model, batch_size)
+
+
+def score_images(
+    prompts: list[str],
+    images: list[Image.Image],
+    references: list[Image.Image],
+    clip_model: torch.nn.Module,
+    clip_preprocess: CLIPPreprocess,
+    dino_model: torch.nn.Module,
+    batch_size: int,
+) -> dict[str, float]:
+    """The metrics of in-memory generations (one per prompt), as `score_subject` (also used during training)."""
     image_clip = clip_image_features(clip_model, clip_preprocess, images, batch_size)
     return {
         "clipt_score": mean_matched_cosine(image_clip, clip_text_features(clip_model, prompts, batch_size)),
