@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_patchdpo
@@ -49,6 +52,9 @@ def test_validation_logs_images_and_scores_and_leaves_training_unchanged(
     images = logged.Images(GRID_TAG)
     assert [event.step for event in images] == [0, 2, 4]
     assert images[0].width == 3 * 128 and images[0].height == 2 * 128  # reference | start | current, one row per prompt
+    grids = [np.asarray(Image.open(io.BytesIO(event.encoded_image_string))) for event in images]
+    assert all(np.array_equal(grid[:, 128:256], grids[0][:, 128:256]) for grid in grids)  # the starting adapter column stays
+    assert not np.array_equal(grids[-1][:, 256:], grids[0][:, 256:])  # while the current adapter changes
     for metric in ("clipt_score", "clipi_score", "dino_score"):
         values = logged.Scalars(f"validation/{metric}")
         assert [event.step for event in values] == [0, 2, 4] and all(-1.0 <= event.value <= 1.0 for event in values)
