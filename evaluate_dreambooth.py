@@ -1,7 +1,7 @@
 """Score DreamBench generations with CLIP-T, CLIP-I and DINO and write <output_dir>/all_score.json.
 
     python evaluate_dreambooth.py --output_dir GEN --data_root dreambench --is_kosmosg False \
-        --clip_model ~/.cache/clip/ViT-B-32.pt --dino_model ./dino-vits16
+        --clip_model ViT-B/32 --dino_model facebook/dino-vits16
 
 GEN holds <subject>/<prompt>.png, one image per prompt (as written by inference_dreambooth.py).
 The subjects, the setting and whether the run was partial default to what GEN/run_config.json
@@ -15,9 +15,8 @@ from pathlib import Path
 
 from common.cli import ArgumentParser, fail, quiet_libraries, str2bool
 from common.errors import BadInputError
+from common.flags import add_evaluation_args
 from dreambench.benchmark import resolve_subjects
-from dreambench.evaluation import METRIC_KEYS, SCORE_FILE, add_evaluation_args, evaluate_generations, format_score_table
-from dreambench.run_config import read_run_config, run_config_path
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -40,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
 
 def apply_recorded_defaults(args: argparse.Namespace) -> list[str]:
     """Fill unset --subjects/--is_kosmosg (and --allow_partial for a --prompts_per_subject run) from run_config.json."""
+    from dreambench.run_config import read_run_config
+
     recorded = read_run_config(args.output_dir) or {}
     taken = []
     if args.subjects is None and recorded.get("subjects"):
@@ -56,6 +57,10 @@ def apply_recorded_defaults(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser, args = parse_args(argv)
+    # Imported once the arguments are parsed: --help must not wait for torch, CLIP and transformers.
+    from dreambench.evaluation import METRIC_KEYS, SCORE_FILE, evaluate_generations, format_score_table
+    from dreambench.run_config import run_config_path
+
     quiet_libraries()
     try:
         taken = apply_recorded_defaults(args)

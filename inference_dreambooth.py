@@ -15,23 +15,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from accelerate import Accelerator
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries, str2bool
 from common.errors import BadInputError
-from common.hub import resolve_file, resolve_folder
-from common.io import remove_stale_temp_files, sha256_file
-from dreambench.benchmark import prompts_for, resolve_subjects
-from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
-from dreambench.data import load_conditioning_images, reference_photos
-from dreambench.evaluation import SCORE_FILE, evaluate_generations, format_score_table
-from dreambench.generation import build_items, generate_items, pending_items
-from dreambench.metrics import resolve_clip_checkpoint
-from dreambench.run_config import check_resumable, make_run_config, write_run_config
-from ip_adapter.batch_generation import SubjectTokens
-from ip_adapter.loading import add_generator_args, check_generator_paths, dtype_name, load_generation_model, resolve_dtype
+from common.flags import add_generator_args
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from PIL import Image
 
 DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / Kosmos-G
 
@@ -74,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
+    from common.hub import resolve_folder
+    from dreambench.metrics import resolve_clip_checkpoint
+    from ip_adapter.loading import check_generator_paths
+
     for name in ("num_inference_steps", "height", "width", "batch_size"):
         if getattr(args, name) < 1:
             raise BadInputError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -92,6 +88,19 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    # Imported here, not at the top: --help must not wait for torch and diffusers.
+
+    from common.hub import resolve_file
+    from common.io import remove_stale_temp_files, sha256_file
+    from dreambench.benchmark import prompts_for, resolve_subjects
+    from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
+    from dreambench.data import load_conditioning_images, reference_photos
+    from dreambench.evaluation import SCORE_FILE, evaluate_generations, format_score_table
+    from dreambench.generation import build_items, generate_items, pending_items
+    from dreambench.run_config import check_resumable, make_run_config, write_run_config
+    from ip_adapter.batch_generation import SubjectTokens
+    from ip_adapter.loading import dtype_name, load_generation_model, resolve_dtype
+
     if args.scale is None:
         args.scale = DEFAULT_SCALES[args.is_kosmosg]
     check_args(args)
@@ -169,6 +178,8 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from accelerate import Accelerator
+
     quiet_libraries()
     with exit_on_bad_input(Path(__file__).name):
         run(args, Accelerator())

@@ -19,33 +19,8 @@ import math
 import time
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, release_memory, set_seed
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
 from common.cli import ArgumentParser, fail, quiet_libraries, str2bool
-from common.errors import BadInputError
-from common.seeds import stable_seed
-from common.training_state import TRAINING_STATE_DIR, checkpoint_step, find_resume_checkpoint, save_training_state
-from dreambench.validation import TrainingValidation, add_validation_args
-from patch_quality.store import QualityMaps
-from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
-from patchdpo.loss import LOSS_MODES
-from patchdpo.pair_dataset import DropoutRates, EpochSampler, PairDataset, index_pairs
-from patchdpo.training import (
-    PairConditioning,
-    frozen_adapter_copy,
-    load_training_models,
-    register_adapter_state_hooks,
-    save_adapter_checkpoint,
-    training_step,
-    vae_downsample_factor,
-)
-
-logger = get_logger(__name__)
+from common.flags import LOSS_MODES, add_validation_args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,6 +107,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Imported once the arguments are parsed: --help must not wait for torch, accelerate and diffusers.
+    import torch
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration, release_memory, set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from common.errors import BadInputError
+    from common.seeds import stable_seed
+    from common.training_state import TRAINING_STATE_DIR, checkpoint_step, find_resume_checkpoint, save_training_state
+    from dreambench.validation import TrainingValidation
+    from patch_quality.store import QualityMaps
+    from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
+    from patchdpo.pair_dataset import DropoutRates, EpochSampler, PairDataset, index_pairs
+    from patchdpo.training import (
+        PairConditioning,
+        frozen_adapter_copy,
+        load_training_models,
+        register_adapter_state_hooks,
+        save_adapter_checkpoint,
+        training_step,
+        vae_downsample_factor,
+    )
+
+    logger = get_logger(__name__)
     quiet_libraries()
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(

@@ -9,7 +9,6 @@ a model is loaded.
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.cli import str2bool
 from common.errors import BadInputError
 from common.images import is_image_file, load_rgb_image
 from common.io import atomic_write_json
@@ -147,7 +145,9 @@ def _mean_scores(per_subject: list[dict[str, Any]]) -> dict[str, float] | None:
     return {key: sum(row[key] for row in per_subject) / len(per_subject) for key in METRIC_KEYS}
 
 
-def _check_device(device: str | torch.device) -> torch.device:
+def _check_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except RuntimeError:
@@ -248,30 +248,3 @@ def format_score_table(scores: dict[str, Any]) -> str:
     if not scores["complete"]:
         lines.append("incomplete: not the full 30 x 25 benchmark, not comparable with published scores")
     return "\n".join(lines)
-
-
-def add_evaluation_args(parser: argparse.ArgumentParser, dino_required: bool = True) -> argparse.ArgumentParser:
-    """The metric flags shared by evaluate_dreambooth.py and inference_dreambooth.py."""
-    group = parser.add_argument_group("DreamBench metrics")
-    group.add_argument(
-        "--clip_model",
-        default="ViT-B/32",
-        help="openai-clip model name (fetched as clip.load does, ~/.cache/clip) or local .pt checkpoint path",
-    )
-    group.add_argument(
-        "--dino_model",
-        required=dino_required,
-        default=None,
-        help="DINO ViT-S/16: facebook/dino-vits16 or a local copy",
-    )
-    group.add_argument("--batch_size", type=int, default=25, help="images per metric-model forward pass")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    group.add_argument(
-        "--allow_partial",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="score what exists and report missing subjects/images instead of failing",
-    )
-    return parser

@@ -16,11 +16,12 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from common.errors import BadInputError
+from common.flags import DTYPE_NAMES
 from common.hub import resolve_file, resolve_folder
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import IPAdapterPlusXL
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 MIXED_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
@@ -128,24 +129,6 @@ def load_generation_model(
         raise BadInputError(f"cannot build IP-Adapter-Plus from {ip_ckpt} and {image_encoder_path} ({_one_line(exc)})") from None
     ip_model.set_scale(scale)
     return ip_model
-
-
-def add_generator_args(parser: argparse.ArgumentParser, base_model_help: str, ip_ckpt_help: str) -> None:
-    """The model flags of every script that generates with SDXL + IP-Adapter-Plus."""
-    parser.add_argument("--base_model_path", type=Path, required=True, help=base_model_help)
-    parser.add_argument(
-        "--image_encoder_path",
-        type=Path,
-        required=True,
-        help="CLIP ViT-H vision encoder: folder or Hugging Face id (e.g. h94/IP-Adapter/models/image_encoder)",
-    )
-    parser.add_argument("--ip_ckpt", type=Path, required=True, help=ip_ckpt_help)
-    parser.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default=None,
-        help="model dtype (default: accelerate's mixed precision on GPU, float32 on CPU)",
-    )
 
 
 def check_generator_paths(args: argparse.Namespace) -> None:

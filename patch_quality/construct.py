@@ -40,13 +40,14 @@ from tqdm.auto import tqdm
 from common.batching import batched
 from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries
 from common.errors import BadInputError
+from common.flags import add_generator_args
 from common.hub import recorded_name
 from common.images import load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
-from ip_adapter.loading import add_generator_args, check_generator_paths, check_ip_ckpt, dtype_name, load_sdxl_pipeline, resolve_dtype
+from ip_adapter.loading import check_generator_paths, check_ip_ckpt, dtype_name, load_sdxl_pipeline, resolve_dtype
 from patch_quality import layout
 from patch_quality.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
 
