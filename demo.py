@@ -1,6 +1,6 @@
 """The whole PatchDPO flow in one offline command: data -> patch quality -> training -> DreamBench.
 
-    python demo.py                      # tiny random models, 2 DreamBench subjects, a few minutes on CPU
+    python demo.py                      # tiny random models; trains on 2 DreamBench subjects, evaluates 2 others
     python demo.py --base_model_path SDXL_DIR --image_encoder_path ENC_DIR --ip_ckpt ip-adapter-plus_sdxl_vit-h.bin \
         --patch_backbone dinov2-base/ --clip_model ViT-B-32.pt --dino_model dino-vits16/ \
         --resolution 512 --size 1024 --num_inference_steps 30 --train_steps 200
@@ -16,6 +16,7 @@ import argparse
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import evaluate_dreambooth
 import inference_dreambooth
@@ -24,11 +25,9 @@ from common.cli import ArgumentParser, quiet_libraries
 from common.io import atomic_save_image, atomic_write_json
 from dreambench.benchmark import get_subject, prompts_for
 from dreambench.data import load_conditioning_images
-from dreambench.report import RunReport, read_scalar
-from patch_quality import construct, maps, ssl_train, visualize
-from stand_ins.metric_models import save_tiny_clip_archive, save_tiny_dino
-from stand_ins.sdxl import save_sdxl_models
-from stand_ins.vit_models import save_tiny_dinov2
+
+if TYPE_CHECKING:
+    from dreambench.report import RunReport
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "dreambench"
@@ -96,6 +95,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def prepare_models(args: argparse.Namespace, models_dir: Path) -> bool:
     """Fill every model path the user left out with a tiny random stand-in; True if any was needed."""
+    from stand_ins.metric_models import save_tiny_clip_archive, save_tiny_dino
+    from stand_ins.sdxl import save_sdxl_models
+    from stand_ins.vit_models import save_tiny_dinov2
+
     tiny = False
     if args.base_model_path is None:
         paths = save_sdxl_models(models_dir / "generator")
@@ -124,6 +127,10 @@ def write_reference_list(args: argparse.Namespace, folder: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> RunReport:
+    # Imported here: --help must not wait for torch and diffusers.
+    from dreambench.report import RunReport, read_scalar
+    from patch_quality import construct, maps, ssl_train, visualize
+
     out = args.output_dir
     report = RunReport(title="PatchDPO demo: data -> patch quality -> training -> DreamBench")
     timed: list[tuple[str, float]] = report.steps
