@@ -63,7 +63,9 @@ def add_validation_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("validation during training (on when --validation_data_root is given)")
     group.add_argument("--validation_data_root", type=Path, default=None, help="DreamBench folder (dataset/, json_data/)")
     group.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (default: with every --save_steps)")
-    group.add_argument("--validation_subjects", nargs="+", default=list(DEFAULT_VALIDATION_SUBJECTS), help="DreamBench subjects to generate")
+    group.add_argument(
+        "--validation_subjects", nargs="+", default=list(DEFAULT_VALIDATION_SUBJECTS), help="DreamBench subjects to generate"
+    )
     group.add_argument("--validation_prompts", type=int, default=2, help="first N DreamBench prompts per subject")
     group.add_argument("--validation_num_inference_steps", type=int, default=30)
     group.add_argument("--validation_scale", type=float, default=0.78, help="IP-Adapter scale of the validation images")
