@@ -61,7 +61,8 @@ def test_defaults_shown_also_without_help_text_but_not_for_required_or_unset():
 
     parser = ArgumentParser(prog="x")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rate", type=float, default=0.5, help="a rate")
     parser.add_argument("--path", required=True, help="a path")
     parser.add_argument("--optional", default=None, help="unset by default")
     text = parser.format_help()
-    assert "(default: 30)" in text and "(default: None)" not in text
+    assert "(default: 30)" in text and "a rate (default: 0.5)" in text and "(default: None)" not in text
