@@ -142,9 +142,9 @@ def run(args: argparse.Namespace) -> RunReport:
         timed.append((name, time.perf_counter() - start))
         return result
 
-    report.config = {key: str(value) for key, value in vars(args).items()}
     if step("models", lambda: prepare_models(args, out / "models")):
         report.notes.append(TINY_NOTE)
+    report.config = {key: str(value) for key, value in vars(args).items()}  # with the stand-ins' paths filled in
     report.notes.append(
         f"Training references are box crops of the DreamBench subjects {', '.join(args.train_subjects)}; the evaluation "
         f"uses the disjoint subjects {', '.join(args.subjects)}, so the scores are on subjects the training never saw."
