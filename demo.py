@@ -315,7 +315,7 @@ def run(args: argparse.Namespace) -> RunReport:
         )
 
     report.loss_points = read_scalar(train_dir / "logs", "loss")
-    report.loss_label = "patch-weighted diffusion loss (MSE of the noise prediction, per latent element)"
+    report.loss_label = "patch-weighted noise MSE per latent element"
     report.overlays = sorted((out / "overlays").glob("*.png"))[:4]
     report.quality_colors = visualize.quality_colors
     for name in args.subjects:
