@@ -35,8 +35,7 @@ OTHERS = [
     "patch_quality.maps",
     "patch_quality.visualize",
     "patch_quality.ssl_train",
-    "patch_quality.convert_pkl",
-]
+]  # patch_quality.convert_pkl has positional arguments only
 
 
 def _probe(target: str) -> dict:

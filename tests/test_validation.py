@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -69,21 +68,29 @@ def test_validation_flags_are_checked_before_training(tiny_models, tiny_pair_dat
     assert "--clip_model and --dino_model go together" in bad_input_message(train_patchdpo.main, without_dino)
 
 
-@pytest.mark.parametrize("mixed_precision", ["bf16"])
-def test_validation_in_a_half_precision_run(tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, tmp_path, mixed_precision):
-    """On CPU accelerate runs bf16 autocast for training; validation generates (fp32 on CPU) without dtype errors."""
+def _run_script(argv: list[str], processes: int = 1) -> None:
+    """A fresh interpreter per run: accelerate's state (mixed precision, process group) is per process."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    result = subprocess.run(
+        [*command, str(REPO / "train_patchdpo.py"), *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_validation_in_a_half_precision_run(tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, tmp_path):
+    """bf16 training (the half precision accelerate runs on CPU); validation generates in inference's dtype without dtype errors."""
     out = tmp_path / "out"
-    extra = ("--mixed_precision", mixed_precision, *validation_args(tiny_clip_path, tiny_dino_dir))
-    train_patchdpo.main(train_args(tiny_models, tiny_pair_data, out, *extra, steps=2))
+    _run_script(
+        train_args(tiny_models, tiny_pair_data, out, "--mixed_precision", "bf16", *validation_args(tiny_clip_path, tiny_dino_dir), steps=2)
+    )
     assert [event.step for event in events(out).Images(GRID_TAG)] == [0, 2]
 
 
 def test_two_processes_with_validation(tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    argv = train_args(tiny_models, tiny_pair_data, out, *validation_args(tiny_clip_path, tiny_dino_dir), steps=2, batch=1)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "train_patchdpo.py")]
-    result = subprocess.run([*command, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_script(
+        train_args(tiny_models, tiny_pair_data, out, *validation_args(tiny_clip_path, tiny_dino_dir), steps=2, batch=1), processes=2
+    )
     assert [event.step for event in events(out).Images(GRID_TAG)] == [0, 2]
     assert (out / "checkpoint-2" / "model.bin").is_file()
