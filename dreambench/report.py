@@ -106,7 +106,7 @@ def plot_start_vs_trained(
 ) -> Path:
     """References on top; then per prompt the starting model's image (left) next to the trained one's (right)."""
     plt = _pyplot()
-    columns = 5
+    columns = max(5, len(references))  # every reference on the first row
     rows = 1 + -(-len(prompts) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(columns * 2.6, rows * 1.75), squeeze=False)
     for axis in axes.flat:
