@@ -29,13 +29,9 @@ heavy = sorted(name for name in ("torch", "diffusers", "transformers", "accelera
 print(json.dumps({"help": out.getvalue(), "heavy": heavy}))
 """
 
-FAST = ["train_patchdpo.py", "inference_dreambooth.py", "evaluate_dreambooth.py", "demo.py"]
-OTHERS = [
-    "patch_quality.construct",
-    "patch_quality.maps",
-    "patch_quality.visualize",
-    "patch_quality.ssl_train",
-]  # patch_quality.convert_pkl has positional arguments only
+FAST = ["train_patchdpo.py", "inference_dreambooth.py", "evaluate_dreambooth.py", "demo.py", "patch_quality.convert_pkl"]
+# Modules that are library code as well as CLIs: they still import torch at the top (help takes seconds).
+OTHERS = ["patch_quality.construct", "patch_quality.maps", "patch_quality.visualize", "patch_quality.ssl_train"]
 
 
 def _probe(target: str) -> dict:
@@ -47,7 +43,8 @@ def _probe(target: str) -> dict:
 @pytest.mark.parametrize("script", FAST)
 def test_main_scripts_answer_help_without_the_heavy_libraries(script):
     report = _probe(script)
-    assert report["heavy"] == [] and "(default:" in report["help"]
+    assert report["heavy"] == []
+    assert "(default:" in report["help"] or script == "patch_quality.convert_pkl"  # positional arguments only
 
 
 @pytest.mark.parametrize("module", OTHERS)
