@@ -1,6 +1,6 @@
 """The whole PatchDPO flow in one offline command: data -> patch quality -> training -> DreamBench.
 
-    python demo.py                      # tiny random models, 2 DreamBench subjects, a few minutes on CPU
+    python demo.py                      # tiny random models; trains on 2 DreamBench subjects, evaluates 2 others
     python demo.py --base_model_path SDXL_DIR --image_encoder_path ENC_DIR --ip_ckpt ip-adapter-plus_sdxl_vit-h.bin \
         --patch_backbone dinov2-base/ --clip_model ViT-B-32.pt --dino_model dino-vits16/ \
         --resolution 512 --size 1024 --num_inference_steps 30 --train_steps 200
@@ -13,24 +13,21 @@ saved in the real on-disk layouts; those draw noise, which the report says plain
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import evaluate_dreambooth
 import inference_dreambooth
 import train_patchdpo
+from common.cli import ArgumentParser, quiet_libraries
 from common.io import atomic_save_image, atomic_write_json
-from dreambench.benchmark import get_subject
-from dreambench.contact_sheet import contact_sheet_path
+from dreambench.benchmark import get_subject, prompts_for
 from dreambench.data import load_conditioning_images
-from dreambench.report import RunReport, read_scalar
-from ip_adapter.loading import vae_scale_factor
-from patch_quality import construct, maps, ssl_train, visualize
-from stand_ins.metric_models import save_tiny_clip_archive, save_tiny_dino
-from stand_ins.sdxl import save_sdxl_models
-from stand_ins.vit_models import save_tiny_dinov2
+
+if TYPE_CHECKING:
+    from dreambench.report import RunReport
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "dreambench"
@@ -44,10 +41,16 @@ TINY_NOTE = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", type=Path, default=Path("demo_out"))
     parser.add_argument("--data_root", type=Path, default=DEFAULT_DATA_ROOT, help="DreamBench folder (dataset/, json_data/)")
-    parser.add_argument("--subjects", nargs="+", default=["backpack", "dog"], help="2-3 DreamBench subjects")
+    parser.add_argument("--subjects", nargs="+", default=["backpack", "dog"], help="1-3 DreamBench subjects to evaluate")
+    parser.add_argument(
+        "--train_subjects",
+        nargs="+",
+        default=["can", "cat"],
+        help="1-3 DreamBench subjects whose box-cropped photos are the training references (disjoint from --subjects)",
+    )
     models = parser.add_argument_group("real models (tiny random stand-ins where absent)")
     models.add_argument("--base_model_path", type=Path, help="SDXL pipeline folder (with --image_encoder_path and --ip_ckpt)")
     models.add_argument("--image_encoder_path", type=Path, help="CLIP ViT-H vision encoder folder")
@@ -76,9 +79,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--clip_model and --dino_model go together")
     if not (args.data_root / "dataset").is_dir():
         parser.error(f"--data_root {args.data_root}: no dataset/ folder; pass your DreamBench copy")
-    if not 1 <= len(args.subjects) <= 3:
-        parser.error(f"--subjects: give 1-3 subjects, got {len(args.subjects)}")
-    for name in args.subjects:
+    for flag, names in (("--subjects", args.subjects), ("--train_subjects", args.train_subjects)):
+        if not 1 <= len(names) <= 3:
+            parser.error(f"{flag}: give 1-3 subjects, got {len(names)}")
+    if set(args.subjects) & set(args.train_subjects):
+        parser.error(
+            f"--train_subjects and --subjects overlap ({sorted(set(args.subjects) & set(args.train_subjects))}): evaluate on unseen subjects"
+        )
+    for name in args.subjects + args.train_subjects:
         try:
             get_subject(name)
         except ValueError as error:
@@ -87,6 +95,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def prepare_models(args: argparse.Namespace, models_dir: Path) -> bool:
     """Fill every model path the user left out with a tiny random stand-in; True if any was needed."""
+    from stand_ins.metric_models import save_tiny_clip_archive, save_tiny_dino
+    from stand_ins.sdxl import save_sdxl_models
+    from stand_ins.vit_models import save_tiny_dinov2
+
     tiny = False
     if args.base_model_path is None:
         paths = save_sdxl_models(models_dir / "generator")
@@ -104,9 +116,9 @@ def prepare_models(args: argparse.Namespace, models_dir: Path) -> bool:
 
 
 def write_reference_list(args: argparse.Namespace, folder: Path) -> Path:
-    """The subjects' box-cropped DreamBench photos as construction references, with their class words."""
+    """The training subjects' box-cropped DreamBench photos as construction references, with their class words."""
     entries = []
-    for name in args.subjects:
+    for name in args.train_subjects:
         subject = get_subject(name)
         for index, image in enumerate(load_conditioning_images(args.data_root, subject, kosmosg=False)):
             path = atomic_save_image(image, folder / f"{name}_{index:02d}.png")
@@ -114,7 +126,11 @@ def write_reference_list(args: argparse.Namespace, folder: Path) -> Path:
     return atomic_write_json(folder / "references.json", entries)
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> RunReport:
+    # Imported here: --help must not wait for torch and diffusers.
+    from dreambench.report import RunReport, read_scalar
+    from patch_quality import construct, maps, ssl_train, visualize
+
     out = args.output_dir
     report = RunReport(title="PatchDPO demo: data -> patch quality -> training -> DreamBench")
     timed: list[tuple[str, float]] = report.steps
@@ -128,6 +144,11 @@ def run(args: argparse.Namespace) -> Path:
 
     if step("models", lambda: prepare_models(args, out / "models")):
         report.notes.append(TINY_NOTE)
+    report.config = {key: str(value) for key, value in vars(args).items()}  # with the stand-ins' paths filled in
+    report.notes.append(
+        f"Training references are box crops of the DreamBench subjects {', '.join(args.train_subjects)}; the evaluation "
+        f"uses the disjoint subjects {', '.join(args.subjects)}, so the scores are on subjects the training never saw."
+    )
     data, train_dir, bench_dir = out / "data", out / "train", out / "dreambench"
     generator = ["--base_model_path", str(args.base_model_path), "--image_encoder_path", str(args.image_encoder_path)]
     sizes = ["--height", str(args.size), "--width", str(args.size), "--num_inference_steps", str(args.num_inference_steps)]
@@ -189,8 +210,8 @@ def run(args: argparse.Namespace) -> Path:
                 *finetuned,
                 "--resolution",
                 str(args.resolution),
-                "--vae_scale_factor",
-                str(vae_scale_factor(json.loads((args.base_model_path / "vae" / "config.json").read_text()))),
+                "--base_model_path",
+                str(args.base_model_path),
                 "--output",
                 str(quality_file),
             ]
@@ -294,17 +315,24 @@ def run(args: argparse.Namespace) -> Path:
         )
 
     report.loss_points = read_scalar(train_dir / "logs", "loss")
+    report.loss_label = "patch-weighted noise MSE per latent element"
     report.overlays = sorted((out / "overlays").glob("*.png"))[:4]
-    report.contact_sheets = [contact_sheet_path(bench_dir, name) for name in args.subjects]
-    return report.write(out)
+    report.quality_colors = visualize.quality_colors
+    for name in args.subjects:
+        prompts = prompts_for(name)[: args.prompts_per_subject]
+        references = load_conditioning_images(args.data_root, name, kosmosg=False)
+        report.comparisons.append((name, prompts, references, out / "dreambench_start", bench_dir))
+    return report
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
+    quiet_libraries()
     start = time.perf_counter()
-    path = run(args)
+    report = run(args)
+    path = report.write(args.output_dir, wall_seconds=time.perf_counter() - start)
     print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Report: {path.resolve()}")
     return path
 

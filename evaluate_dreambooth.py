@@ -1,42 +1,73 @@
 """Score DreamBench generations with CLIP-T, CLIP-I and DINO and write <output_dir>/all_score.json.
 
     python evaluate_dreambooth.py --output_dir GEN --data_root dreambench --is_kosmosg False \
-        --clip_model ~/.cache/clip/ViT-B-32.pt --dino_model ./dino-vits16
+        --clip_model ViT-B/32 --dino_model facebook/dino-vits16
 
 GEN holds <subject>/<prompt>.png, one image per prompt (as written by inference_dreambooth.py).
-Runs fully offline: both metric models must be local.
+The subjects, the setting and whether the run was partial default to what GEN/run_config.json
+recorded, so a subset run is scored as it was made.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from common.checks import require_flags_in_range
-from common.cli import fail, str2bool
+from common.cli import ArgumentParser, fail, quiet_libraries, str2bool
 from common.errors import BadInputError
-from dreambench.benchmark import SUBJECT_NAMES
-from dreambench.evaluation import METRIC_KEYS, add_evaluation_args, format_score_table, score_generations, write_scores
+from common.flags import add_evaluation_args
+from dreambench.benchmark import resolve_subjects
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True, help="folder of generations: <subject>/<prompt>.png")
     parser.add_argument("--data_root", required=True, help="DreamBench folder with dataset/ and json_data/")
     parser.add_argument(
         "--is_kosmosg",
         type=str2bool,
-        default=False,
-        help="true: compare with the single Kosmos-G image per subject; false: with all its photos",
+        default=None,
+        help="true: compare with the single Kosmos-G image per subject; false: with all its photos (default: as recorded in "
+        "run_config.json, else false)",
     )
-    parser.add_argument("--subjects", nargs="+", choices=SUBJECT_NAMES, default=None, help="score only these subjects (default: all 30)")
+    parser.add_argument(
+        "--subjects", nargs="+", default=None, help="score only these subjects (default: those recorded in run_config.json, else all 30)"
+    )
     add_evaluation_args(parser)
     return parser, parser.parse_args(argv)
 
 
+def apply_recorded_defaults(args: argparse.Namespace) -> list[str]:
+    """Fill unset --subjects/--is_kosmosg (and --allow_partial for a --prompts_per_subject run) from run_config.json."""
+    from dreambench.run_config import read_run_config
+
+    recorded = read_run_config(args.output_dir) or {}
+    taken = []
+    if args.subjects is None and recorded.get("subjects"):
+        args.subjects, taken = recorded["subjects"], [*taken, "subjects"]
+    if args.is_kosmosg is None:
+        args.is_kosmosg = bool(recorded.get("is_kosmosg", False))
+        taken += ["is_kosmosg"] * ("is_kosmosg" in recorded)
+    if not args.allow_partial and recorded.get("prompts_per_subject") is not None:
+        args.allow_partial, taken = True, [*taken, "allow_partial (a --prompts_per_subject run)"]
+    if args.subjects is not None:
+        args.subjects = [subject.name for subject in resolve_subjects(args.subjects)]
+    return taken
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser, args = parse_args(argv)
+    # Imported once the arguments are parsed: --help must not wait for torch, CLIP and transformers.
+    from dreambench.evaluation import METRIC_KEYS, SCORE_FILE, format_score_table, score_generations, write_scores
+    from dreambench.run_config import run_config_path
+
+    quiet_libraries()
     try:
         require_flags_in_range(args, ("batch_size",), minimum=1)
+        taken = apply_recorded_defaults(args)
+        if taken:
+            print(f"from {run_config_path(args.output_dir)}: {', '.join(taken)}")
         scores = score_generations(
             output_dir=args.output_dir,
             data_root=args.data_root,
@@ -56,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_scores(args.output_dir, scores)
     except BadInputError as error:
         fail(parser.prog, error)
+    print(f"scores written to {(Path(args.output_dir) / SCORE_FILE).resolve()}")
     return scores
 
 

@@ -15,34 +15,26 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from accelerate import Accelerator
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from common.checks import require_flags_in_range
-from common.cli import exit_on_bad_input, str2bool
+from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries, str2bool
 from common.errors import BadInputError
-from common.io import remove_stale_temp_files, sha256_file
-from common.launch import check_launch
-from common.outputs import check_output_dir
-from dreambench.benchmark import prompts_for, resolve_subjects
-from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
-from dreambench.data import check_boxes_inside_photos, load_conditioning_images, reference_photos
-from dreambench.evaluation import check_scores_writable, format_score_table, score_generations, write_scores
-from dreambench.generation import build_items, generate_items, pending_items
-from dreambench.metrics import resolve_clip_checkpoint
-from dreambench.run_config import check_resumable, make_run_config, write_run_config
-from ip_adapter.batch_generation import SubjectTokens
-from ip_adapter.loading import add_generator_args, check_generator_paths, dtype_name, load_generation_model, resolve_dtype
-from ip_adapter.speed import add_speed_args, apply_speed_args
+from common.flags import add_generator_args, add_speed_args
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from PIL import Image
 
 DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / Kosmos-G
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generator_args(
-        parser, "local SDXL pipeline folder (e.g. RealVisXL_V1.0)", "IP-Adapter-Plus / PatchDPO checkpoint (.bin or .safetensors)"
+        parser,
+        "SDXL pipeline: folder or Hugging Face id (e.g. SG161222/RealVisXL_V1.0)",
+        "IP-Adapter-Plus / PatchDPO checkpoint: .bin/.safetensors file or REPO_ID/path/in/repo.bin",
     )
     parser.add_argument("--data_root", type=Path, required=True, help="DreamBench folder with dataset/ and json_data/")
     parser.add_argument("--output_dir", type=Path, required=True, help="gets <subject>/<prompt>.png, grids/, run_config.json")
@@ -70,12 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="smoke tests only: generate the first N prompts of each subject (scores are then not comparable)",
     )
     scoring = parser.add_argument_group("scoring at the end (both or neither; as evaluate_dreambooth.py)")
-    scoring.add_argument("--clip_model", default=None, help="openai-clip model name in ~/.cache/clip or local .pt file")
-    scoring.add_argument("--dino_model", type=Path, default=None, help="local DINO ViT-S/16 folder (facebook/dino-vits16 layout)")
+    scoring.add_argument("--clip_model", default=None, help="openai-clip model name (fetched as clip.load does) or local .pt file")
+    scoring.add_argument("--dino_model", type=Path, default=None, help="DINO ViT-S/16: facebook/dino-vits16 or a local folder")
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
+    from common.hub import resolve_folder
+    from common.outputs import check_output_dir
+    from dreambench.evaluation import check_scores_writable
+    from dreambench.metrics import resolve_clip_checkpoint
+    from ip_adapter.loading import check_generator_paths
+
     require_flags_in_range(args, ("num_inference_steps", "height", "width", "batch_size", "prompts_per_subject"), minimum=1)
     for name in ("height", "width"):
         if getattr(args, name) % 8:
@@ -88,12 +86,26 @@ def check_args(args: argparse.Namespace) -> None:
     if args.clip_model is not None:  # fail now rather than after hours of generation
         resolve_clip_checkpoint(args.clip_model)
         check_scores_writable(args.output_dir)
-        if not (args.dino_model / "config.json").is_file():
-            raise BadInputError(f"--dino_model {args.dino_model}: no config.json; pass a local copy of facebook/dino-vits16")
+        if not (resolve_folder(args.dino_model, "--dino_model") / "config.json").is_file():
+            raise BadInputError(f"--dino_model {args.dino_model}: no config.json; pass facebook/dino-vits16 or a local copy")
     check_generator_paths(args)
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    # Imported here, not at the top: --help must not wait for torch and diffusers.
+    from common.hub import resolve_file
+    from common.io import remove_stale_temp_files, sha256_file
+    from common.launch import check_launch
+    from dreambench.benchmark import prompts_for, resolve_subjects
+    from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
+    from dreambench.data import check_boxes_inside_photos, load_conditioning_images, reference_photos
+    from dreambench.evaluation import SCORE_FILE, format_score_table, score_generations, write_scores
+    from dreambench.generation import build_items, generate_items, pending_items
+    from dreambench.run_config import check_resumable, make_run_config, write_run_config
+    from ip_adapter.batch_generation import SubjectTokens
+    from ip_adapter.loading import dtype_name, load_generation_model, resolve_dtype
+    from ip_adapter.speed import apply_speed_args
+
     check_launch(accelerator.num_processes, "inference_dreambooth.py")
     if args.scale is None:
         args.scale = DEFAULT_SCALES[args.is_kosmosg]
@@ -109,7 +121,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
     dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
     config = make_run_config(
         vars(args),
-        ip_ckpt_sha256=sha256_file(args.ip_ckpt),
+        ip_ckpt_sha256=sha256_file(resolve_file(args.ip_ckpt, "--ip_ckpt")),
         dtype=dtype_name(dtype),
         num_processes=accelerator.num_processes,
     )
@@ -156,7 +168,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
 
     if accelerator.is_main_process:
         write_contact_sheets(args.output_dir, subject_prompts, load_references)
-        accelerator.print(f"images in {args.output_dir}, contact sheets in {args.output_dir / GRIDS_DIR}")
+        accelerator.print(f"images in {args.output_dir.resolve()}, contact sheets in {(args.output_dir / GRIDS_DIR).resolve()}")
         if args.clip_model is not None:
             scores = score_generations(
                 args.output_dir,
@@ -170,10 +182,14 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
             )
             print(format_score_table(scores), flush=True)
             write_scores(args.output_dir, scores)
+            print(f"scores written to {(args.output_dir / SCORE_FILE).resolve()}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from accelerate import Accelerator
+
+    quiet_libraries()
     with exit_on_bad_input(Path(__file__).name):
         run(args, Accelerator())
 

@@ -64,9 +64,8 @@ from common.io import atomic_write, atomic_write_json  # noqa: E402
 from dreambench.benchmark import prompts_for  # noqa: E402
 from ip_adapter import IPAdapterPlusXL  # noqa: E402
 from ip_adapter.batch_generation import GenerationItem  # noqa: E402
-from ip_adapter.loading import load_sdxl_pipeline  # noqa: E402
+from ip_adapter.loading import load_sdxl_pipeline, vae_scale_factor  # noqa: E402
 from ip_adapter.speed import speed_up_unet  # noqa: E402
-from patchdpo.training import vae_downsample_factor  # noqa: E402
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, ModelPaths, save_sdxl_models  # noqa: E402
 
@@ -299,7 +298,7 @@ def _pair_data(run: Run) -> Path:
     if not (data / "patch_quality.safetensors").is_file():
         from diffusers import AutoencoderKL
 
-        factor = vae_downsample_factor(AutoencoderKL.from_pretrained(run.models.sdxl_dir, subfolder="vae"))
+        factor = vae_scale_factor(AutoencoderKL.load_config(run.models.sdxl_dir, subfolder="vae"))
         samples = (2 + run.size.train_steps + 1) * run.size.train_pairs
         save_pair_data(data, samples, run.size.train_resolution, run.size.train_resolution // factor)
     return data

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.batching import batched  # noqa: E402
+from common.cli import ArgumentParser  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
 from dreambench.benchmark import SUBJECT_NAMES, prompts_for  # noqa: E402
 from dreambench.data import load_conditioning_images  # noqa: E402
@@ -107,7 +108,7 @@ def pixel_difference(a: Image.Image, b: Image.Image) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="full" if cuda else "mid")
     parser.add_argument("--size", type=int, default=1024 if cuda else 128, help="image edge in pixels")
     parser.add_argument("--num_inference_steps", type=int, default=30 if cuda else 10)

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
+from common.cli import ArgumentParser  # noqa: E402
 from common.precision import mixed_precision_dtype  # noqa: E402
 from common.sampling import EpochSampler  # noqa: E402
 from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
@@ -246,7 +247,7 @@ def run_variant(args) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: full on cuda, mid on cpu")
     parser.add_argument("--resolution", type=int, default=None, help="default: 512 on cuda, 128 on cpu")

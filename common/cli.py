@@ -4,11 +4,61 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
 from common.errors import BadInputError
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every option's default, also of options without a help text.
+
+    argparse's own formatter appends "(default: ...)" only to options that have a help string;
+    required options and defaults of None (meaning "unset") are left without one.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and not action.required and action.default not in (None, argparse.SUPPRESS):
+            # argparse expands (and so appends the default to) only non-empty help texts
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: defaults in `--help`, and a bad value is one `prog: error: ...` line.
+
+    argparse prints the whole usage (10+ lines for our scripts) above an error; the line itself is
+    what a user needs, and the usage is one `--help` away.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers loading bars and info/warning lines (errors still show).
+
+    Every model load otherwise prints bars and lines such as "should be kept in float32: []" that
+    say nothing to a user; our own tqdm bars (steps, images) stay. Only libraries a script has
+    already imported are touched, so this module never imports diffusers itself.
+    """
+    for name in ("diffusers", "transformers"):
+        library = sys.modules.get(name)
+        if library is not None:
+            library.utils.logging.set_verbosity_error()
+            library.utils.logging.disable_progress_bar()
 
 
 def str2bool(value: str | bool) -> bool:

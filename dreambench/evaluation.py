@@ -9,7 +9,6 @@ a model is loaded.
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.cli import str2bool
 from common.errors import BadInputError
 from common.images import is_image_file, load_rgb_image
 from common.io import atomic_write_json
@@ -119,6 +117,19 @@ def score_subject(
     """CLIP-T, CLIP-I and DINO of one subject's generations against its reference photos."""
     prompts = [prompt for prompt, _ in generations]
     images = [load_rgb_image(path) for _, path in generations]
+    return score_images(prompts, images, references, clip_model, clip_preprocess, dino_model, batch_size)
+
+
+def score_images(
+    prompts: list[str],
+    images: list[Image.Image],
+    references: list[Image.Image],
+    clip_model: torch.nn.Module,
+    clip_preprocess: CLIPPreprocess,
+    dino_model: torch.nn.Module,
+    batch_size: int,
+) -> dict[str, float]:
+    """The metrics of in-memory generations (one per prompt), as `score_subject` (also used during training)."""
     image_clip = clip_image_features(clip_model, clip_preprocess, images, batch_size)
     return {
         "clipt_score": mean_matched_cosine(image_clip, clip_text_features(clip_model, prompts, batch_size)),
@@ -135,7 +146,9 @@ def _mean_scores(per_subject: list[dict[str, Any]]) -> dict[str, float] | None:
     return {key: sum(row[key] for row in per_subject) / len(per_subject) for key in METRIC_KEYS}
 
 
-def _check_device(device: str | torch.device) -> torch.device:
+def _check_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except RuntimeError:
@@ -285,30 +298,3 @@ def format_score_table(scores: dict[str, Any]) -> str:
     if not scores["complete"]:
         lines.append("incomplete: not the full 30 x 25 benchmark, not comparable with published scores")
     return "\n".join(lines)
-
-
-def add_evaluation_args(parser: argparse.ArgumentParser, dino_required: bool = True) -> argparse.ArgumentParser:
-    """The metric flags shared by evaluate_dreambooth.py and inference_dreambooth.py."""
-    group = parser.add_argument_group("DreamBench metrics")
-    group.add_argument(
-        "--clip_model",
-        default="ViT-B/32",
-        help="openai-clip model name (must already be in ~/.cache/clip) or local .pt checkpoint path",
-    )
-    group.add_argument(
-        "--dino_model",
-        required=dino_required,
-        default=None,
-        help="local Hugging Face directory of DINO ViT-S/16 (facebook/dino-vits16 layout)",
-    )
-    group.add_argument("--batch_size", type=int, default=25, help="images per metric-model forward pass")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    group.add_argument(
-        "--allow_partial",
-        type=str2bool,
-        nargs="?",
-        const=True,
-        default=False,
-        help="score what exists and report missing subjects/images instead of failing",
-    )
-    return parser

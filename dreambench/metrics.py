@@ -9,8 +9,9 @@
 
 Cosines are raw (no x100, no logit scale). CLIP is loaded with `clip.load(..., jit=False)`, which
 keeps its fp16 weights on GPU and casts to fp32 on CPU, as in the reference run; DINO runs in fp32.
-Embeddings are L2-normalised in fp32. Nothing here downloads: a CLIP model name must already be in
-clip's cache (verified against the published checksum) and DINO must be a local directory.
+Embeddings are L2-normalised in fp32. A CLIP model name is fetched as `clip.load` does (its cache,
+download, checksum); DINO is a folder or a Hugging Face id (`common.hub`), with torch.hub's LayerNorm
+eps of 1e-6 (the Hugging Face config of facebook/dino-vits16 says 1e-12).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from common.batching import batched
 from common.errors import BadInputError
+from common.hub import resolve_folder
 from common.io import sha256_file
 
 with warnings.catch_warnings():
@@ -37,6 +39,8 @@ with warnings.catch_warnings():
     import clip
     import clip.clip as _clip_impl
 
+# torch.hub's dino_vits16 (what the reference evaluation loads) builds its LayerNorms with eps=1e-6.
+DINO_LAYER_NORM_EPS = 1e-6
 
 DINO_TRANSFORM = transforms.Compose(
     [
@@ -56,12 +60,15 @@ def default_clip_cache() -> Path:
 
 
 def resolve_clip_checkpoint(name_or_path: str | os.PathLike, download_root: str | os.PathLike | None = None) -> Path:
-    """Turn `--clip_model` into a local checkpoint file without ever downloading.
+    """Turn `--clip_model` into a local checkpoint file, as `clip.load(name)` does.
 
-    `clip.load(name)` downloads when the file is missing or its checksum differs, so a model name is
-    resolved here to the file clip would have cached, and its SHA-256 (part of OpenAI's URL) is
-    checked, so the scores come from the published weights.
+    A path is used as is. A model name (`ViT-B/32`) is the file clip caches under `download_root`
+    (default `~/.cache/clip`), downloaded when missing or when its SHA-256 (part of OpenAI's URL)
+    differs, and verified after the download, so the scores come from the published weights.
+    Offline (`HF_HUB_OFFLINE=1`) only a cached, verified file is accepted.
     """
+    from huggingface_hub import constants
+
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
@@ -70,19 +77,21 @@ def resolve_clip_checkpoint(name_or_path: str | os.PathLike, download_root: str 
     url = _clip_impl._MODELS.get(name)
     if url is None:
         raise BadInputError(
-            f"--clip_model {name}: not a file and not an openai-clip model name "
-            f"({', '.join(clip.available_models())}); pass the local .pt path"
+            f"--clip_model {name}: not a file and not an openai-clip model name ({', '.join(_clip_impl._MODELS)}); pass a local .pt path"
         )
-    cached = Path(download_root or default_clip_cache()) / os.path.basename(url)
-    if not cached.is_file():
-        raise BadInputError(
-            f"--clip_model {name}: {cached} not found and this evaluator never downloads; "
-            f"pass the local .pt path (the file published at {url})"
-        )
+    root = Path(download_root or default_clip_cache())
+    cached = root / os.path.basename(url)
     expected_sha256 = url.split("/")[-2]
-    if sha256_file(cached) != expected_sha256:
-        raise BadInputError(f"{cached}: SHA-256 differs from the published {name} weights; pass a verified local .pt path")
-    return cached
+    if cached.is_file() and sha256_file(cached) == expected_sha256:
+        return cached
+    problem = "SHA-256 differs from the published weights" if cached.is_file() else "not in the cache"
+    if constants.HF_HUB_OFFLINE:
+        raise BadInputError(f"--clip_model {name}: {cached} {problem} and HF_HUB_OFFLINE=1 forbids the download from {url}")
+    try:
+        return Path(_clip_impl._download(url, str(root)))
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; clip raises RuntimeError on a checksum mismatch
+        detail = " ".join(str(exc).split())[:200]
+        raise BadInputError(f"--clip_model {name}: {cached} {problem}; downloading {url} failed ({type(exc).__name__}: {detail})") from None
 
 
 def load_clip(
@@ -101,14 +110,20 @@ def load_clip(
 
 
 def load_dino(path: str | os.PathLike, device: str | torch.device) -> ViTModel:
-    """Load DINO ViT from a local Hugging Face directory (facebook/dino-vits16 layout), without a pooler."""
-    path = Path(path).expanduser()
+    """Load DINO ViT (a folder or an id such as facebook/dino-vits16, `common.hub`) without a pooler.
+
+    The LayerNorm eps is set to torch.hub's 1e-6 (`DINO_LAYER_NORM_EPS`): the reference evaluation
+    uses the torch.hub `dino_vits16`, while the Hugging Face config says 1e-12.
+    """
+    path = resolve_folder(path, "--dino_model")
     if not (path / "config.json").is_file():
         raise BadInputError(
             f"--dino_model {path}: not a local Hugging Face model directory (no config.json); pass a local copy of facebook/dino-vits16"
         )
     try:
-        model, info = ViTModel.from_pretrained(path, add_pooling_layer=False, local_files_only=True, output_loading_info=True)
+        model, info = ViTModel.from_pretrained(
+            path, add_pooling_layer=False, local_files_only=True, output_loading_info=True, layer_norm_eps=DINO_LAYER_NORM_EPS
+        )
     except (OSError, ValueError, KeyError) as exc:
         detail = " ".join(str(exc).split())[:300]
         raise BadInputError(f"{path}: cannot load a transformers ViTModel ({type(exc).__name__}: {detail})") from None

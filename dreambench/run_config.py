@@ -18,10 +18,13 @@ import torch
 import transformers
 
 from common.errors import BadInputError
+from common.hub import recorded_name
 from common.io import atomic_write_json
 from common.recorded_settings import read_recorded, refuse_other_settings
 
 RUN_CONFIG_NAME = "run_config.json"
+# Model arguments that arrive as plain strings (a model name or a path); Path-typed ones are recorded the same way.
+MODEL_NAME_KEYS = ("clip_model", "dino_model")
 
 # Settings an image depends on. Everything else (batch size, subjects, process count, scoring
 # models) only decides which images are made, how fast, or what happens after.
@@ -51,8 +54,11 @@ def library_versions() -> dict[str, str]:
 
 
 def make_run_config(arguments: Mapping[str, Any], **derived: Any) -> dict[str, Any]:
-    """Every argument (paths made absolute), derived values such as the sha256, library versions."""
-    config = {key: str(Path(value).resolve()) if isinstance(value, os.PathLike) else value for key, value in arguments.items()}
+    """Every argument (local paths made absolute, Hugging Face ids and model names as given), derived values, versions."""
+    config = {
+        key: recorded_name(value) if isinstance(value, os.PathLike) or (key in MODEL_NAME_KEYS and value is not None) else value
+        for key, value in arguments.items()
+    }
     config.update(derived)
     config["versions"] = library_versions()
     missing = [key for key in GENERATION_KEYS if key not in config]

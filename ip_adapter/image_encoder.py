@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from common.errors import BadInputError
+from common.hub import resolve_folder
 
 
 def preprocess_clip_images(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -23,8 +23,8 @@ def preprocess_clip_images(images: Sequence[Image.Image]) -> torch.Tensor:
 def load_image_encoder(
     path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> CLIPVisionModelWithProjection:
-    """Load a local CLIP vision tower (e.g. h94/IP-Adapter's `models/image_encoder`), frozen."""
-    path = Path(path)
+    """Load a CLIP vision tower, frozen: a folder or an id such as `h94/IP-Adapter/models/image_encoder` (`common.hub`)."""
+    path = resolve_folder(path, "--image_encoder_path")
     if not (path / "config.json").is_file():
         raise BadInputError(f"image encoder directory {path} has no config.json (expected a CLIPVisionModelWithProjection folder)")
     encoder = CLIPVisionModelWithProjection.from_pretrained(str(path), local_files_only=True)

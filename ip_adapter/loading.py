@@ -18,11 +18,13 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from common.errors import BadInputError
+from common.flags import DTYPE_NAMES
+from common.hub import resolve_file, resolve_folder
 from common.precision import mixed_precision_dtype
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import IPAdapterPlusXL
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
@@ -55,9 +57,9 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-def check_sdxl_dir(path: str | os.PathLike) -> Path:
-    """A `save_pretrained` SDXL folder: model_index.json and every component it names."""
-    path = Path(path)
+def check_sdxl_dir(path: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> Path:
+    """A `save_pretrained` SDXL folder (or a Hugging Face id, `common.hub`): model_index.json and every component it names."""
+    path = resolve_folder(path, "--base_model_path", revision, SDXL_COMPONENTS, variant)
     expected = "expected a diffusers StableDiffusionXLPipeline folder (save_pretrained layout)"
     if not path.is_dir():
         raise BadInputError(f"{path}: base model folder not found; {expected}")
@@ -77,7 +79,7 @@ def check_sdxl_dir(path: str | os.PathLike) -> Path:
 
 
 def check_image_encoder_dir(path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = resolve_folder(path, "--image_encoder_path")
     expected = "expected a CLIPVisionModelWithProjection folder with config.json and weights"
     if not path.is_dir():
         raise BadInputError(f"{path}: image encoder folder not found; {expected}")
@@ -87,7 +89,7 @@ def check_image_encoder_dir(path: str | os.PathLike) -> Path:
 
 
 def check_ip_ckpt(path: str | os.PathLike) -> Path:
-    path = Path(path)
+    path = resolve_file(path, "--ip_ckpt")
     if not path.is_file():
         raise BadInputError(f"{path}: IP-Adapter checkpoint not found; expected a .bin or .safetensors file")
     return path
@@ -99,7 +101,7 @@ def load_sdxl_pipeline(base_model_path: str | os.PathLike, dtype: torch.dtype) -
     The VAE decodes one image at a time (a batch of 1024-pixel images would not fit otherwise) and
     the pipeline's own progress bar is off: callers show one bar per process over all their images.
     """
-    check_sdxl_dir(base_model_path)
+    base_model_path = check_sdxl_dir(base_model_path)
     try:
         pipe = StableDiffusionXLPipeline.from_pretrained(str(base_model_path), dtype=dtype, local_files_only=True, add_watermarker=False)
     except (OSError, ValueError, KeyError) as exc:
@@ -117,8 +119,8 @@ def load_generation_model(
     dtype: torch.dtype,
 ) -> IPAdapterPlusXL:
     """SDXL + IP-Adapter-Plus on `device` in `dtype`, ready for batched generation (each call gives its scale)."""
-    check_image_encoder_dir(image_encoder_path)
-    check_ip_ckpt(ip_ckpt)
+    image_encoder_path = check_image_encoder_dir(image_encoder_path)
+    ip_ckpt = check_ip_ckpt(ip_ckpt)
     checkpoint = load_ip_adapter_checkpoint(ip_ckpt)  # a bad checkpoint fails before SDXL spends minutes loading
     pipe = load_sdxl_pipeline(base_model_path, dtype)
     try:
@@ -128,19 +130,6 @@ def load_generation_model(
     except OSError as exc:  # transformers' from_pretrained on a broken image encoder folder
         raise BadInputError(f"{image_encoder_path}: cannot load the image encoder ({_one_line(exc)})") from None
     return ip_model
-
-
-def add_generator_args(parser: argparse.ArgumentParser, base_model_help: str, ip_ckpt_help: str) -> None:
-    """The model flags of every script that generates with SDXL + IP-Adapter-Plus."""
-    parser.add_argument("--base_model_path", type=Path, required=True, help=base_model_help)
-    parser.add_argument("--image_encoder_path", type=Path, required=True, help="local CLIP ViT-H vision encoder folder")
-    parser.add_argument("--ip_ckpt", type=Path, required=True, help=ip_ckpt_help)
-    parser.add_argument(
-        "--dtype",
-        choices=sorted(DTYPES),
-        default=None,
-        help="model dtype (default: accelerate's mixed precision on GPU, float32 on CPU)",
-    )
 
 
 def check_generator_paths(args: argparse.Namespace) -> None:

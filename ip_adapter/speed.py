@@ -71,16 +71,6 @@ def speed_up_unet(
     return report
 
 
-def add_speed_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """`--compile` and `--allow_tf32`, the speed flags of every script that runs the UNet in a loop."""
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the UNet (no graph breaks; compiles once per input shape, time printed once)",
-    )
-    parser.add_argument("--allow_tf32", action="store_true", help="TF32 float32 matmuls on CUDA (faster; float32 results change slightly)")
-
-
 def apply_speed_args(args: argparse.Namespace, unet: nn.Module, announce: Callable[[str], None] = print) -> CompiledForward | None:
     """Apply `add_speed_args`'s flags (and the channels-last default) to `unet`."""
     set_tf32(args.allow_tf32)

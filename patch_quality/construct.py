@@ -38,8 +38,10 @@ from PIL import Image
 
 from common.batching import generate_and_save
 from common.checks import require_flags_in_range, require_template_fields
-from common.cli import exit_on_bad_input
+from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries
 from common.errors import BadInputError
+from common.flags import add_generator_args, add_speed_args
+from common.hub import recorded_name
 from common.images import load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
 from common.launch import check_launch
@@ -49,8 +51,8 @@ from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.checkpoint import Checkpoint, load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
-from ip_adapter.loading import add_generator_args, check_generator_paths, dtype_name, load_sdxl_pipeline, resolve_dtype
-from ip_adapter.speed import add_speed_args, apply_speed_args
+from ip_adapter.loading import check_generator_paths, check_ip_ckpt, dtype_name, load_sdxl_pipeline, resolve_dtype
+from ip_adapter.speed import apply_speed_args
 from patch_quality import layout
 from patch_quality.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
 
@@ -196,8 +198,9 @@ def generate_pairs(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m patch_quality.construct", description="Build PatchDPO training pairs (references + IP-Adapter-Plus generations)."
+    parser = ArgumentParser(
+        prog="python -m patch_quality.construct",
+        description="Build PatchDPO training pairs (references + IP-Adapter-Plus generations).",
     )
     add_generator_args(
         parser,
@@ -268,10 +271,10 @@ def _given_references(args: argparse.Namespace) -> list[dict[str, str]] | None:
 def _settings(args: argparse.Namespace, dtype: torch.dtype, given: list[dict[str, str]] | None) -> dict[str, Any]:
     """Everything the images depend on, as recorded in the manifest."""
     return {
-        "base_model_path": str(args.base_model_path.resolve()),
-        "image_encoder_path": str(args.image_encoder_path.resolve()),
-        "ip_ckpt": str(args.ip_ckpt.resolve()),
-        "ip_ckpt_sha256": sha256_file(args.ip_ckpt),
+        "base_model_path": recorded_name(args.base_model_path),
+        "image_encoder_path": recorded_name(args.image_encoder_path),
+        "ip_ckpt": recorded_name(args.ip_ckpt),
+        "ip_ckpt_sha256": sha256_file(check_ip_ckpt(args.ip_ckpt)),
         "scale": args.scale,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
@@ -345,7 +348,7 @@ def _make_generated(
 def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
     check_launch(accelerator.num_processes, "-m patch_quality.construct")
     given = _given_references(args)
-    ip_checkpoint = load_ip_adapter_checkpoint(args.ip_ckpt)  # a NaN or wiped checkpoint fails before any image is drawn
+    ip_checkpoint = load_ip_adapter_checkpoint(check_ip_ckpt(args.ip_ckpt))  # a NaN or wiped checkpoint fails before any image is drawn
     categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
     output_dir = args.output_dir
     plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
@@ -384,8 +387,11 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
+    accelerator = Accelerator()
     with exit_on_bad_input("python -m patch_quality.construct"):
-        run(args, Accelerator())
+        run(args, accelerator)
+    accelerator.print(f"training pairs in {Path(args.output_dir).resolve()}/sample*/")
 
 
 if __name__ == "__main__":

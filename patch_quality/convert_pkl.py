@@ -25,16 +25,17 @@ import io
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from accelerate import PartialState
 
+from common.cli import ArgumentParser
 from common.errors import BadInputError
 from common.io import sha256_file
 from common.outputs import check_output_file
-from patch_quality.store import save_quality_maps
+
+if TYPE_CHECKING:
+    import torch
 
 ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {
@@ -85,6 +86,8 @@ def _entries(container: Any, what: str) -> list[tuple[int, Any]]:
 
 
 def _map_tensor(value: Any, where: str) -> torch.Tensor:
+    import torch  # here, not at the top: --help must not wait for torch
+
     if not isinstance(value, np.ndarray):
         raise BadInputError(f"{where} must be a numpy array, got {type(value).__name__}")
     if value.dtype.kind not in "fiub":
@@ -134,12 +137,14 @@ def convert_pkl(input_path: str | os.PathLike, output_path: str | os.PathLike) -
         "source_file": input_path.name,
         "source_sha256": sha256_file(input_path),
     }
+    from patch_quality.store import save_quality_maps
+
     save_quality_maps(output_path, maps, metadata)
     return len(maps)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m patch_quality.convert_pkl",
         description="Convert the official patch_quality.pkl to patch_quality.safetensors with a restricted unpickler.",
     )
@@ -151,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from accelerate import PartialState
+
     # One file, one writer: under `accelerate launch` the other processes have nothing to do.
     if not PartialState(cpu=True).is_main_process:
         return

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from common.errors import BadInputError
+from common.hub import resolve_folder
 from common.io import atomic_path, sha256_file
 
 # Vision classes we know how to read patch tokens from, by architecture name and by model_type.
@@ -44,8 +45,8 @@ FINETUNE_FORMAT = "patchdpo-ssl-backbone/1"
 
 
 def load_backbone(backbone_dir: str | os.PathLike) -> torch.nn.Module:
-    """Load a ViT-family vision model from a local `save_pretrained` directory (never downloads)."""
-    backbone_dir = Path(backbone_dir)
+    """Load a ViT-family vision model from a `save_pretrained` directory or a Hugging Face id (`common.hub`)."""
+    backbone_dir = resolve_folder(backbone_dir, "--backbone")
     if not (backbone_dir / "config.json").is_file():
         raise BadInputError(f"backbone directory {backbone_dir} has no config.json (expected a save_pretrained folder)")
     config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True)
@@ -98,7 +99,7 @@ def center_square(image: Image.Image) -> Image.Image:
 
 
 def config_sha256(backbone_dir: str | os.PathLike) -> str:
-    return sha256_file(Path(backbone_dir) / "config.json")
+    return sha256_file(resolve_folder(backbone_dir, "--backbone") / "config.json")
 
 
 class PatchFeatureExtractor:
@@ -145,7 +146,7 @@ class PatchFeatureExtractor:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> PatchFeatureExtractor:
-        backbone_dir = Path(backbone_dir)
+        backbone_dir = resolve_folder(backbone_dir, "--backbone")
         model = load_backbone(backbone_dir)
         finetune_metadata = load_finetuned(model, finetuned, backbone_dir) if finetuned is not None else {}
         mean, std, processor_edge = _processor_settings(backbone_dir)

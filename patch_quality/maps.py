@@ -15,7 +15,7 @@ Our additions, each a flag (see README.md):
   (`--transform raw|minmax|threshold`, `--good_threshold`, `--signed`), so thresholded maps stay
   binary at latent resolution.
 
-    accelerate launch -m patch_quality.maps --data_root DATA --backbone DINOV2_DIR
+    accelerate launch -m patch_quality.maps --data_root DATA --backbone DINOV2_DIR --base_model_path SDXL_DIR --resolution 512
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from common.batching import batched
 from common.checks import require_flags_in_range
-from common.cli import exit_on_bad_input, str2bool
+from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries, str2bool
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import remove_stale_temp_files, sha256_file
@@ -45,6 +45,7 @@ from common.launch import check_launch
 from common.outputs import check_output_dir, check_output_file
 from patch_quality import layout
 from patch_quality.features import PatchFeatureExtractor, center_square, describe
+from patch_quality.latent_grid import latent_grid
 from patch_quality.store import QualityMaps, save_quality_maps
 
 TRANSFORMS = ("raw", "minmax", "threshold")
@@ -266,7 +267,7 @@ def _merge_parts(samples: list[Path], parts_dir: Path, run_tag: str, output: Pat
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m patch_quality.maps",
         description="Estimate patch-quality maps for DATA/sample*/ and write DATA/patch_quality.safetensors.",
     )
@@ -308,7 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--mask_reference_background", type=str2bool, default=True, help="set reference_map to 1 (weight 0) on the reference background"
     )
     parser.add_argument("--resolution", type=int, default=512, help="training resolution")
-    parser.add_argument("--vae_scale_factor", type=int, default=8, help="VAE downsampling factor; maps are resolution / factor square")
+    parser.add_argument(
+        "--base_model_path",
+        default=None,
+        help="SDXL model training uses (folder or Hugging Face id): maps are resolution / its VAE factor square",
+    )
+    parser.add_argument(
+        "--vae_scale_factor", type=int, default=None, help="VAE downsampling factor; checked against --base_model_path, or used alone"
+    )
     parser.add_argument("--output", type=Path, default=None, help="default: DATA_ROOT/patch_quality.safetensors")
     parser.add_argument("--batch_size", type=int, default=8, help="samples per backbone forward pass")
     parser.add_argument(
@@ -333,13 +341,13 @@ def check_map_args(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries()
     with exit_on_bad_input(parser.prog):
         check_map_args(args)
-    if args.resolution % args.vae_scale_factor:
-        parser.error(f"--resolution {args.resolution} is not divisible by --vae_scale_factor {args.vae_scale_factor}")
     state = PartialState(cpu=args.cpu)
     try:
         check_launch(state.num_processes, "-m patch_quality.maps")
+        latent_size, vae_factor = latent_grid(args.resolution, args.base_model_path, args.vae_scale_factor)
         settings = MapSettings(
             transform=args.transform,
             good_threshold=args.good_threshold,
@@ -348,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
             background_level=args.background_level,
             foreground_fraction=args.foreground_fraction,
             mask_reference_background=args.mask_reference_background,
-            latent_size=args.resolution // args.vae_scale_factor,
+            latent_size=latent_size,
         )
         extractor = PatchFeatureExtractor.from_pretrained(
             args.backbone,
@@ -361,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         feature_metadata = {
             **describe(extractor, args.backbone, args.finetuned),
             "resolution": str(args.resolution),
-            "vae_scale_factor": str(args.vae_scale_factor),
+            "vae_scale_factor": str(vae_factor),
         }
         output = estimate_quality_maps(args.data_root, extractor, settings, feature_metadata, args.output, args.batch_size, state)
     except BadInputError as error:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.checks import require_flags_in_range
-from common.cli import exit_on_bad_input
+from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_write_json
@@ -459,8 +459,9 @@ def _save_results(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m patch_quality.ssl_train", description="Patch-correspondence self-supervised finetuning of a ViT backbone."
+    parser = ArgumentParser(
+        prog="python -m patch_quality.ssl_train",
+        description="Patch-correspondence self-supervised finetuning of a ViT backbone.",
     )
     parser.add_argument(
         "--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model"
@@ -543,6 +544,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries()
     with exit_on_bad_input(parser.prog):
         require_flags_in_range(args, ("train_batch_size", "image_size", "source_size"), minimum=1)
         check_output_dir(args.output_dir)

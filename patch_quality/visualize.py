@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from common.checks import require_flags_in_range
-from common.cli import str2bool
+from common.cli import ArgumentParser, quiet_libraries, str2bool
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image
@@ -110,8 +110,9 @@ def visualize(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m patch_quality.visualize", description="Overlay quality maps on their images (PNG strips)."
+    parser = ArgumentParser(
+        prog="python -m patch_quality.visualize",
+        description="Overlay quality maps on their images (PNG strips).",
     )
     parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs")
     parser.add_argument("--output_dir", type=Path, required=True, help="where {sample}_gen_{k}.png strips go")
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries()
     try:
         require_flags_in_range(args, ("size",), minimum=1)
         require_flags_in_range(args, ("alpha",), minimum=0, maximum=1)

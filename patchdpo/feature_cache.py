@@ -9,8 +9,11 @@ all-zero CLIP input and of the empty prompt, so the per-step CFG dropout still h
 cache.
 
 The CLIP input at training is a random 224 crop of the reference resized to 224 on its short
-side; only for square references is that crop deterministic, so the cache refuses non-square
-references instead of silently freezing one crop.
+side; only for square references is that crop deterministic. A non-square reference's file
+therefore holds no CLIP features, and when any reference is non-square (`clip_per_step`) every
+item carries its CLIP pixels, cropped with the same draw as without a cache, and the training loop
+encodes them each step with the kept image encoder: training is the same as uncached, and the
+VAE and text encoders are still computed once.
 
 Layout: `cache_dir/<key>/` where `<key>` hashes everything the features depend on (format,
 resolution, model folders' files, dtype); each `sampleN.safetensors` records the sha256 of the
@@ -76,6 +79,7 @@ class FeatureCache:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self._null: dict[str, torch.Tensor] | None = None
+        self.clip_per_step = False
 
     @classmethod
     def for_key(cls, cache_dir: str | os.PathLike, key: str) -> FeatureCache:
@@ -104,15 +108,14 @@ class FeatureCache:
         tensors = load_file(str(path))
         if f"generated_latents.{k}" not in tensors:
             raise BadInputError(f"feature cache file {path} has no generated image k={k}; rebuild the cache")
-        return {
-            "reference_latents": tensors["reference_latents"],
-            "generated_latents": tensors[f"generated_latents.{k}"],
-            "reference_size": tensors["reference_size"],
-            "generated_size": tensors[f"generated_size.{k}"],
-            "image_features": tensors["image_features"],
-            "prompt_embeds": tensors["prompt_embeds"],
-            "pooled_prompt_embeds": tensors["pooled_prompt_embeds"],
-        }
+        names = ["reference_latents", "reference_size", "prompt_embeds", "pooled_prompt_embeds"]
+        entry = {name: tensors[name] for name in names}
+        entry.update(generated_latents=tensors[f"generated_latents.{k}"], generated_size=tensors[f"generated_size.{k}"])
+        if not self.clip_per_step:
+            if "image_features" not in tensors:
+                raise BadInputError(f"feature cache file {path} has no CLIP features (non-square reference); call use_clip_per_step first")
+            entry["image_features"] = tensors["image_features"]
+        return entry
 
     def null_entry(self) -> dict[str, torch.Tensor]:
         """Zero-image CLIP features and empty-prompt embeddings (read once per process)."""
@@ -123,8 +126,17 @@ class FeatureCache:
             self._null = load_file(str(path))
         return dict(self._null)
 
+    def has_clip_features(self, sample: str) -> bool:
+        with safe_open(str(self.sample_path(sample)), framework="pt") as handle:
+            return "image_features" in handle.keys()
+
+    def use_clip_per_step(self, pairs: Iterable[TrainingPair]) -> bool:
+        """Set (and return) whether items carry CLIP pixels: true when some reference's CLIP crop is random."""
+        self.clip_per_step = not all(self.has_clip_features(sample) for sample in {pair.sample for pair in pairs})
+        return self.clip_per_step
+
     def __getstate__(self) -> dict:
-        return {"root": self.root, "_null": None}
+        return {"root": self.root, "_null": None, "clip_per_step": self.clip_per_step}
 
 
 @torch.no_grad()
@@ -132,10 +144,8 @@ def _encode_sample(encoders: FrozenEncoders, pairs: list[TrainingPair], resoluti
     reference = pairs[0]
     try:
         clip_pixels = clip_training_pixels(reference.reference_path, generator=None)
-    except ValueError as error:
-        raise BadInputError(
-            f"{error}; --cache_dir needs square references (their CLIP crop is then fixed): train without --cache_dir"
-        ) from None
+    except BadInputError:  # a non-square reference: its CLIP crop is drawn per step (see the module docstring)
+        clip_pixels = None
     images = [load_training_image(reference.reference_path, resolution)]
     images += [load_training_image(pair.generated_path, resolution) for pair in pairs]
     latents = encoders.latents(torch.stack([pixels for pixels, _ in images]))
@@ -143,10 +153,11 @@ def _encode_sample(encoders: FrozenEncoders, pairs: list[TrainingPair], resoluti
     tensors = {
         "reference_latents": latents[0],
         "reference_size": images[0][1],
-        "image_features": encoders.image_features(clip_pixels[None])[0],
         "prompt_embeds": prompt_embeds[0],
         "pooled_prompt_embeds": pooled[0],
     }
+    if clip_pixels is not None:
+        tensors["image_features"] = encoders.image_features(clip_pixels[None])[0]
     for pair, latent, (_, size) in zip(pairs, latents[1:], images[1:]):
         tensors[f"generated_latents.{pair.k}"] = latent
         tensors[f"generated_size.{pair.k}"] = size

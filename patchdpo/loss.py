@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-LOSS_MODES = ("patch_dpo", "mse", "image_dpo")
+from common.flags import LOSS_MODES  # defined with the flags, so --help needs no torch
 
 
 class LossOutput(NamedTuple):

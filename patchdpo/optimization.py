@@ -12,9 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from diffusers.optimization import SchedulerType, get_scheduler
-
-LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
+from diffusers.optimization import get_scheduler
 
 
 def adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, fused: bool = False) -> torch.optim.AdamW:

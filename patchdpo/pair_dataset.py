@@ -98,7 +98,9 @@ def index_pairs(
                     if tuple(quality_map.shape) != (latent_size, latent_size):
                         raise BadInputError(
                             f"{quality_maps.path}: {role} map of sample {folder.name!r} k={k} is {tuple(quality_map.shape)}, "
-                            f"expected the latent size ({latent_size}, {latent_size})"
+                            f"expected the latent size ({latent_size}, {latent_size}); remake them for this model and --resolution: "
+                            f"python -m patch_quality.maps --data_root {data_root} --base_model_path <--pretrained_model_name_or_path> "
+                            "--resolution <--resolution>"
                         )
             pairs.append(TrainingPair(folder.name, k, prompt, reference, generated[k]))
     return pairs
@@ -169,7 +171,7 @@ class PairDataset(Dataset):
         pair = self.pairs[index]
         generator = torch.Generator().manual_seed(stable_seed(self.seed, "item", epoch, index))
         drop_image, drop_text = self.dropout.draw(generator)
-        item = self._cached(pair, drop_image, drop_text) if self.cache else self._decoded(pair, drop_image, drop_text, generator)
+        item = self._cached(pair, drop_image, drop_text, generator) if self.cache else self._decoded(pair, drop_image, drop_text, generator)
         if self.quality_maps is not None:
             item["reference_map"], item["generated_map"] = self.quality_maps.get(pair.sample, pair.k)
         else:
@@ -180,12 +182,15 @@ class PairDataset(Dataset):
         item["noise_seed"] = torch.tensor(stable_seed(self.seed, "noise", epoch, index))
         return item
 
+    @staticmethod
+    def _clip_pixels(pair: TrainingPair, drop_image: bool, generator: torch.Generator) -> torch.Tensor:
+        clip_pixels = clip_training_pixels(pair.reference_path, generator)
+        return torch.zeros_like(clip_pixels) if drop_image else clip_pixels  # the reference zeroes the normalised CLIP input
+
     def _decoded(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
         reference_pixels, reference_size = load_training_image(pair.reference_path, self.resolution)
         generated_pixels, generated_size = load_training_image(pair.generated_path, self.resolution)
-        clip_pixels = clip_training_pixels(pair.reference_path, generator)
-        if drop_image:
-            clip_pixels = torch.zeros_like(clip_pixels)  # the reference zeroes the normalised CLIP input
+        clip_pixels = self._clip_pixels(pair, drop_image, generator)
         input_ids, input_ids_2 = tokenize_prompts(self.tokenizers, ["" if drop_text else pair.prompt])
         return {
             "reference_pixels": reference_pixels,
@@ -197,10 +202,12 @@ class PairDataset(Dataset):
             "input_ids_2": input_ids_2[0],
         }
 
-    def _cached(self, pair: TrainingPair, drop_image: bool, drop_text: bool) -> dict[str, torch.Tensor]:
+    def _cached(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
         entry = self.cache.read_pair(pair.sample, pair.k)
         null = self.cache.null_entry()
-        if drop_image:
+        if self.cache.clip_per_step:
+            entry["clip_pixels"] = self._clip_pixels(pair, drop_image, generator)
+        elif drop_image:
             entry["image_features"] = null["image_features"]
         if drop_text:
             entry["prompt_embeds"] = null["prompt_embeds"]

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from common.errors import BadInputError
+from common.hub import resolve_file, resolve_folder
 from ip_adapter.attention_processor import adapter_modules_of, install_ip_adapter
 from ip_adapter.checkpoint import load_adapter_state, load_ip_adapter_checkpoint, load_strict, save_ip_adapter
 from ip_adapter.image_encoder import encode_image_features, load_image_encoder
@@ -88,10 +89,18 @@ class PairConditioning:
         return self.image_features.shape[0]
 
     @classmethod
-    def from_cached_batch(cls, batch: dict[str, torch.Tensor]) -> PairConditioning:
+    def from_cached_batch(
+        cls, batch: dict[str, torch.Tensor], image_encoder: CLIPVisionModelWithProjection | None = None
+    ) -> PairConditioning:
+        """Cached outputs; `image_encoder` encodes the `clip_pixels` of a cache whose CLIP crops are drawn per step."""
+        if "clip_pixels" in batch:
+            with torch.no_grad():
+                image_features = encode_image_features(image_encoder, batch["clip_pixels"])
+        else:
+            image_features = batch["image_features"]
         return cls(
             latents=torch.cat([batch["reference_latents"], batch["generated_latents"]]).float(),
-            image_features=batch["image_features"],
+            image_features=image_features,
             prompt_embeds=batch["prompt_embeds"],
             pooled_prompt_embeds=batch["pooled_prompt_embeds"],
             reference_size=batch["reference_size"],
@@ -172,7 +181,7 @@ def _build_resampler(ip_adapter_path: str | os.PathLike | None, embedding_dim: i
             "initialised and stays frozen (only the adapter layers train)"
         )
         return Resampler(**FRESH_RESAMPLER_CONFIG, embedding_dim=embedding_dim, output_dim=output_dim), None
-    checkpoint = load_ip_adapter_checkpoint(ip_adapter_path)
+    checkpoint = load_ip_adapter_checkpoint(resolve_file(ip_adapter_path, "--pretrained_ip_adapter_path"))
     config = Resampler.config_from_state_dict(checkpoint["image_proj"])
     for key, expected in (("embedding_dim", embedding_dim), ("output_dim", output_dim)):
         if config[key] != expected:
@@ -186,17 +195,20 @@ def load_training_models(
     ip_adapter_path: str | os.PathLike | None,
     device: torch.device | str,
     weight_dtype: torch.dtype,
+    revision: str | None = None,
+    variant: str | None = None,
 ) -> TrainingModels:
-    """Load SDXL parts from a local folder, install and initialise the adapter, freeze the rest."""
-    model_dir = Path(model_dir)
+    """Load SDXL parts from a folder or a Hugging Face id (`common.hub`), install and initialise the adapter, freeze the rest."""
+    model_dir = resolve_folder(model_dir, "--pretrained_model_name_or_path", revision, SDXL_COMPONENTS, variant)
     for sub in SDXL_COMPONENTS:
         if not (model_dir / sub).is_dir():
             raise BadInputError(f"{model_dir} has no {sub}/ folder; expected an SDXL pipeline saved with save_pretrained")
     local = dict(local_files_only=True)
-    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **local)
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **local)
-    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **local)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", **local)
+    weights = dict(local, variant=variant)
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **weights)
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", **weights)
+    text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", **weights)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir, subfolder="text_encoder_2", **weights)
     tokenizers = (
         CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer", **local),
         CLIPTokenizer.from_pretrained(model_dir, subfolder="tokenizer_2", **local),

@@ -25,6 +25,9 @@ def demo_run(tmp_path_factory):
             "--subjects",
             "backpack",
             "cat",
+            "--train_subjects",
+            "can",
+            "dog",
             "--train_steps",
             "3",
             "--ssl_steps",
@@ -49,8 +52,11 @@ def test_demo_writes_a_complete_report(demo_run) -> None:
     assert "tiny RANDOM models" in text and "--base_model_path" in text
     for figure in re.findall(r"\]\((figures/[^)]+)\)", text):
         assert (out / figure).is_file(), figure
-    assert "figures/loss_curve.png" in text and "figures/grids_backpack.png" in text and "figures/grids_cat.png" in text
-    assert len(re.findall(r"figures/overlays_sample\d+_gen_0\.png", text)) >= 1
+    assert "figures/loss_curve.png" in text and "figures/compare_backpack.png" in text and "figures/compare_cat.png" in text
+    assert len(re.findall(r"figures/overlay_sample\d+_gen_0\.png", text)) >= 1
+    assert "subjects can, dog" in text and "disjoint subjects backpack, cat" in text
+    assert re.search(r"Total wall time: \*\*\d+ s\*\*", text) and "| device | CPU" in text and "| torch |" in text
+    assert "| `train_steps` | `3` |" in text and "does not mean it was reproduced" in text
     for label in ("IP-Adapter-Plus (start)", "PatchDPO (trained)"):
         assert re.search(
             rf"\| \*\*{re.escape(label)}\*\* \| \*\*mean\*\* \| \*\*[0-9.]+\*\* \| \*\*[0-9.]+\*\* \| \*\*-?[0-9.]+\*\* \|", text
@@ -60,8 +66,8 @@ def test_demo_writes_a_complete_report(demo_run) -> None:
 def test_demo_runs_each_stage_for_real(demo_run) -> None:
     out, _ = demo_run
     manifest = json.loads((out / "data" / "manifest.json").read_text())
-    assert manifest["complete"] and len(manifest["samples"]) == 11  # 6 backpack + 5 cat photos
-    assert {sample["object"] for sample in manifest["samples"]} == {"backpack", "cat"}
+    assert manifest["complete"] and len(manifest["samples"]) == 11  # 6 can + 5 dog photos
+    assert {sample["object"] for sample in manifest["samples"]} == {"can", "dog"}
     assert (out / "data" / "patch_quality.safetensors").is_file()
     assert (out / "ssl" / "ssl_backbone.safetensors").is_file()
     assert "patch-matching top-1" in (out / "report.md").read_text()
@@ -73,6 +79,12 @@ def test_demo_runs_each_stage_for_real(demo_run) -> None:
         assert set(scores["subjects"]) == {"backpack", "cat"}
         assert all(row["num_images"] == 2 for row in scores["subjects"].values())
     assert json.loads((out / "dreambench" / "run_config.json").read_text())["ip_ckpt"].endswith("checkpoint-3/model.bin")
+
+
+def test_demo_refuses_training_on_evaluated_subjects(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        demo.main(["--output_dir", str(tmp_path), "--subjects", "dog", "cat", "--train_subjects", "cat"])
+    assert "overlap (['cat'])" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 def test_demo_rejects_half_given_generator(tmp_path, tiny_models) -> None:

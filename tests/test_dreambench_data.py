@@ -13,16 +13,28 @@ from torchvision import transforms
 
 from common.errors import BadInputError
 from dreambench.benchmark import SUBJECTS, get_subject
-from dreambench.data import load_conditioning_images, load_reference_images, reference_photos, subject_photos, validate_dreambench
+from dreambench.data import (
+    load_conditioning_images,
+    load_reference_images,
+    reference_photos,
+    scaled_box,
+    subject_photos,
+    validate_dreambench,
+)
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "dreambench"
+
+
+def _official_box(json_path: Path, width: int) -> np.ndarray:
+    """The reference code's box scaling: integer box, then `/ 800 * width`, truncated."""
+    box = np.array(json.loads(json_path.read_text())["mask"][1]["box"]).astype(np.int32)
+    return (np.array(box) / 800 * width).astype(np.int32)
 
 
 def _official_conditioning(image_path: Path, json_path: Path) -> Image.Image:
     """The reference code's crop + resize + pad, written out step by step."""
     image = Image.open(image_path)
-    box = np.array(json.loads(json_path.read_text())["mask"][1]["box"]).astype(np.int32)
-    box = (np.array(box) / 800 * image.size[0]).astype(np.int32)
+    box = _official_box(json_path, image.size[0])
     crop = image.crop((box[0], box[1], box[2], box[3]))
     aspect = crop.width / crop.height
     if aspect > 1.0:
@@ -73,6 +85,19 @@ def test_conditioning_images_match_reference_crop_resize_pad(subject, kosmosg):
         )
         assert image.size == (224, 224) and image.mode == "RGB"
         assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_box_scaling_matches_reference_on_every_photo_of_every_subject():
+    checked = []
+    for subject in SUBJECTS:
+        for photo in subject_photos(DREAMBENCH, subject):
+            with Image.open(photo.path) as image:
+                width = image.size[0]
+            assert list(scaled_box(photo.box, width)) == _official_box(photo.json_path, width).tolist(), photo.path
+            checked.append(photo.path.relative_to(DREAMBENCH / "dataset").as_posix())
+    assert len(checked) == 158 and len({path.split("/")[0] for path in checked}) == 30
+    # the two photos where multiplying before dividing moves an edge by one pixel are among them
+    assert {"backpack_dog/04.jpg", "robot_toy/04.jpg"} <= set(checked)
 
 
 def test_conditioning_pads_with_white():

@@ -6,7 +6,9 @@ models loaded independently of the code under test.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -32,6 +34,7 @@ from dreambench.metrics import load_dino, resolve_clip_checkpoint
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import clip
+    import clip.clip as clip_impl
 
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "dreambench"
@@ -253,6 +256,31 @@ def test_cli_main_partial_run_and_table(generations, original_scores, tiny_clip_
     assert json.loads((output_dir / "all_score.json").read_text())["clipi_score"] == scores["clipi_score"]
 
 
+def test_cli_takes_subjects_and_setting_from_run_config(generations, kosmosg_scores, tiny_clip_path, tiny_dino_dir, tmp_path, capsys):
+    """After `inference_dreambooth.py --subjects ... --is_kosmosg True`, the plain evaluate command scores that run."""
+    output_dir = _copy_generations(generations, tmp_path / "gen")
+    (output_dir / "run_config.json").write_text(json.dumps({"subjects": list(reversed(SUBJECTS)), "is_kosmosg": True}))
+    argv = _argv(output_dir, tiny_clip_path, tiny_dino_dir)
+    del argv[argv.index("--is_kosmosg") : argv.index("--is_kosmosg") + 2]
+    scores = _load_script().main(argv)
+    printed = capsys.readouterr().out
+    assert scores["setting"] == "kosmosg" and scores["num_subjects"] == len(SUBJECTS)
+    _assert_same_scores(scores, kosmosg_scores[1])
+    assert "run_config.json: subjects, is_kosmosg" in printed
+    assert f"scores written to {(output_dir / 'all_score.json').resolve()}" in printed
+    # an explicit flag wins over the record
+    scores = _load_script().main(argv + ["--is_kosmosg", "false", "--subjects", "cat"])
+    assert scores["setting"] != "kosmosg" and scores["num_subjects"] == 1
+
+
+def test_cli_bad_subject_is_one_short_line(generations, tiny_clip_path, tiny_dino_dir, capsys):
+    for extra in (("--subjects", "dog", "no_such_subject"), ("--is_kosmosg", "maybe")):
+        with pytest.raises(SystemExit) as info:
+            _load_script().main(_argv(generations, tiny_clip_path, tiny_dino_dir, *extra))
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(lines) == 1 and extra[-1] in lines[0] and ": error: " in lines[0]
+
+
 @pytest.mark.parametrize("problem", ["missing_subject", "missing_image", "extra_image", "unreadable_image"])
 def test_cli_bad_generations_are_one_line_errors(generations, tiny_clip_path, tiny_dino_dir, tmp_path, capsys, problem):
     output_dir = _copy_generations(generations, tmp_path / "gen")
@@ -278,7 +306,7 @@ def test_cli_bad_generations_are_one_line_errors(generations, tiny_clip_path, ti
 def test_cli_bad_models_and_data_root(generations, tiny_clip_path, tiny_dino_dir, tmp_path, capsys, no_network):
     args = ("--subjects", *SUBJECTS)
     message = _cli_error(capsys, _argv(generations, tiny_clip_path, tmp_path / "no_dino", *args))
-    assert "no_dino" in message and "dino-vits16" in message
+    assert "--dino_model" in message and "no_dino" in message and "no such local path" in message
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
@@ -293,10 +321,10 @@ def test_cli_bad_models_and_data_root(generations, tiny_clip_path, tiny_dino_dir
         _load_script().main(_argv(generations, tiny_clip_path, tiny_dino_dir, "--is_kosmosg", "maybe"))
 
 
-def test_clip_model_name_never_downloads(tmp_path, no_network):
-    with pytest.raises(BadInputError, match="never downloads") as info:
+def test_clip_model_name_offline_uses_only_the_verified_cache(tmp_path, no_network):
+    with pytest.raises(BadInputError, match="HF_HUB_OFFLINE=1 forbids the download") as info:
         resolve_clip_checkpoint("ViT-B/32", download_root=tmp_path)
-    assert "ViT-B-32.pt" in str(info.value) and "\n" not in str(info.value)
+    assert "ViT-B-32.pt" in str(info.value) and "not in the cache" in str(info.value) and "\n" not in str(info.value)
 
     (tmp_path / "ViT-B-32.pt").write_bytes(b"tampered")
     with pytest.raises(ValueError, match="SHA-256"):
@@ -304,6 +332,38 @@ def test_clip_model_name_never_downloads(tmp_path, no_network):
 
     with pytest.raises(BadInputError, match="not a file and not an openai-clip model name"):
         resolve_clip_checkpoint("ViT-Q/99", download_root=tmp_path)
+
+
+def test_clip_model_name_downloads_and_verifies_like_clip_load(tiny_clip_path, tmp_path, monkeypatch):
+    """Online, a missing or tampered file is fetched from the published URL and checked against its SHA-256."""
+    from huggingface_hub import constants
+
+    data = tiny_clip_path.read_bytes()
+    url = f"https://openaipublic.example/clip/models/{hashlib.sha256(data).hexdigest()}/Tiny-1.pt"
+    monkeypatch.setitem(clip_impl._MODELS, "Tiny/1", url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    requested = []
+
+    class Response(io.BytesIO):
+        def info(self):
+            return {"Content-Length": str(len(self.getvalue()))}
+
+    def fake_urlopen(address, *args, **kwargs):
+        requested.append(address)
+        return Response(payload)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    payload = data
+    (tmp_path / "Tiny-1.pt").write_bytes(b"tampered")
+    assert resolve_clip_checkpoint("Tiny/1", download_root=tmp_path).read_bytes() == data
+    assert requested == [url]
+    assert resolve_clip_checkpoint("Tiny/1", download_root=tmp_path) == tmp_path / "Tiny-1.pt" and requested == [url]  # cached now
+
+    payload = b"corrupted download"
+    (tmp_path / "Tiny-1.pt").unlink()
+    with pytest.raises(BadInputError, match="downloading .* failed .*RuntimeError") as info:
+        resolve_clip_checkpoint("Tiny/1", download_root=tmp_path)
+    assert "Tiny/1" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_dino_checkpoint_must_fit(tmp_path):

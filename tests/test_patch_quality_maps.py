@@ -3,6 +3,8 @@ the latent grid is resolution / VAE factor, and the estimate CLI writes and resu
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -107,7 +109,7 @@ def _make_data(root, count=2, size=128):
 def test_estimate_cli_writes_latent_maps_and_resumes(tmp_path, tiny_dinov2_dir, monkeypatch):
     data = tmp_path / "DATA"
     _make_data(data)
-    args = ["--data_root", str(data), "--backbone", str(tiny_dinov2_dir), "--cpu", "--batch_size", "1"]
+    args = ["--data_root", str(data), "--backbone", str(tiny_dinov2_dir), "--cpu", "--batch_size", "1", "--vae_scale_factor", "8"]
 
     real_quality_maps = maps_module.quality_maps
     calls = []
@@ -146,13 +148,36 @@ def test_estimate_cli_writes_latent_maps_and_resumes(tmp_path, tiny_dinov2_dir, 
     assert QualityMaps.load(data / "patch_quality.safetensors").get("sample1", 0)[0].shape == (32, 32)
 
 
+def test_latent_grid_comes_from_the_model_vae(tmp_path, tiny_dinov2_dir, tiny_sdxl_dir, capsys):
+    data = tmp_path / "DATA"
+    _make_data(data)
+    args = ["--data_root", str(data), "--backbone", str(tiny_dinov2_dir), "--cpu", "--resolution", "64"]
+    main([*args, "--base_model_path", str(tiny_sdxl_dir)])
+    capsys.readouterr()
+    stored = QualityMaps.load(data / "patch_quality.safetensors")
+    factor = 2 ** (len(json.loads((tiny_sdxl_dir / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    assert stored.get("sample0", 0)[0].shape == (64 // factor, 64 // factor) and stored.metadata["vae_scale_factor"] == str(factor)
+    for extra, expected in (
+        (
+            ["--base_model_path", str(tiny_sdxl_dir), "--vae_scale_factor", str(factor * 2)],
+            f"contradicts the VAE of --base_model_path {tiny_sdxl_dir}",
+        ),
+        ([], "pass --base_model_path"),
+        (["--base_model_path", str(tmp_path / "no_model")], "no_model"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main([*args, *extra])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(lines) == 1 and expected in lines[0]
+
+
 def test_cli_errors(tmp_path, tiny_dinov2_dir, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["--data_root", str(tmp_path / "absent"), "--backbone", str(tiny_dinov2_dir), "--cpu"])
+        main(["--data_root", str(tmp_path / "absent"), "--backbone", str(tiny_dinov2_dir), "--cpu", "--vae_scale_factor", "8"])
     assert info.value.code == 2 and "data folder not found" in capsys.readouterr().err
     (tmp_path / "sample0").mkdir()
     with pytest.raises(SystemExit):
-        main(["--data_root", str(tmp_path), "--backbone", str(tiny_dinov2_dir), "--cpu"])
+        main(["--data_root", str(tmp_path), "--backbone", str(tiny_dinov2_dir), "--cpu", "--vae_scale_factor", "8"])
     assert "no reference image" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["--help"])

@@ -196,3 +196,11 @@ def test_fp16_without_cuda_is_a_one_line_error_before_any_model_loads(tiny_pair_
     ]
     error = bad_input_message(train_patchdpo.main, argv)
     assert "fp16 needs a CUDA GPU" in error and "bf16 or no" in error, error
+
+
+def test_the_lr_scheduler_flag_lists_diffusers_schedules():
+    from diffusers.optimization import SchedulerType
+
+    from common.flags import LR_SCHEDULERS
+
+    assert LR_SCHEDULERS == tuple(kind.value for kind in SchedulerType)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,26 @@ def test_cached_features_equal_the_encoders_on_the_fly_including_dropout(loaded,
     assert build_feature_cache(cache, pairs, loaded.encoders, RESOLUTION, show_progress=False) == 1
 
 
+def test_cache_with_non_square_references_draws_the_same_clip_crops(loaded, tiny_models, tmp_path):
+    data = save_pair_data(tmp_path / "data", 3, 32, LATENT, reference_sizes={1: (48, 32), 2: (32, 40)})
+    pairs = index_pairs(data.root, None, 1, LATENT)
+    cache = FeatureCache.for_key(tmp_path / "cache", "key")
+    build_feature_cache(cache, pairs, loaded.encoders, RESOLUTION, show_progress=False)
+    assert [cache.has_clip_features(p.sample) for p in pairs] == [True, False, False]
+    assert cache.use_clip_per_step(pairs) and pickle.loads(pickle.dumps(cache)).clip_per_step
+    dropout = DropoutRates(image=0.3, text=0.3, both=0.0)
+    live, cached = make_dataset(loaded, data, dropout=dropout), make_dataset(loaded, data, cache=cache, dropout=dropout)
+    crops = set()
+    for epoch in range(4):
+        batch = collate(cached, [0, 1, 2], epoch)
+        a = PairConditioning.encode(loaded.encoders, collate(live, [0, 1, 2], epoch))
+        b = PairConditioning.from_cached_batch(batch, loaded.encoders.image_encoder)
+        crops.add(batch["clip_pixels"][1, 0, 0, :8].sum().item())
+        for field in ("latents", "image_features", "prompt_embeds", "pooled_prompt_embeds"):
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-5, rtol=1e-5)
+    assert len(crops) > 1  # the wide reference's crop does move between epochs
+
+
 def test_clip_crop_is_random_only_for_non_square_references(tmp_path):
     Image.linear_gradient("L").rotate(90).resize((64, 32)).convert("RGB").save(tmp_path / "wide.png")  # varies along x
     crops = {tuple(clip_training_pixels(tmp_path / "wide.png", torch.Generator().manual_seed(s))[0, 0, :4].tolist()) for s in range(6)}
@@ -335,6 +356,18 @@ def test_resuming_3_plus_2_steps_equals_5_straight_steps(tiny_models, tiny_pair_
     assert not all(torch.equal(a[k], adapter_state(resumed, 3)[k]) for k in a)
 
 
+def test_cache_with_non_square_references_trains_as_without(tiny_models, tmp_path):
+    data = save_pair_data(tmp_path / "data", 2, 32, LATENT, reference_sizes={1: (48, 32)})
+    extra = ("--image_drop_rate", "0.3", "--checkpointing_steps", "3")
+    train_patchdpo.main(train_args(tiny_models, data, tmp_path / "live", *extra, steps=3, batch=1))
+    train_patchdpo.main(
+        train_args(tiny_models, data, tmp_path / "cached", *extra, "--cache_dir", str(tmp_path / "cache"), steps=3, batch=1)
+    )
+    assert logged(tmp_path / "cached", "loss") == pytest.approx(logged(tmp_path / "live", "loss"), rel=1e-5)
+    a, b = adapter_state(tmp_path / "live", 3), adapter_state(tmp_path / "cached", 3)
+    assert torch.cat([(a[k] - b[k]).abs().flatten() for k in a]).mean().item() < LR * 1e-3
+
+
 def test_cache_does_not_change_what_is_trained(tiny_models, tiny_pair_data, tmp_path):
     # Also runs the image-level DPO ablation and the official time ids end to end.
     extra = (
@@ -369,11 +402,6 @@ def _expect_exit(argv: list[str], message: str) -> None:
     assert message in error, error
 
 
-def test_non_square_references_are_refused_with_a_cache(tiny_models, tmp_path):
-    data = save_pair_data(tmp_path / "data", 2, 32, LATENT, reference_sizes={1: (48, 32)})
-    _expect_exit(train_args(tiny_models, data, tmp_path / "out", "--cache_dir", str(tmp_path / "cache")), "needs square references")
-
-
 def test_missing_quality_map_entry(tiny_models, tmp_path):
     data = save_pair_data(tmp_path / "data", 2, 32, LATENT)
     maps = QualityMaps.load(data.quality_file)
@@ -383,7 +411,10 @@ def test_missing_quality_map_entry(tiny_models, tmp_path):
 
 def test_quality_maps_not_at_latent_size(tiny_models, tmp_path):
     data = save_pair_data(tmp_path / "data", 2, 32, LATENT, map_size=8)
-    _expect_exit(train_args(tiny_models, data, tmp_path / "out", "--use_dpo_loss", "True"), "expected the latent size (16, 16)")
+    _expect_exit(
+        train_args(tiny_models, data, tmp_path / "out", "--use_dpo_loss", "True"),
+        "expected the latent size (16, 16); remake them for this model and --resolution: python -m patch_quality.maps",
+    )
 
 
 def test_data_dir_without_samples_or_images(tiny_models, tmp_path):

@@ -1,0 +1,94 @@
+"""Flag groups shared by several scripts, defined without importing torch, diffusers or transformers.
+
+`--help` must answer at once, so the parsers are built from this module alone; the libraries are
+imported only once the arguments are parsed. The code these flags configure lives in
+`ip_adapter.loading` (generator), `dreambench.evaluation` (metrics), `dreambench.validation`
+(validation during training) and `patchdpo.loss` (objectives).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common.cli import str2bool
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+LOSS_MODES = ("patch_dpo", "mse", "image_dpo")
+#: diffusers' `get_scheduler` names (`diffusers.optimization.SchedulerType`; a test keeps them in sync).
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "piecewise_constant",
+)
+DEFAULT_VALIDATION_SUBJECTS = ("dog", "backpack")
+
+
+def add_generator_args(parser: argparse.ArgumentParser, base_model_help: str, ip_ckpt_help: str) -> None:
+    """The model flags of every script that generates with SDXL + IP-Adapter-Plus."""
+    parser.add_argument("--base_model_path", type=Path, required=True, help=base_model_help)
+    parser.add_argument(
+        "--image_encoder_path",
+        type=Path,
+        required=True,
+        help="CLIP ViT-H vision encoder: folder or Hugging Face id (e.g. h94/IP-Adapter/models/image_encoder)",
+    )
+    parser.add_argument("--ip_ckpt", type=Path, required=True, help=ip_ckpt_help)
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default=None,
+        help="model dtype (default: accelerate's mixed precision on GPU, float32 on CPU)",
+    )
+
+
+def add_evaluation_args(parser: argparse.ArgumentParser, dino_required: bool = True) -> argparse.ArgumentParser:
+    """The metric flags shared by evaluate_dreambooth.py and inference_dreambooth.py."""
+    group = parser.add_argument_group("DreamBench metrics")
+    group.add_argument(
+        "--clip_model",
+        default="ViT-B/32",
+        help="openai-clip model name (fetched as clip.load does, ~/.cache/clip) or local .pt checkpoint path",
+    )
+    group.add_argument("--dino_model", required=dino_required, default=None, help="DINO ViT-S/16: facebook/dino-vits16 or a local copy")
+    group.add_argument("--batch_size", type=int, default=25, help="images per metric-model forward pass")
+    group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    group.add_argument(
+        "--allow_partial",
+        type=str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="score what exists and report missing subjects/images instead of failing",
+    )
+    return parser
+
+
+def add_validation_args(parser: argparse.ArgumentParser) -> None:
+    """Validation during training (`dreambench.validation`)."""
+    group = parser.add_argument_group("validation during training (on when --validation_data_root is given)")
+    group.add_argument("--validation_data_root", type=Path, default=None, help="DreamBench folder (dataset/, json_data/)")
+    group.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (default: with every --save_steps)")
+    group.add_argument(
+        "--validation_subjects", nargs="+", default=list(DEFAULT_VALIDATION_SUBJECTS), help="DreamBench subjects to generate"
+    )
+    group.add_argument("--validation_prompts", type=int, default=2, help="first N DreamBench prompts per subject")
+    group.add_argument("--validation_num_inference_steps", type=int, default=30)
+    group.add_argument("--validation_scale", type=float, default=0.78, help="IP-Adapter scale of the validation images")
+    group.add_argument("--validation_size", type=int, default=None, help="image edge (default: --resolution)")
+    group.add_argument("--clip_model", default=None, help="score validation images: openai-clip name or .pt (with --dino_model)")
+    group.add_argument("--dino_model", default=None, help="score validation images: facebook/dino-vits16 or a folder (with --clip_model)")
+
+
+def add_speed_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--compile` and `--allow_tf32`, the speed flags of every script that runs the UNet in a loop."""
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet (no graph breaks; compiles once per input shape, time printed once)",
+    )
+    parser.add_argument("--allow_tf32", action="store_true", help="TF32 float32 matmuls on CUDA (faster; float32 results change slightly)")

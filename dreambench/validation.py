@@ -1,0 +1,146 @@
+"""Validation during PatchDPO training: DreamBench images of the current adapter, next to the starting one.
+
+Every `--validation_steps` the main process generates a few fixed-seed DreamBench images (the
+first `--validation_prompts` prompts of each `--validation_subjects` subject) with the adapter as
+it is now, logs one grid per validation to TensorBoard (rows: reference | starting adapter |
+current adapter) and, with `--clip_model/--dino_model`, the CLIP-T / CLIP-I / DINO of those
+images as curves; the other processes wait at a barrier.
+
+It never touches training: the generator is a separate IP-Adapter-Plus model (kept on the CPU
+between validations) into which the current adapter weights are copied; the noise comes from
+per-image CPU generators; the global random state is restored afterwards, so a run with
+validation trains exactly the same adapter as one without. It generates in the dtype inference
+uses (accelerate's mixed precision on an accelerator, float32 on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from PIL import Image, ImageDraw
+
+from common.errors import BadInputError
+from common.seeds import stable_seed
+from dreambench.benchmark import prompts_for, resolve_subjects
+from dreambench.data import load_conditioning_images, load_reference_images
+from dreambench.generation import build_items
+from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
+from ip_adapter.ip_adapter import IPAdapterPlusXL
+from ip_adapter.loading import load_generation_model, resolve_dtype
+
+TILE = 128
+
+
+@dataclass
+class _Scorer:
+    clip: tuple[torch.nn.Module, object]
+    dino: torch.nn.Module
+    references: dict[str, list[Image.Image]] = field(default_factory=dict)
+
+    def __call__(self, items: list[GenerationItem], images: list[Image.Image], data_root: Path) -> dict[str, float]:
+        from dreambench.evaluation import score_images
+
+        per_subject = []
+        for subject in dict.fromkeys(item.subject for item in items):
+            rows = [(item.prompt, image) for item, image in zip(items, images) if item.subject == subject]
+            if subject not in self.references:
+                self.references[subject] = load_reference_images(data_root, subject, kosmosg=False)
+            per_subject.append(
+                score_images([p for p, _ in rows], [i for _, i in rows], self.references[subject], *self.clip, self.dino, batch_size=8)
+            )
+        return {key: float(np.mean([scores[key] for scores in per_subject])) for key in per_subject[0]}
+
+
+def _label(image: Image.Image, text: str) -> Image.Image:
+    tile = image.convert("RGB").resize((TILE, TILE))
+    ImageDraw.Draw(tile).text((3, 2), text, fill=(255, 255, 0))
+    return tile
+
+
+def validation_grid(references: list[Image.Image], start: list[Image.Image], current: list[Image.Image], prompts: list[str]) -> Image.Image:
+    """One row per image: the subject's reference, the starting adapter's image, the current adapter's."""
+    grid = Image.new("RGB", (3 * TILE, len(prompts) * TILE), (255, 255, 255))
+    for row, (reference, first, now, prompt) in enumerate(zip(references, start, current, prompts)):
+        for column, (image, text) in enumerate(((reference, "reference"), (first, "start"), (now, "current"))):
+            grid.paste(_label(image, text if column else prompt[:22]), (column * TILE, row * TILE))
+    return grid
+
+
+class TrainingValidation:
+    """Set up on every process (cheap); the model and the images exist on the main process only."""
+
+    def __init__(self, args: argparse.Namespace, accelerator: Accelerator, seed: int) -> None:
+        self.accelerator = accelerator
+        self.every = args.validation_steps or args.save_steps
+        self.data_root = args.validation_data_root
+        self.steps = args.validation_num_inference_steps
+        self.size = args.validation_size or args.resolution
+        subjects = [subject.name for subject in resolve_subjects(args.validation_subjects)]
+        if args.pretrained_ip_adapter_path is None:
+            raise BadInputError("--validation_data_root needs --pretrained_ip_adapter_path (its Resampler makes the image tokens)")
+        if (args.clip_model is None) != (args.dino_model is None):
+            raise BadInputError("--clip_model and --dino_model go together: give both to score the validation images, or neither")
+        self.items = build_items({s: prompts_for(s)[: args.validation_prompts] for s in subjects}, stable_seed(seed, "validation"))
+        for subject in subjects:  # a bad folder fails at start-up, not at the first validation
+            load_conditioning_images(self.data_root, subject, kosmosg=False)
+        self.model: IPAdapterPlusXL | None = None
+        self.scorer: _Scorer | None = None
+        self.start_images: list[Image.Image] = []
+        if accelerator.is_main_process:
+            dtype = resolve_dtype(None, accelerator.mixed_precision, accelerator.device)
+            self.model = load_generation_model(
+                args.pretrained_model_name_or_path,
+                args.image_encoder_path,
+                args.pretrained_ip_adapter_path,
+                "cpu",
+                dtype,
+                args.validation_scale,
+            )
+            self.tokens = SubjectTokens(self.model, lambda subject: load_conditioning_images(self.data_root, subject, kosmosg=False))
+            if args.clip_model is not None:
+                from dreambench.metrics import load_clip, load_dino
+
+                self.scorer = _Scorer(load_clip(args.clip_model, accelerator.device), load_dino(args.dino_model, accelerator.device))
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def _generate(self, adapter_state: Mapping[str, torch.Tensor]) -> list[Image.Image]:
+        self.model.adapter_modules.load_state_dict(adapter_state)
+        self.model.pipe.to(self.accelerator.device)
+        self.model.image_encoder.to(self.accelerator.device)
+        self.model.image_proj_model.to(self.accelerator.device)
+        self.model.device = self.accelerator.device
+        try:
+            return generate_batch(self.model, self.tokens, self.items, self.steps, height=self.size, width=self.size)
+        finally:
+            for module in (self.model.pipe, self.model.image_encoder, self.model.image_proj_model):
+                module.to("cpu")
+            self.model.device = torch.device("cpu")
+
+    def __call__(self, step: int, adapter_modules: torch.nn.Module) -> None:
+        """Validate the adapter after `step` (step 0: the starting adapter); all processes call, the main one works."""
+        if self.accelerator.is_main_process:
+            devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                state = {name: tensor.detach() for name, tensor in adapter_modules.state_dict().items()}
+                images = self._generate(state)
+                if step == 0 or not self.start_images:
+                    self.start_images = images
+                self._log(step, images)
+        self.accelerator.wait_for_everyone()
+
+    def _log(self, step: int, images: list[Image.Image]) -> None:
+        references = [self.tokens.load_references(item.subject)[0] for item in self.items]
+        grid = validation_grid(references, self.start_images, images, [item.prompt for item in self.items])
+        tracker = self.accelerator.get_tracker("tensorboard", unwrap=False)
+        tracker.log_images({"validation/reference_start_current": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
+        if self.scorer is not None:
+            scores = self.scorer(self.items, images, self.data_root)
+            self.accelerator.log({f"validation/{key}": value for key, value in scores.items()}, step=step)

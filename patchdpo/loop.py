@@ -1,0 +1,299 @@
+"""The PatchDPO training run: set-up, the optimizer-step loop (accumulation, logging, validation) and saving.
+
+`train_patchdpo.py` parses the flags and calls `run_training`. An optimizer step trains
+`train_batch_size x processes x gradient_accumulation_steps` pairs; every random draw of a pair is
+keyed on (seed, epoch, dataset index), so any layout of the same global batch trains the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, release_memory, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from common.errors import BadInputError
+from common.launch import check_launch, check_mixed_precision
+from common.precision import mixed_precision_dtype
+from common.sampling import EpochSampler
+from common.training_state import (
+    TRAINING_STATE_DIR,
+    checkpoint_step,
+    find_resume_checkpoint,
+    prune_training_states,
+    remove_orphan_checkpoint_files,
+    save_training_state,
+)
+from ip_adapter.loading import vae_scale_factor
+from ip_adapter.speed import apply_speed_args
+from patch_quality.store import QualityMaps
+from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
+from patchdpo.finite_guard import check_step_is_finite
+from patchdpo.loss import LossOutput
+from patchdpo.optimization import StepPlan, adamw, lr_scheduler
+from patchdpo.pair_dataset import DropoutRates, PairDataset, TrainingPair, index_pairs
+from patchdpo.step_metrics import StepMeter
+from patchdpo.training import (
+    PairConditioning,
+    TrainingModels,
+    frozen_adapter_copy,
+    load_training_models,
+    register_adapter_state_hooks,
+    save_adapter_checkpoint,
+    training_step,
+)
+from patchdpo.validate_inputs import check_training_args, validate_training_inputs
+
+logger = get_logger(__name__)
+
+
+class Validation(Protocol):
+    """Sampling with the current adapter during training (`dreambench.validation.TrainingValidation`)."""
+
+    def due(self, step: int) -> bool: ...
+
+    def __call__(self, step: int, adapter_modules: torch.nn.Module) -> None: ...
+
+
+#: Builds the validation hook from (args, accelerator, seed); the script passes it, so this package needs no dreambench.
+ValidationFactory = Callable[[argparse.Namespace, Accelerator, int], Validation]
+
+
+def run_training(args: argparse.Namespace, prog: str, make_validation: ValidationFactory | None = None) -> None:
+    """Check the launch, set up, train until `--stop_step` / the epoch cap, save the final adapter."""
+    check_training_args(args)
+    accelerator = create_accelerator(args)
+    check_launch(accelerator.num_processes, prog)
+    check_mixed_precision(accelerator.mixed_precision, accelerator.device.type)
+    run = set_up(args, accelerator, make_validation)
+    train(run)
+    if run.last_saved != run.global_step and accelerator.is_main_process:
+        save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
+    output_dir = Path(args.output_dir).resolve()
+    accelerator.print(f"adapter checkpoints: {output_dir}/checkpoint-*/model.bin, TensorBoard logs: {output_dir / args.logging_dir}")
+    accelerator.end_training()
+
+
+@dataclass
+class TrainingRun:
+    """Everything the loop reads, built by `set_up`; `global_step` counts optimizer steps."""
+
+    args: argparse.Namespace
+    accelerator: Accelerator
+    models: TrainingModels
+    model: torch.nn.Module  # the prepared (possibly DDP-wrapped) models.model
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: DataLoader
+    plan: StepPlan
+    reference_params: dict[str, torch.Tensor] | None
+    cached: bool
+    pairs: list[TrainingPair]  # the dataset's pairs, to name the samples of a batch that goes non-finite
+    clip_encoder: torch.nn.Module | None  # with a cache: encodes the random CLIP crops of non-square references per step
+    validation: Validation | None
+    global_step: int = 0
+    last_saved: int | None = None
+    grad_norm: torch.Tensor | None = None  # before clipping, at the last optimizer step (with --max_grad_norm)
+
+    def checkpoint_dir(self) -> Path:
+        return Path(self.args.output_dir) / f"checkpoint-{self.global_step}"
+
+    def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """This process's micro-batches from where `global_step` stands, epoch after epoch."""
+        if self.global_step >= self.plan.total_steps:
+            return
+        first_epoch, skip = self.plan.position(self.global_step)
+        for epoch in range(first_epoch, self.args.num_train_epochs):
+            self.loader.set_epoch(epoch)
+            yield from self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            skip = 0
+
+
+def create_accelerator(args: argparse.Namespace) -> Accelerator:
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return accelerator
+
+
+def pairs_per_step(args: argparse.Namespace, accelerator: Accelerator) -> int:
+    """The global batch: micro-batch x processes x accumulated micro-batches."""
+    return args.train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
+
+
+def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: ValidationFactory | None = None) -> TrainingRun:
+    """Load the models and data, build the cache, optimizer and schedule, prepare them, resume."""
+    logger.info(f"loss={args.loss} time_ids={'official' if args.official_time_ids else 'per-image'}", main_process_only=True)
+    set_seed(args.seed)
+    weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
+    models = load_training_models(
+        args.pretrained_model_name_or_path,
+        args.image_encoder_path,
+        args.pretrained_ip_adapter_path,
+        accelerator.device,
+        weight_dtype,
+        revision=args.revision,
+        variant=args.variant,
+    )
+    factor = vae_scale_factor(models.encoders.vae.config)
+    if args.resolution % factor:
+        raise BadInputError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    latent_size = args.resolution // factor
+    quality_maps = QualityMaps.load(args.patch_quality_file) if args.loss == "patch_dpo" else None
+    pairs = index_pairs(args.data_root_path, quality_maps, args.generated_per_sample, latent_size)
+    validate_training_inputs(pairs, quality_maps, show_progress=accelerator.is_local_main_process)
+    dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
+    resume_dir = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if accelerator.is_main_process:
+        remove_orphan_checkpoint_files(args.output_dir)
+    tokenizers, cache, clip_encoder = models.encoders.tokenizers, None, None
+    if args.cache_dir is not None:
+        key = cache_key(args.resolution, args.pretrained_model_name_or_path, args.image_encoder_path, weight_dtype)
+        cache = FeatureCache.for_key(args.cache_dir, key)
+        build_feature_cache(
+            cache,
+            pairs,
+            models.encoders,
+            args.resolution,
+            accelerator.process_index,
+            accelerator.num_processes,
+            show_progress=accelerator.is_local_main_process,
+        )
+        accelerator.wait_for_everyone()
+        # non-square references: their random CLIP crop is encoded each step (patchdpo/feature_cache.py)
+        clip_encoder = models.encoders.image_encoder if cache.use_clip_per_step(pairs) else None
+        models.encoders = None  # the frozen encoders are not needed any more: free their memory
+        release_memory()
+    validation = make_validation(args, accelerator, args.seed) if make_validation is not None else None
+
+    dataset = PairDataset(pairs, args.resolution, latent_size, args.seed, tokenizers, quality_maps, dropout, cache)
+    sampler = EpochSampler(len(dataset), args.seed, pairs_per_step(args, accelerator))
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, num_workers=args.dataloader_num_workers)
+    model = models.model
+    if args.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+    apply_speed_args(args, model.unet, accelerator.print)
+    reference_params = frozen_adapter_copy(model) if args.loss == "image_dpo" else None
+    optimizer = adamw(model.adapter_modules.parameters(), args.learning_rate, args.weight_decay, args.fused_adamw)
+    register_adapter_state_hooks(accelerator, model)
+    prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    plan = StepPlan.create(len(loader), accelerator.gradient_accumulation_steps, args.stop_step, args.num_train_epochs)
+    scheduler = lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, plan.total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    run = TrainingRun(
+        args,
+        accelerator,
+        models,
+        prepared_model,
+        optimizer,
+        scheduler,
+        loader,
+        plan,
+        reference_params,
+        cache is not None,
+        pairs,
+        clip_encoder,
+        validation,
+    )
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir / TRAINING_STATE_DIR))
+        run.global_step = checkpoint_step(resume_dir)
+        logger.info(f"resumed from {resume_dir} at step {run.global_step}")
+    elif args.resume_from_checkpoint:
+        logger.info(f"no checkpoint with a training state in {args.output_dir}: starting from step 0")
+    return run
+
+
+def train(run: TrainingRun) -> None:
+    """Optimizer steps until `plan.total_steps`: accumulate micro-batches, step, log, save."""
+    accelerator, args = run.accelerator, run.args
+    hparams = {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in vars(args).items()}
+    accelerator.init_trackers("patchdpo", config=hparams)
+    progress = tqdm(
+        total=run.plan.total_steps, initial=run.global_step, desc="optimizer steps", disable=not accelerator.is_local_main_process
+    )
+    meter = StepMeter(pairs_per_step(args, accelerator))
+    if run.validation:
+        run.validation(run.global_step, run.models.model.adapter_modules)  # the adapter this run starts from
+    for batch in run.micro_batches():
+        meter.add(micro_step(run, batch))
+        if not accelerator.sync_gradients:
+            continue
+        run.global_step += 1
+        progress.update(1)
+        means = meter.end_step()
+        if run.global_step % args.logging_steps == 0 or run.global_step == run.plan.total_steps:
+            log_step(run, meter.logs(accelerator, means), progress)
+        save_checkpoints(run)
+        if run.validation and run.validation.due(run.global_step):
+            run.validation(run.global_step, run.models.model.adapter_modules)
+        if run.global_step >= run.plan.total_steps:
+            break
+    progress.close()
+
+
+def micro_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> LossOutput:
+    """Forward and backward on one micro-batch; on the last of an optimizer step also clip and step."""
+    accelerator, args = run.accelerator, run.args
+    with accelerator.accumulate(run.model):
+        cond = (
+            PairConditioning.from_cached_batch(batch, run.clip_encoder)
+            if run.cached
+            else PairConditioning.encode(run.models.encoders, batch)
+        )
+        output = training_step(
+            accelerator,
+            run.model,
+            cond,
+            run.models.scheduler,
+            loss_mode=args.loss,
+            resolution=args.resolution,
+            official_time_ids=args.official_time_ids,
+            noise_offset=args.noise_offset,
+            reference_params=run.reference_params,
+            dpo_beta=args.dpo_beta,
+        )
+        accelerator.backward(output.loss)
+        check_step_is_finite(accelerator, output.loss, run.models.model.adapter_modules.parameters(), run.global_step + 1, batch, run.pairs)
+        if accelerator.sync_gradients and args.max_grad_norm is not None:
+            run.grad_norm = accelerator.clip_grad_norm_(run.models.model.adapter_modules.parameters(), args.max_grad_norm)
+        run.optimizer.step()
+        if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+            run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return output
+
+
+def log_step(run: TrainingRun, logs: dict[str, float], progress: tqdm) -> None:
+    logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+    if run.grad_norm is not None:
+        logs["grad_norm"] = run.grad_norm.item()
+    run.accelerator.log(logs, step=run.global_step)
+    progress.set_postfix(loss=f"{logs['loss']:.4g}", pairs_per_s=f"{logs['samples_per_s']:.2f}")
+
+
+def save_checkpoints(run: TrainingRun) -> None:
+    """`checkpoint-N/model.bin` every `--save_steps`, the training state every `--checkpointing_steps`."""
+    args, accelerator, step = run.args, run.accelerator, run.global_step
+    if step % args.save_steps == 0 or step == run.plan.total_steps:
+        if accelerator.is_main_process:
+            save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
+        run.last_saved = step
+    if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+        save_training_state(accelerator, run.checkpoint_dir())
+        if args.checkpoints_total_limit and accelerator.is_main_process:
+            prune_training_states(args.output_dir, args.checkpoints_total_limit)

@@ -1,0 +1,96 @@
+"""Validation during training (dreambench/validation.py): images and scores in TensorBoard, training untouched."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train_patchdpo
+from tests.kit.cli import bad_input_message
+from tests.test_train_patchdpo import adapter_state, train_args
+
+REPO = Path(__file__).resolve().parents[1]
+DREAMBENCH = REPO.parent / "shared" / "dreambench"
+GRID_TAG = "validation/reference_start_current"
+
+
+def validation_args(tiny_clip_path, tiny_dino_dir, *extra: str) -> list[str]:
+    return [
+        "--validation_data_root", str(DREAMBENCH), "--validation_subjects", "dog", "--validation_prompts", "2",
+        "--validation_steps", "2", "--validation_num_inference_steps", "2", "--validation_size", "32",
+        "--clip_model", str(tiny_clip_path), "--dino_model", str(tiny_dino_dir), *extra,
+    ]  # fmt: skip
+
+
+def events(out: Path) -> EventAccumulator:
+    return EventAccumulator(str(out / "logs" / "patchdpo"), size_guidance={"images": 0, "scalars": 0}).Reload()
+
+
+def test_validation_logs_images_and_scores_and_leaves_training_unchanged(
+    tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, tmp_path
+):
+    common = ("--checkpointing_steps", "4", "--image_drop_rate", "0.3")
+    train_patchdpo.main(train_args(tiny_models, tiny_pair_data, tmp_path / "plain", *common, steps=4))
+    validated = tmp_path / "validated"
+    train_patchdpo.main(
+        train_args(tiny_models, tiny_pair_data, validated, *common, *validation_args(tiny_clip_path, tiny_dino_dir), steps=4)
+    )
+
+    a, b = adapter_state(tmp_path / "plain", 4), adapter_state(validated, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    logged = events(validated)
+    images = logged.Images(GRID_TAG)
+    assert [event.step for event in images] == [0, 2, 4]
+    assert images[0].width == 3 * 128 and images[0].height == 2 * 128  # reference | start | current, one row per prompt
+    grids = [np.asarray(Image.open(io.BytesIO(event.encoded_image_string))) for event in images]
+    assert all(np.array_equal(grid[:, 128:256], grids[0][:, 128:256]) for grid in grids)  # the starting adapter column stays
+    assert not np.array_equal(grids[-1][:, 256:], grids[0][:, 256:])  # while the current adapter changes
+    for metric in ("clipt_score", "clipi_score", "dino_score"):
+        values = logged.Scalars(f"validation/{metric}")
+        assert [event.step for event in values] == [0, 2, 4] and all(-1.0 <= event.value <= 1.0 for event in values)
+    assert GRID_TAG not in events(tmp_path / "plain").Tags()["images"]
+
+
+def test_validation_flags_are_checked_before_training(tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, tmp_path):
+    argv = train_args(tiny_models, tiny_pair_data, tmp_path / "out", *validation_args(tiny_clip_path, tiny_dino_dir))
+    bad_subject = [*argv, "--validation_subjects", "no_such_subject"]
+    assert "no_such_subject" in bad_input_message(train_patchdpo.main, bad_subject)
+    without_dino = argv[: argv.index("--dino_model")]
+    assert "--clip_model and --dino_model go together" in bad_input_message(train_patchdpo.main, without_dino)
+
+
+def _run_script(argv: list[str], processes: int = 1) -> None:
+    """A fresh interpreter per run: accelerate's state (mixed precision, process group) is per process."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    result = subprocess.run(
+        [*command, str(REPO / "train_patchdpo.py"), *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_validation_in_a_half_precision_run(tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, tmp_path):
+    """bf16 training (the half precision accelerate runs on CPU); validation generates in inference's dtype without dtype errors."""
+    out = tmp_path / "out"
+    _run_script(
+        train_args(tiny_models, tiny_pair_data, out, "--mixed_precision", "bf16", *validation_args(tiny_clip_path, tiny_dino_dir), steps=2)
+    )
+    assert [event.step for event in events(out).Images(GRID_TAG)] == [0, 2]
+
+
+def test_two_processes_with_validation(tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, tmp_path):
+    out = tmp_path / "out"
+    _run_script(
+        train_args(tiny_models, tiny_pair_data, out, *validation_args(tiny_clip_path, tiny_dino_dir), steps=2, batch=1), processes=2
+    )
+    assert [event.step for event in events(out).Images(GRID_TAG)] == [0, 2]
+    assert (out / "checkpoint-2" / "model.bin").is_file()
