@@ -445,6 +445,6 @@ def test_orphans_in_checkpoint_folders_are_removed_on_resume(two_states, tiny_mo
 def test_orphans_next_to_the_maps_file_are_removed(tmp_path, tiny_dinov2_dir):
     data = save_pair_data(tmp_path / "data", 1, 32, LATENT)
     orphans = [orphan_temp(data.root, "patch_quality.safetensors"), orphan_temp(data.root / maps.PARTS_DIR_NAME, "sample0.safetensors")]
-    maps.main(["--data_root", str(data.root), "--backbone", str(tiny_dinov2_dir), "--cpu", "--resolution", "32"])
+    maps.main(["--data_root", str(data.root), "--backbone", str(tiny_dinov2_dir), "--cpu", "--resolution", "32", "--vae_scale_factor", "2"])
     assert not any(path.exists() for path in orphans)
     assert QualityMaps.load(data.quality_file).keys() == [("sample0", 0)]
