@@ -90,6 +90,7 @@ class TrainingValidation:
         for subject in subjects:  # a bad folder fails at start-up, not at the first validation
             load_conditioning_images(self.data_root, subject, kosmosg=False)
         self.model: IPAdapterPlusXL | None = None
+        self.scale = args.validation_scale
         self.scorer: _Scorer | None = None
         self.start_images: list[Image.Image] = []
         if accelerator.is_main_process:
@@ -100,7 +101,6 @@ class TrainingValidation:
                 args.pretrained_ip_adapter_path,
                 "cpu",
                 dtype,
-                args.validation_scale,
             )
             self.tokens = SubjectTokens(self.model, lambda subject: load_conditioning_images(self.data_root, subject, kosmosg=False))
             if args.clip_model is not None:
@@ -118,7 +118,7 @@ class TrainingValidation:
         self.model.image_proj_model.to(self.accelerator.device)
         self.model.device = self.accelerator.device
         try:
-            return generate_batch(self.model, self.tokens, self.items, self.steps, height=self.size, width=self.size)
+            return generate_batch(self.model, self.tokens, self.items, self.steps, scale=self.scale, height=self.size, width=self.size)
         finally:
             for module in (self.model.pipe, self.model.image_encoder, self.model.image_proj_model):
                 module.to("cpu")
