@@ -12,9 +12,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs the script's --help in a fresh interpreter and reports its text and the heavy libraries it loaded.
+# Runs the script's --help in a fresh interpreter and reports its text, the help formatter that wrote
+# it (a help text such as "(default: a temporary folder)" would pass a look for "(default:" without it)
+# and the heavy libraries it loaded.
 PROBE = r"""
-import contextlib, io, json, runpy, sys
+import argparse, contextlib, io, json, runpy, sys
+formatters = []
+format_help = argparse.ArgumentParser.format_help
+argparse.ArgumentParser.format_help = lambda self: formatters.append(self.formatter_class.__name__) or format_help(self)
 target = sys.argv[1]
 sys.argv = [target, "--help"]
 out = io.StringIO()
@@ -27,7 +32,7 @@ with contextlib.redirect_stdout(out):
     except SystemExit:
         pass
 heavy = sorted(name for name in ("torch", "diffusers", "transformers", "accelerate") if name in sys.modules)
-print(json.dumps({"help": out.getvalue(), "heavy": heavy}))
+print(json.dumps({"help": out.getvalue(), "formatters": formatters, "heavy": heavy}))
 """
 
 FAST = [
@@ -59,6 +64,7 @@ def _probe(target: str) -> dict:
 def test_scripts_answer_help_fast_without_the_heavy_libraries(script):
     report = _probe(script)
     assert report["heavy"] == []
+    assert report["formatters"] == ["DefaultsHelpFormatter"]  # common.cli.ArgumentParser: every default shown
     assert "(default:" in report["help"] or script == "patch_quality.convert_pkl"  # positional arguments only
     assert report["seconds"] < HELP_SECONDS, f"{script} --help took {report['seconds']:.2f} s"
 
