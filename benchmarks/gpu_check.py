@@ -47,17 +47,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+from benchmark_cli import gpu_check_parser  # noqa: E402
+
+if __name__ == "__main__":
+    gpu_check_parser(__doc__.split("\n\n")[0]).parse_args()  # --help answers before the imports below load torch
+
 import inference_benchmark  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import train_benchmark  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
+from PIL import Image  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from common.io import atomic_write, atomic_write_json  # noqa: E402
@@ -85,7 +89,6 @@ PEAK_TFLOPS = (
     ("A10G", 70.0),
     ("L4", 121.0),
 )
-RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 BEGIN, END = "<!-- gpu-check:begin -->", "<!-- gpu-check:end -->"
 GENERATOR_STAGES = {"inference", "batch_invariance", "inference_compile"}
 TEMPLATE_BEGIN, TEMPLATE_END = "<!-- gpu-check:template", "gpu-check:template -->"
@@ -567,27 +570,10 @@ def write_results_md(results_json: Path, results_md: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = gpu_check_parser(__doc__.split("\n\n")[0])
     cuda = torch.cuda.is_available()
-    parser.add_argument("--out", type=Path, required=True, help="folder for results.json")
-    parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if cuda else "cpu")
-    parser.add_argument(
-        "--precisions", nargs="+", default=None, choices=["fp16", "bf16", "no"], help="default: fp16 bf16 on cuda, no on cpu"
-    )
-    parser.add_argument("--compile_backend", default=None, help="default: inductor on cuda, eager on cpu (see the module docstring)")
-    parser.add_argument(
-        "--budget_s",
-        type=float,
-        default=None,
-        help="the whole run's time limit (default: 480 s full; tiny: 600 s, a cap for loaded machines)",
-    )
-    parser.add_argument("--stages", nargs="+", default=None, help="run only these stages (models always runs)")
-    parser.add_argument("--work_dir", type=Path, default=None, help="models and pairs, kept for the next run (default: in the temp folder)")
-    parser.add_argument("--write-results", dest="write_results", action="store_true", help="then fill RESULTS.md's GPU section")
-    parser.add_argument("--no-run", dest="no_run", action="store_true", help="with --write-results: use the existing results.json")
-    parser.add_argument("--results_md", type=Path, default=RESULTS_MD, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if cuda else "cpu")
     gpu = args.device == "cuda"
     if gpu and not cuda:
         parser.error("--device cuda: no CUDA device is available (use --size tiny --device cpu to check the script)")

@@ -22,24 +22,28 @@ two of 255 (batch-size float rounding), or the benchmark fails.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # benchmark_cli, also when not run as a script
+
+from benchmark_cli import inference_parser  # noqa: E402
+
+if __name__ == "__main__":
+    inference_parser(__doc__.split("\n\n")[0]).parse_args()  # --help answers before the imports below load torch
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from common.batching import batched  # noqa: E402
-from common.cli import ArgumentParser  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
-from dreambench.benchmark import SUBJECT_NAMES, prompts_for  # noqa: E402
+from dreambench.benchmark import prompts_for  # noqa: E402
 from dreambench.data import load_conditioning_images  # noqa: E402
 from ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL  # noqa: E402
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch  # noqa: E402
@@ -106,26 +110,14 @@ def pixel_difference(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    cuda = torch.cuda.is_available()
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="full" if cuda else "mid")
-    parser.add_argument("--size", type=int, default=1024 if cuda else 128, help="image edge in pixels")
-    parser.add_argument("--num_inference_steps", type=int, default=30 if cuda else 10)
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16" if cuda else "float32")
-    parser.add_argument("--subjects", nargs="+", default=["backpack", "dog"], choices=SUBJECT_NAMES)
-    parser.add_argument("--prompts_per_subject", type=int, default=4)
-    parser.add_argument("--batch_size", type=int, default=8, help="our path's images per denoising batch")
-    parser.add_argument("--scale", type=float, default=0.78)
-    parser.add_argument("--data_root", type=Path, default=REPO.parent / "shared" / "dreambench")
-    parser.add_argument("--tolerance", type=int, default=2, help="allowed max pixel difference (of 255) where seeds agree")
-    parser.add_argument("--output", type=Path, default=None, help="also write the numbers as JSON here")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = inference_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    cuda = torch.cuda.is_available()
+    defaults = dict(shape="full" if cuda else "mid", size=1024 if cuda else 128, num_inference_steps=30 if cuda else 10)
+    for name, value in dict(defaults, dtype="float16" if cuda else "float32").items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    device = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, args.dtype)
     references = {name: load_conditioning_images(args.data_root, name, kosmosg=False) for name in args.subjects}
     items = [

@@ -40,6 +40,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmark_cli, also when not run as a script
+
+from benchmark_cli import VARIANTS, train_parser  # noqa: E402
+
+if __name__ == "__main__":
+    train_parser(__doc__.splitlines()[0]).parse_args()  # --help answers before the imports below load torch
 
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
@@ -49,7 +55,6 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
-from common.cli import ArgumentParser  # noqa: E402
 from common.precision import mixed_precision_dtype  # noqa: E402
 from common.sampling import EpochSampler  # noqa: E402
 from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
@@ -65,7 +70,6 @@ from patchdpo.training import PairConditioning, load_training_models, pair_noise
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
 
-VARIANTS = ("reference", "ours_no_cache", "ours")
 LOGGING_STEPS = 10  # ours synchronises for the loss only when it logs, as train_patchdpo.py
 
 
@@ -247,24 +251,9 @@ def run_variant(args) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: full on cuda, mid on cpu")
-    parser.add_argument("--resolution", type=int, default=None, help="default: 512 on cuda, 128 on cpu")
-    parser.add_argument("--batch_size", type=int, default=None, help="pairs per step; default: 4 on cuda, 2 on cpu")
-    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: fp16 on cuda, no on cpu")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (>= 1: the first one checks the losses agree)")
-    parser.add_argument("--num_workers", type=int, default=None, help="data loader workers; default: 4 on cuda, 0 on cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of each CPU run")
-    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the UNet, as train_patchdpo.py --compile")
-    parser.add_argument("--compile_backend", default="inductor", help=argparse.SUPPRESS)
-    parser.add_argument("--count_flops", action="store_true", help="count the FLOPs of one step (torch.utils.flop_counter)")
-    parser.add_argument("--work_dir", default=None, help="models, data and cache go here (default: a temporary folder)")
-    parser.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--models", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    parser = train_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = args.device == "cuda"
     defaults = dict(
         shape="full" if gpu else "mid",

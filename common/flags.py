@@ -26,6 +26,8 @@ LR_SCHEDULERS = (
     "piecewise_constant",
 )
 DEFAULT_VALIDATION_SUBJECTS = ("dog", "backpack")
+#: the negative prompt of IP-Adapter's SDXL demo (`ip_adapter.ip_adapter` uses it, construct's flag defaults to it).
+DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
 def add_generator_args(parser: argparse.ArgumentParser, base_model_help: str, ip_ckpt_help: str) -> None:

@@ -15,6 +15,7 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from common.errors import BadInputError
+from common.flags import DEFAULT_NEGATIVE_PROMPT
 
 from .attention_processor import install_ip_adapter, set_ip_adapter_scale
 from .checkpoint import Checkpoint, load_adapter_state, load_ip_adapter_checkpoint
@@ -22,7 +23,6 @@ from .image_encoder import encode_image_features, load_image_encoder, preprocess
 from .resampler import Resampler
 
 DEFAULT_PROMPT = "best quality, high quality"
-DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 ImageInput = Image.Image | Sequence[Image.Image] | Sequence[Sequence[Image.Image]]
 Generators = torch.Generator | Sequence[torch.Generator] | None

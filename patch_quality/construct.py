@@ -31,6 +31,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from patch_quality.cli import construct_parser as build_parser
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a wrong flag answer before the imports below load torch
+
 import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionXLPipeline
@@ -38,9 +43,8 @@ from PIL import Image
 
 from common.batching import generate_and_save
 from common.checks import require_flags_in_range, require_template_fields
-from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries
+from common.cli import exit_on_bad_input, quiet_libraries
 from common.errors import BadInputError
-from common.flags import add_generator_args, add_speed_args
 from common.hub import recorded_name
 from common.images import load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
@@ -195,41 +199,6 @@ def generate_pairs(
         f"generated [{position}]",
         position,
     )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m patch_quality.construct",
-        description="Build PatchDPO training pairs (references + IP-Adapter-Plus generations).",
-    )
-    add_generator_args(
-        parser,
-        "local SDXL pipeline folder (references and the generator's base)",
-        "IP-Adapter-Plus checkpoint to generate with (.bin or .safetensors)",
-    )
-    parser.add_argument("--output_dir", type=Path, required=True, help="DATA folder to create or resume")
-    add_speed_args(parser)  # applied to the generator (the UNet with the adapter installed)
-    parser.add_argument("--num_samples", type=int, default=None, help="number of sample{i}/ folders (required unless --reference_images)")
-    parser.add_argument(
-        "--reference_images",
-        type=Path,
-        default=None,
-        help='JSON list of {"image": path, "category": word}: use these images as the references (one sample each) instead of drawing them',
-    )
-    parser.add_argument("--num_generated", type=int, default=1, help="generated images per reference (K); training uses gen_0 by default")
-    parser.add_argument("--categories", type=Path, default=None, help="text file, one object category per line (default: the shipped list)")
-    parser.add_argument(
-        "--reference_template", default=REFERENCE_TEMPLATE, help="reference prompt; {object} is the category with its article"
-    )
-    parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt of the reference images")
-    parser.add_argument("--scale", type=float, default=0.78, help="IP-Adapter scale of the generated images (the inference setting)")
-    parser.add_argument("--num_inference_steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=42, help="base seed; every image's seed is sha256-derived from (seed, role, sample, k)")
-    parser.add_argument("--batch_size", type=int, default=4, help="images per denoising batch (does not change the images)")
-    return parser
 
 
 def load_reference_images(path: Path) -> list[dict[str, str]]:

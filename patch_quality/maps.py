@@ -28,6 +28,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from patch_quality.cli import maps_parser as build_parser
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a wrong flag answer before the imports below load torch
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,18 +42,18 @@ from tqdm.auto import tqdm
 
 from common.batching import batched
 from common.checks import require_flags_in_range
-from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries, str2bool
+from common.cli import exit_on_bad_input, quiet_libraries
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import remove_stale_temp_files, sha256_file
 from common.launch import check_launch
 from common.outputs import check_output_dir, check_output_file
 from patch_quality import layout
+from patch_quality.cli import TRANSFORMS
 from patch_quality.features import PatchFeatureExtractor, center_square, describe
 from patch_quality.latent_grid import latent_grid
 from patch_quality.store import QualityMaps, save_quality_maps
 
-TRANSFORMS = ("raw", "minmax", "threshold")
 INTERPOLATION = "bilinear, align_corners=False, antialias=False (patch grid -> latent grid, before the transform)"
 PARTS_DIR_NAME = ".patch_quality_parts"
 
@@ -264,69 +269,6 @@ def _merge_parts(samples: list[Path], parts_dir: Path, run_tag: str, output: Pat
     metadata = {**run_meta, "num_samples": str(len(samples)), "num_pairs": str(len(merged))}
     save_quality_maps(output, merged, metadata)
     shutil.rmtree(parts_dir)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m patch_quality.maps",
-        description="Estimate patch-quality maps for DATA/sample*/ and write DATA/patch_quality.safetensors.",
-    )
-    parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs (patch_quality.construct layout)")
-    parser.add_argument(
-        "--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model"
-    )
-    parser.add_argument("--finetuned", type=Path, default=None, help="patch_quality.ssl_train checkpoint applied on top of --backbone")
-    parser.add_argument("--layer", type=int, default=-1, help="hidden_states index of the features (0 = embeddings, -1 = last block)")
-    parser.add_argument(
-        "--image_size",
-        type=int,
-        default=None,
-        help="backbone input edge (multiple of the patch size); default from the image processor config",
-    )
-    parser.add_argument(
-        "--transform",
-        choices=TRANSFORMS,
-        default="raw",
-        help="similarity -> weight: raw cosine clamped to [0,1], per-image min-max, or threshold",
-    )
-    parser.add_argument(
-        "--good_threshold", type=float, default=0.5, help="cosine at or above which a patch counts as good (--transform threshold)"
-    )
-    parser.add_argument(
-        "--signed", type=str2bool, default=False, help="map generated-image weights from [0,1] to [-1,1] so bad patches are pushed away"
-    )
-    parser.add_argument(
-        "--foreground_mask",
-        type=str2bool,
-        default=True,
-        help="restrict reference patches to the foreground of the clean-background reference",
-    )
-    parser.add_argument("--background_level", type=int, default=240, help="pixels with all channels >= this are reference background")
-    parser.add_argument(
-        "--foreground_fraction", type=float, default=0.05, help="fraction of foreground pixels that makes a patch foreground"
-    )
-    parser.add_argument(
-        "--mask_reference_background", type=str2bool, default=True, help="set reference_map to 1 (weight 0) on the reference background"
-    )
-    parser.add_argument("--resolution", type=int, default=512, help="training resolution")
-    parser.add_argument(
-        "--base_model_path",
-        default=None,
-        help="SDXL model training uses (folder or Hugging Face id): maps are resolution / its VAE factor square",
-    )
-    parser.add_argument(
-        "--vae_scale_factor", type=int, default=None, help="VAE downsampling factor; checked against --base_model_path, or used alone"
-    )
-    parser.add_argument("--output", type=Path, default=None, help="default: DATA_ROOT/patch_quality.safetensors")
-    parser.add_argument("--batch_size", type=int, default=8, help="samples per backbone forward pass")
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16"),
-        default="float32",
-        help="backbone dtype (similarities are computed in float32)",
-    )
-    parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
-    return parser
 
 
 def check_map_args(args: argparse.Namespace) -> None:

@@ -24,6 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from patch_quality.cli import ssl_train_parser as build_parser
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a wrong flag answer before the imports below load torch
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.checks import require_flags_in_range
-from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries
+from common.cli import exit_on_bad_input, quiet_libraries
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_write_json
@@ -50,10 +55,10 @@ from common.training_state import (
     remove_orphan_checkpoint_files,
     save_training_state,
 )
+from patch_quality.cli import FINETUNED_NAME
 from patch_quality.features import PatchFeatureExtractor, center_square, load_finetuned, save_finetuned, transformer_blocks
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-FINETUNED_NAME = "ssl_backbone.safetensors"
 
 
 @dataclass(frozen=True)
@@ -456,46 +461,6 @@ def _save_results(
         )
         atomic_write_json(output_dir / "metrics.json", metrics)
     accelerator.wait_for_everyone()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m patch_quality.ssl_train",
-        description="Patch-correspondence self-supervised finetuning of a ViT backbone.",
-    )
-    parser.add_argument(
-        "--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model"
-    )
-    parser.add_argument(
-        "--train_data", type=Path, required=True, help="folder searched recursively for images (e.g. DATA from patch_quality.construct)"
-    )
-    parser.add_argument("--output_dir", type=Path, required=True, help=f"gets {FINETUNED_NAME}, metrics.json, checkpoint-N/, logs/")
-    parser.add_argument("--layer", type=int, default=-1, help="hidden_states index whose patch tokens are trained (use the same for maps)")
-    parser.add_argument("--trainable_blocks", type=int, default=2, help="train the last N blocks up to --layer; everything else frozen")
-    parser.add_argument(
-        "--image_size", type=int, default=None, help="view edge fed to the backbone; default from the image processor config"
-    )
-    parser.add_argument("--source_size", type=int, default=None, help="edge images are loaded at before cropping (default 2 x image size)")
-    parser.add_argument("--crop_scale", type=float, nargs=2, default=(0.35, 1.0), help="random resized crop area range")
-    parser.add_argument("--crop_ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), help="random resized crop aspect range")
-    parser.add_argument("--flip_prob", type=float, default=0.5, help="horizontal-flip probability per view")
-    parser.add_argument("--color_jitter", type=float, default=0.4, help="brightness/contrast/saturation factors drawn from [1-x, 1+x]")
-    parser.add_argument("--temperature", type=float, default=0.1, help="InfoNCE temperature")
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--weight_decay", type=float, default=0.05)
-    parser.add_argument("--train_batch_size", type=int, default=16, help="images per process (two views each)")
-    parser.add_argument("--max_train_steps", type=int, default=2000)
-    parser.add_argument("--validation_fraction", type=float, default=0.1, help="images held out for the matching accuracy")
-    parser.add_argument("--validation_pairs_per_image", type=int, default=2)
-    parser.add_argument("--validation_steps", type=int, default=200, help="log held-out accuracy every N steps (0: only before/after)")
-    parser.add_argument("--checkpointing_steps", type=int, default=None, help="save a resumable state every N steps")
-    parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
-    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    parser.add_argument("--report_to", default="tensorboard")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--cpu", action="store_true", help="train on CPU even if an accelerator is available")
-    return parser
 
 
 def _settings(args: argparse.Namespace) -> tuple[TrainSettings, AugmentSettings]:

@@ -11,8 +11,12 @@ of the image that training and the maps use.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from patch_quality.cli import visualize_parser as build_parser
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a wrong flag answer before the imports below load torch
 
 import numpy as np
 import torch
@@ -21,7 +25,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from common.checks import require_flags_in_range
-from common.cli import ArgumentParser, quiet_libraries, str2bool
+from common.cli import quiet_libraries
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_save_image
@@ -107,21 +111,6 @@ def visualize(
             written.append(atomic_save_image(panel, target))
     state.wait_for_everyone()
     return written
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m patch_quality.visualize",
-        description="Overlay quality maps on their images (PNG strips).",
-    )
-    parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs")
-    parser.add_argument("--output_dir", type=Path, required=True, help="where {sample}_gen_{k}.png strips go")
-    parser.add_argument("--maps", type=Path, default=None, help="quality-map file; default DATA_ROOT/patch_quality.safetensors")
-    parser.add_argument("--max_samples", type=int, default=None, help="only the first N samples (by index)")
-    parser.add_argument("--size", type=int, default=256, help="edge of each tile in pixels")
-    parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the coloured map")
-    parser.add_argument("--overwrite", type=str2bool, default=False, help="redraw panels that already exist")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> None:

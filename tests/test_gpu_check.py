@@ -103,3 +103,13 @@ def test_a_stage_over_its_budget_is_stopped(gpu_check):
 )
 def test_peak_flops_table(gpu_check, name, tflops):
     assert gpu_check.peak_tflops(name) == tflops
+
+
+def test_the_light_parsers_offer_every_size_and_shape(gpu_check):
+    """benchmark_cli names the sizes and shapes without importing them (they need torch): the names must stay in sync."""
+    import benchmark_cli  # on sys.path once gpu_check is loaded
+
+    from stand_ins.sdxl import SHAPES
+
+    assert benchmark_cli.SIZE_NAMES == tuple(sorted(gpu_check.SIZES))
+    assert benchmark_cli.SHAPE_NAMES == tuple(sorted(SHAPES))
