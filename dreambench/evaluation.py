@@ -158,26 +158,6 @@ def _check_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def evaluate_generations(
-    output_dir: str | os.PathLike,
-    data_root: str | os.PathLike,
-    kosmosg: bool,
-    clip_model: str | os.PathLike,
-    dino_model: str | os.PathLike,
-    device: str | torch.device,
-    batch_size: int = 25,
-    allow_partial: bool = False,
-    subjects: list[str] | None = None,
-    clip_download_root: str | os.PathLike | None = None,
-) -> dict[str, Any]:
-    """`score_generations`, then `write_scores`: the scores in `output_dir/all_score.json` and returned."""
-    scores = score_generations(
-        output_dir, data_root, kosmosg, clip_model, dino_model, device, batch_size, allow_partial, subjects, clip_download_root
-    )
-    write_scores(output_dir, scores)
-    return scores
-
-
 def check_scores_writable(output_dir: str | os.PathLike) -> Path:
     """Fail before any model loads if `all_score.json` could not be written (a folder of that name, a read-only disk)."""
     return check_output_file(Path(output_dir) / SCORE_FILE, "--output_dir")
@@ -274,7 +254,7 @@ def _summary(per_subject: dict[str, dict[str, Any]], generations: GenerationSet,
 
 
 def format_score_table(scores: dict[str, Any]) -> str:
-    """Human-readable table of an `evaluate_generations` result: subjects, group means, overall."""
+    """Human-readable table of a `score_generations` result: subjects, group means, overall."""
     header = f"{'subject':<20} {'group':<7} {'DINO':>7} {'CLIP-I':>7} {'CLIP-T':>7} {'images':>6}"
     rule = "-" * len(header)
 

@@ -155,7 +155,7 @@ class RunReport:
     quality_colors: Callable[[torch.Tensor], np.ndarray] | None = None
     #: (subject, prompts, references, start folder, trained folder) per evaluated subject
     comparisons: list[tuple[str, list[str], list[Image.Image], Path, Path]] = field(default_factory=list)
-    #: Evaluation results (`evaluate_generations` output) by model label, e.g. before / after training.
+    #: Evaluation results (`score_generations` output) by model label, e.g. before / after training.
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def write(self, report_dir: str | os.PathLike, wall_seconds: float | None = None) -> Path:

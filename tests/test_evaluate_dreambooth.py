@@ -28,7 +28,7 @@ from transformers import ViTModel
 
 from common.errors import BadInputError
 from dreambench.benchmark import get_subject, prompts_for
-from dreambench.evaluation import evaluate_generations, format_score_table
+from dreambench.evaluation import format_score_table, score_generations, write_scores
 from dreambench.metrics import load_dino, resolve_clip_checkpoint
 
 with warnings.catch_warnings():
@@ -138,7 +138,9 @@ def _assert_same_scores(actual: dict, expected: dict) -> None:
 
 def _evaluate(output_dir, clip_path, dino_dir, kosmosg, **kwargs):
     kwargs.setdefault("subjects", SUBJECTS)
-    return evaluate_generations(output_dir, DREAMBENCH, kosmosg, clip_path, dino_dir, device="cpu", batch_size=7, **kwargs)
+    scores = score_generations(output_dir, DREAMBENCH, kosmosg, clip_path, dino_dir, device="cpu", batch_size=7, **kwargs)
+    write_scores(output_dir, scores)
+    return scores
 
 
 @pytest.fixture()

@@ -25,8 +25,8 @@ from patch_quality.store import QualityMaps
 from patchdpo.pair_dataset import PairDataset, index_pairs
 from patchdpo.training import ADAPTER_STATE_NAME, IPAdapterTrainingModel, PairConditioning, load_training_models, training_step
 from stand_ins.vit_models import structured_texture
+from tests.test_train_patchdpo import LATENT, RESOLUTION, train_args
 
-RESOLUTION, LATENT = 32, 16  # the tiny VAE downsamples by 2
 # stand_ins.pairs: references are RESOLUTION square, generated images RESOLUTION + 8 wide; (H, W) per latent row.
 REFERENCE_HW, GENERATED_HW = (32.0, 32.0), (32.0, 40.0)
 
@@ -66,35 +66,7 @@ def unet_time_ids(monkeypatch) -> list[torch.Tensor]:
 
 def train(models, data, out: Path, *extra: str, steps: int = 1) -> Path:
     """`train_patchdpo.main` with PatchDPO's loss on the tiny models: `steps` steps of 2 pairs."""
-    train_patchdpo.main(
-        [
-            "--pretrained_model_name_or_path",
-            str(models.sdxl_dir),
-            "--image_encoder_path",
-            str(models.image_encoder_dir),
-            "--pretrained_ip_adapter_path",
-            str(models.ip_ckpt),
-            "--data_root_path",
-            str(data.root),
-            "--patch_quality_file",
-            str(data.quality_file),
-            "--use_dpo_loss",
-            "True",
-            "--resolution",
-            str(RESOLUTION),
-            "--train_batch_size",
-            "2",
-            "--stop_step",
-            str(steps),
-            "--output_dir",
-            str(out),
-            "--report_to",
-            "tensorboard",
-            "--learning_rate",
-            "1e-3",
-            *extra,
-        ]
-    )
+    train_patchdpo.main(train_args(models, data, out, "--use_dpo_loss", "True", *extra, steps=steps))
     return out
 
 
