@@ -24,7 +24,7 @@ from patch_quality.ssl_train import main as ssl_main
 from patch_quality.store import QualityMaps
 from patchdpo.pair_dataset import PairDataset, index_pairs
 from patchdpo.training import ADAPTER_STATE_NAME, IPAdapterTrainingModel, PairConditioning, load_training_models, training_step
-from stand_ins.vit_models import structured_texture
+from tests.test_patch_quality_ssl_train import ssl_cli_args, texture_folder
 from tests.test_train_patchdpo import LATENT, RESOLUTION, train_args
 
 # stand_ins.pairs: references are RESOLUTION square, generated images RESOLUTION + 8 wide; (H, W) per latent row.
@@ -191,40 +191,10 @@ def test_the_final_step_is_saved_with_the_final_weights(tiny_models, tiny_pair_d
 
 
 def test_ssl_train_resumed_2_plus_2_steps_equals_4_straight_steps(tmp_path, tiny_dinov2_dir):
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed in range(9):  # 3 held out, 6 trained at 2 per step: 3 batches per epoch
-        structured_texture(seed, size=96).save(images / f"{seed}.png")
+    images = texture_folder(tmp_path / "images", 9)  # 3 held out, 6 trained at 2 per step: 3 batches per epoch
 
     def run(out: Path, steps: int, *extra: str) -> None:
-        ssl_main(
-            [
-                "--backbone",
-                str(tiny_dinov2_dir),
-                "--train_data",
-                str(images),
-                "--output_dir",
-                str(out),
-                "--cpu",
-                "--train_batch_size",
-                "2",
-                "--validation_fraction",
-                "0.34",
-                "--validation_steps",
-                "0",
-                "--trainable_blocks",
-                "1",
-                "--learning_rate",
-                "1e-3",
-                "--checkpointing_steps",
-                "2",
-                "--report_to",
-                "",
-                "--max_train_steps",
-                str(steps),
-                *extra,
-            ]
-        )
+        ssl_main(ssl_cli_args(tiny_dinov2_dir, images, out, "--learning_rate", "1e-3", "--max_train_steps", str(steps), *extra))
 
     run(tmp_path / "straight", 4)
     run(tmp_path / "resumed", 2)  # the second half resumes inside epoch 0 (skips 2 batches) and crosses into epoch 1

@@ -4,6 +4,7 @@ and training measurably improves top-1 patch matching of a tiny ViT on held-out 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,15 +102,19 @@ def test_training_improves_patch_matching(tmp_path, tiny_vit_dir):
     torch.testing.assert_close(reloaded(probe), extractor(probe))
 
 
-def test_cli_checkpoints_and_resumes(tmp_path, tiny_dinov2_dir, capsys):
-    images = tmp_path / "images"
-    images.mkdir()
-    for seed in range(6):
-        structured_texture(seed, size=96).save(images / f"{seed}.png")
-    out = tmp_path / "out"
-    args = [
+def texture_folder(folder: Path, count: int) -> Path:
+    """`count` 96 px textured images, the training data of the CLI runs."""
+    folder.mkdir()
+    for seed in range(count):
+        structured_texture(seed, size=96).save(folder / f"{seed}.png")
+    return folder
+
+
+def ssl_cli_args(backbone: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    """A small CPU run: 2 images a step, a third of them held out, one trainable block, a state every 2 steps."""
+    return [
         "--backbone",
-        str(tiny_dinov2_dir),
+        str(backbone),
         "--train_data",
         str(images),
         "--output_dir",
@@ -127,7 +132,14 @@ def test_cli_checkpoints_and_resumes(tmp_path, tiny_dinov2_dir, capsys):
         "2",
         "--report_to",
         "",
+        *extra,
     ]
+
+
+def test_cli_checkpoints_and_resumes(tmp_path, tiny_dinov2_dir, capsys):
+    images = texture_folder(tmp_path / "images", 6)
+    out = tmp_path / "out"
+    args = ssl_cli_args(tiny_dinov2_dir, images, out)
     main(args + ["--max_train_steps", "2"])
     assert (out / "checkpoint-2" / "training_state" / FINETUNED_NAME).is_file()
     metrics = main(args + ["--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
