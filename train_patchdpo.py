@@ -16,11 +16,12 @@ product trains the same global batches with the same randomness (README "Trainin
 from __future__ import annotations
 
 import argparse
+import sys
 
 from common.checks import require_flags_in_range
 from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries, str2bool
 from common.errors import BadInputError
-from common.flags import LOSS_MODES, LR_SCHEDULERS, add_speed_args, add_validation_args
+from common.flags import CHANGEABLE_ON_RESUME, LOSS_MODES, LR_SCHEDULERS, add_speed_args, add_validation_args
 
 PROG = "train_patchdpo.py"
 
@@ -84,7 +85,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="also save the full training state (optimizer, step) in checkpoint-N/training_state",
     )
-    extra.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
+    extra.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest' or a checkpoint-N folder; the run's settings must equal the ones recorded with that state",
+    )
+    extra.add_argument(
+        "--change_on_resume",
+        nargs="+",
+        default=[],
+        choices=CHANGEABLE_ON_RESUME,
+        metavar="SETTING",
+        help=f"settings a resume may change deliberately (one of {', '.join(CHANGEABLE_ON_RESUME)}): the optimizer, the schedule "
+        "and the logged hyper-parameters then all take the new values",
+    )
     extra.add_argument("--cache_dir", default=None, help="precompute the frozen encoders' outputs once, here")
     extra.add_argument("--gradient_checkpointing", action="store_true")
     extra.add_argument("--logging_steps", type=int, default=10)
@@ -137,7 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     from patchdpo.loop import run_training
 
     quiet_libraries()
-    run_training(args, PROG, TrainingValidation if args.validation_data_root else None)
+    exit_code = run_training(args, PROG, TrainingValidation if args.validation_data_root else None)
+    if exit_code:
+        sys.exit(exit_code)  # stopped by a signal after saving (common.stop_signals)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from ip_adapter.checkpoint import load_ip_adapter_checkpoint, load_strict  # noq
 from ip_adapter.image_encoder import load_image_encoder  # noqa: E402
 from ip_adapter.loading import vae_scale_factor  # noqa: E402
 from ip_adapter.resampler import Resampler  # noqa: E402
-from ip_adapter.speed import speed_up_unet  # noqa: E402
+from ip_adapter.speed import channels_last_helps, speed_up_unet  # noqa: E402
 from patch_quality.store import QualityMaps  # noqa: E402
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key  # noqa: E402
 from patchdpo.pair_dataset import PairDataset, index_pairs  # noqa: E402
@@ -170,7 +170,9 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
     dataset = PairDataset(tokenizers=tokenizers, cache=cache, **dataset_kwargs)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
     model = models.model
-    speed_up_unet(model.unet, compile=args.compile, backend=args.compile_backend)  # as train_patchdpo.py (--compile)
+    speed_up_unet(  # as train_patchdpo.py (--compile)
+        model.unet, compile=args.compile, channels_last=channels_last_helps(model.unet.device), backend=args.compile_backend
+    )
     optimizer = torch.optim.AdamW(model.adapter_modules.parameters(), lr=3e-5, weight_decay=0.01)
     prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     counter = {"step": 0}

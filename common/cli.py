@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
-from common.errors import BadInputError
+from common.errors import ReportedError
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -75,18 +75,18 @@ def str2bool(value: str | bool) -> bool:
 
 @contextlib.contextmanager
 def exit_on_bad_input(program: str) -> Iterator[None]:
-    """Turn a `BadInputError` into argparse's `prog: error: ...` line and exit 2.
+    """Turn a `ReportedError` (bad input, failed write, diverged run) into one `prog: error: ...` line and its exit code.
 
     A researcher launching a multi-GPU job wants the reason, not a traceback from every process.
-    Only the bad-input type is caught: any other exception is a bug and keeps its traceback.
+    Only our own reported types are caught: any other exception is a bug and keeps its traceback.
     """
     try:
         yield
-    except BadInputError as error:
+    except ReportedError as error:
         fail(program, error)
 
 
-def fail(program: str, error: BadInputError) -> NoReturn:
-    """Print argparse's `prog: error: message` line for a bad input and exit with argparse's code 2."""
+def fail(program: str, error: ReportedError) -> NoReturn:
+    """Print argparse's `prog: error: message` line and exit with the error's code (argparse's 2 for bad input)."""
     print(f"{program}: error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(error.exit_code)

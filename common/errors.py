@@ -1,10 +1,26 @@
-"""The one exception type for bad user input.
+"""The errors a script reports in one line instead of a traceback.
 
-Input checks raise `BadInputError` with one line naming the path, key or flag and what was
-expected; only the scripts catch it (see `common.cli.exit_on_bad_input`). It subclasses
-`ValueError` so that library callers who catch `ValueError` keep working.
+`ReportedError` is the base: the scripts catch it (and only it, see `common.cli.exit_on_bad_input`),
+print `prog: error: message` and exit with its `exit_code`. Its kinds:
+
+* `BadInputError` (exit 2): an input check failed — one line naming the path, key or flag and what
+  was expected. It subclasses `ValueError` so that library callers who catch `ValueError` keep working.
+* `WriteError` (exit 2): an output could not be written (no space, file too large, name too long,
+  permission) — one line naming the file and the cause; what was written before it stays intact.
+
+Any other exception is a bug and keeps its traceback.
 """
 
 
-class BadInputError(ValueError):
+class ReportedError(Exception):
+    """An error whose message is the whole story: printed as one line, the process exits with `exit_code`."""
+
+    exit_code = 2
+
+
+class BadInputError(ReportedError, ValueError):
     """A user-supplied file, folder, flag or value is not what the program needs."""
+
+
+class WriteError(ReportedError, OSError):
+    """An output file or folder could not be written; the message names it and the cause."""

@@ -16,6 +16,8 @@ from common.cli import str2bool
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 LOSS_MODES = ("patch_dpo", "mse", "image_dpo")
 #: diffusers' `get_scheduler` names (`diffusers.optimization.SchedulerType`; a test keeps them in sync).
+#: Optimizer settings a training resume may change deliberately (`--change_on_resume`, `patchdpo.run_settings`).
+CHANGEABLE_ON_RESUME = ("learning_rate", "weight_decay", "lr_scheduler", "lr_warmup_steps", "max_grad_norm")
 LR_SCHEDULERS = (
     "linear",
     "cosine",

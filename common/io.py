@@ -9,11 +9,14 @@ resumed run removes only the orphans of dead processes, never the files another 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import resource
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+
+from common.errors import WriteError
 
 logger = logging.getLogger(__name__)
 _TEMP_OWNER = re.compile(r"\.pid(?P<pid>\d+)@(?P<host>[^.]*)\.[^.]*\.tmp")
@@ -40,18 +45,69 @@ def _current_umask() -> int:
     return mask
 
 
+_CAUSES = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (the file-size limit `ulimit -f`, or the file system's maximum)",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+}
+#: How torch's and safetensors' writers report a failed write: without an errno, so the cause is diagnosed.
+_LIBRARY_WRITE_FAILURES = re.compile(r"iostream error|file write failed|PytorchStreamWriter failed|File too large|No space left|I/O error")
+
+
+def _diagnose(path: Path, written: Path | None) -> str:
+    """The likely cause of a write that failed without an errno: the file-size limit, a full disk, or unknown."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and written is not None and written.exists() and written.stat().st_size >= limit - (1 << 16):
+        return _CAUSES[errno.EFBIG]
+    folder = next((parent for parent in (path, *path.parents) if parent.exists()), Path("."))
+    if shutil.disk_usage(folder).free < (1 << 20):
+        return _CAUSES[errno.ENOSPC]
+    return "the write failed (disk full, file-size limit or I/O error)"
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path: str | os.PathLike, written: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn a failed write of `path` into a one-line `WriteError` naming it and the cause.
+
+    `written` is the file actually being written (a temporary sibling), used to tell a file-size
+    limit from other failures when the library reports none. Errors that are not write failures
+    keep their traceback.
+    """
+    path = Path(path)
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        cause = _CAUSES.get(error.errno, error.strerror or str(error))
+        raise WriteError(f"cannot write {path}: {cause}") from error
+    except Exception as error:
+        if not _LIBRARY_WRITE_FAILURES.search(str(error)):
+            raise
+        raise WriteError(f"cannot write {path}: {_diagnose(path, Path(written) if written else None)}") from error
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling path; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary sibling path; on success it replaces `path`, on error it is removed.
+
+    A failed write (no space, file too large, name too long...) is a one-line `WriteError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp" + path.suffix)
-    os.close(fd)
+    with reporting_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp" + path.suffix)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp_path, path)
+        with reporting_write_errors(path, tmp_path):
+            yield tmp_path
+            os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
+            os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.errors import BadInputError
-from common.io import remove_stale_temp_files
+from common.io import atomic_write_json, remove_stale_temp_files, reporting_write_errors
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -24,21 +24,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRAINING_STATE_DIR = "training_state"
+#: What the run that saved a state was trained with (`patchdpo.run_settings`), compared on resume.
+SETTINGS_NAME = "settings.json"
 #: Files every state holds: accelerate's optimizer state (both trainers have one optimizer).
 REQUIRED_STATE_FILES = ("optimizer.bin",)
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
-def save_training_state(accelerator: Accelerator, checkpoint_dir: str | os.PathLike) -> Path:
-    """Full accelerate state in `checkpoint_dir/training_state`, renamed into place when complete."""
+def save_training_state(accelerator: Accelerator, checkpoint_dir: str | os.PathLike, settings: dict | None = None) -> Path:
+    """Full accelerate state (and the run's `settings`) in `checkpoint_dir/training_state`, renamed into place when complete.
+
+    A failed write (full disk, file-size limit) is a one-line `WriteError`; the previous states stay.
+    """
     final = Path(checkpoint_dir) / TRAINING_STATE_DIR
     partial = final.with_name(TRAINING_STATE_DIR + ".partial")
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    with reporting_write_errors(partial):
+        accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if settings is not None:
+            atomic_write_json(partial / SETTINGS_NAME, settings)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
     accelerator.wait_for_everyone()

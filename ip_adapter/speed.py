@@ -1,6 +1,8 @@
 """GPU-side speed settings of the SDXL UNet, shared by inference, training and the benchmarks.
 
-What cannot change results is on by default (channels-last UNet); what can is behind a flag:
+What cannot change results is on by default where it helps (a channels-last UNet on CUDA, where
+cuDNN's NHWC convolutions are faster; on a CPU it measured no gain and is left off); what can change
+results is behind a flag:
 `--allow_tf32` (TF32 matmuls on Ampere and newer) and `--compile` (`torch.compile` of the UNet's
 forward with our IP-Adapter processors installed). The compiled forward is traced with
 `fullgraph=True`, so a graph break is an error at the first call instead of a silent slowdown; the
@@ -72,6 +74,11 @@ def speed_up_unet(
 
 
 def apply_speed_args(args: argparse.Namespace, unet: nn.Module, announce: Callable[[str], None] = print) -> CompiledForward | None:
-    """Apply `add_speed_args`'s flags (and the channels-last default) to `unet`."""
+    """Apply `add_speed_args`'s flags (and channels-last where the UNet sits on CUDA) to `unet`."""
     set_tf32(args.allow_tf32)
-    return speed_up_unet(unet, compile=args.compile, announce=announce)
+    return speed_up_unet(unet, compile=args.compile, channels_last=channels_last_helps(unet.device), announce=announce)
+
+
+def channels_last_helps(device: torch.device) -> bool:
+    """Channels-last is the default on CUDA only (NHWC cuDNN kernels); CPU convolutions gained nothing from it here."""
+    return device.type == "cuda"

@@ -22,9 +22,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from common.errors import BadInputError
+from common.io import reporting_write_errors
 from common.launch import check_launch, check_mixed_precision
 from common.precision import mixed_precision_dtype
+from common.run_lock import holding_output_dir
 from common.sampling import EpochSampler
+from common.stop_signals import STOPPED_EXIT_CODE, StopSignals, ignore_stop_signals_in_worker
 from common.training_state import (
     TRAINING_STATE_DIR,
     checkpoint_step,
@@ -37,10 +40,11 @@ from ip_adapter.loading import vae_scale_factor
 from ip_adapter.speed import apply_speed_args
 from patch_quality.store import QualityMaps
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
-from patchdpo.finite_guard import check_step_is_finite
 from patchdpo.loss import LossOutput
 from patchdpo.optimization import StepPlan, adamw, lr_scheduler
-from patchdpo.pair_dataset import DropoutRates, PairDataset, TrainingPair, index_pairs
+from patchdpo.pair_dataset import DropoutRates, PairDataset, index_pairs
+from patchdpo.run_settings import apply_changed_settings, check_resume_settings, run_settings
+from patchdpo.step_guard import StepGuard
 from patchdpo.step_metrics import StepMeter
 from patchdpo.training import (
     PairConditioning,
@@ -68,19 +72,28 @@ class Validation(Protocol):
 ValidationFactory = Callable[[argparse.Namespace, Accelerator, int], Validation]
 
 
-def run_training(args: argparse.Namespace, prog: str, make_validation: ValidationFactory | None = None) -> None:
-    """Check the launch, set up, train until `--stop_step` / the epoch cap, save the final adapter."""
+def run_training(args: argparse.Namespace, prog: str, make_validation: ValidationFactory | None = None) -> int:
+    """Check the launch, set up, train until `--stop_step` / the epoch cap (or a stop signal), save; the exit code."""
     check_training_args(args)
     accelerator = create_accelerator(args)
     check_launch(accelerator.num_processes, prog)
     check_mixed_precision(accelerator.mixed_precision, accelerator.device.type)
-    run = set_up(args, accelerator, make_validation)
-    train(run)
-    if run.last_saved != run.global_step and accelerator.is_main_process:
-        save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
+    with holding_output_dir(args.output_dir, owner=accelerator.is_main_process):
+        run = set_up(args, accelerator, make_validation)
+        with StopSignals() as signals:
+            stopped = train(run, signals)
+        if run.last_saved != run.global_step and accelerator.is_main_process:
+            save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
     output_dir = Path(args.output_dir).resolve()
     accelerator.print(f"adapter checkpoints: {output_dir}/checkpoint-*/model.bin, TensorBoard logs: {output_dir / args.logging_dir}")
     accelerator.end_training()
+    if not stopped:
+        return 0
+    accelerator.print(
+        f"stopped by {signals.received or 'a stop signal on another process'} after step {run.global_step}: its training state is in "
+        f"{run.checkpoint_dir()}; continue with the same command and --resume_from_checkpoint latest"
+    )
+    return STOPPED_EXIT_CODE
 
 
 @dataclass
@@ -97,12 +110,14 @@ class TrainingRun:
     plan: StepPlan
     reference_params: dict[str, torch.Tensor] | None
     cached: bool
-    pairs: list[TrainingPair]  # the dataset's pairs, to name the samples of a batch that goes non-finite
+    guard: StepGuard
+    settings: dict  # recorded with every training state and compared on resume (patchdpo.run_settings)
     clip_encoder: torch.nn.Module | None  # with a cache: encodes the random CLIP crops of non-square references per step
     validation: Validation | None
     global_step: int = 0
     last_saved: int | None = None
-    grad_norm: torch.Tensor | None = None  # before clipping, at the last optimizer step (with --max_grad_norm)
+    grad_norm: torch.Tensor | None = None  # before clipping, at the last optimizer step
+    stop_requested: bool = False  # some process received a stop signal: save and leave after this step
 
     def checkpoint_dir(self) -> Path:
         return Path(self.args.output_dir) / f"checkpoint-{self.global_step}"
@@ -182,7 +197,13 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
 
     dataset = PairDataset(pairs, args.resolution, latent_size, args.seed, tokenizers, quality_maps, dropout, cache)
     sampler = EpochSampler(len(dataset), args.seed, pairs_per_step(args, accelerator))
-    loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, num_workers=args.dataloader_num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=sampler,
+        num_workers=args.dataloader_num_workers,
+        worker_init_fn=ignore_stop_signals_in_worker,
+    )
     model = models.model
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -192,8 +213,10 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
     register_adapter_state_hooks(accelerator, model)
     prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = StepPlan.create(len(loader), accelerator.gradient_accumulation_steps, args.stop_step, args.num_train_epochs)
+    announce_plan(args, accelerator, plan, len(pairs))
     scheduler = lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, plan.total_steps)
     accelerator.register_for_checkpointing(scheduler)
+    settings = run_settings(args, pairs, pairs_per_step(args, accelerator), accelerator.mixed_precision, plan.total_steps)
     run = TrainingRun(
         args,
         accelerator,
@@ -205,24 +228,46 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
         plan,
         reference_params,
         cache is not None,
-        pairs,
+        StepGuard(accelerator, pairs),
+        settings,
         clip_encoder,
         validation,
     )
     if resume_dir is not None:
+        changed = check_resume_settings(resume_dir / TRAINING_STATE_DIR, settings, args.change_on_resume)
         accelerator.load_state(str(resume_dir / TRAINING_STATE_DIR))
+        apply_changed_settings(changed, args, optimizer, scheduler)
         run.global_step = checkpoint_step(resume_dir)
-        logger.info(f"resumed from {resume_dir} at step {run.global_step}")
+        logger.info(f"resumed from {resume_dir} at step {run.global_step}" + (f", changing {', '.join(changed)}" if changed else ""))
     elif args.resume_from_checkpoint:
         logger.info(f"no checkpoint with a training state in {args.output_dir}: starting from step 0")
     return run
 
 
-def train(run: TrainingRun) -> None:
-    """Optimizer steps until `plan.total_steps`: accumulate micro-batches, step, log, save."""
+def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: StepPlan, num_pairs: int) -> None:
+    """Say how many optimizer steps will run and why, and when a given flag will be ignored."""
+    per_step = pairs_per_step(args, accelerator)
+    epoch_cap = args.num_train_epochs * plan.steps_per_epoch
+    why = (
+        f"--stop_step {args.stop_step}"
+        if plan.total_steps == args.stop_step
+        else f"the epoch cap: --num_train_epochs {args.num_train_epochs} x {plan.steps_per_epoch} steps per epoch "
+        f"({num_pairs} pairs // {per_step} pairs per step) = {epoch_cap} < --stop_step {args.stop_step}"
+    )
+    accelerator.print(f"training {plan.total_steps} optimizer steps of {per_step} pairs ({why})")
+    if args.patch_quality_file is not None and args.loss != "patch_dpo":
+        logger.warning(
+            f"--patch_quality_file is ignored: --loss {args.loss} does not use quality maps (pass --use_dpo_loss True for PatchDPO)",
+            main_process_only=True,
+        )
+
+
+def train(run: TrainingRun, signals: StopSignals) -> bool:
+    """Optimizer steps until `plan.total_steps`: accumulate micro-batches, step, log, save; True if stopped by a signal."""
     accelerator, args = run.accelerator, run.args
     hparams = {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in vars(args).items()}
-    accelerator.init_trackers("patchdpo", config=hparams)
+    with reporting_write_errors(Path(args.output_dir) / args.logging_dir):
+        accelerator.init_trackers("patchdpo", config=hparams)
     progress = tqdm(
         total=run.plan.total_steps, initial=run.global_step, desc="optimizer steps", disable=not accelerator.is_local_main_process
     )
@@ -230,7 +275,7 @@ def train(run: TrainingRun) -> None:
     if run.validation:
         run.validation(run.global_step, run.models.model.adapter_modules)  # the adapter this run starts from
     for batch in run.micro_batches():
-        meter.add(micro_step(run, batch))
+        meter.add(micro_step(run, batch, signals))
         if not accelerator.sync_gradients:
             continue
         run.global_step += 1
@@ -239,15 +284,18 @@ def train(run: TrainingRun) -> None:
         if run.global_step % args.logging_steps == 0 or run.global_step == run.plan.total_steps:
             log_step(run, meter.logs(accelerator, means), progress)
         save_checkpoints(run)
+        if run.stop_requested:
+            break
         if run.validation and run.validation.due(run.global_step):
             run.validation(run.global_step, run.models.model.adapter_modules)
         if run.global_step >= run.plan.total_steps:
             break
     progress.close()
+    return run.stop_requested
 
 
-def micro_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> LossOutput:
-    """Forward and backward on one micro-batch; on the last of an optimizer step also clip and step."""
+def micro_step(run: TrainingRun, batch: dict[str, torch.Tensor], signals: StopSignals) -> LossOutput:
+    """Forward and backward on one micro-batch; on the last of an optimizer step also agree, clip and step."""
     accelerator, args = run.accelerator, run.args
     with accelerator.accumulate(run.model):
         cond = (
@@ -268,9 +316,12 @@ def micro_step(run: TrainingRun, batch: dict[str, torch.Tensor]) -> LossOutput:
             dpo_beta=args.dpo_beta,
         )
         accelerator.backward(output.loss)
-        check_step_is_finite(accelerator, output.loss, run.models.model.adapter_modules.parameters(), run.global_step + 1, batch, run.pairs)
-        if accelerator.sync_gradients and args.max_grad_norm is not None:
-            run.grad_norm = accelerator.clip_grad_norm_(run.models.model.adapter_modules.parameters(), args.max_grad_norm)
+        run.guard.watch(output.loss, batch)
+        if accelerator.sync_gradients:
+            # clipping's norm (an infinite maximum when clipping is off) is what the guard checks: one pass, one collective
+            max_norm = args.max_grad_norm if args.max_grad_norm is not None else float("inf")
+            run.grad_norm = accelerator.clip_grad_norm_(run.models.model.adapter_modules.parameters(), max_norm)
+            run.stop_requested = run.guard.agree(run.grad_norm, run.global_step + 1, signals.received is not None)
         run.optimizer.step()
         if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
             run.lr_scheduler.step()
@@ -287,13 +338,13 @@ def log_step(run: TrainingRun, logs: dict[str, float], progress: tqdm) -> None:
 
 
 def save_checkpoints(run: TrainingRun) -> None:
-    """`checkpoint-N/model.bin` every `--save_steps`, the training state every `--checkpointing_steps`."""
+    """`checkpoint-N/model.bin` every `--save_steps`, the training state every `--checkpointing_steps`; both when stopped by a signal."""
     args, accelerator, step = run.args, run.accelerator, run.global_step
-    if step % args.save_steps == 0 or step == run.plan.total_steps:
+    if step % args.save_steps == 0 or step == run.plan.total_steps or run.stop_requested:
         if accelerator.is_main_process:
             save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
         run.last_saved = step
-    if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-        save_training_state(accelerator, run.checkpoint_dir())
+    if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or run.stop_requested:
+        save_training_state(accelerator, run.checkpoint_dir(), run.settings)
         if args.checkpoints_total_limit and accelerator.is_main_process:
             prune_training_states(args.output_dir, args.checkpoints_total_limit)

@@ -141,13 +141,12 @@ class IPAdapterTrainingModel(nn.Module):
         self.unet = unet
         self.image_proj_model = image_proj_model
         self.compute_dtype = compute_dtype
+        # Held outside the module tree (the processors are already the UNet's submodules): looked up once,
+        # not by walking the UNet's processors at every access; the state-dict keys stay the UNet's.
+        self.__dict__["adapter_modules"] = adapter_modules_of(unet)
         # The frozen Resampler's tensors as loaded: saved instead of its copy in the compute dtype, so a
         # bf16 or fp16 run writes back exactly the image_proj it started from.
         self.image_proj_state = image_proj_state if image_proj_state is not None else cpu_state(image_proj_model)
-
-    @property
-    def adapter_modules(self) -> nn.ModuleDict:
-        return adapter_modules_of(self.unet)
 
     def forward(
         self,
@@ -223,9 +222,12 @@ def load_training_models(
 
     for module in (unet, vae, text_encoder, text_encoder_2, resampler):
         module.eval().requires_grad_(False)
-    image_proj_state = cpu_state(resampler)  # before the cast to the compute dtype
+    # Full-precision copies taken before the cast to the compute dtype: the trainable adapter restarts
+    # from them (casting it down and back up would round it), the frozen Resampler is saved from them.
+    adapter_state, image_proj_state = cpu_state(adapter_modules), cpu_state(resampler)
     unet.to(device, weight_dtype)
     adapter_modules.to(torch.float32).requires_grad_(True)
+    adapter_modules.load_state_dict(adapter_state)
     resampler.to(device, weight_dtype)
     vae.to(device, torch.float32)
     text_encoder.to(device, weight_dtype)

@@ -28,12 +28,14 @@ import evaluate_dreambooth
 import inference_dreambooth
 import train_patchdpo
 from common.io import atomic_path, remove_stale_temp_files
-from common.training_state import TRAINING_STATE_DIR, check_training_state
+from common.run_lock import LOCK_NAME
+from common.training_state import SETTINGS_NAME, TRAINING_STATE_DIR, check_training_state
 from dreambench.data import load_conditioning_images
 from ip_adapter import load_ip_adapter_checkpoint
 from patch_quality import construct, convert_pkl, maps, ssl_train, visualize
 from patch_quality.store import FORMAT_KEY, FORMAT_VALUE, QualityMaps
 from patchdpo import training as training_module
+from patchdpo.step_guard import TrainingDivergedError
 from patchdpo.training import ADAPTER_STATE_NAME
 from stand_ins.pairs import save_pair_data
 from tests.kit.cli import bad_input_message
@@ -45,7 +47,8 @@ UNWRITABLE = Path("/proc/patchdpo_faults_out")  # /proc refuses new files even f
 
 
 def files_under(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+    """The outputs under `root`: everything but the lock file a run holds while it owns the folder."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != LOCK_NAME) if root.exists() else []
 
 
 def dead_pid() -> int:
@@ -116,23 +119,27 @@ class _NaNGradient(torch.autograd.Function):
         return grad * math.nan
 
 
-@pytest.mark.parametrize("fault", ["loss", "gradient"])
-def test_non_finite_step_stops_before_the_optimizer_step_and_any_checkpoint(tiny_models, tiny_pair_data, tmp_path, monkeypatch, fault):
+@pytest.mark.parametrize("fault, accumulation", [("loss", 1), ("gradient", 1), ("loss", 2), ("gradient", 2)])
+def test_non_finite_step_stops_before_the_optimizer_step_and_any_checkpoint(
+    tiny_models, tiny_pair_data, tmp_path, monkeypatch, fault, accumulation
+):
+    """Checked once per optimizer step: a NaN in the first of two accumulated micro-batches is still caught before the step."""
     real = training_module.compute_loss
     calls = []
 
     def faulty(*args, **kwargs):
         output = real(*args, **kwargs)
         calls.append(1)
-        if len(calls) == 2:  # step 2
+        if len(calls) == accumulation + 1:  # the first micro-batch of step 2
             output = output._replace(loss=output.loss * math.nan if fault == "loss" else _NaNGradient.apply(output.loss))
         return output
 
     monkeypatch.setattr(training_module, "compute_loss", faulty)
     out = tmp_path / "out"
     # --logging_steps 10: the old check ran only when logging, after checkpoint-2 was saved.
-    argv = train_args(tiny_models, tiny_pair_data, out, "--use_dpo_loss", "True", "--save_steps", "1", "--logging_steps", "10", steps=3)
-    message = bad_input_message(train_patchdpo.main, argv)
+    extra = ("--use_dpo_loss", "True", "--save_steps", "1", "--logging_steps", "10", "--gradient_accumulation_steps", str(accumulation))
+    argv = train_args(tiny_models, tiny_pair_data, out, *extra, steps=3, batch=2 // accumulation)
+    message = bad_input_message(train_patchdpo.main, argv, exit_code=TrainingDivergedError.exit_code)
     assert f"step 2: non-finite {fault}" in message and "sample" in message and "(index " in message
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     state = torch.load(out / "checkpoint-1" / "model.bin", weights_only=True)
@@ -227,6 +234,9 @@ def test_resume_saves_the_image_proj_of_the_training_state(tiny_models, tiny_pai
     torch.save(other, tmp_path / "other.bin")
     argv = train_args(tiny_models, tiny_pair_data, out, "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest", steps=2)
     argv[argv.index("--pretrained_ip_adapter_path") + 1] = str(tmp_path / "other.bin")
+    message = bad_input_message(train_patchdpo.main, argv)  # another starting checkpoint is another run
+    assert "pretrained_ip_adapter_sha256" in message and "checkpoint-1" in message
+    (out / "checkpoint-1" / TRAINING_STATE_DIR / SETTINGS_NAME).unlink()  # a state saved before settings were recorded
     train_patchdpo.main(argv)
     first = load_ip_adapter_checkpoint(out / "checkpoint-1" / "model.bin")["image_proj"]
     second = load_ip_adapter_checkpoint(out / "checkpoint-2" / "model.bin")["image_proj"]
