@@ -55,7 +55,9 @@ _CAUSES = {
     errno.EROFS: "read-only file system",
 }
 #: How torch's and safetensors' writers report a failed write: without an errno, so the cause is diagnosed.
-_LIBRARY_WRITE_FAILURES = re.compile(r"iostream error|file write failed|PytorchStreamWriter failed|File too large|No space left|I/O error")
+_LIBRARY_WRITE_FAILURES = re.compile(
+    r"iostream error|file write failed|PytorchStreamWriter failed|inline_container.cc.*unexpected pos|File too large|No space left|I/O error"
+)
 
 
 def _diagnose(path: Path, written: Path | None) -> str:
@@ -88,7 +90,12 @@ def reporting_write_errors(path: str | os.PathLike, written: str | os.PathLike |
     except Exception as error:
         if not _LIBRARY_WRITE_FAILURES.search(str(error)):
             raise
-        raise WriteError(f"cannot write {path}: {_diagnose(path, Path(written) if written else None)}") from error
+        os_error = re.search(r"os error (\d+)", str(error))  # safetensors passes the errno on in its message
+        if os_error:
+            cause = _CAUSES.get(int(os_error[1]), os.strerror(int(os_error[1])))
+        else:
+            cause = _diagnose(path, Path(written) if written else None)
+        raise WriteError(f"cannot write {path}: {cause}") from error
 
 
 @contextlib.contextmanager

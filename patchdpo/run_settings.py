@@ -64,6 +64,8 @@ _FREE = {
     "pretrained_ip_adapter_path",  # recorded by content
 }
 _CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
+#: A recorded key that only an allowed flag may change: the schedule's length is part of `--lr_scheduler`'s shape.
+_CHANGED_BY = {"schedule_total_steps": "lr_scheduler"}
 
 
 def _pairs_digest(pairs: Sequence[TrainingPair]) -> str:
@@ -97,10 +99,11 @@ def check_resume_settings(state_dir: str | os.PathLike, now: Mapping[str, Any], 
     if recorded is None:
         return []  # a state saved before settings were recorded: nothing to compare
     differing = sorted(key for key in recorded.keys() | now.keys() if recorded.get(key) != now.get(key))
-    refused = [key for key in differing if key not in set(allowed)]
+    allowed = set(allowed) | {key for key, flag in _CHANGED_BY.items() if flag in allowed}
+    refused = [key for key in differing if key not in allowed]
     if refused:
         listing = "; ".join(f"{key}: recorded {recorded.get(key)!r}, now {now.get(key)!r}" for key in refused)
-        changeable = [key for key in refused if key in CHANGEABLE_ON_RESUME]
+        changeable = sorted({_CHANGED_BY.get(key, key) for key in refused} & set(CHANGEABLE_ON_RESUME))
         hint = f", or pass --change_on_resume {' '.join(changeable)} to change them deliberately" if changeable else ""
         raise BadInputError(
             f"cannot resume from {Path(state_dir).parent}: the run differs from the one that saved it ({listing}); "

@@ -15,6 +15,9 @@ import io
 import json
 import math
 import os
+import resource
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +32,7 @@ import inference_dreambooth
 import train_patchdpo
 from common.io import atomic_path, remove_stale_temp_files
 from common.run_lock import LOCK_NAME
+from common.stop_signals import STOPPED_EXIT_CODE
 from common.training_state import SETTINGS_NAME, TRAINING_STATE_DIR, check_training_state
 from dreambench.data import load_conditioning_images
 from ip_adapter import load_ip_adapter_checkpoint
@@ -36,7 +40,7 @@ from patch_quality import construct, convert_pkl, maps, ssl_train, visualize
 from patch_quality.store import FORMAT_KEY, FORMAT_VALUE, QualityMaps
 from patchdpo import training as training_module
 from patchdpo.step_guard import TrainingDivergedError
-from patchdpo.training import ADAPTER_STATE_NAME
+from patchdpo.training import ADAPTER_STATE_NAME, load_training_models
 from stand_ins.pairs import save_pair_data
 from tests.kit.cli import bad_input_message
 from tests.test_train_patchdpo import LATENT, train_args
@@ -458,3 +462,186 @@ def test_orphans_next_to_the_maps_file_are_removed(tmp_path, tiny_dinov2_dir):
     maps.main(["--data_root", str(data.root), "--backbone", str(tiny_dinov2_dir), "--cpu", "--resolution", "32", "--vae_scale_factor", "2"])
     assert not any(path.exists() for path in orphans)
     assert QualityMaps.load(data.quality_file).keys() == [("sample0", 0)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The adapter starts from the checkpoint bit for bit, in every precision
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_adapter_starts_bit_identical_to_the_checkpoint(tiny_models, dtype):
+    """The UNet is cast to the compute dtype around the adapter; the trainable weights must not be rounded by it."""
+    models = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", dtype)
+    checkpoint = load_ip_adapter_checkpoint(tiny_models.ip_ckpt)["ip_adapter"]
+    started = models.model.adapter_modules.state_dict()
+    assert all(t.dtype == torch.float32 for t in checkpoint.values())  # an fp32 stand-in checkpoint
+    assert [k for k in checkpoint if started[k].dtype != torch.float32 or not torch.equal(started[k], checkpoint[k])] == []
+    assert models.model.unet.conv_in.weight.dtype == dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# A run owns its output folder
+
+
+def test_a_second_run_into_a_busy_output_folder_is_refused(tiny_models, tiny_pair_data, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from common.run_lock import claim_output_dir; claim_output_dir({str(out)!r}); print('held', flush=True); input()",
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        message = bad_input_message(train_patchdpo.main, train_args(tiny_models, tiny_pair_data, out))
+        assert f"{out} is in use by another run (pid {holder.pid} on " in message
+        assert files_under(out) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    train_patchdpo.main(train_args(tiny_models, tiny_pair_data, out))  # its holder died: the folder is free again
+    assert (out / "checkpoint-2" / "model.bin").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# A resume is the same run
+
+
+@pytest.fixture(scope="module")
+def resumable_run(tiny_models, tiny_pair_data, tmp_path_factory):
+    """A finished 1-step run with a training state, copied fresh into each test (`fresh_run`)."""
+    out = tmp_path_factory.mktemp("resumable") / "out"
+    train_patchdpo.main(train_args(tiny_models, tiny_pair_data, out, "--use_dpo_loss", "True", "--checkpointing_steps", "1", steps=1))
+    return out
+
+
+@pytest.fixture()
+def fresh_run(resumable_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(resumable_run, out)
+    return out
+
+
+def _grown_data(tiny_pair_data, tmp_path):
+    """The same data plus one more sample folder, maps remade for all."""
+    return save_pair_data(tmp_path / "grown", tiny_pair_data.num_samples + 1, 32, LATENT)
+
+
+@pytest.mark.parametrize(
+    "change, differing",
+    [
+        (("--learning_rate", "0.5", "--lr_scheduler", "linear"), ["learning_rate", "lr_scheduler", "schedule_total_steps"]),
+        (("--train_batch_size", "1"), ["pairs_per_step"]),
+        (("--seed", "7"), ["seed"]),
+        (("--official_time_ids",), ["official_time_ids"]),
+        ("grown data", ["num_pairs", "pairs_sha256", "quality_maps_sha256"]),
+    ],
+)
+def test_resume_with_other_settings_is_refused_naming_each_difference(tiny_models, tiny_pair_data, fresh_run, tmp_path, change, differing):
+    data = _grown_data(tiny_pair_data, tmp_path) if change == "grown data" else None
+    argv = train_args(tiny_models, data or tiny_pair_data, fresh_run, steps=2)
+    argv += ["--use_dpo_loss", "True", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]
+    if change != "grown data":
+        argv += list(change)
+    message = bad_input_message(train_patchdpo.main, argv)
+    assert "cannot resume from" in message and "checkpoint-1" in message
+    named = sorted(part.split(":")[0].strip() for part in message.split("(", 1)[1].split(")")[0].split("; "))
+    assert [name for name in named if name] == differing, message
+    assert not (fresh_run / "checkpoint-2").exists()
+
+
+def test_a_deliberate_learning_rate_change_reaches_optimizer_schedule_and_logs(tiny_models, tiny_pair_data, fresh_run):
+    argv = train_args(tiny_models, tiny_pair_data, fresh_run, steps=3)
+    argv += ["--use_dpo_loss", "True", "--checkpointing_steps", "1", "--resume_from_checkpoint", "latest"]
+    argv[argv.index("--learning_rate") + 1] = "0.002"
+    argv += ["--lr_scheduler", "linear", "--change_on_resume", "learning_rate", "lr_scheduler"]
+    train_patchdpo.main(argv)
+    state = fresh_run / "checkpoint-2" / TRAINING_STATE_DIR
+    scheduler = torch.load(state / "custom_checkpoint_0.pkl", weights_only=True)  # accelerate: register_for_checkpointing
+    optimizer = torch.load(state / "optimizer.bin", weights_only=True)
+    assert scheduler["base_lrs"] == [0.002]
+    # linear decay over 3 steps: after step 2 the rate is 0.002 x 1/3 (the old schedule kept 1e-4, constant)
+    assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.002 / 3)
+    assert json.loads((state / SETTINGS_NAME).read_text())["learning_rate"] == 0.002  # the next resume compares the new value
+    hparams = next((fresh_run / "logs").rglob("hparams.yml")).read_text()
+    assert "learning_rate: 0.002" in hparams
+
+
+# ----------------------------------------------------------------------------------------------
+# A stop signal saves the step and the run resumes as if never stopped
+
+
+def test_sigterm_mid_step_saves_and_the_resumed_run_equals_an_uninterrupted_one(tiny_models, tiny_pair_data, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    base = ("--use_dpo_loss", "True", "--save_steps", "10")
+    train_patchdpo.main(train_args(tiny_models, tiny_pair_data, straight, *base, steps=4))
+    real, calls = training_module.compute_loss, []
+
+    def signalled(*args, **kwargs):  # SIGTERM arrives in the middle of step 2 (between forward and backward)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    stopped = tmp_path / "stopped"
+    monkeypatch.setattr(training_module, "compute_loss", signalled)
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as raised, contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stderr):
+        train_patchdpo.main(train_args(tiny_models, tiny_pair_data, stopped, *base, steps=4))
+    assert raised.value.code == STOPPED_EXIT_CODE
+    assert "stopped by SIGTERM after step 2" in stderr.getvalue() and "--resume_from_checkpoint latest" in stderr.getvalue()
+    assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert (stopped / "checkpoint-2" / TRAINING_STATE_DIR / "optimizer.bin").is_file()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone after the run
+    monkeypatch.setattr(training_module, "compute_loss", real)
+    train_patchdpo.main([*train_args(tiny_models, tiny_pair_data, stopped, *base, steps=4), "--resume_from_checkpoint", "latest"])
+    final, expected = (load_ip_adapter_checkpoint(out / "checkpoint-4" / "model.bin") for out in (stopped, straight))
+    assert all(torch.equal(final["ip_adapter"][k], expected["ip_adapter"][k]) for k in expected["ip_adapter"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Say what will happen
+
+
+def test_start_up_says_how_many_steps_and_why_and_which_flag_is_ignored(tiny_models, tiny_pair_data, tmp_path, capsys, caplog):
+    argv = train_args(tiny_models, tiny_pair_data, tmp_path / "out", "--num_train_epochs", "1", steps=5)  # 5 pairs // 2 = 2 steps
+    train_patchdpo.main(argv)
+    assert (
+        "training 2 optimizer steps of 2 pairs (the epoch cap: --num_train_epochs 1 x 2 steps per epoch (5 pairs // 2 pairs per step) "
+        "= 2 < --stop_step 5)"
+    ) in capsys.readouterr().out
+    assert "--patch_quality_file is ignored: --loss mse does not use quality maps" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Every write error is one line naming the file and the cause, exit 2, earlier outputs intact
+
+
+def _limited(limit_bytes: int):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+
+@pytest.mark.parametrize(
+    "extra, limit, failing, kept",
+    [
+        ((), 20_000, "checkpoint-2/model.bin", []),  # torch.save reports only "iostream error": the cause is diagnosed
+        (("--save_steps", "1", "--checkpointing_steps", "1"), 1_000_000, "training_state.partial", ["checkpoint-1/model.bin"]),
+    ],
+)
+def test_a_file_size_limit_while_saving_is_one_line(tiny_models, tiny_pair_data, tmp_path, extra, limit, failing, kept):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "train_patchdpo.py", *train_args(tiny_models, tiny_pair_data, out, *extra, steps=2)]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, preexec_fn=_limited(limit))
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert f"train_patchdpo.py: error: cannot write {out}" in errors[0] and failing in errors[0] and "file too large" in errors[0]
+    assert [p for p in out.rglob("*") if ".tmp" in p.name] == []
+    for name in kept:
+        torch.load(out / name, weights_only=True)  # what was saved before the failure is whole
