@@ -8,7 +8,8 @@ every layout, so the three runs end with the same adapter up to float rounding.
 The 2-process runs share two torchrun launches (module fixture; see tests/kit/torchrun_train.py):
 launch A trains every loss uninterrupted, patch_dpo once more with --cache_dir, and patch_dpo a
 third time killed (SIGKILL) after step 3; launch B resumes the killed run from checkpoint-2, in the
-middle of epoch 0.
+middle of epoch 0, then runs patch_dpo with a SIGTERM to rank 1 alone after step 1 (both ranks save
+step 2 and exit 75) and resumes it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 import train_patchdpo
+from common.run_lock import LOCK_NAME
+from common.stop_signals import STOPPED_EXIT_CODE
 from common.training_state import TRAINING_STATE_DIR
 from ip_adapter import load_ip_adapter_checkpoint
 from patchdpo.training import ADAPTER_STATE_NAME
@@ -105,7 +108,10 @@ def two_process(tiny_models, pair_data, tmp_path_factory) -> Path:
     assert all((record / spec["name"] / "done").is_file() for spec in launch_a[:-1]), result.stderr[-6000:]
     assert not (record / "killed" / "done").exists()
     resumed = run("killed", "patch_dpo", "--resume_from_checkpoint", "latest")
-    torchrun({"record_dir": str(record), "runs": [{**resumed, "name": "resumed"}]}, root / "b.json", expect_success=True)
+    preempted = run("preempted", sigterm=[1, 1])
+    preempted_resumed = run("preempted", "patch_dpo", "--resume_from_checkpoint", "latest")
+    launch_b = [{**resumed, "name": "resumed"}, preempted, {**preempted_resumed, "name": "preempted_resumed"}]
+    torchrun({"record_dir": str(record), "runs": launch_b}, root / "b.json", expect_success=True)
     return root
 
 
@@ -191,7 +197,7 @@ def test_each_checkpoint_is_written_once_completely_by_the_main_process(two_proc
         assert load_ip_adapter_checkpoint(checkpoint / "model.safetensors").keys() == {"image_proj", "ip_adapter"}
         state = {path.name for path in (checkpoint / TRAINING_STATE_DIR).iterdir()}
         assert {ADAPTER_STATE_NAME, "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "custom_checkpoint_0.pkl"} <= state
-    assert sorted(p.name for p in out.iterdir()) == [f"checkpoint-{CHECKPOINT_EVERY}", f"checkpoint-{STEPS}", "logs"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, f"checkpoint-{CHECKPOINT_EVERY}", f"checkpoint-{STEPS}", "logs"]
 
 
 def test_tensorboard_is_written_by_the_main_process_only(two_process):
@@ -207,6 +213,15 @@ def test_a_run_killed_after_a_checkpoint_and_resumed_ends_equal_to_an_uninterrup
     uninterrupted, resumed = adapter_state(two_process / "out" / "patch_dpo"), adapter_state(out)
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
     assert not all(torch.equal(resumed[k], adapter_state(out, CHECKPOINT_EVERY)[k]) for k in resumed)
+
+
+def test_sigterm_to_one_rank_saves_the_next_step_on_all_and_resumes_exactly(two_process):
+    record, out = two_process / "record" / "preempted", two_process / "out" / "preempted"
+    assert [(record / f"rank{rank}.exit").read_text() for rank in (0, 1)] == [str(STOPPED_EXIT_CODE)] * 2
+    assert sorted(p.name for p in (record / "rank0").iterdir()) == ["step1.safetensors", "step2.safetensors"]  # both stopped after step 2
+    assert (out / "checkpoint-2" / TRAINING_STATE_DIR).is_dir() and (out / "checkpoint-2" / "model.bin").is_file()
+    uninterrupted, resumed = adapter_state(two_process / "out" / "patch_dpo"), adapter_state(out)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
 
 
 def test_the_feature_cache_is_built_once_and_read_by_both_ranks(two_process):

@@ -13,7 +13,9 @@ process group (which saves the launch cost per run). Per run NAME, every rank wr
 * `done`: written by rank 0 when the run returned.
 
 `kill_after_step` SIGKILLs rank 0 right after that optimizer step (torchrun then stops the
-others): a run killed mid-training, after the checkpoints before that step.
+others): a run killed mid-training, after the checkpoints before that step. `sigterm`: [rank, step]
+sends SIGTERM to that rank alone right after that optimizer step (a preemption notice reaching one
+process); a run that exits (e.g. 75 after saving) writes its code to `rank{r}.exit` and the launch goes on.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import train_patchdpo
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ["RANK"])
-    state = {"dir": None, "step": 0, "kill_after_step": None}
+    state = {"dir": None, "step": 0, "kill_after_step": None, "sigterm": None}
     real_replace = os.replace
 
     def recording_replace(src, dst, *args, **kwargs):
@@ -50,6 +52,8 @@ def main(spec_path: str) -> None:
         save_file(tensors, str(state["dir"] / f"rank{rank}" / f"step{state['step']}.safetensors"))
         if rank == 0 and state["step"] == state["kill_after_step"]:
             os.kill(os.getpid(), signal.SIGKILL)
+        if state["sigterm"] == [rank, state["step"]]:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     os.replace = recording_replace
     # `end_training` would destroy the process group; the next run reuses it (re-creating a gloo group is flaky).
@@ -57,9 +61,15 @@ def main(spec_path: str) -> None:
     AcceleratorState.destroy_process_group = lambda self, group=None: None
     register_optimizer_step_post_hook(record_step)
     for run in spec["runs"]:
-        state.update(dir=Path(spec["record_dir"]) / run["name"], step=0, kill_after_step=run.get("kill_after_step"))
+        state.update(
+            dir=Path(spec["record_dir"]) / run["name"], step=0, kill_after_step=run.get("kill_after_step"), sigterm=run.get("sigterm")
+        )
         (state["dir"] / f"rank{rank}").mkdir(parents=True, exist_ok=True)
-        train_patchdpo.main(run["argv"])
+        try:
+            train_patchdpo.main(run["argv"])
+        except SystemExit as stopped:
+            (state["dir"] / f"rank{rank}.exit").write_text(str(stopped.code))
+            continue
         if rank == 0:
             (state["dir"] / "done").write_text("")
     keep_group(AcceleratorState())
