@@ -14,13 +14,14 @@ command resumes: existing images are skipped. On a CPU-only machine, start sever
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.checks import require_flags_in_range
 from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries, str2bool
 from common.errors import BadInputError
-from common.flags import add_generator_args, add_speed_args
+from common.flags import add_ddp_timeout_arg, add_generator_args, add_metric_model_args, add_speed_args, scoring_requested
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -55,15 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="images per denoising batch (does not change the images)")
     parser.add_argument("--subjects", nargs="+", default=None, help="subset of subjects (default: all 30)")
     add_speed_args(parser)
+    add_ddp_timeout_arg(parser)
     parser.add_argument(
         "--prompts_per_subject",
         type=int,
         default=None,
         help="smoke tests only: generate the first N prompts of each subject (scores are then not comparable)",
     )
-    scoring = parser.add_argument_group("scoring at the end (both or neither; as evaluate_dreambooth.py)")
-    scoring.add_argument("--clip_model", default=None, help="openai-clip model name (fetched as clip.load does) or local .pt file")
-    scoring.add_argument("--dino_model", type=Path, default=None, help="DINO ViT-S/16: facebook/dino-vits16 or a local folder")
+    scoring = parser.add_argument_group("scoring at the end (as evaluate_dreambooth.py)")
+    add_metric_model_args(scoring, optional_use="score the run at the end")
     return parser
 
 
@@ -81,9 +82,7 @@ def check_args(args: argparse.Namespace) -> None:
     require_flags_in_range(args, ("scale",), minimum=0)
     require_flags_in_range(args, ("guidance_scale",))
     check_output_dir(args.output_dir)
-    if (args.clip_model is None) != (args.dino_model is None):
-        raise BadInputError("--clip_model and --dino_model go together: give both to score the run, or neither")
-    if args.clip_model is not None:  # fail now rather than after hours of generation
+    if scoring_requested(args):  # fail now rather than after hours of generation
         resolve_clip_checkpoint(args.clip_model)
         check_scores_writable(args.output_dir)
         if not (resolve_folder(args.dino_model, "--dino_model") / "config.json").is_file():
@@ -91,8 +90,10 @@ def check_args(args: argparse.Namespace) -> None:
     check_generator_paths(args)
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
+def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+    """Generate and score; the output folder is claimed into `held` once inputs and models are checked (released when it closes)."""
     # Imported here, not at the top: --help must not wait for torch and diffusers.
+    from common.distributed import owning_output_dir
     from common.hub import resolve_file
     from common.io import remove_stale_temp_files, sha256_file
     from common.launch import check_launch
@@ -141,6 +142,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> None:
     if pending:
         ip_model = load_generation_model(args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype)
         apply_speed_args(args, ip_model.pipe.unet, accelerator.print)
+    held.enter_context(owning_output_dir(accelerator, args.output_dir))
     if accelerator.is_main_process:
         removed = remove_stale_temp_files(args.output_dir, [*subjects, GRIDS_DIR])
         if removed:
@@ -189,9 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from accelerate import Accelerator
 
+    from common.distributed import process_group_kwargs
+
     quiet_libraries()
-    with exit_on_bad_input(Path(__file__).name):
-        run(args, Accelerator())
+    accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(args.ddp_timeout)])
+    with exit_on_bad_input(Path(__file__).name), contextlib.ExitStack() as held:
+        run(args, accelerator, held)
 
 
 if __name__ == "__main__":

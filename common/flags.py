@@ -50,15 +50,39 @@ def add_generator_args(parser: argparse.ArgumentParser, base_model_help: str, ip
     )
 
 
-def add_evaluation_args(parser: argparse.ArgumentParser, dino_required: bool = True) -> argparse.ArgumentParser:
-    """The metric flags shared by evaluate_dreambooth.py and inference_dreambooth.py."""
-    group = parser.add_argument_group("DreamBench metrics")
+PAPER_CLIP_MODEL = "ViT-B/32"  # CLIP-I and CLIP-T, as the paper and DreamBench compute them
+PAPER_DINO_MODEL = "facebook/dino-vits16"  # DINO
+
+
+def add_metric_model_args(group: argparse._ArgumentGroup, optional_use: str | None = None) -> None:
+    """`--clip_model`/`--dino_model`, the paper's by default; with `optional_use`, scoring happens only when one is given."""
+    when = "" if optional_use is None else f"give either to {optional_use}; "
+    default = None if optional_use is not None else PAPER_CLIP_MODEL
     group.add_argument(
         "--clip_model",
-        default="ViT-B/32",
-        help="openai-clip model name (fetched as clip.load does, ~/.cache/clip) or local .pt checkpoint path",
+        default=default,
+        help=f"{when}openai-clip name (fetched as clip.load does, ~/.cache/clip) or local .pt file (default: {PAPER_CLIP_MODEL})",
     )
-    group.add_argument("--dino_model", required=dino_required, default=None, help="DINO ViT-S/16: facebook/dino-vits16 or a local copy")
+    group.add_argument(
+        "--dino_model",
+        default=None if optional_use is not None else PAPER_DINO_MODEL,
+        help=f"{when}DINO ViT-S/16: folder or Hugging Face id (default: {PAPER_DINO_MODEL})",
+    )
+
+
+def scoring_requested(args: argparse.Namespace) -> bool:
+    """Optional scoring (`add_metric_model_args(optional_use=...)`) is on when either model is given; the other is then the paper's."""
+    if args.clip_model is None and args.dino_model is None:
+        return False
+    args.clip_model = args.clip_model or PAPER_CLIP_MODEL
+    args.dino_model = args.dino_model or PAPER_DINO_MODEL
+    return True
+
+
+def add_evaluation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The metric flags of evaluate_dreambooth.py."""
+    group = parser.add_argument_group("DreamBench metrics")
+    add_metric_model_args(group)
     group.add_argument("--batch_size", type=int, default=25, help="images per metric-model forward pass")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     group.add_argument(
@@ -84,8 +108,7 @@ def add_validation_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--validation_num_inference_steps", type=int, default=30)
     group.add_argument("--validation_scale", type=float, default=0.78, help="IP-Adapter scale of the validation images")
     group.add_argument("--validation_size", type=int, default=None, help="image edge (default: --resolution)")
-    group.add_argument("--clip_model", default=None, help="score validation images: openai-clip name or .pt (with --dino_model)")
-    group.add_argument("--dino_model", default=None, help="score validation images: facebook/dino-vits16 or a folder (with --clip_model)")
+    add_metric_model_args(group, optional_use="score the validation images")
 
 
 def add_speed_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -96,3 +119,20 @@ def add_speed_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) ->
         help="torch.compile the UNet (no graph breaks; compiles once per input shape, time printed once)",
     )
     parser.add_argument("--allow_tf32", action="store_true", help="TF32 float32 matmuls on CUDA (faster; float32 results change slightly)")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 1, got {text}")
+    return value
+
+
+def add_ddp_timeout_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--ddp_timeout`: how long a process waits in a collective for the others (a dead or stalled one) before failing."""
+    parser.add_argument(
+        "--ddp_timeout",
+        type=_seconds,
+        default=1800,
+        help="seconds a process waits for the others in a collective before the run fails (process-group timeout)",
+    )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from common.errors import BadInputError, WriteError
+from common.outputs import check_output_dir
 
 LOCK_NAME = ".run.lock"
 _held: dict[Path, IO[str]] = {}  # folders this process owns, until it exits or releases them
@@ -32,6 +33,7 @@ def claim_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> P
     folder = Path(folder).resolve()
     if folder in _held:
         return folder
+    check_output_dir(folder, flag)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = open(folder / LOCK_NAME, "a+")
@@ -48,6 +50,7 @@ def claim_output_dir(folder: str | os.PathLike, flag: str = "--output_dir") -> P
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
+    os.fsync(handle.fileno())  # visible to the other nodes of a launch (NFS writes back on fsync or close)
     _held[folder] = handle
     return folder
 

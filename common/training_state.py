@@ -53,6 +53,11 @@ def save_training_state(accelerator: Accelerator, checkpoint_dir: str | os.PathL
     return final
 
 
+def state_fingerprint(state_dir: str | os.PathLike) -> list[tuple[str, int, int]]:
+    """(name, size, mtime in ns) of each file of a training state: equal on every node that sees the same files."""
+    return [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(Path(state_dir).iterdir()) if path.is_file()]
+
+
 def checkpoint_step(checkpoint_dir: str | os.PathLike) -> int:
     match = _CHECKPOINT_DIR.match(Path(checkpoint_dir).name)
     if match is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from common.batching import generate_and_save
 from common.errors import BadInputError
+from common.filenames import file_name_problem
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.ip_adapter import IPAdapterPlusXL
@@ -24,8 +25,9 @@ IMAGE_SUFFIX = ".png"
 
 def image_path(output_dir: str | os.PathLike, subject: str, prompt: str) -> Path:
     """Where the image of a prompt lives; the prompt is the file name, as in the official layout."""
-    if not prompt or prompt.startswith(".") or "/" in prompt or "\\" in prompt:
-        raise BadInputError(f"prompt {prompt!r} of subject {subject!r} cannot be a file name (empty, leading '.', or a path separator)")
+    problem = file_name_problem(prompt, len(IMAGE_SUFFIX))
+    if problem is not None:
+        raise BadInputError(f"prompt {prompt[:80]!r} of subject {subject!r} cannot be a file name: {problem}")
     return Path(output_dir) / subject / f"{prompt}{IMAGE_SUFFIX}"
 
 

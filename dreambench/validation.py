@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from PIL import Image, ImageDraw
 
 from common.errors import BadInputError
+from common.flags import scoring_requested
 from common.seeds import stable_seed
 from dreambench.benchmark import prompts_for, resolve_subjects
 from dreambench.data import load_conditioning_images, load_reference_images
@@ -84,8 +85,7 @@ class TrainingValidation:
         subjects = [subject.name for subject in resolve_subjects(args.validation_subjects)]
         if args.pretrained_ip_adapter_path is None:
             raise BadInputError("--validation_data_root needs --pretrained_ip_adapter_path (its Resampler makes the image tokens)")
-        if (args.clip_model is None) != (args.dino_model is None):
-            raise BadInputError("--clip_model and --dino_model go together: give both to score the validation images, or neither")
+        scoring_requested(args)
         self.items = build_items({s: prompts_for(s)[: args.validation_prompts] for s in subjects}, stable_seed(seed, "validation"))
         for subject in subjects:  # a bad folder fails at start-up, not at the first validation
             load_conditioning_images(self.data_root, subject, kosmosg=False)

@@ -76,7 +76,7 @@ def speed_up_unet(
 def apply_speed_args(args: argparse.Namespace, unet: nn.Module, announce: Callable[[str], None] = print) -> CompiledForward | None:
     """Apply `add_speed_args`'s flags (and channels-last where the UNet sits on CUDA) to `unet`."""
     set_tf32(args.allow_tf32)
-    return speed_up_unet(unet, compile=args.compile, channels_last=channels_last_helps(unet.device), announce=announce)
+    return speed_up_unet(unet, compile=args.compile, channels_last=channels_last_helps(next(unet.parameters()).device), announce=announce)
 
 
 def channels_last_helps(device: torch.device) -> bool:

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from common.cli import ArgumentParser, str2bool
-from common.flags import DEFAULT_NEGATIVE_PROMPT, add_generator_args, add_speed_args
+from common.flags import DEFAULT_NEGATIVE_PROMPT, add_ddp_timeout_arg, add_generator_args, add_speed_args
 from patch_quality.categories import REFERENCE_TEMPLATE
 
 TRANSFORMS = ("raw", "minmax", "threshold")
@@ -25,11 +25,12 @@ def construct_parser() -> argparse.ArgumentParser:
     )
     add_generator_args(
         parser,
-        "local SDXL pipeline folder (references and the generator's base)",
-        "IP-Adapter-Plus checkpoint to generate with (.bin or .safetensors)",
+        "SDXL pipeline (references and the generator's base): folder or Hugging Face id (e.g. SG161222/RealVisXL_V1.0)",
+        "IP-Adapter-Plus checkpoint to generate with: .bin/.safetensors file or REPO_ID/path/in/repo.bin",
     )
     parser.add_argument("--output_dir", type=Path, required=True, help="DATA folder to create or resume")
     add_speed_args(parser)  # applied to the generator (the UNet with the adapter installed)
+    add_ddp_timeout_arg(parser)
     parser.add_argument("--num_samples", type=int, default=None, help="number of sample{i}/ folders (required unless --reference_images)")
     parser.add_argument(
         "--reference_images",
@@ -60,7 +61,10 @@ def maps_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs (patch_quality.construct layout)")
     parser.add_argument(
-        "--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model"
+        "--backbone",
+        type=Path,
+        required=True,
+        help="DINOv2 / DINO (ViT) / CLIP-vision model: folder or Hugging Face id (e.g. facebook/dinov2-base)",
     )
     parser.add_argument("--finetuned", type=Path, default=None, help="patch_quality.ssl_train checkpoint applied on top of --backbone")
     parser.add_argument("--layer", type=int, default=-1, help="hidden_states index of the features (0 = embeddings, -1 = last block)")
@@ -113,6 +117,7 @@ def maps_parser() -> argparse.ArgumentParser:
         help="backbone dtype (similarities are computed in float32)",
     )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
+    add_ddp_timeout_arg(parser)
     return parser
 
 
@@ -137,7 +142,10 @@ def ssl_train_parser() -> argparse.ArgumentParser:
         description="Patch-correspondence self-supervised finetuning of a ViT backbone.",
     )
     parser.add_argument(
-        "--backbone", type=Path, required=True, help="local save_pretrained dir of a DINOv2 / DINO(ViT) / CLIP-vision model"
+        "--backbone",
+        type=Path,
+        required=True,
+        help="DINOv2 / DINO (ViT) / CLIP-vision model: folder or Hugging Face id (e.g. facebook/dinov2-base)",
     )
     parser.add_argument(
         "--train_data", type=Path, required=True, help="folder searched recursively for images (e.g. DATA from patch_quality.construct)"

@@ -25,6 +25,7 @@ atomically) and refuses to mix settings with a folder made differently.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -44,9 +45,10 @@ from PIL import Image
 from common.batching import generate_and_save
 from common.checks import require_flags_in_range, require_template_fields
 from common.cli import exit_on_bad_input, quiet_libraries
+from common.distributed import owning_output_dir, process_group_kwargs
 from common.errors import BadInputError
 from common.hub import recorded_name
-from common.images import load_rgb_image
+from common.images import load_photo, load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
 from common.launch import check_launch
 from common.outputs import check_output_dir
@@ -111,11 +113,15 @@ def plan_samples(
     return plans
 
 
-def build_manifest(settings: dict[str, Any], plans: Sequence[SamplePlan], complete: bool) -> dict[str, Any]:
+def build_manifest(
+    settings: dict[str, Any], plans: Sequence[SamplePlan], complete: bool, photo_digests: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """`photo_digests` (sample folder -> SHA-256 of its given photo) let a rerun rebuild exactly the samples whose photo changed."""
     return {
         "format": MANIFEST_FORMAT,
         "settings": settings,
         "complete": complete,
+        "photo_sha256": photo_digests,
         "samples": [
             {
                 **asdict(plan),
@@ -139,6 +145,19 @@ def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
         raise BadInputError(f"{path}: not a {MANIFEST_FORMAT} manifest; use a new --output_dir")
     plan_differs = ["the sample plan (categories or templates) differs"] if recorded.get("samples") != manifest["samples"] else []
     refuse_other_settings(path, recorded["settings"], manifest["settings"], manifest["settings"], other_differences=plan_differs)
+
+
+def remove_samples_of_changed_photos(
+    output_dir: Path, plans: Sequence[SamplePlan], photo_digests: dict[str, str] | None, given: list[dict[str, str]] | None
+) -> None:
+    """Delete the images of each sample whose given photo changed since the manifest was written, so they are made again."""
+    recorded = (read_recorded(output_dir / layout.MANIFEST_NAME, "manifest") or {}).get("photo_sha256") or {}
+    for plan in plans:
+        if photo_digests is None or recorded.get(plan.folder) in (None, photo_digests[plan.folder]):
+            continue
+        print(f"the photo of {plan.folder} changed ({given[plan.index]['image']}): making its reference and generated images again")
+        for path in (plan.reference_path(output_dir), *(plan.generated_path(output_dir, k) for k in range(len(plan.generated_seeds)))):
+            path.unlink(missing_ok=True)
 
 
 def generate_references(
@@ -216,6 +235,7 @@ def load_reference_images(path: Path) -> list[dict[str, str]]:
     for entry in entries:
         if not Path(entry["image"]).is_file():
             raise BadInputError(f"--reference_images {path}: image not found: {entry['image']}")
+        load_photo(entry["image"])  # unreadable or tiny: one line now, before any model loads
     return entries
 
 
@@ -270,7 +290,7 @@ def _make_references(
     with accelerator.split_between_processes(pending) as shard:
         if given is not None:
             for plan in shard:
-                atomic_save_image(load_rgb_image(given[plan.index]["image"]), plan.reference_path(args.output_dir))
+                atomic_save_image(load_photo(given[plan.index]["image"]), plan.reference_path(args.output_dir))
         elif shard:
             generate_references(
                 pipe,
@@ -314,17 +334,23 @@ def _make_generated(
         )
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
+def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> list[SamplePlan]:
+    """Build the pairs; the output folder is claimed into `held` once the inputs are checked (released when `held` closes)."""
     check_launch(accelerator.num_processes, "-m patch_quality.construct")
     given = _given_references(args)
     ip_checkpoint = load_ip_adapter_checkpoint(check_ip_ckpt(args.ip_ckpt))  # a NaN or wiped checkpoint fails before any image is drawn
     categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
     output_dir = args.output_dir
     plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
+    held.enter_context(owning_output_dir(accelerator, output_dir))
     dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
     settings = _settings(args, dtype, given)
-    manifest = build_manifest(settings, plans, complete=False)
+    photo_digests = None if given is None else {plan.folder: sha256_file(given[plan.index]["image"]) for plan in plans}
+    manifest = build_manifest(settings, plans, complete=False, photo_digests=photo_digests)
     check_manifest(output_dir, manifest)  # every process checks, so all of them stop together
+    if accelerator.is_main_process:
+        remove_samples_of_changed_photos(output_dir, plans, photo_digests, given)
+    accelerator.wait_for_everyone()
 
     pending_references = [plan for plan in plans if not plan.reference_path(output_dir).is_file()]
     pending_generated = [
@@ -350,16 +376,16 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> list[SamplePlan]:
         _make_generated(args, accelerator, pipe, plans, pending_generated, ip_checkpoint)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(output_dir / layout.MANIFEST_NAME, build_manifest(settings, plans, complete=True))
+        atomic_write_json(output_dir / layout.MANIFEST_NAME, build_manifest(settings, plans, complete=True, photo_digests=photo_digests))
     return plans
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     quiet_libraries()
-    accelerator = Accelerator()
-    with exit_on_bad_input("python -m patch_quality.construct"):
-        run(args, accelerator)
+    accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(args.ddp_timeout)])
+    with exit_on_bad_input("python -m patch_quality.construct"), contextlib.ExitStack() as held:
+        run(args, accelerator, held)
     accelerator.print(f"training pairs in {Path(args.output_dir).resolve()}/sample*/")
 
 

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from common.errors import BadInputError
+from common.filenames import file_name_problem
 
 MANIFEST_NAME = "manifest.json"
 QUALITY_MAPS_NAME = "patch_quality.safetensors"
@@ -26,10 +27,14 @@ _SAMPLE_DIR = re.compile(r"^sample(\d+)$")
 _IMAGE_FILE = re.compile(r"^(?P<prompt>[^_/]+)_(?:(?P<entity>entity_0)|gen_(?P<k>\d+))\.png$")
 
 
+_LONGEST_SUFFIX_BYTES = len("_gen_999.png")
+
+
 def check_prompt(prompt: str) -> str:
     """Return `prompt` if it can be stored in a file name of this layout, else raise one line."""
-    if not prompt or "_" in prompt or "/" in prompt or os.sep in prompt or prompt.startswith("."):
-        raise BadInputError(f"prompt {prompt!r} cannot name a data file: it must be non-empty, without '_' or '/', not start with '.'")
+    problem = "it holds '_' (the layout's separator)" if "_" in prompt else file_name_problem(prompt, _LONGEST_SUFFIX_BYTES)
+    if problem is not None:
+        raise BadInputError(f"prompt {prompt[:80]!r} cannot name a data file: {problem}")
     return prompt
 
 

@@ -26,6 +26,7 @@ import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from patch_quality.cli import maps_parser as build_parser
@@ -43,7 +44,8 @@ from tqdm.auto import tqdm
 from common.batching import batched
 from common.checks import require_flags_in_range
 from common.cli import exit_on_bad_input, quiet_libraries
-from common.errors import BadInputError
+from common.distributed import owning_output_dir
+from common.errors import BadInputError, ReportedError
 from common.images import load_rgb_image
 from common.io import remove_stale_temp_files, sha256_file
 from common.launch import check_launch
@@ -203,21 +205,22 @@ def estimate_quality_maps(
     run_meta = {**feature_metadata, **settings.metadata()}
     run_tag = hashlib.sha256(json.dumps(run_meta, sort_keys=True).encode()).hexdigest()
     parts_dir = data_root / PARTS_DIR_NAME
-    if state.is_main_process:  # orphans of a killed run; a live writer's files are kept
-        remove_stale_temp_files(output.parent, ["."], ".safetensors")
-        remove_stale_temp_files(data_root, [PARTS_DIR_NAME], ".safetensors")
+    with owning_output_dir(state, parts_dir, flag="--data_root"):  # one run at a time on this DATA
+        if state.is_main_process:  # orphans of a killed run; a live writer's files are kept
+            remove_stale_temp_files(output.parent, ["."], ".safetensors")
+            remove_stale_temp_files(data_root, [PARTS_DIR_NAME], ".safetensors")
 
-    todo = _pending_samples(entries[state.process_index :: state.num_processes], parts_dir, run_tag)
-    progress = tqdm(total=len(todo), desc=f"quality maps [{state.process_index}]", disable=not state.is_local_main_process)
-    for chunk in batched(todo, batch_size):
-        _write_parts(chunk, extractor, settings, parts_dir, run_tag)
-        progress.update(len(chunk))
-    progress.close()
+        todo = _pending_samples(entries[state.process_index :: state.num_processes], parts_dir, run_tag)
+        progress = tqdm(total=len(todo), desc=f"quality maps [{state.process_index}]", disable=not state.is_local_main_process)
+        for chunk in batched(todo, batch_size):
+            _write_parts(chunk, extractor, settings, parts_dir, run_tag)
+            progress.update(len(chunk))
+        progress.close()
 
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _merge_parts([sample for sample, *_ in entries], parts_dir, run_tag, output, run_meta)
-    state.wait_for_everyone()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _merge_parts([sample for sample, *_ in entries], parts_dir, run_tag, output, run_meta)
+        state.wait_for_everyone()
     return output
 
 
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_libraries()
     with exit_on_bad_input(parser.prog):
         check_map_args(args)
-    state = PartialState(cpu=args.cpu)
+    state = PartialState(cpu=args.cpu, timeout=timedelta(seconds=args.ddp_timeout))  # init_process_group's timeout
     try:
         check_launch(state.num_processes, "-m patch_quality.maps")
         latent_size, vae_factor = latent_grid(args.resolution, args.base_model_path, args.vae_scale_factor)
@@ -314,8 +317,8 @@ def main(argv: list[str] | None = None) -> None:
             "vae_scale_factor": str(vae_factor),
         }
         output = estimate_quality_maps(args.data_root, extractor, settings, feature_metadata, args.output, args.batch_size, state)
-    except BadInputError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except ReportedError as error:
+        parser.exit(error.exit_code, f"{parser.prog}: error: {error}\n")
     if state.is_main_process:
         print(f"wrote {output}")
 

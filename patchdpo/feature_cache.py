@@ -126,6 +126,11 @@ class FeatureCache:
             self._null = load_file(str(path))
         return dict(self._null)
 
+    def missing_files(self, pairs: Iterable[TrainingPair]) -> list[str]:
+        """The cache files of `pairs` (and the null entry) this process cannot see, e.g. written on another node's local disk."""
+        paths = [self.sample_path(sample) for sample in dict.fromkeys(pair.sample for pair in pairs)] + [self.root / NULL_NAME]
+        return [path.name for path in paths if not path.is_file()]
+
     def has_clip_features(self, sample: str) -> bool:
         with safe_open(str(self.sample_path(sample)), framework="pt") as handle:
             return "image_features" in handle.keys()

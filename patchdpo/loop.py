@@ -21,11 +21,11 @@ from accelerate.utils import ProjectConfiguration, release_memory, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from common.distributed import SHARED_STORAGE_FIX, owning_output_dir, process_group_kwargs, require_agreement
 from common.errors import BadInputError
 from common.io import reporting_write_errors
 from common.launch import check_launch, check_mixed_precision
 from common.precision import mixed_precision_dtype
-from common.run_lock import holding_output_dir
 from common.sampling import EpochSampler
 from common.stop_signals import STOPPED_EXIT_CODE, StopSignals, ignore_stop_signals_in_worker
 from common.training_state import (
@@ -35,6 +35,7 @@ from common.training_state import (
     prune_training_states,
     remove_orphan_checkpoint_files,
     save_training_state,
+    state_fingerprint,
 )
 from ip_adapter.loading import vae_scale_factor
 from ip_adapter.speed import apply_speed_args
@@ -78,7 +79,7 @@ def run_training(args: argparse.Namespace, prog: str, make_validation: Validatio
     accelerator = create_accelerator(args)
     check_launch(accelerator.num_processes, prog)
     check_mixed_precision(accelerator.mixed_precision, accelerator.device.type)
-    with holding_output_dir(args.output_dir, owner=accelerator.is_main_process):
+    with owning_output_dir(accelerator, args.output_dir):
         run = set_up(args, accelerator, make_validation)
         with StopSignals() as signals:
             stopped = train(run, signals)
@@ -140,6 +141,7 @@ def create_accelerator(args: argparse.Namespace) -> Accelerator:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=[process_group_kwargs(args.ddp_timeout)],
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     return accelerator
@@ -163,6 +165,7 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
         weight_dtype,
         revision=args.revision,
         variant=args.variant,
+        unet_dtype=torch.float32 if args.fp32_unet else weight_dtype,
     )
     factor = vae_scale_factor(models.encoders.vae.config)
     if args.resolution % factor:
@@ -173,6 +176,7 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
     validate_training_inputs(pairs, quality_maps, show_progress=accelerator.is_local_main_process)
     dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
     resume_dir = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    agree_on_resume_state(accelerator, resume_dir)
     if accelerator.is_main_process:
         remove_orphan_checkpoint_files(args.output_dir)
     tokenizers, cache, clip_encoder = models.encoders.tokenizers, None, None
@@ -189,6 +193,15 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
             show_progress=accelerator.is_local_main_process,
         )
         accelerator.wait_for_everyone()
+        missing = cache.missing_files(pairs)
+        require_agreement(
+            accelerator,
+            missing,
+            lambda seen: (
+                f"--cache_dir {args.cache_dir}: some processes do not see the cache files the others wrote "
+                f"({', '.join(f'process {rank}: {len(files)} missing' for rank, files in enumerate(seen))}): {SHARED_STORAGE_FIX}"
+            ),
+        )
         # non-square references: their random CLIP crop is encoded each step (patchdpo/feature_cache.py)
         clip_encoder = models.encoders.image_encoder if cache.use_clip_per_step(pairs) else None
         models.encoders = None  # the frozen encoders are not needed any more: free their memory
@@ -260,6 +273,17 @@ def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: Step
             f"--patch_quality_file is ignored: --loss {args.loss} does not use quality maps (pass --use_dpo_loss True for PatchDPO)",
             main_process_only=True,
         )
+
+
+def agree_on_resume_state(accelerator: Accelerator, resume_dir: Path | None) -> None:
+    """Every process resumes from the same step of the same state, or every process stops with one line (never a hang)."""
+    mine = None if resume_dir is None else (checkpoint_step(resume_dir), state_fingerprint(resume_dir / TRAINING_STATE_DIR))
+
+    def describe(seen: list) -> str:
+        steps = ", ".join(f"process {rank}: {'no state' if s is None else f'step {s[0]}'}" for rank, s in enumerate(seen))
+        return f"the processes found different training states to resume from ({steps}); --output_dir: {SHARED_STORAGE_FIX}"
+
+    require_agreement(accelerator, mine, describe)
 
 
 def train(run: TrainingRun, signals: StopSignals) -> bool:

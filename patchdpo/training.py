@@ -196,8 +196,13 @@ def load_training_models(
     weight_dtype: torch.dtype,
     revision: str | None = None,
     variant: str | None = None,
+    unet_dtype: torch.dtype | None = None,
 ) -> TrainingModels:
-    """Load SDXL parts from a folder or a Hugging Face id (`common.hub`), install and initialise the adapter, freeze the rest."""
+    """Load SDXL parts from a folder or a Hugging Face id (`common.hub`), install and initialise the adapter, freeze the rest.
+
+    The frozen UNet is held in `unet_dtype` (default `weight_dtype`; float32 is the official script's
+    fp32 UNet under autocast, whose `unet.to(dtype)` is commented out).
+    """
     model_dir = resolve_folder(model_dir, "--pretrained_model_name_or_path", revision, SDXL_COMPONENTS, variant)
     for sub in SDXL_COMPONENTS:
         if not (model_dir / sub).is_dir():
@@ -225,7 +230,7 @@ def load_training_models(
     # Full-precision copies taken before the cast to the compute dtype: the trainable adapter restarts
     # from them (casting it down and back up would round it), the frozen Resampler is saved from them.
     adapter_state, image_proj_state = cpu_state(adapter_modules), cpu_state(resampler)
-    unet.to(device, weight_dtype)
+    unet.to(device, unet_dtype or weight_dtype)
     adapter_modules.to(torch.float32).requires_grad_(True)
     adapter_modules.load_state_dict(adapter_state)
     resampler.to(device, weight_dtype)

@@ -419,6 +419,16 @@ def test_bad_flags_are_one_line_errors(tiny_models, tiny_pair_data, tiny_dinov2_
     assert files_under(tmp_path) == []
 
 
+@pytest.mark.parametrize("category, problem", [("x" * 300, "more than the 255"), ("cup\0", "NUL character"), ("cup/lid", "path separator")])
+def test_a_category_that_cannot_name_a_file_is_refused_before_any_model_loads(tiny_models, tmp_path, monkeypatch, category, problem):
+    categories = tmp_path / "categories.txt"
+    categories.write_text(category + "\n")
+    monkeypatch.setattr(construct, "load_sdxl_pipeline", lambda *args: pytest.fail("the model loaded before the categories were checked"))
+    message = bad_input_message(construct.main, construct_argv(tiny_models, tmp_path / "out", "--categories", str(categories)))
+    assert "cannot name a data file" in message and problem in message
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture()
 def two_states(tiny_models, tiny_pair_data, tmp_path) -> Path:
     out = tmp_path / "out"
@@ -566,11 +576,11 @@ def test_a_deliberate_learning_rate_change_reaches_optimizer_schedule_and_logs(t
     scheduler = torch.load(state / "custom_checkpoint_0.pkl", weights_only=True)  # accelerate: register_for_checkpointing
     optimizer = torch.load(state / "optimizer.bin", weights_only=True)
     assert scheduler["base_lrs"] == [0.002]
-    # linear decay over 3 steps: after step 2 the rate is 0.002 x 1/3 (the old schedule kept 1e-4, constant)
+    # linear decay over 3 steps: after step 2 the rate is 0.002 x 1/3 (the old schedule kept 1e-3, constant)
     assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.002 / 3)
     assert json.loads((state / SETTINGS_NAME).read_text())["learning_rate"] == 0.002  # the next resume compares the new value
-    hparams = next((fresh_run / "logs").rglob("hparams.yml")).read_text()
-    assert "learning_rate: 0.002" in hparams
+    runs = sorted((fresh_run / "logs").rglob("hparams.yml"), key=lambda path: float(path.parent.name))  # one per start, named by its time
+    assert "learning_rate: 0.001\n" in runs[0].read_text() and "learning_rate: 0.002" in runs[-1].read_text()
 
 
 # ----------------------------------------------------------------------------------------------

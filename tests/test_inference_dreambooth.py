@@ -24,6 +24,7 @@ from PIL import Image
 import common.batching
 import inference_dreambooth
 from common.io import sha256_file
+from common.run_lock import LOCK_NAME
 from dreambench.benchmark import prompts_for
 from dreambench.contact_sheet import contact_sheet_path
 from dreambench.data import load_conditioning_images
@@ -116,7 +117,7 @@ def ip_model(tiny_models):
 
 def test_clean_run_writes_images_grids_and_config(clean_run, tiny_models):
     images = expected_images()
-    assert all_files(clean_run) == images | {"grids/backpack.png", "grids/cat.png", RUN_CONFIG_NAME}
+    assert all_files(clean_run) == images | {"grids/backpack.png", "grids/cat.png", RUN_CONFIG_NAME, LOCK_NAME}  # the run owned its folder
     for name in images:
         with Image.open(clean_run / name) as image:
             assert image.size == (SIZE, SIZE) and image.mode == "RGB"
@@ -205,7 +206,7 @@ def test_resume_after_interrupt_matches_clean_run(batch1_run, tiny_models, tmp_p
     monkeypatch.setattr(common.batching, "atomic_save_image", save_then_stop)
     with pytest.raises(Interrupted):
         run_script(tiny_models, output_dir, "--batch_size", "1")
-    assert all_files(output_dir) == {RUN_CONFIG_NAME, *(str(path.relative_to(output_dir)) for path in saved)}
+    assert all_files(output_dir) == {RUN_CONFIG_NAME, LOCK_NAME, *(str(path.relative_to(output_dir)) for path in saved)}
     first_images = {path: path.stat().st_mtime_ns for path in saved}
     # What a SIGKILL during a write leaves behind: the temporary file of an atomic write.
     stale = output_dir / "cat" / ".a cat in the jungle.png.x1y2z3.tmp.png"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.run_lock import LOCK_NAME
 from patch_quality import layout
 from patch_quality.categories import OBJECT_CATEGORIES, SCENE_TEMPLATES, load_categories, with_article
 from patch_quality.construct import main, plan_samples
@@ -128,7 +129,7 @@ def test_construct_writes_layout_manifest_and_resumes(tmp_path, tiny_models):
     assert kept.stat().st_mtime_ns == kept_mtime
     for path, pixels in first.items():
         np.testing.assert_array_equal(_pixels(path), pixels)
-    assert not list(out.rglob(".*"))  # no temporary files left
+    assert [path.name for path in out.rglob(".*")] == [LOCK_NAME]  # no temporary files left; the lock of the folder's owner
 
     assert re.search("other settings .*seed", bad_input_message(main, args + ["--seed", "7"]))
 
@@ -136,7 +137,7 @@ def test_construct_writes_layout_manifest_and_resumes(tmp_path, tiny_models):
 def test_given_reference_images_become_the_samples(tmp_path, tiny_models):
     photos = []
     for index, (color, category) in enumerate([("red", "lamp"), ("blue", "kite"), ("green", "lamp")]):
-        Image.new("RGB", (40, 30), color).save(tmp_path / f"p{index}.png")
+        Image.new("RGB", (80, 64), color).save(tmp_path / f"p{index}.png")
         photos.append({"image": str(tmp_path / f"p{index}.png"), "category": category})
     listing = tmp_path / "refs.json"
     listing.write_text(json.dumps(photos))
@@ -173,3 +174,62 @@ def test_given_reference_images_become_the_samples(tmp_path, tiny_models):
     assert "disagrees with the 3 images" in error
     listing.write_text(json.dumps([{"image": str(tmp_path / "missing.png"), "category": "lamp"}]))
     assert "missing.png" in bad_input_message(main, base + ["--reference_images", str(listing), "--output_dir", str(tmp_path / "third")])
+
+
+def _subject_on_white(flip: bool = False) -> Image.Image:
+    """A 96x64 photo whose orientation shows: a red block top-left and a blue block bottom-right on white."""
+    pixels = np.full((64, 96, 3), 255, np.uint8)
+    pixels[4:28, 6:40] = (220, 30, 30)
+    pixels[40:60, 60:90] = (30, 30, 220)
+    return Image.fromarray(pixels[:, ::-1] if flip else pixels)
+
+
+def test_photos_are_stored_as_a_person_sees_them_and_a_changed_photo_is_rebuilt(tmp_path, tiny_models, capsys):
+    upright = _subject_on_white()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # phone JPEG: pixels stored sideways, "rotate 90 degrees clockwise to display"
+    upright.rotate(90, expand=True).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    rgba = np.zeros((64, 96, 4), np.uint8)  # a cut-out: transparent pixels are (0, 0, 0, 0), black under .convert("RGB")
+    subject = np.asarray(upright).min(axis=2) < 255
+    rgba[subject] = np.concatenate([np.asarray(upright)[subject], np.full((subject.sum(), 1), 255, np.uint8)], axis=1)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    gray = upright.convert("L")
+    Image.fromarray(np.asarray(gray).astype(np.uint16) * 257).save(tmp_path / "scan16.png")  # 16-bit grayscale: pure white before
+    photos = [{"image": str(tmp_path / name), "category": "toy"} for name in ("phone.jpg", "cutout.png", "scan16.png")]
+    listing = tmp_path / "photos.json"
+    listing.write_text(json.dumps(photos))
+    out = tmp_path / "DATA"
+    argv = [
+        *("--base_model_path", str(tiny_models.sdxl_dir), "--image_encoder_path", str(tiny_models.image_encoder_dir)),
+        *("--ip_ckpt", str(tiny_models.ip_ckpt), "--output_dir", str(out), "--reference_images", str(listing)),
+        *("--num_inference_steps", "2", "--height", "32", "--width", "32"),
+    ]
+    main(argv)
+    references = [layout.sample_files(folder)[1] for folder in layout.list_samples(out)]
+    phone, cutout, scan = (_pixels(path) for path in references)
+    assert phone.shape == (64, 96, 3) and np.abs(phone - np.asarray(upright, np.int16)).mean() < 3  # upright, up to JPEG loss
+    np.testing.assert_array_equal(cutout, np.asarray(upright))  # on white
+    np.testing.assert_array_equal(scan, np.asarray(gray.convert("RGB")))  # its content, scaled 65535 -> 255
+
+    # Replacing one photo and rerunning rebuilds that sample only.
+    capsys.readouterr()
+    kept = {path: path.stat().st_mtime_ns for folder in ("sample0", "sample2") for path in (out / folder).iterdir()}
+    Image.fromarray(np.asarray(_subject_on_white(flip=True))).save(tmp_path / "cutout.png")
+    main(argv)
+    assert "the photo of sample1 changed" in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in kept} == kept
+    np.testing.assert_array_equal(_pixels(references[1]), np.asarray(_subject_on_white(flip=True)))
+    assert len(list((out / "sample1").glob("*_gen_0.png"))) == 1
+
+
+def test_an_unreadable_or_tiny_photo_is_one_line_before_any_model_loads(tmp_path, tiny_models):
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "icon.png")
+    for name, expected in (("broken.jpg", "unreadable photo"), ("icon.png", "40x30 pixels, expected a photo at least 64")):
+        listing = tmp_path / "photos.json"
+        listing.write_text(json.dumps([{"image": str(tmp_path / name), "category": "toy"}]))
+        argv = ["--base_model_path", str(tiny_models.sdxl_dir), "--image_encoder_path", str(tiny_models.image_encoder_dir)]
+        argv += ["--ip_ckpt", str(tiny_models.ip_ckpt), "--output_dir", str(tmp_path / "DATA"), "--reference_images", str(listing)]
+        message = bad_input_message(main, argv)
+        assert name in message and expected in message
+        assert not (tmp_path / "DATA").exists()

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import patch_quality.maps as maps_module
+from common.run_lock import LOCK_NAME
 from patch_quality import layout
 from patch_quality.features import PatchFeatureExtractor
 from patch_quality.maps import MapSettings, foreground_patch_mask, main, quality_maps
@@ -124,7 +125,7 @@ def test_estimate_cli_writes_latent_maps_and_resumes(tmp_path, tiny_dinov2_dir, 
     with pytest.raises(RuntimeError, match="killed"):
         main(args)
     assert not (data / "patch_quality.safetensors").exists()
-    assert [p.name for p in (data / maps_module.PARTS_DIR_NAME).iterdir()] == ["sample0.safetensors"]
+    assert sorted(p.name for p in (data / maps_module.PARTS_DIR_NAME).iterdir()) == [LOCK_NAME, "sample0.safetensors"]
 
     calls.clear()
     monkeypatch.setattr(maps_module, "quality_maps", lambda *a: calls.append(1) or real_quality_maps(*a))

@@ -103,7 +103,7 @@ def two_process(tiny_models, pair_data, tmp_path_factory) -> Path:
         return {"name": name, "argv": train_argv(tiny_models, pair_data, out / name, loss, *extra, batch=2), **options}
 
     cache = ("--cache_dir", str(root / "cache"))
-    launch_a = [run(loss, loss) for loss in LOSSES] + [run("cached", "patch_dpo", *cache), run("killed", kill_after_step=KILL_AFTER)]
+    launch_a = [run(loss, loss) for loss in LOSSES] + [run("cached", "patch_dpo", *cache), run("killed", kill=[0, KILL_AFTER])]
     result = torchrun({"record_dir": str(record), "runs": launch_a}, root / "a.json", expect_success=False)  # the last run is killed
     assert all((record / spec["name"] / "done").is_file() for spec in launch_a[:-1]), result.stderr[-6000:]
     assert not (record / "killed" / "done").exists()

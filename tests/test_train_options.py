@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import train_patchdpo
 from common.errors import BadInputError
 from common.sampling import EpochSampler
-from common.training_state import TRAINING_STATE_DIR, prune_training_states
+from common.training_state import SETTINGS_NAME, TRAINING_STATE_DIR, prune_training_states
 from patch_quality.store import QualityMaps
 from patchdpo.optimization import StepPlan, adamw
 from patchdpo.training import ADAPTER_STATE_NAME, PairConditioning, load_training_models, training_step
@@ -204,3 +205,39 @@ def test_the_lr_scheduler_flag_lists_diffusers_schedules():
     from common.flags import LR_SCHEDULERS
 
     assert LR_SCHEDULERS == tuple(kind.value for kind in SchedulerType)
+
+
+# ----------------------------------------------------------------------------------------------
+# --fp32_unet: the official script's frozen fp32 UNet under autocast
+
+
+def test_fp32_unet_keeps_the_frozen_unet_as_loaded(tiny_models):
+    from diffusers import UNet2DConditionModel
+
+    loaded = UNet2DConditionModel.from_pretrained(tiny_models.sdxl_dir, subfolder="unet").state_dict()
+    official = load_training_models(
+        tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", torch.bfloat16, unet_dtype=torch.float32
+    )
+    default = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", torch.bfloat16)
+    frozen = {name: tensor for name, tensor in official.model.unet.state_dict().items() if name in loaded}
+    assert len(frozen) == len(loaded) and all(
+        tensor.dtype == torch.float32 and torch.equal(tensor, loaded[name]) for name, tensor in frozen.items()
+    )
+    rounded = default.model.unet.state_dict()
+    assert all(rounded[name].dtype == torch.bfloat16 for name in loaded)
+    assert any(not torch.equal(rounded[name].float(), loaded[name]) for name in loaded)  # what the switch avoids
+
+
+def test_fp32_unet_changes_the_trained_adapter_and_is_a_recorded_setting(tiny_models, tiny_pair_data, tmp_path, fresh_accelerate_state):
+    runs = {}
+    for name, extra in (("default", ()), ("fp32_unet", ("--fp32_unet",))):
+        out = tmp_path / name
+        train_patchdpo.main(
+            train_args(tiny_models, tiny_pair_data, out, "--mixed_precision", "bf16", "--checkpointing_steps", "1", *extra, steps=1)
+        )
+        AcceleratorState._reset_state(reset_partial_state=True)
+        runs[name] = out / "checkpoint-1" / TRAINING_STATE_DIR
+    default, official = (load_file(str(state / ADAPTER_STATE_NAME)) for state in runs.values())
+    assert all(torch.isfinite(tensor).all() for tensor in official.values())
+    assert any(not torch.equal(default[name], official[name]) for name in default)
+    assert json.loads((runs["fp32_unet"] / SETTINGS_NAME).read_text())["fp32_unet"] is True

@@ -64,8 +64,8 @@ def test_validation_flags_are_checked_before_training(tiny_models, tiny_pair_dat
     argv = train_args(tiny_models, tiny_pair_data, tmp_path / "out", *validation_args(tiny_clip_path, tiny_dino_dir))
     bad_subject = [*argv, "--validation_subjects", "no_such_subject"]
     assert "no_such_subject" in bad_input_message(train_patchdpo.main, bad_subject)
-    without_dino = argv[: argv.index("--dino_model")]
-    assert "--clip_model and --dino_model go together" in bad_input_message(train_patchdpo.main, without_dino)
+    paper_dino = argv[: argv.index("--dino_model")]  # the other metric model defaults to the paper's: checked at start-up too
+    assert "facebook/dino-vits16" in bad_input_message(train_patchdpo.main, paper_dino)
 
 
 def _run_script(argv: list[str], processes: int = 1) -> None:

@@ -1,10 +1,10 @@
-"""Run `train_patchdpo.main` under torchrun, recording what each rank does.
+"""Run the scripts' real `main`s under torchrun, recording what each rank does.
 
     ACCELERATE_USE_CPU=1 torchrun --nproc_per_node 2 -m tests.kit.torchrun_train SPEC.json
 
-SPEC.json: {"record_dir": DIR, "runs": [{"name": NAME, "argv": [...], "kill_after_step": N?}, ...]}.
-Each run is the script's real `main` in the launched processes, one after the other in one
-process group (which saves the launch cost per run). Per run NAME, every rank writes to DIR/NAME/:
+SPEC.json: {"record_dir": DIR, "runs": [{"name": NAME, "argv": [...], "script": MODULE?, ...}, ...]}.
+Each run is `MODULE.main(argv)` (default `train_patchdpo`) in the launched processes, one after the
+other in one process group (which saves the launch cost per run). Per run NAME, every rank writes to DIR/NAME/:
 
 * `rank{r}/step{n}.safetensors`: its trainable weights after optimizer step n (a global
   optimizer-step hook, so nothing in the script is changed);
@@ -12,18 +12,22 @@ process group (which saves the launch cost per run). Per run NAME, every rank wr
   atomic output write and the training-state rename end with);
 * `done`: written by rank 0 when the run returned.
 
-`kill_after_step` SIGKILLs rank 0 right after that optimizer step (torchrun then stops the
-others): a run killed mid-training, after the checkpoints before that step. `sigterm`: [rank, step]
-sends SIGTERM to that rank alone right after that optimizer step (a preemption notice reaching one
-process); a run that exits (e.g. 75 after saving) writes its code to `rank{r}.exit` and the launch goes on.
+`kill`: [rank, step] SIGKILLs that rank right after that optimizer step (writing the time to
+`rank{r}.killed` first): a run killed mid-training, after the checkpoints before that step.
+`sigterm`: [rank, step] sends SIGTERM to that rank alone right after that optimizer step (a
+preemption notice reaching one process); a run that exits (e.g. 75 after saving) writes its code to
+`rank{r}.exit` and the launch goes on. `hide_resume_on_rank`: that rank finds no checkpoint to
+resume from (a node that does not see the others' storage).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,14 +35,14 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import save_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import train_patchdpo
+import patchdpo.loop
 
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ["RANK"])
-    state = {"dir": None, "step": 0, "kill_after_step": None, "sigterm": None}
-    real_replace = os.replace
+    state = {"dir": None, "step": 0, "kill": None, "sigterm": None}
+    real_replace, real_find_resume = os.replace, patchdpo.loop.find_resume_checkpoint
 
     def recording_replace(src, dst, *args, **kwargs):
         real_replace(src, dst, *args, **kwargs)
@@ -50,7 +54,8 @@ def main(spec_path: str) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         tensors = {str(i): p.detach().cpu().clone() for i, p in enumerate(params)}
         save_file(tensors, str(state["dir"] / f"rank{rank}" / f"step{state['step']}.safetensors"))
-        if rank == 0 and state["step"] == state["kill_after_step"]:
+        if state["kill"] == [rank, state["step"]]:
+            (state["dir"] / f"rank{rank}.killed").write_text(str(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
         if state["sigterm"] == [rank, state["step"]]:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -61,12 +66,12 @@ def main(spec_path: str) -> None:
     AcceleratorState.destroy_process_group = lambda self, group=None: None
     register_optimizer_step_post_hook(record_step)
     for run in spec["runs"]:
-        state.update(
-            dir=Path(spec["record_dir"]) / run["name"], step=0, kill_after_step=run.get("kill_after_step"), sigterm=run.get("sigterm")
-        )
+        state.update(dir=Path(spec["record_dir"]) / run["name"], step=0, kill=run.get("kill"), sigterm=run.get("sigterm"))
         (state["dir"] / f"rank{rank}").mkdir(parents=True, exist_ok=True)
+        hidden = run.get("hide_resume_on_rank") == rank
+        patchdpo.loop.find_resume_checkpoint = (lambda *args: None) if hidden else real_find_resume
         try:
-            train_patchdpo.main(run["argv"])
+            importlib.import_module(run.get("script", "train_patchdpo")).main(run["argv"])
         except SystemExit as stopped:
             (state["dir"] / f"rank{rank}.exit").write_text(str(stopped.code))
             continue
