@@ -7,7 +7,8 @@
       --dataloader_num_workers 4 --learning_rate 3e-05 --weight_decay 0.01 --save_steps 10000 \
       --stop_step 30000 --output_dir output/exp1/ --use_dpo_loss True
 
-Flags and defaults follow the official script; the step itself lives in `patchdpo.training`,
+Flag names and defaults are the official script's; where the behaviour differs, and the switch back
+(`--official_time_ids`, `--fp32_unet`), see docs/differences.md. The step itself lives in `patchdpo.training`,
 the objectives in `patchdpo.loss`, the step arithmetic and optimizer in `patchdpo.optimization`.
 Any layout of processes x `--train_batch_size` x `--gradient_accumulation_steps` with the same
 product trains the same global batches with the same randomness (README "Training").
