@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common.checks import require_flags_in_range
 from common.cli import ArgumentParser, fail, quiet_libraries, str2bool
-from common.errors import BadInputError
+from common.errors import ReportedError
 from common.flags import add_evaluation_args
 from dreambench.benchmark import resolve_subjects
 
@@ -79,13 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
             allow_partial=args.allow_partial,
             subjects=args.subjects,
         )
-    except BadInputError as error:
+    except ReportedError as error:
         fail(parser.prog, error)
     print(format_score_table(scores))
     print(", ".join(f"{key}: {scores[key]:.4f}" for key in METRIC_KEYS), flush=True)
     try:
         write_scores(args.output_dir, scores)
-    except BadInputError as error:
+    except ReportedError as error:
         fail(parser.prog, error)
     print(f"scores written to {(Path(args.output_dir) / SCORE_FILE).resolve()}")
     return scores

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.errors import BadInputError
+from common.errors import BadInputError, WriteError
 from common.images import is_image_file, load_rgb_image
 from common.io import atomic_write_json
 from common.outputs import check_output_file
@@ -171,10 +171,9 @@ def write_scores(output_dir: str | os.PathLike, scores: dict[str, Any]) -> Path:
     path = Path(output_dir) / SCORE_FILE
     try:
         return atomic_write_json(path, scores)
-    except OSError as error:
-        raise BadInputError(
-            f"{path}: cannot write the scores ({error.strerror or type(error).__name__}); the table printed above is the record"
-        ) from None
+    except OSError as error:  # a WriteError already names the file and the cause
+        cause = str(error) if isinstance(error, WriteError) else f"cannot write {path}: {error.strerror or type(error).__name__}"
+        raise WriteError(f"{cause}; the table printed above is the record") from None
 
 
 def score_generations(

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 
 from common.errors import BadInputError
@@ -66,11 +67,12 @@ def _label(image: Image.Image, text: str) -> Image.Image:
 
 def validation_grid(references: list[Image.Image], start: list[Image.Image], current: list[Image.Image], prompts: list[str]) -> Image.Image:
     """One row per image: the subject's reference, the starting adapter's image, the current adapter's."""
-    grid = Image.new("RGB", (3 * TILE, len(prompts) * TILE), (255, 255, 255))
-    for row, (reference, first, now, prompt) in enumerate(zip(references, start, current, prompts)):
-        for column, (image, text) in enumerate(((reference, "reference"), (first, "start"), (now, "current"))):
-            grid.paste(_label(image, text if column else prompt[:22]), (column * TILE, row * TILE))
-    return grid
+    tiles = [
+        _label(image, text)
+        for reference, first, now, prompt in zip(references, start, current, prompts)
+        for image, text in ((reference, prompt[:22]), (first, "start"), (now, "current"))
+    ]
+    return make_image_grid(tiles, rows=len(prompts), cols=3)  # equal-size labelled tiles: the library grid
 
 
 class TrainingValidation:

@@ -334,6 +334,32 @@ def test_failed_score_write_names_the_path_and_keeps_the_printed_scores(one_gene
     assert not (one_generation / "all_score.json").exists()
 
 
+@pytest.mark.parametrize("script", ["construct", "maps", "inference", "evaluate"])
+def test_a_file_size_limit_in_construct_maps_inference_and_evaluate_is_one_line(
+    script, tiny_models, tiny_dinov2_dir, tiny_clip_path, tiny_dino_dir, one_generation, tmp_path
+):
+    """What each script writes first or largest (images, map parts, the score file) under `ulimit -f`: one line, exit 2."""
+    if script == "maps":
+        data = tmp_path / "data"
+        construct.main(construct_argv(tiny_models, data))
+        command, failing = ["-m", "patch_quality.maps", "--data_root", str(data), "--backbone", str(tiny_dinov2_dir), "--cpu"], data
+        command += ["--resolution", "32", "--vae_scale_factor", "8"]
+    elif script == "construct":
+        command, failing = ["-m", "patch_quality.construct", *construct_argv(tiny_models, tmp_path / "data")], tmp_path / "data"
+    elif script == "inference":
+        command, failing = [str(REPO / "inference_dreambooth.py"), *inference_argv(tiny_models, tmp_path / "gen")], tmp_path / "gen"
+    else:
+        command = [str(REPO / "evaluate_dreambooth.py"), *evaluate_argv(one_generation, tiny_clip_path, tiny_dino_dir)]
+        failing = one_generation / "all_score.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600, preexec_fn=_limited(100)
+    )
+    errors = [line for line in run.stderr.splitlines() if "error:" in line]
+    assert run.returncode == 2 and len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert f"cannot write {failing}" in errors[0] and "file too large" in errors[0], errors[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Finding 6: a starting run never deletes a live writer's temporary files
 
