@@ -9,7 +9,7 @@ whose generation settings differ from the recorded ones is refused instead of re
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,11 @@ def read_run_config(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     return read_recorded(run_config_path(output_dir), "run config")
 
 
-def check_resumable(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> None:
-    """Refuse to add images made with other generation settings to an existing output folder."""
+def check_resumable(output_dir: str | os.PathLike, config: Mapping[str, Any], keys: Iterable[str] = GENERATION_KEYS) -> None:
+    """Refuse to add images made with other generation settings (`keys`) to an existing output folder."""
     recorded = read_run_config(output_dir)
     if recorded is not None:
-        refuse_other_settings(run_config_path(output_dir), recorded, config, GENERATION_KEYS, "generation settings")
+        refuse_other_settings(run_config_path(output_dir), recorded, config, keys, "generation settings")
 
 
 def write_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> Path:

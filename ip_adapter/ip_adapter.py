@@ -65,6 +65,11 @@ class IPAdapterPlusXL:
         self.image_proj_model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.adapter_modules.to(self.device, self.dtype)
 
+    def load_checkpoint(self, ip_ckpt: str | os.PathLike | Checkpoint) -> None:
+        """Swap in another IP-Adapter(-Plus) checkpoint of the same shapes: the SDXL pipeline and encoder stay loaded."""
+        checkpoint = ip_ckpt if isinstance(ip_ckpt, dict) else load_ip_adapter_checkpoint(ip_ckpt)
+        load_adapter_state(self.image_proj_model, self.adapter_modules, checkpoint)
+
     def _resampler_config(self, image_proj: dict[str, torch.Tensor]) -> dict[str, int]:
         config = Resampler.config_from_state_dict(image_proj)
         expected = {

@@ -39,6 +39,7 @@ FAST = [
     "train_patchdpo.py",
     "inference_dreambooth.py",
     "evaluate_dreambooth.py",
+    "generate.py",
     "demo.py",
     "patch_quality.convert_pkl",
     "patch_quality.construct",

@@ -6,6 +6,8 @@ when a flag is renamed, so each one is checked against the script it is passed t
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import subprocess
@@ -17,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "patch_quality" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SCRIPTS = ("train_patchdpo.py", "inference_dreambooth.py", "evaluate_dreambooth.py", "demo.py")
+SCRIPTS = ("train_patchdpo.py", "inference_dreambooth.py", "evaluate_dreambooth.py", "generate.py", "demo.py")
 LAUNCHER_FLAGS = {"-m"}  # accelerate / torchrun flags come before the script and are not checked
 
 
@@ -51,7 +53,7 @@ CALLS = [(page.name, command, call) for page in PAGES for command in command_lin
 
 
 def test_the_pages_show_commands_of_every_script():
-    assert {call[0] for _, _, call in CALLS} >= {*SCRIPTS[:3], "patch_quality.construct", "patch_quality.maps"}
+    assert {call[0] for _, _, call in CALLS} >= {*SCRIPTS[:4], "patch_quality.construct", "patch_quality.maps"}
 
 
 @pytest.mark.parametrize("page, command, call", CALLS, ids=[f"{page}:{call[0]}:{i}" for i, (page, _, call) in enumerate(CALLS)])
@@ -65,3 +67,40 @@ def test_every_flag_of_a_shown_command_exists(page, command, call):
 def test_every_relative_link_resolves(page):
     links = [link for link in re.findall(r"\]\(([^)#]+)\)", page.read_text()) if not link.startswith("http")]
     assert [link for link in links if not (page.parent / link).exists()] == []
+
+
+def test_the_own_subject_walkthrough_runs_on_the_stand_in_models(tiny_models, tiny_dinov2_dir, tiny_clip_path, tiny_dino_dir, tmp_path):
+    """docs/your_subject.md's flow, photos -> construct -> maps -> train -> generate + scores, with tiny models and sizes."""
+    from PIL import Image
+
+    block = next(
+        text for text in re.findall(r"```bash\n(.*?)```", (ROOT / "docs" / "your_subject.md").read_text(), flags=re.S) if "SDXL=" in text
+    )
+    lines = block.replace("\\\n", " ").splitlines()
+    settings = [line for line in lines if re.match(r"^[A-Z_]+=", line)]
+    commands = [line for line in lines if line and line not in settings]
+    assert len(settings) == 3 and len(commands) == 4
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index, color in enumerate(("red", "blue")):
+        image = Image.new("RGB", (96, 80), "white")
+        image.paste(Image.new("RGB", (40, 40), color), (20 + 10 * index, 20))
+        image.save(photos / f"{index}.png")
+    (tmp_path / "photos.json").write_text(json.dumps([{"image": str(path), "category": "toy"} for path in sorted(photos.iterdir())]))
+    ours = {
+        "SDXL": tiny_models.sdxl_dir, "ENC": tiny_models.image_encoder_dir, "IPA": tiny_models.ip_ckpt, "BACKBONE": tiny_dinov2_dir,
+        "CLIP": tiny_clip_path, "DINO": tiny_dino_dir, "PHOTOS": photos, "LIST": tmp_path / "photos.json", "STEPS": 2,
+        "SIZE_GEN": "--height 32 --width 32 --num_inference_steps 2", "SIZE_MAP": "--resolution 32",
+        "SIZE_TRAIN": "--save_steps 1 --resolution 32 --train_batch_size 1",
+        "SIZE_OUT": "--height 32 --width 32 --num_inference_steps 2 --num_images 1",
+    }  # fmt: skip
+    assert {name for line in settings for name in re.findall(r"([A-Z_]+)=", line)} == set(ours)
+    for script in ("train_patchdpo.py", "generate.py"):
+        (tmp_path / script).symlink_to(ROOT / script)
+    script = "set -e\n" + "".join(f"{name}={shlex.quote(str(value))}\n" for name, value in ours.items()) + "\n".join(commands)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    scores = json.loads((tmp_path / "my_dog" / "scores.json").read_text())
+    assert len(scores) == 2 and all(set(row) == {"clipt_score", "clipi_score", "dino_score"} for row in scores.values())
+    assert result.stdout.strip().splitlines()[-1].startswith("images in")

@@ -1,0 +1,192 @@
+"""Your own subject: photos in, personalized images out.
+
+    python generate.py --base_model_path SG161222/RealVisXL_V1.0 \
+      --image_encoder_path h94/IP-Adapter/models/image_encoder \
+      --ip_ckpt h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.bin output/exp1/checkpoint-30000/model.bin \
+      --reference_images photos/ --prompts "a dog on the beach" "a dog in the snow" --output_dir my_dog
+
+Several photos are averaged into one subject (DreamBench's original setting); each is padded to a
+white square, or cropped first to its box from `--boxes`. With several `--ip_ckpt`, every image is
+made with each checkpoint on the same noise and `sheets/` holds one side-by-side sheet per prompt
+(a column per checkpoint). Rerunning the same command resumes; `--clip_model`/`--dino_model` score
+each checkpoint against your photos (CLIP-T against the prompts) as DreamBench does. Launch with
+`accelerate launch` or `torchrun` to share the images between processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from common.checks import require_flags_in_range
+from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries
+from common.errors import BadInputError
+from common.flags import add_ddp_timeout_arg, add_metric_model_args, add_speed_args, scoring_requested
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+SCORES_NAME = "scores.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="generate.py", description="Personalized images of your own subject from your photos.")
+    models = parser.add_argument_group("models")
+    models.add_argument("--base_model_path", type=Path, required=True, help="SDXL pipeline: folder or Hugging Face id")
+    models.add_argument("--image_encoder_path", type=Path, required=True, help="CLIP ViT-H vision encoder: folder or Hugging Face id")
+    models.add_argument(
+        "--ip_ckpt",
+        type=Path,
+        nargs="+",
+        action="extend",
+        required=True,
+        help="IP-Adapter-Plus / PatchDPO checkpoint(s): .bin/.safetensors file or REPO_ID/path/in/repo.bin; several: side by side",
+    )
+    models.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="default: fp16 on CUDA, else fp32")
+    subject = parser.add_argument_group("your subject and prompts")
+    subject.add_argument("--reference_images", nargs="+", required=True, help="photo files and/or folders of photos of one subject")
+    subject.add_argument("--boxes", type=Path, default=None, help='JSON {"photo.jpg": [x0, y0, x1, y1]} in pixels (default: whole photos)')
+    subject.add_argument("--prompts", nargs="+", default=[], help="prompts, e.g. 'a dog on the beach'")
+    subject.add_argument("--prompts_file", type=Path, default=None, help="text file, one prompt per line")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--num_images", type=int, default=4, help="images per prompt and checkpoint")
+    sampling.add_argument("--seed", type=int, default=42, help="each image's seed comes from (seed, prompt, image index)")
+    sampling.add_argument("--scale", type=float, default=0.78, help="IP-Adapter scale (the DreamBench scripts' 0.78)")
+    sampling.add_argument("--num_inference_steps", type=int, default=30)
+    sampling.add_argument("--guidance_scale", type=float, default=5.0)
+    sampling.add_argument("--height", type=int, default=1024)
+    sampling.add_argument("--width", type=int, default=1024)
+    sampling.add_argument("--batch_size", type=int, default=4, help="images per denoising batch (images do not depend on it)")
+    parser.add_argument("--output_dir", type=Path, required=True, help="folder to create or resume")
+    add_speed_args(parser)
+    add_ddp_timeout_arg(parser)
+    scoring = parser.add_argument_group("scoring against your photos (as evaluate_dreambooth.py)")
+    add_metric_model_args(scoring, optional_use="score each checkpoint's images against your photos")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Numbers, sizes and paths before any model loads."""
+    from common.outputs import check_output_dir
+    from dreambench.metrics import resolve_clip_checkpoint
+    from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir
+
+    require_flags_in_range(args, ("num_images", "num_inference_steps", "height", "width", "batch_size"), minimum=1)
+    require_flags_in_range(args, ("scale",), minimum=0)
+    for name in ("height", "width"):
+        if getattr(args, name) % 8:
+            raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
+    check_output_dir(args.output_dir)
+    check_sdxl_dir(args.base_model_path)
+    check_image_encoder_dir(args.image_encoder_path)
+    for checkpoint in args.ip_ckpt:
+        check_ip_ckpt(checkpoint)
+    if scoring_requested(args):
+        resolve_clip_checkpoint(args.clip_model)
+
+
+def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+    from common.distributed import owning_output_dir
+    from common.hub import resolve_file
+    from common.io import atomic_write_json, remove_stale_temp_files, sha256_file
+    from common.launch import check_launch
+    from dreambench.run_config import GENERATION_KEYS, check_resumable, make_run_config, write_run_config
+    from dreambench.your_subject import (
+        SHEETS_DIR,
+        build_jobs,
+        checkpoint_labels,
+        conditioning_images,
+        find_photos,
+        generate_jobs,
+        load_boxes,
+        read_prompts,
+        score_checkpoints,
+        write_sheets,
+    )
+    from ip_adapter.checkpoint import load_ip_adapter_checkpoint
+    from ip_adapter.loading import dtype_name, load_generation_model, resolve_dtype
+    from ip_adapter.speed import apply_speed_args
+
+    check_launch(accelerator.num_processes, "generate.py")
+    check_args(args)
+    prompts = read_prompts(args.prompts, args.prompts_file)
+    photos = find_photos(args.reference_images)
+    references = conditioning_images(photos, load_boxes(args.boxes))  # every photo decoded: a bad one fails before the models
+    checkpoints = [resolve_file(path, "--ip_ckpt") for path in args.ip_ckpt]
+    for checkpoint in checkpoints:
+        load_ip_adapter_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before SDXL loads
+    labels = checkpoint_labels(args.ip_ckpt)
+    jobs = build_jobs(labels, prompts, args.num_images, args.seed)
+    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
+    config = make_run_config(
+        {key: value for key, value in vars(args).items() if key not in ("reference_images", "ip_ckpt", "boxes")},
+        ip_ckpt_sha256=[sha256_file(path) for path in checkpoints],
+        photo_sha256={photo.name: sha256_file(photo) for photo in photos},
+        boxes={name: list(box) for name, box in load_boxes(args.boxes).items()},
+        checkpoint_labels=labels,
+        data_root=None,
+        is_kosmosg=False,
+        dtype=dtype_name(dtype),
+        num_processes=accelerator.num_processes,
+    )
+    check_resumable(args.output_dir, config, (*GENERATION_KEYS, "photo_sha256", "boxes", "checkpoint_labels"))
+    pending = [job for job in jobs if not job.path(args.output_dir).is_file()]
+    accelerator.wait_for_everyone()  # every process lists the same pending images before any is written
+    accelerator.print(
+        f"{len(jobs) - len(pending)}/{len(jobs)} images exist: {len(prompts)} prompt(s) x {args.num_images} x "
+        f"{len(labels)} checkpoint(s), {len(photos)} photo(s), {accelerator.num_processes} process(es), {dtype_name(dtype)}"
+    )
+    model = (
+        load_generation_model(args.base_model_path, args.image_encoder_path, checkpoints[0], accelerator.device, dtype) if pending else None
+    )
+    held.enter_context(owning_output_dir(accelerator, args.output_dir))
+    if accelerator.is_main_process:
+        remove_stale_temp_files(args.output_dir, [*labels, SHEETS_DIR])
+        write_run_config(args.output_dir, config)
+    accelerator.wait_for_everyone()
+    if model is not None:
+        apply_speed_args(args, model.pipe.unet, accelerator.print)
+        generate_jobs(
+            model,
+            checkpoints,
+            labels,
+            pending,
+            references,
+            args.output_dir,
+            args.batch_size,
+            args.num_inference_steps,
+            scale=args.scale,
+            share=accelerator.split_between_processes,
+            position=accelerator.process_index,
+            guidance_scale=args.guidance_scale,
+            height=args.height,
+            width=args.width,
+        )
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    sheets = write_sheets(args.output_dir, labels, prompts, args.num_images)
+    if args.clip_model is not None:
+        scores = score_checkpoints(args.output_dir, jobs, photos, args.clip_model, args.dino_model, accelerator.device)
+        for label, row in scores.items():
+            print(f"{label}: " + ", ".join(f"{key} {value:.4f}" for key, value in row.items()), flush=True)
+        atomic_write_json(args.output_dir / SCORES_NAME, scores)
+    print(f"images in {args.output_dir.resolve()}/<checkpoint>/, side-by-side sheets in {sheets[0].parent}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from accelerate import Accelerator
+
+    from common.distributed import process_group_kwargs
+
+    quiet_libraries()
+    accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(args.ddp_timeout)])
+    with exit_on_bad_input("generate.py"), contextlib.ExitStack() as held:
+        run(args, accelerator, held)
+
+
+if __name__ == "__main__":
+    main()
