@@ -316,6 +316,16 @@ def _utilisation(run: Run, result: dict[str, Any], flops_per_step: float | None)
         result["mfu"] = result["model_tflops_per_s"] / run.results["peak_tflops"]
 
 
+def _planned_peak_gib(run: Run, precision: str) -> float:
+    """`patchdpo.memory_plan`'s peak for the timed configuration (cached features, as the benchmark's step), to set beside the measured one."""
+    from patchdpo.memory_plan import GIB, PlanSettings, plan_training_memory
+
+    settings = PlanSettings(
+        resolution=run.size.train_resolution, train_batch_size=run.size.train_pairs, mixed_precision=precision, cache_dir=True
+    )
+    return plan_training_memory(str(run.models.sdxl_dir), str(run.models.image_encoder_dir), settings)["peak_bytes"] / GIB
+
+
 def stage_train(precision: str, compile: bool) -> Callable[[Run, str], None]:
     def stage(run: Run, name: str) -> None:
         data = _pair_data(run)
@@ -327,6 +337,10 @@ def stage_train(precision: str, compile: bool) -> Callable[[Run, str], None]:
                 "flops_per_step"
             )
             _utilisation(run, result, flops)
+            if variant == "ours" and not compile:
+                result["planned_peak_gib"] = _planned_peak_gib(run, precision)
+                if result.get("peak_gpu_gib") is not None:
+                    result["measured_over_planned"] = result["peak_gpu_gib"] / result["planned_peak_gib"]
             if compile:
                 eager = run.results["stages"].get(f"train_{precision}", {}).get("ours", {})
                 if "pairs_per_s" in eager:

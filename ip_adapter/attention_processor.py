@@ -26,12 +26,20 @@ class IPAttnProcessor(nn.Module):
     recompile).
     """
 
-    def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens: int = 16, scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        cross_attention_dim: int,
+        num_tokens: int = 16,
+        scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.num_tokens = num_tokens
         self.scale = _scale_tensor(scale)
-        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
-        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False, device=device, dtype=dtype)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False, device=device, dtype=dtype)
 
     def _attend(self, attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask=None) -> torch.Tensor:
         batch = query.shape[0]
@@ -125,7 +133,9 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int = 16) -> nn.ModuleDict:
             hidden_size=attn.to_k.out_features,
             cross_attention_dim=attn.to_k.in_features,
             num_tokens=num_tokens,
-        ).to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
+            device=attn.to_k.weight.device,
+            dtype=attn.to_k.weight.dtype,
+        )
         with torch.no_grad():
             ip_processor.to_k_ip.weight.copy_(attn.to_k.weight)
             ip_processor.to_v_ip.weight.copy_(attn.to_v.weight)

@@ -11,6 +11,7 @@ tokenizers are the real CLIP BPE shipped with openai-clip.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,22 @@ def save_sdxl_models(root: str | os.PathLike, shape: ModelShape = TINY) -> Model
     build_image_encoder(shape).save_pretrained(root / "image_encoder")
     ckpt = save_ip_checkpoint(root / "ip-adapter-plus.bin", pipe.unet, shape)
     return ModelPaths(sdxl_dir=root / "sdxl", image_encoder_dir=root / "image_encoder", ip_ckpt=ckpt)
+
+
+def save_model_configs(root: str | os.PathLike, shape: ModelShape = FULL) -> ModelPaths:
+    """Only the config.json files of an SDXL folder and an image-encoder folder (what `patchdpo.memory_plan` reads)."""
+    root = Path(root)
+    configs = {
+        root / "sdxl" / "unet": {"_class_name": "UNet2DConditionModel", **shape.unet},
+        root / "sdxl" / "vae": {"_class_name": "AutoencoderKL", **shape.vae},
+        root / "sdxl" / "text_encoder": CLIPTextConfig(**shape.text_encoder).to_dict(),
+        root / "sdxl" / "text_encoder_2": CLIPTextConfig(**shape.text_encoder_2).to_dict(),
+        root / "image_encoder": CLIPVisionConfig(**shape.image_encoder).to_dict(),
+    }
+    for folder, config in configs.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    return ModelPaths(sdxl_dir=root / "sdxl", image_encoder_dir=root / "image_encoder", ip_ckpt=root / "no-checkpoint")
 
 
 def load_pipeline(sdxl_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> StableDiffusionXLPipeline:

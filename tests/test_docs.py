@@ -36,7 +36,7 @@ def script_call(command: str) -> tuple[str, list[str]] | None:
     for index, word in enumerate(words):
         if word in SCRIPTS:
             return word, [w.split("=")[0] for w in words[index + 1 :] if w.startswith("--")]
-        if word == "-m" and index + 1 < len(words) and words[index + 1].startswith("patch_quality."):
+        if word == "-m" and index + 1 < len(words) and words[index + 1].startswith(("patch_quality.", "patchdpo.")):
             return words[index + 1], [w.split("=")[0] for w in words[index + 2 :] if w.startswith("--")]
     return None
 

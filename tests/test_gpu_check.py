@@ -47,6 +47,7 @@ def test_tiny_cpu_run_writes_every_stage_and_fills_the_results_template(work_dir
     train = stages["train_no"]
     assert train["reference"]["pairs_per_s"] > 0 and train["ours"]["pairs_per_s"] > 0 and train["speedup"] > 0
     assert train["ours"]["flops_per_step"] > 1e9 and train["ours"]["model_tflops_per_s"] > 0
+    assert train["ours"]["planned_peak_gib"] > 0  # set beside torch.cuda.max_memory_allocated on a GPU (measured_over_planned)
     inference = stages["inference"]
     assert inference["max_pixel_difference_where_seeds_agree"] <= 2
     for loop in ("reference", "ours"):

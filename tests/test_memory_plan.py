@@ -1,0 +1,88 @@
+"""patchdpo.memory_plan: counted on fake tensors, equal to what the same code holds on real tensors; flags move it the right way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from patchdpo import memory_plan
+from patchdpo.memory_plan import PlanSettings, plan_training_memory
+from stand_ins.sdxl import FULL, TINY, save_model_configs
+
+
+@pytest.fixture(scope="module")
+def tiny_configs(tmp_path_factory):
+    return save_model_configs(tmp_path_factory.mktemp("configs"), TINY)
+
+
+def plan(paths, fake: bool = True, **settings) -> dict:
+    return plan_training_memory(str(paths.sdxl_dir), str(paths.image_encoder_dir), PlanSettings(**settings), fake=fake)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(resolution=64, train_batch_size=2, mixed_precision="no"),
+        dict(resolution=64, train_batch_size=2, mixed_precision="bf16", validation_size=64),
+    ],
+)
+def test_the_plan_on_fake_tensors_equals_the_bytes_real_tensors_hold(tiny_configs, settings):
+    fake, real = plan(tiny_configs, **settings), plan(tiny_configs, fake=False, **settings)
+    assert fake["components"].keys() == real["components"].keys()
+    for name, value in fake["components"].items():
+        assert value == pytest.approx(real["components"][name], rel=0.01), name
+    assert fake["components"]["training step (activations + gradients)"] > 0
+
+
+def test_checkpointing_a_smaller_batch_and_the_cache_lower_the_plan(tiny_configs):
+    base = plan(tiny_configs, resolution=128, train_batch_size=2, mixed_precision="no")
+    step = "training step (activations + gradients)"
+    assert (
+        plan(tiny_configs, resolution=128, train_batch_size=2, mixed_precision="no", gradient_checkpointing=True)["components"][step]
+        < base["components"][step]
+    )
+    assert plan(tiny_configs, resolution=128, train_batch_size=1, mixed_precision="no")["components"][step] < base["components"][step]
+    cached = plan(tiny_configs, resolution=128, train_batch_size=2, mixed_precision="no", cache_dir=True)
+    assert cached["static_bytes"] < base["static_bytes"] and "per-step encoding (VAE, text, CLIP image)" not in cached["components"]
+    assert plan(tiny_configs, resolution=128, train_batch_size=2, mixed_precision="no", gpus=8)["components"]["DDP gradient buckets"] > 0
+
+
+def test_the_full_sdxl_configuration_is_planned_from_config_files_alone(tmp_path, capsys):
+    paths = save_model_configs(tmp_path / "full", FULL)
+    assert sorted(p.name for p in paths.sdxl_dir.rglob("*") if p.is_file()) == ["config.json"] * 4  # no weights anywhere
+    result = memory_plan.main(
+        [
+            "--pretrained_model_name_or_path",
+            str(paths.sdxl_dir),
+            "--image_encoder_path",
+            str(paths.image_encoder_dir),
+            "--json",
+            str(tmp_path / "plan.json"),
+        ]
+    )
+    stored = json.loads((tmp_path / "plan.json").read_text())
+    assert stored["peak_bytes"] == result["peak_bytes"] and set(stored["components"]) == set(result["components"])
+    assert stored["components"]["trainable adapter (fp32)"] == 340_787_200 * 4  # the IP-Adapter-Plus to_k_ip/to_v_ip of SDXL
+    assert stored["components"]["frozen UNet weights"] == 2_567_463_684 * 2  # SDXL's UNet in fp16
+    assert "fits a" in capsys.readouterr().out
+
+
+def test_the_counter_sees_allocations_frees_and_autograds_saved_tensors():
+    import torch
+
+    from common.live_memory import LiveStorageCounter
+
+    weight = torch.ones(1000, requires_grad=True)
+    with LiveStorageCounter([weight]) as counter:
+        doubled = weight * 2  # 4000 bytes
+        assert counter.current == 4000
+        loss = doubled.exp().sum()  # exp keeps its 4000-byte output for backward, though nothing in Python refers to it
+        del doubled
+        assert counter.current == 4000 + 4
+        view = weight[:10]  # a view of an existing tensor allocates nothing
+        assert counter.current == 4000 + 4 and view.numel() == 10
+        loss.backward()
+        del loss
+        assert counter.current == 4000  # the saved output is freed; the gradient (4000 bytes) lives on in weight.grad
+    assert counter.peak >= 4000 + 4000 + 4  # doubled, its exp and the sum at once
