@@ -13,6 +13,8 @@ saved in the real on-disk layouts; those draw noise, which the report says plain
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--resolution", type=int, default=64, help="training resolution")
     sizes.add_argument("--size", type=int, default=64, help="generated image edge (construction and DreamBench)")
     sizes.add_argument("--num_inference_steps", type=int, default=8)
-    sizes.add_argument("--ssl_steps", type=int, default=100, help="self-supervised backbone finetuning steps (0: skip)")
-    sizes.add_argument("--ssl_learning_rate", type=float, default=1e-3, help="a random tiny ViT needs more than ssl_train's 1e-4")
+    sizes.add_argument("--ssl_steps", type=int, default=60, help="self-supervised backbone finetuning steps (0: skip)")
+    sizes.add_argument("--ssl_learning_rate", type=float, default=2e-3, help="a random tiny ViT needs more than ssl_train's 1e-4")
     sizes.add_argument("--train_steps", type=int, default=100)
     sizes.add_argument("--train_batch_size", type=int, default=2)
     sizes.add_argument("--learning_rate", type=float, default=3e-5)
@@ -126,6 +128,23 @@ def write_reference_list(args: argparse.Namespace, folder: Path) -> Path:
     return atomic_write_json(folder / "references.json", entries)
 
 
+SSL_TEXTURES = 48  # synthetic textures of the SSL step (a quarter held out for the matching accuracy)
+
+
+def relative_paths(argv: list[str]) -> list[str]:
+    """Absolute paths as paths relative to the working folder, so the report's commands can be copied and run from it."""
+    return [os.path.relpath(arg) if os.path.isabs(arg) else arg for arg in argv]
+
+
+def write_textures(folder: Path, count: int) -> Path:
+    """Synthetic textures (every patch differs, like a photo's): where a tiny random ViT's patch matching can improve."""
+    from stand_ins.vit_models import structured_texture
+
+    for seed in range(count):
+        atomic_save_image(structured_texture(seed, size=128), folder / f"texture_{seed:02d}.png")
+    return folder
+
+
 def run(args: argparse.Namespace) -> RunReport:
     # Imported here: --help must not wait for torch and diffusers.
     from dreambench.report import RunReport, read_scalar
@@ -142,6 +161,11 @@ def run(args: argparse.Namespace) -> RunReport:
         timed.append((name, time.perf_counter() - start))
         return result
 
+    def script(name: str, program: str, main: Callable[[list[str]], object], argv: list[str]) -> object:
+        """A stage run through its script's real `main`; the report lists the command that redoes it by hand."""
+        report.commands.append((name, f"{program} {shlex.join(relative_paths(argv))}"))
+        return step(name, lambda: main(argv))
+
     if step("models", lambda: prepare_models(args, out / "models")):
         report.notes.append(TINY_NOTE)
     report.config = {key: str(value) for key, value in vars(args).items()}  # with the stand-ins' paths filled in
@@ -153,119 +177,56 @@ def run(args: argparse.Namespace) -> RunReport:
     generator = ["--base_model_path", str(args.base_model_path), "--image_encoder_path", str(args.image_encoder_path)]
     sizes = ["--height", str(args.size), "--width", str(args.size), "--num_inference_steps", str(args.num_inference_steps)]
     references = step("references", lambda: write_reference_list(args, out / "references"))
-    step(
+    script(
         "construct training pairs",
-        lambda: construct.main(
-            [
-                *generator,
-                "--ip_ckpt",
-                str(args.ip_ckpt),
-                "--output_dir",
-                str(data),
-                "--reference_images",
-                str(references),
-                "--num_generated",
-                "1",
-                *sizes,
-            ]
-        ),
+        "python -m patch_quality.construct",
+        construct.main,
+        [*generator, "--ip_ckpt", str(args.ip_ckpt), "--output_dir", str(data), "--reference_images", str(references)]
+        + ["--num_generated", "1", *sizes],
     )
     finetuned: list[str] = []
     if args.ssl_steps:
-        ssl = step(
+        textures = step("synthetic textures for the SSL step", lambda: write_textures(out / "ssl_textures", SSL_TEXTURES))
+        ssl = script(
             "self-supervised patch features",
-            lambda: ssl_train.main(
-                [
-                    "--backbone",
-                    str(args.patch_backbone),
-                    "--train_data",
-                    str(data),
-                    "--output_dir",
-                    str(out / "ssl"),
-                    "--max_train_steps",
-                    str(args.ssl_steps),
-                    "--learning_rate",
-                    str(args.ssl_learning_rate),
-                    "--train_batch_size",
-                    "4",
-                    "--validation_steps",
-                    "0",
-                ]
-            ),
+            "python -m patch_quality.ssl_train",
+            ssl_train.main,
+            ["--backbone", str(args.patch_backbone), "--train_data", str(textures), "--output_dir", str(out / "ssl")]
+            + ["--max_train_steps", str(args.ssl_steps), "--learning_rate", str(args.ssl_learning_rate), "--train_batch_size", "8"]
+            + ["--trainable_blocks", "1", "--validation_fraction", "0.25", "--validation_pairs_per_image", "4", "--validation_steps", "0"],
         )
         finetuned = ["--finetuned", str(out / "ssl" / ssl_train.FINETUNED_NAME)]
+        held_out = round(SSL_TEXTURES * 0.25)
         report.notes.append(
-            f"Self-supervised patch-feature finetuning ({args.ssl_steps} steps): held-out patch-matching top-1 "
-            f"{ssl['accuracy_before']:.3f} -> {ssl['accuracy_after']:.3f}."
+            f"Self-supervised patch-feature finetuning ({args.ssl_steps} steps): top-1 patch matching between two augmented "
+            f"views (random crop, flip, colour jitter) of {held_out} held-out synthetic textures, 4 view pairs each: "
+            f"{ssl['accuracy_before']:.3f} before -> {ssl['accuracy_after']:.3f} after. The demo trains and measures this step on "
+            "textures because on its 64 px photo crops most patches are flat white background, where a tiny random ViT's "
+            "matching stays at chance whatever it learns; with a real backbone, run it on your DATA (--train_data DATA)."
         )
     quality_file = data / "patch_quality.safetensors"
-    step(
+    script(
         "patch quality maps",
-        lambda: maps.main(
-            [
-                "--data_root",
-                str(data),
-                "--backbone",
-                str(args.patch_backbone),
-                *finetuned,
-                "--resolution",
-                str(args.resolution),
-                "--base_model_path",
-                str(args.base_model_path),
-                "--output",
-                str(quality_file),
-            ]
-        ),
+        "python -m patch_quality.maps",
+        maps.main,
+        ["--data_root", str(data), "--backbone", str(args.patch_backbone), *finetuned, "--resolution", str(args.resolution)]
+        + ["--base_model_path", str(args.base_model_path), "--output", str(quality_file)],
     )
-    step(
+    script(
         "quality map overlays",
-        lambda: visualize.main(
-            [
-                "--data_root",
-                str(data),
-                "--maps",
-                str(quality_file),
-                "--output_dir",
-                str(out / "overlays"),
-                "--max_samples",
-                "4",
-            ]
-        ),
+        "python -m patch_quality.visualize",
+        visualize.main,
+        ["--data_root", str(data), "--maps", str(quality_file), "--output_dir", str(out / "overlays"), "--max_samples", "4"],
     )
-    step(
+    script(
         "PatchDPO training",
-        lambda: train_patchdpo.main(
-            [
-                "--pretrained_model_name_or_path",
-                str(args.base_model_path),
-                "--image_encoder_path",
-                str(args.image_encoder_path),
-                "--pretrained_ip_adapter_path",
-                str(args.ip_ckpt),
-                "--data_root_path",
-                str(data),
-                "--patch_quality_file",
-                str(quality_file),
-                "--resolution",
-                str(args.resolution),
-                "--train_batch_size",
-                str(args.train_batch_size),
-                "--learning_rate",
-                str(args.learning_rate),
-                "--weight_decay",
-                "0.01",
-                "--stop_step",
-                str(args.train_steps),
-                "--save_steps",
-                str(args.train_steps),
-                "--logging_steps",
-                "1",
-                "--output_dir",
-                str(train_dir),
-                "--use_dpo_loss",
-                "True",
-            ]
-        ),
+        "python train_patchdpo.py",
+        train_patchdpo.main,
+        ["--pretrained_model_name_or_path", str(args.base_model_path), "--image_encoder_path", str(args.image_encoder_path)]
+        + ["--pretrained_ip_adapter_path", str(args.ip_ckpt), "--data_root_path", str(data), "--patch_quality_file", str(quality_file)]
+        + ["--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size)]
+        + ["--learning_rate", str(args.learning_rate), "--weight_decay", "0.01", "--stop_step", str(args.train_steps)]
+        + ["--save_steps", str(args.train_steps), "--logging_steps", "1", "--output_dir", str(train_dir), "--use_dpo_loss", "True"],
     )
     trained = train_dir / f"checkpoint-{args.train_steps}" / "model.bin"
     smoke = [] if args.prompts_per_subject is None else ["--prompts_per_subject", str(args.prompts_per_subject)]
@@ -273,45 +234,20 @@ def run(args: argparse.Namespace) -> RunReport:
         ("IP-Adapter-Plus (start)", args.ip_ckpt, out / "dreambench_start"),
         ("PatchDPO (trained)", trained, bench_dir),
     ):
-        step(
+        script(
             f"DreamBench inference: {label}",
-            lambda: inference_dreambooth.main(
-                [
-                    *generator,
-                    "--ip_ckpt",
-                    str(checkpoint),
-                    "--data_root",
-                    str(args.data_root),
-                    "--output_dir",
-                    str(folder),
-                    "--is_kosmosg",
-                    "False",
-                    "--subjects",
-                    *args.subjects,
-                    *sizes,
-                    *smoke,
-                ]
-            ),
+            "python inference_dreambooth.py",
+            inference_dreambooth.main,
+            [*generator, "--ip_ckpt", str(checkpoint), "--data_root", str(args.data_root), "--output_dir", str(folder)]
+            + ["--is_kosmosg", "False", "--subjects", *args.subjects, *sizes, *smoke],
         )
-        report.scores[label] = step(
+        report.scores[label] = script(
             f"DreamBench evaluation: {label}",
-            lambda: evaluate_dreambooth.main(
-                [
-                    "--output_dir",
-                    str(folder),
-                    "--data_root",
-                    str(args.data_root),
-                    "--is_kosmosg",
-                    "False",
-                    "--clip_model",
-                    str(args.clip_model),
-                    "--dino_model",
-                    str(args.dino_model),
-                    "--subjects",
-                    *args.subjects,
-                    *(["--allow_partial", "True"] if smoke else []),
-                ]
-            ),
+            "python evaluate_dreambooth.py",
+            evaluate_dreambooth.main,
+            ["--output_dir", str(folder), "--data_root", str(args.data_root), "--is_kosmosg", "False"]
+            + ["--clip_model", str(args.clip_model), "--dino_model", str(args.dino_model), "--subjects", *args.subjects]
+            + (["--allow_partial", "True"] if smoke else []),
         )
 
     report.loss_points = read_scalar(train_dir / "logs", "loss")

@@ -157,6 +157,8 @@ class RunReport:
     comparisons: list[tuple[str, list[str], list[Image.Image], Path, Path]] = field(default_factory=list)
     #: Evaluation results (`score_generations` output) by model label, e.g. before / after training.
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (stage, the shell command that redoes it from the working folder)
+    commands: list[tuple[str, str]] = field(default_factory=list)
 
     def write(self, report_dir: str | os.PathLike, wall_seconds: float | None = None) -> Path:
         report_dir = Path(report_dir)
@@ -168,6 +170,9 @@ class RunReport:
         if self.steps:
             lines += ["## Steps", "", "| step | seconds |", "|---|---:|"]
             lines += [f"| {name} | {seconds:.1f} |" for name, seconds in self.steps] + [""]
+        if self.commands:
+            lines += ["## Commands", "", "Each stage by hand, from the folder the run was started in:", "", "```bash"]
+            lines += [line for stage, command in self.commands for line in (f"# {stage}", command)] + ["```", ""]
         plot_loss(self.loss_points, figures / "loss_curve.png", self.loss_label)
         lines += ["## Training loss", "", "![training loss](figures/loss_curve.png)", ""]
         lines += [

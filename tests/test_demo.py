@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
 import demo
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
+from patch_quality.store import QualityMaps
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED_DREAMBENCH = demo.DEFAULT_DATA_ROOT
 
@@ -70,7 +79,10 @@ def test_demo_runs_each_stage_for_real(demo_run) -> None:
     assert {sample["object"] for sample in manifest["samples"]} == {"can", "dog"}
     assert (out / "data" / "patch_quality.safetensors").is_file()
     assert (out / "ssl" / "ssl_backbone.safetensors").is_file()
-    assert "patch-matching top-1" in (out / "report.md").read_text()
+    assert (
+        "top-1 patch matching between two augmented views (random crop, flip, colour jitter) of 12 held-out synthetic textures"
+        in (out / "report.md").read_text()
+    )
     trained = load_ip_adapter_checkpoint(out / "train" / "checkpoint-3" / "model.bin")
     initial = load_ip_adapter_checkpoint(out / "models" / "generator" / "ip-adapter-plus.bin")
     assert any(not trained["ip_adapter"][k].float().equal(initial["ip_adapter"][k].half().float()) for k in trained["ip_adapter"])
@@ -91,3 +103,21 @@ def test_demo_rejects_half_given_generator(tmp_path, tiny_models) -> None:
     with pytest.raises(SystemExit):
         demo.main(["--output_dir", str(tmp_path), "--base_model_path", str(tiny_models.sdxl_dir)])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_command_from_the_report_redoes_its_stage(demo_run) -> None:
+    """The report's maps command, copied and run from the same folder, remakes the same quality maps."""
+    out, report = demo_run
+    block = re.search(r"## Commands\n.*?```bash\n(.*?)```", report.read_text(), flags=re.S).group(1).splitlines()
+    stages = dict(zip(block[::2], block[1::2]))
+    assert [stage[2:] for stage in stages][:3] == ["construct training pairs", "self-supervised patch features", "patch quality maps"]
+    command = stages["# patch quality maps"]
+    assert command.startswith("python -m patch_quality.maps --data_root ") and "--finetuned" in command
+    before = QualityMaps.load(out / "data" / "patch_quality.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(shlex.split(command.replace("python", sys.executable, 1)), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = QualityMaps.load(out / "data" / "patch_quality.safetensors")
+    assert before.keys() == after.keys() and all(
+        torch.equal(a, b) for key in before.keys() for a, b in zip(before.get(*key), after.get(*key))
+    )
