@@ -157,6 +157,11 @@ class QualityMaps:
         generated_map = handle.get_tensor(_tensor_name(sample, k, GENERATED_SUFFIX)).float()
         return reference_map, generated_map
 
+    def shapes(self, sample: str, k: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(reference, generated) map shapes from the file header, without reading the tensors."""
+        handle = self._open()
+        return tuple(tuple(handle.get_slice(_tensor_name(sample, k, role)).get_shape()) for role in (REFERENCE_SUFFIX, GENERATED_SUFFIX))
+
     def __contains__(self, key: object) -> bool:
         return key in self._key_set
 

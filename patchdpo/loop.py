@@ -56,7 +56,7 @@ from patchdpo.training import (
     save_adapter_checkpoint,
     training_step,
 )
-from patchdpo.validate_inputs import check_training_args, validate_training_inputs
+from patchdpo.validate_inputs import check_inputs_on_every_process, check_training_args
 
 logger = get_logger(__name__)
 
@@ -173,7 +173,7 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
     latent_size = args.resolution // factor
     quality_maps = QualityMaps.load(args.patch_quality_file) if args.loss == "patch_dpo" else None
     pairs = index_pairs(args.data_root_path, quality_maps, args.generated_per_sample, latent_size)
-    validate_training_inputs(pairs, quality_maps, show_progress=accelerator.is_local_main_process)
+    check_inputs_on_every_process(accelerator, pairs, quality_maps, args.output_dir, args.dataloader_num_workers)
     dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
     resume_dir = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     agree_on_resume_state(accelerator, resume_dir)

@@ -94,10 +94,10 @@ def index_pairs(
             if quality_maps is not None:
                 if (folder.name, k) not in quality_maps:
                     raise BadInputError(f"{quality_maps.path} has no quality maps for sample {folder.name!r} k={k}")
-                for role, quality_map in zip(("reference", "generated"), quality_maps.get(folder.name, k)):
-                    if tuple(quality_map.shape) != (latent_size, latent_size):
+                for role, shape in zip(("reference", "generated"), quality_maps.shapes(folder.name, k)):  # from the header
+                    if shape != (latent_size, latent_size):
                         raise BadInputError(
-                            f"{quality_maps.path}: {role} map of sample {folder.name!r} k={k} is {tuple(quality_map.shape)}, "
+                            f"{quality_maps.path}: {role} map of sample {folder.name!r} k={k} is {shape}, "
                             f"expected the latent size ({latent_size}, {latent_size}); remake them for this model and --resolution: "
                             f"python -m patch_quality.maps --data_root {data_root} --base_model_path <--pretrained_model_name_or_path> "
                             "--resolution <--resolution>"

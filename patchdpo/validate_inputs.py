@@ -1,28 +1,41 @@
-"""Every training input checked in one pass before the first step.
+"""Every training input checked before the first step, once.
 
 Images are otherwise decoded lazily by the data loader and quality maps read on demand, so a
 corrupt PNG failed mid-run (after checkpoints were written) and a NaN or out-of-range map silently
-turned the loss and then every checkpoint into NaN. Here each image is decoded once and each map
-is checked to be finite and within its range; the first problem is one line naming the file, the
-sample and the key.
+turned the loss and then every checkpoint into NaN. Here each image is decoded and each map is
+checked to be finite and within its range; the first problem is one line naming the file, the
+sample and the key. The work is split over the processes (each checks its share, in the data-loader
+workers) and what was verified is recorded in the output folder (`CHECKED_NAME`: each image's size
+and modification time, the maps file's digest), so a resume or a second start re-checks only what
+changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.checks import require_flags_in_range
+from common.distributed import gather_values
 from common.errors import BadInputError
 from common.images import load_rgb_image
+from common.io import atomic_write_json, sha256_file
 from common.outputs import check_output_dir
 from patch_quality.store import GENERATED_SUFFIX, REFERENCE_SUFFIX, QualityMaps
 
 from .pair_dataset import TrainingPair
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def check_training_args(args: argparse.Namespace) -> None:
@@ -33,6 +46,9 @@ def check_training_args(args: argparse.Namespace) -> None:
     check_output_dir(args.output_dir)
     if args.cache_dir is not None:
         check_output_dir(args.cache_dir, "--cache_dir")
+
+
+CHECKED_NAME = ".checked_inputs.json"
 
 
 def map_ranges(quality_maps: QualityMaps) -> dict[str, tuple[float, float]]:
@@ -51,16 +67,124 @@ def check_quality_map(quality_map: torch.Tensor, bounds: tuple[float, float], wh
         raise BadInputError(f"{where} has values in [{low:g}, {high:g}], expected [{bounds[0]:g}, {bounds[1]:g}]")
 
 
-def validate_training_inputs(pairs: Sequence[TrainingPair], quality_maps: QualityMaps | None, show_progress: bool = True) -> None:
-    """Decode every image of `pairs` and check every quality map they use (a progress bar for large folders)."""
-    ranges = map_ranges(quality_maps) if quality_maps is not None else {}
-    decoded: set[Path] = set()
-    for pair in tqdm(pairs, desc="checking training inputs", unit="pair", disable=not show_progress):
-        for path in (pair.reference_path, pair.generated_path):
-            if path not in decoded:
-                load_rgb_image(path)
-                decoded.add(path)
-        if quality_maps is not None:
+@dataclass
+class CheckedInputs:
+    """What a start verified: each image's (size, mtime in ns) and the map keys checked in the maps file of that digest."""
+
+    images: dict[str, list[int]] = field(default_factory=dict)
+    maps_sha256: str | None = None
+    map_keys: list[list[Any]] = field(default_factory=list)
+    error: str | None = None
+    decoded: int = 0  # images decoded by this start (the others were unchanged since the recorded one)
+
+    @classmethod
+    def read(cls, path: Path) -> CheckedInputs:
+        """The record of an earlier start (an unreadable or foreign one counts as none: everything is checked again)."""
+        try:
+            recorded = json.loads(path.read_text())
+            return cls(recorded["images"], recorded["maps_sha256"], recorded["map_keys"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls()
+
+    def merge(self, others: Sequence[CheckedInputs]) -> CheckedInputs:
+        merged = CheckedInputs(dict(self.images), self.maps_sha256, list(self.map_keys))
+        for other in others:
+            merged.images.update(other.images)
+            merged.map_keys += [key for key in other.map_keys if key not in merged.map_keys]
+        return merged
+
+
+def _stamp(path: Path) -> list[int]:
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns]
+
+
+class _Decode(Dataset):
+    """Decodes one image per item (in the data-loader workers); returns its path, stamp and the error if any."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[str, list[int], str | None]:
+        path = self.paths[index]
+        try:
+            load_rgb_image(path)
+        except BadInputError as error:
+            return str(path), [], str(error)
+        return str(path), _stamp(path), None
+
+
+def validate_training_inputs(
+    pairs: Sequence[TrainingPair],
+    quality_maps: QualityMaps | None,
+    show_progress: bool = True,
+    verified: CheckedInputs | None = None,
+    maps_sha256: str | None = None,
+    num_workers: int = 0,
+) -> CheckedInputs:
+    """Decode every image of `pairs` and check every quality map they use, skipping what `verified` shows unchanged.
+
+    An image is skipped when an earlier start decoded it at the same size and modification time; a
+    pair's maps when the maps file has the digest (`maps_sha256`) they were checked in. The first
+    problem is returned in `error` (not raised), so that the processes can stop together.
+    """
+    verified = verified or CheckedInputs()
+    checked = CheckedInputs(maps_sha256=maps_sha256)
+    images = list(dict.fromkeys(path for pair in pairs for path in (pair.reference_path, pair.generated_path)))
+    todo = [path for path in images if verified.images.get(str(path)) != _stamp(path)]
+    checked.images.update({str(path): verified.images[str(path)] for path in images if path not in todo})
+    checked.decoded = len(todo)
+    loader = DataLoader(_Decode(todo), batch_size=None, num_workers=num_workers)
+    for path, stamp, error in tqdm(loader, desc="checking training images", unit="image", disable=not show_progress or not todo):
+        if error is not None:
+            checked.error = error
+            return checked
+        checked.images[path] = stamp
+    if quality_maps is None:
+        return checked
+    ranges = map_ranges(quality_maps)
+    known = {tuple(key) for key in verified.map_keys} if verified.maps_sha256 == maps_sha256 and maps_sha256 is not None else set()
+    for pair in pairs:
+        if (pair.sample, pair.k) not in known:
             for role, quality_map in zip((REFERENCE_SUFFIX, GENERATED_SUFFIX), quality_maps.get(pair.sample, pair.k)):
                 where = f"{quality_maps.path}: sample {pair.sample!r} k={pair.k} key '{pair.sample}/{pair.k}/{role}'"
-                check_quality_map(quality_map, ranges[role], where)
+                try:
+                    check_quality_map(quality_map, ranges[role], where)
+                except BadInputError as error:
+                    checked.error = str(error)
+                    return checked
+        checked.map_keys.append([pair.sample, pair.k])
+    return checked
+
+
+def check_inputs_on_every_process(
+    accelerator: Accelerator, pairs: Sequence[TrainingPair], quality_maps: QualityMaps | None, output_dir: Path, num_workers: int
+) -> None:
+    """Each process checks its share of `pairs`; all stop together on the first problem; the main process records what passed."""
+    record = Path(output_dir) / CHECKED_NAME
+    started = time.perf_counter()
+    maps_sha256 = sha256_file(quality_maps.path) if quality_maps is not None else None
+    mine = validate_training_inputs(
+        pairs[accelerator.process_index :: accelerator.num_processes],
+        quality_maps,
+        show_progress=accelerator.is_local_main_process,
+        verified=CheckedInputs.read(record),
+        maps_sha256=maps_sha256,
+        num_workers=num_workers,
+    )
+    everyone = gather_values(accelerator, mine)
+    errors = [checked.error for checked in everyone if checked.error is not None]
+    if errors:
+        raise BadInputError(errors[0])
+    if accelerator.is_main_process:
+        merged = everyone[0].merge(everyone[1:])
+        atomic_write_json(record, {"images": merged.images, "maps_sha256": merged.maps_sha256, "map_keys": merged.map_keys})
+        decoded = sum(checked.decoded for checked in everyone)
+        print(
+            f"training inputs checked in {time.perf_counter() - started:.1f} s on {accelerator.num_processes} process(es): "
+            f"{decoded} image(s) decoded, {len(merged.images) - decoded} unchanged since the last start",
+            flush=True,
+        )

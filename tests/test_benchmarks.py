@@ -7,6 +7,7 @@ and exits non-zero when they differ; these tests run them and read the compariso
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,3 +50,19 @@ def test_train_benchmark_loops_compute_the_same_loss(tmp_path) -> None:
     assert losses.keys() == {"reference", "ours_no_cache", "ours"}
     assert all(abs(loss - losses["reference"]) <= 1e-4 * losses["reference"] for loss in losses.values()), losses
     assert all(result["pairs_per_cpu_s"] > 0 for result in variants)
+
+
+def test_startup_benchmark_reports_first_start_and_resume(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "startup_benchmark.py"
+    env = {**os.environ, "PYTHONPATH": str(script.parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), "--pairs", "6", "--processes", "1", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "results.json").read_text())
+    assert row["pairs"] == 6 and row["first_start_s"] >= 0 and row["resume_s"] >= 0
+    assert "| 6 | 1 |" in done.stdout

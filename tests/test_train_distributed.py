@@ -30,6 +30,7 @@ from common.stop_signals import STOPPED_EXIT_CODE
 from common.training_state import TRAINING_STATE_DIR
 from ip_adapter import load_ip_adapter_checkpoint
 from patchdpo.training import ADAPTER_STATE_NAME
+from patchdpo.validate_inputs import CHECKED_NAME
 from stand_ins.pairs import save_pair_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,7 +198,13 @@ def test_each_checkpoint_is_written_once_completely_by_the_main_process(two_proc
         assert load_ip_adapter_checkpoint(checkpoint / "model.safetensors").keys() == {"image_proj", "ip_adapter"}
         state = {path.name for path in (checkpoint / TRAINING_STATE_DIR).iterdir()}
         assert {ADAPTER_STATE_NAME, "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "custom_checkpoint_0.pkl"} <= state
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, f"checkpoint-{CHECKPOINT_EVERY}", f"checkpoint-{STEPS}", "logs"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        CHECKED_NAME,
+        LOCK_NAME,
+        f"checkpoint-{CHECKPOINT_EVERY}",
+        f"checkpoint-{STEPS}",
+        "logs",
+    ]
 
 
 def test_tensorboard_is_written_by_the_main_process_only(two_process):
