@@ -121,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="keep the frozen UNet in float32 under autocast, as the official script does (exact reproduction; "
         "+2 bytes per UNet weight: +5.1 GB for SDXL's 2.57 B-parameter UNet). Default: the UNet in the mixed-precision dtype",
     )
+    extra.add_argument(
+        "--use_8bit_adam",
+        action="store_true",
+        help="bitsandbytes' 8-bit AdamW: the optimizer moments take 1 byte per weight instead of 8 (CUDA, pip install bitsandbytes)",
+    )
     extra.add_argument("--fused_adamw", action="store_true", help="fused AdamW kernel (the same update; faster on CUDA)")
     add_speed_args(extra)
     add_ddp_timeout_arg(extra)

@@ -20,8 +20,11 @@ VARIANTS = [
     ("bf16", {"mixed_precision": "bf16"}),
     ("fp32 (--mixed_precision no)", {"mixed_precision": "no"}),
     ("--fp32_unet (the official script's fp32 UNet)", {"fp32_unet": True}),
+    ("--use_8bit_adam (bitsandbytes)", {"use_8bit_adam": True}),
     ("8 GPUs (DDP buckets)", {"gpus": 8}),
     ("validation at 1024 px", {"validation_size": 1024}),
+    ("2 pairs, validation at 1024 px", {"train_batch_size": 2, "validation_size": 1024}),
+    ("--cache_dir, validation at 1024 px", {"cache_dir": True, "validation_size": 1024}),
     ("1 pair, --gradient_checkpointing, --cache_dir", {"train_batch_size": 1, "gradient_checkpointing": True, "cache_dir": True}),
     ("2 pairs, --gradient_checkpointing, --cache_dir", {"train_batch_size": 2, "gradient_checkpointing": True, "cache_dir": True}),
 ]

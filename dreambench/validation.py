@@ -6,35 +6,39 @@ it is now, logs one grid per validation to TensorBoard (rows: reference | starti
 current adapter) and, with `--clip_model/--dino_model`, the CLIP-T / CLIP-I / DINO of those
 images as curves; the other processes wait at a barrier.
 
-It never touches training: the generator is a separate IP-Adapter-Plus model (kept on the CPU
-between validations) into which the current adapter weights are copied; the noise comes from
-per-image CPU generators; the global random state is restored afterwards, so a run with
-validation trains exactly the same adapter as one without. It generates in the dtype inference
-uses (accelerate's mixed precision on an accelerator, float32 on CPU).
+It samples with the model being trained: an SDXL pipeline built around the training UNet (whose
+IP-Adapter layers are the current adapter), its frozen VAE and text encoders, and the training
+CLIP image encoder and Resampler, under the run's autocast; no second SDXL is loaded and nothing
+moves between devices (`docs/memory.md`). It never changes training: the IP-Adapter scale is put
+back to training's 1.0 afterwards, the noise comes from per-image CPU generators, and the global
+random state is restored, so a run with validation trains exactly the same adapter as one without.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from diffusers import StableDiffusionXLPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 
 from common.errors import BadInputError
 from common.flags import scoring_requested
+from common.hub import resolve_folder
 from common.seeds import stable_seed
 from dreambench.benchmark import prompts_for, resolve_subjects
 from dreambench.data import load_conditioning_images, load_reference_images
 from dreambench.generation import build_items
+from ip_adapter.attention_processor import set_ip_adapter_scale
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.ip_adapter import IPAdapterPlusXL
-from ip_adapter.loading import load_generation_model, resolve_dtype
+from ip_adapter.loading import SDXL_COMPONENTS
 
 TILE = 128
 
@@ -65,6 +69,26 @@ def _label(image: Image.Image, text: str) -> Image.Image:
     return tile
 
 
+TRAINING_SCALE = 1.0  # the IP-Adapter scale training runs at (the processors' default)
+
+
+def _around_training_models(args: argparse.Namespace, models: Any) -> IPAdapterPlusXL:
+    """An IP-Adapter-Plus pipeline made of the training run's own modules; only the scheduler and tokenizer files are read."""
+    encoders = models.encoders
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        resolve_folder(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", args.revision, SDXL_COMPONENTS, args.variant),
+        unet=models.model.unet,
+        vae=encoders.vae,
+        text_encoder=encoders.text_encoders[0],
+        text_encoder_2=encoders.text_encoders[1],
+        tokenizer=encoders.tokenizers[0],
+        tokenizer_2=encoders.tokenizers[1],
+        local_files_only=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return IPAdapterPlusXL.around(pipe, encoders.image_encoder, models.model.image_proj_model)
+
+
 def validation_grid(references: list[Image.Image], start: list[Image.Image], current: list[Image.Image], prompts: list[str]) -> Image.Image:
     """One row per image: the subject's reference, the starting adapter's image, the current adapter's."""
     tiles = [
@@ -78,7 +102,8 @@ def validation_grid(references: list[Image.Image], start: list[Image.Image], cur
 class TrainingValidation:
     """Set up on every process (cheap); the model and the images exist on the main process only."""
 
-    def __init__(self, args: argparse.Namespace, accelerator: Accelerator, seed: int) -> None:
+    def __init__(self, args: argparse.Namespace, accelerator: Accelerator, seed: int, models: Any) -> None:
+        """`models`: the run's `patchdpo.training.TrainingModels`, encoders included (the pipeline is built from them)."""
         self.accelerator = accelerator
         self.every = args.validation_steps or args.save_steps
         self.data_root = args.validation_data_root
@@ -96,14 +121,7 @@ class TrainingValidation:
         self.scorer: _Scorer | None = None
         self.start_images: list[Image.Image] = []
         if accelerator.is_main_process:
-            dtype = resolve_dtype(None, accelerator.mixed_precision, accelerator.device)
-            self.model = load_generation_model(
-                args.pretrained_model_name_or_path,
-                args.image_encoder_path,
-                args.pretrained_ip_adapter_path,
-                "cpu",
-                dtype,
-            )
+            self.model = _around_training_models(args, models)
             self.tokens = SubjectTokens(self.model, lambda subject: load_conditioning_images(self.data_root, subject, kosmosg=False))
             if args.clip_model is not None:
                 from dreambench.metrics import load_clip, load_dino
@@ -113,26 +131,26 @@ class TrainingValidation:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def _generate(self, adapter_state: Mapping[str, torch.Tensor]) -> list[Image.Image]:
-        self.model.adapter_modules.load_state_dict(adapter_state)
-        self.model.pipe.to(self.accelerator.device)
-        self.model.image_encoder.to(self.accelerator.device)
-        self.model.image_proj_model.to(self.accelerator.device)
-        self.model.device = self.accelerator.device
+    def _generate(self) -> list[Image.Image]:
+        unet = self.model.pipe.unet
+        compiled = unet.__dict__.pop("forward", None)  # a --compile'd forward would recompile for the sampling shapes
         try:
-            return generate_batch(self.model, self.tokens, self.items, self.steps, scale=self.scale, height=self.size, width=self.size)
+            with self.accelerator.autocast():
+                return generate_batch(self.model, self.tokens, self.items, self.steps, scale=self.scale, height=self.size, width=self.size)
         finally:
-            for module in (self.model.pipe, self.model.image_encoder, self.model.image_proj_model):
-                module.to("cpu")
-            self.model.device = torch.device("cpu")
+            set_ip_adapter_scale(unet, TRAINING_SCALE)
+            if compiled is not None:
+                unet.forward = compiled
 
     def __call__(self, step: int, adapter_modules: torch.nn.Module) -> None:
-        """Validate the adapter after `step` (step 0: the starting adapter); all processes call, the main one works."""
+        """Validate the adapter after `step` (step 0: the starting adapter); all processes call, the main one works.
+
+        `adapter_modules` are the training UNet's own IP-Adapter layers, the ones the pipeline samples with.
+        """
         if self.accelerator.is_main_process:
             devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                state = {name: tensor.detach() for name, tensor in adapter_modules.state_dict().items()}
-                images = self._generate(state)
+                images = self._generate()
                 if step == 0 or not self.start_images:
                     self.start_images = images
                 self._log(step, images)

@@ -13,11 +13,12 @@ from collections.abc import Sequence
 import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
+from torch import nn
 
 from common.errors import BadInputError
 from common.flags import DEFAULT_NEGATIVE_PROMPT
 
-from .attention_processor import install_ip_adapter, set_ip_adapter_scale
+from .attention_processor import adapter_modules_of, install_ip_adapter, set_ip_adapter_scale
 from .checkpoint import Checkpoint, load_adapter_state, load_ip_adapter_checkpoint
 from .image_encoder import encode_image_features, load_image_encoder, preprocess_clip_images
 from .resampler import Resampler
@@ -64,6 +65,18 @@ class IPAdapterPlusXL:
         load_adapter_state(self.image_proj_model, self.adapter_modules, checkpoint)
         self.image_proj_model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.adapter_modules.to(self.device, self.dtype)
+
+    @classmethod
+    def around(
+        cls, pipe: StableDiffusionXLPipeline, image_encoder: nn.Module, image_proj_model: nn.Module, num_tokens: int = 16
+    ) -> IPAdapterPlusXL:
+        """Wrap a pipeline whose UNet already holds the IP-Adapter layers (e.g. the UNet being trained): nothing is loaded or copied."""
+        model = cls.__new__(cls)
+        model.pipe, model.device, model.num_tokens = pipe, pipe.unet.device, num_tokens
+        model.dtype = next(image_encoder.parameters()).dtype
+        model.image_encoder, model.image_proj_model = image_encoder, image_proj_model
+        model.adapter_modules = adapter_modules_of(pipe.unet)
+        return model
 
     def load_checkpoint(self, ip_ckpt: str | os.PathLike | Checkpoint) -> None:
         """Swap in another IP-Adapter(-Plus) checkpoint of the same shapes: the SDXL pipeline and encoder stay loaded."""

@@ -42,7 +42,7 @@ from ip_adapter.speed import apply_speed_args
 from patch_quality.store import QualityMaps
 from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
 from patchdpo.loss import LossOutput
-from patchdpo.optimization import StepPlan, adamw, lr_scheduler
+from patchdpo.optimization import StepPlan, adamw, check_8bit_adam, lr_scheduler
 from patchdpo.pair_dataset import DropoutRates, PairDataset, index_pairs
 from patchdpo.run_settings import apply_changed_settings, check_resume_settings, run_settings
 from patchdpo.step_guard import StepGuard
@@ -69,8 +69,9 @@ class Validation(Protocol):
     def __call__(self, step: int, adapter_modules: torch.nn.Module) -> None: ...
 
 
-#: Builds the validation hook from (args, accelerator, seed); the script passes it, so this package needs no dreambench.
-ValidationFactory = Callable[[argparse.Namespace, Accelerator, int], Validation]
+#: Builds the validation hook from (args, accelerator, seed, the run's TrainingModels); the script passes it, so this
+#: package needs no dreambench.
+ValidationFactory = Callable[[argparse.Namespace, Accelerator, int, TrainingModels], Validation]
 
 
 def run_training(args: argparse.Namespace, prog: str, make_validation: ValidationFactory | None = None) -> int:
@@ -156,6 +157,8 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
     """Load the models and data, build the cache, optimizer and schedule, prepare them, resume."""
     logger.info(f"loss={args.loss} time_ids={'official' if args.official_time_ids else 'per-image'}", main_process_only=True)
     set_seed(args.seed)
+    if args.use_8bit_adam:
+        check_8bit_adam(accelerator.device)
     weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
     models = load_training_models(
         args.pretrained_model_name_or_path,
@@ -204,9 +207,10 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
         )
         # non-square references: their random CLIP crop is encoded each step (patchdpo/feature_cache.py)
         clip_encoder = models.encoders.image_encoder if cache.use_clip_per_step(pairs) else None
-        models.encoders = None  # the frozen encoders are not needed any more: free their memory
-        release_memory()
-    validation = make_validation(args, accelerator, args.seed) if make_validation is not None else None
+        if make_validation is None:  # validation samples with them; otherwise the frozen encoders are done: free them
+            models.encoders = None
+            release_memory()
+    validation = make_validation(args, accelerator, args.seed, models) if make_validation is not None else None
 
     dataset = PairDataset(pairs, args.resolution, latent_size, args.seed, tokenizers, quality_maps, dropout, cache)
     sampler = EpochSampler(len(dataset), args.seed, pairs_per_step(args, accelerator))
@@ -222,7 +226,7 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
         model.unet.enable_gradient_checkpointing()
     apply_speed_args(args, model.unet, accelerator.print)
     reference_params = frozen_adapter_copy(model) if args.loss == "image_dpo" else None
-    optimizer = adamw(model.adapter_modules.parameters(), args.learning_rate, args.weight_decay, args.fused_adamw)
+    optimizer = adamw(model.adapter_modules.parameters(), args.learning_rate, args.weight_decay, args.fused_adamw, args.use_8bit_adam)
     register_adapter_state_hooks(accelerator, model)
     prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = StepPlan.create(len(loader), accelerator.gradient_accumulation_steps, args.stop_step, args.num_train_epochs)

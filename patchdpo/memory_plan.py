@@ -41,6 +41,7 @@ class PlanSettings:
     gradient_checkpointing: bool = False
     cache_dir: bool = False
     fp32_unet: bool = False
+    use_8bit_adam: bool = False
     gpus: int = 1
     validation_size: int | None = None
 
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache_dir", action="store_true", help="plan a run with --cache_dir (the encoders are freed after the cache is built)"
     )
     parser.add_argument("--fp32_unet", action="store_true")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit: 1 byte per moment")
     parser.add_argument("--gpus", type=int, default=1, help="processes of the run (more than 1: DDP's gradient buckets)")
     parser.add_argument("--validation_size", type=int, default=None, help="plan validation during training at this image size")
     parser.add_argument("--json", type=Path, default=None, help="write {peak_bytes, components, ...} here")
@@ -150,11 +152,13 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
         components = {
             "frozen UNet weights": nbytes(unet, lambda p: not p.requires_grad),
             "trainable adapter (fp32)": adapter_bytes,
-            "AdamW moments (2 x fp32)": 2 * adapter_bytes,
+            # AdamW8bit: uint8 moments plus one fp32 scale per 2048-value block of each
+            "AdamW moments": int(2 * (adapter_bytes // 4) * (1 + 4 / 2048)) if settings.use_8bit_adam else 2 * adapter_bytes,
             "DDP gradient buckets": adapter_bytes if settings.gpus > 1 else 0,
             "frozen Resampler": nbytes(resampler),
+            # freed once the cache is built, unless validation samples with them
             "encoders (VAE fp32, text, CLIP image)": 0
-            if settings.cache_dir
+            if settings.cache_dir and not settings.validation_size
             else sum(map(nbytes, (vae, *text_encoders, image_encoder_model))),
         }
         autocast = torch.autocast("cpu", dtype=weight_dtype, enabled=settings.mixed_precision != "no")
@@ -200,13 +204,8 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
         phases = {"training step (activations + gradients)": peak(step, *models)}
         if not settings.cache_dir:
             phases["per-step encoding (VAE, text, CLIP image)"] = peak(encode, *models)
-        if settings.validation_size:
-            # dreambench.validation loads every part again, in the mixed-precision dtype
-            count = sum(p.numel() for module in (unet, vae, *text_encoders, image_encoder_model) for p in module.parameters())
-            second_pipeline = count * torch.finfo(weight_dtype).bits // 8
-            phases["validation (a second SDXL pipeline + sampling)"] = second_pipeline + peak(
-                lambda: sample(settings.validation_size), *models
-            )
+        if settings.validation_size:  # dreambench.validation samples with the training models: activations only
+            phases["validation sampling"] = peak(lambda: sample(settings.validation_size), *models)
 
     static = sum(components.values())
     peak_phase = max(phases, key=phases.get)

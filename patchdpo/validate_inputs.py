@@ -184,7 +184,7 @@ def check_inputs_on_every_process(
         atomic_write_json(record, {"images": merged.images, "maps_sha256": merged.maps_sha256, "map_keys": merged.map_keys})
         decoded = sum(checked.decoded for checked in everyone)
         print(
-            f"training inputs checked in {time.perf_counter() - started:.1f} s on {accelerator.num_processes} process(es): "
+            f"training inputs checked in {time.perf_counter() - started:.2f} s on {accelerator.num_processes} process(es): "
             f"{decoded} image(s) decoded, {len(merged.images) - decoded} unchanged since the last start",
             flush=True,
         )

@@ -86,3 +86,10 @@ def test_the_counter_sees_allocations_frees_and_autograds_saved_tensors():
         del loss
         assert counter.current == 4000  # the saved output is freed; the gradient (4000 bytes) lives on in weight.grad
     assert counter.peak >= 4000 + 4000 + 4  # doubled, its exp and the sum at once
+
+
+def test_8bit_adam_quarters_the_optimizer_moments(tiny_configs):
+    full, eight = (
+        plan(tiny_configs, resolution=64, mixed_precision="no", use_8bit_adam=flag)["components"]["AdamW moments"] for flag in (False, True)
+    )
+    assert eight == pytest.approx(full / 4, rel=0.01)

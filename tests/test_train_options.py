@@ -241,3 +241,9 @@ def test_fp32_unet_changes_the_trained_adapter_and_is_a_recorded_setting(tiny_mo
     assert all(torch.isfinite(tensor).all() for tensor in official.values())
     assert any(not torch.equal(default[name], official[name]) for name in default)
     assert json.loads((runs["fp32_unet"] / SETTINGS_NAME).read_text())["fp32_unet"] is True
+
+
+def test_8bit_adam_without_cuda_is_one_line_before_any_model_loads(tiny_models, tiny_pair_data, tmp_path, monkeypatch):
+    monkeypatch.setattr("patchdpo.loop.load_training_models", lambda *a, **k: pytest.fail("models loaded before the optimizer check"))
+    message = bad_input_message(train_patchdpo.main, train_args(tiny_models, tiny_pair_data, tmp_path / "out", "--use_8bit_adam"))
+    assert "--use_8bit_adam needs a CUDA GPU" in message

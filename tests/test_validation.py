@@ -14,6 +14,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_patchdpo
+from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from tests.kit.cli import bad_input_message
 from tests.test_train_patchdpo import adapter_state, train_args
 
@@ -94,3 +95,28 @@ def test_two_processes_with_validation(tiny_models, tiny_pair_data, tiny_clip_pa
     )
     assert [event.step for event in events(out).Images(GRID_TAG)] == [0, 2]
     assert (out / "checkpoint-2" / "model.bin").is_file()
+
+
+def test_validation_samples_with_the_training_unet_and_holds_no_second_one(
+    tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, tmp_path, monkeypatch
+):
+    """The UNet parameters alive while validation samples are those of the one UNet being trained, with --cache_dir too."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+
+    from dreambench.validation import TrainingValidation
+
+    real, seen = TrainingValidation._generate, []
+
+    def counting(self):
+        unets = [obj for obj in gc.get_objects() if isinstance(obj, UNet2DConditionModel)]
+        seen.append((len(unets), sum(p.numel() for unet in unets for p in unet.parameters()), self.model.pipe.unet.training))
+        return real(self)
+
+    monkeypatch.setattr(TrainingValidation, "_generate", counting)
+    extra = ("--cache_dir", str(tmp_path / "cache"), *validation_args(tiny_clip_path, tiny_dino_dir))
+    train_patchdpo.main(train_args(tiny_models, tiny_pair_data, tmp_path / "out", *extra, steps=2))
+    frozen = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny_models.sdxl_dir, subfolder="unet").parameters())
+    adapter = sum(t.numel() for t in load_ip_adapter_checkpoint(tiny_models.ip_ckpt)["ip_adapter"].values())
+    assert seen == [(1, frozen + adapter, False)] * 2  # at step 0 and step 2: one UNet, SDXL's + the adapter's parameters
