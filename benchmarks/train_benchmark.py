@@ -64,8 +64,8 @@ from ip_adapter.loading import vae_scale_factor  # noqa: E402
 from ip_adapter.resampler import Resampler  # noqa: E402
 from ip_adapter.speed import channels_last_helps, speed_up_unet  # noqa: E402
 from patch_quality.store import QualityMaps  # noqa: E402
-from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key  # noqa: E402
-from patchdpo.pair_dataset import PairDataset, index_pairs  # noqa: E402
+from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key  # noqa: E402
+from patchdpo.pair_dataset import DecodedPairs, PairDataset, index_pairs  # noqa: E402
 from patchdpo.training import PairConditioning, load_training_models, pair_noise, training_step  # noqa: E402
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
@@ -111,7 +111,7 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
     text_encoder_2.to(device, dtype=weight_dtype)
     ip_adapter = ReferenceIPAdapter(unet, image_proj_model)  # the UNet keeps fp32 weights
     optimizer = torch.optim.AdamW(adapter_modules.parameters(), lr=3e-5, weight_decay=0.01)
-    dataset = PairDataset(tokenizers=tokenizers, **dataset_kwargs)
+    dataset = PairDataset(source=DecodedPairs(args.resolution, tokenizers), **dataset_kwargs)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
     ip_adapter, optimizer, loader = accelerator.prepare(ip_adapter, optimizer, loader)
 
@@ -164,10 +164,12 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
         started = time.perf_counter()
         build_feature_cache(cache, dataset_kwargs["pairs"], encoders, args.resolution, show_progress=False)
         extras["cache_build_s"] = time.perf_counter() - started
-        encoders = models.encoders = None
+        encoders = models.encoders.kept_with_cache(clip_per_step=False)  # the benchmark's references are square
+        models.encoders = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    dataset = PairDataset(tokenizers=tokenizers, cache=cache, **dataset_kwargs)
+    source = DecodedPairs(args.resolution, tokenizers) if cache is None else CachedPairs(cache, clip_per_step=False)
+    dataset = PairDataset(source=source, **dataset_kwargs)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
     model = models.model
     speed_up_unet(  # as train_patchdpo.py (--compile)
@@ -179,7 +181,7 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
 
     def step(batch) -> torch.Tensor:
         counter["step"] += 1
-        cond = PairConditioning.encode(encoders, batch) if cache is None else PairConditioning.from_cached_batch(batch)
+        cond = PairConditioning.from_batch(batch, encoders)
         output = training_step(
             accelerator,
             prepared,
@@ -211,9 +213,7 @@ def run_variant(args) -> dict:
     weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
     latent_size = args.resolution // vae_scale_factor(AutoencoderKL.load_config(Path(args.models) / "sdxl", subfolder="vae"))
     maps = QualityMaps.load(Path(args.data) / "patch_quality.safetensors")
-    dataset_kwargs = dict(
-        pairs=index_pairs(args.data, maps, 1, latent_size), resolution=args.resolution, latent_size=latent_size, seed=0, quality_maps=maps
-    )
+    dataset_kwargs = dict(pairs=index_pairs(args.data, maps, 1, latent_size), latent_size=latent_size, seed=0, quality_maps=maps)
     setup = reference_loop if args.variant == "reference" else our_loop
     loader, step, extras = setup(args, accelerator, weight_dtype, dataset_kwargs)
     batches = iter(loader)

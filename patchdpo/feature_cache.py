@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from common.errors import BadInputError
 from common.io import atomic_write, sha256_file
 
-from .pair_dataset import CLIP_SIZE, TrainingPair, clip_training_pixels, load_training_image
+from .pair_dataset import CLIP_SIZE, TrainingPair, clip_input, clip_training_pixels, load_training_image
 from .sdxl_conditioning import tokenize_prompts
 
 if TYPE_CHECKING:
@@ -79,7 +79,6 @@ class FeatureCache:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self._null: dict[str, torch.Tensor] | None = None
-        self.clip_per_step = False
 
     @classmethod
     def for_key(cls, cache_dir: str | os.PathLike, key: str) -> FeatureCache:
@@ -101,7 +100,7 @@ class FeatureCache:
         metadata = {"format": CACHE_FORMAT, "sources": json.dumps(sources, sort_keys=True)}
         atomic_write(self.sample_path(sample), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
-    def read_pair(self, sample: str, k: int) -> dict[str, torch.Tensor]:
+    def read_pair(self, sample: str, k: int, image_features: bool = True) -> dict[str, torch.Tensor]:
         path = self.sample_path(sample)
         if not path.is_file():
             raise BadInputError(f"feature cache {self.root} has no entry for sample {sample!r}; rebuild it")
@@ -111,9 +110,9 @@ class FeatureCache:
         names = ["reference_latents", "reference_size", "prompt_embeds", "pooled_prompt_embeds"]
         entry = {name: tensors[name] for name in names}
         entry.update(generated_latents=tensors[f"generated_latents.{k}"], generated_size=tensors[f"generated_size.{k}"])
-        if not self.clip_per_step:
+        if image_features:
             if "image_features" not in tensors:
-                raise BadInputError(f"feature cache file {path} has no CLIP features (non-square reference); call use_clip_per_step first")
+                raise BadInputError(f"feature cache file {path} has no CLIP features (non-square reference); see needs_clip_per_step")
             entry["image_features"] = tensors["image_features"]
         return entry
 
@@ -135,13 +134,36 @@ class FeatureCache:
         with safe_open(str(self.sample_path(sample)), framework="pt") as handle:
             return "image_features" in handle.keys()
 
-    def use_clip_per_step(self, pairs: Iterable[TrainingPair]) -> bool:
-        """Set (and return) whether items carry CLIP pixels: true when some reference's CLIP crop is random."""
-        self.clip_per_step = not all(self.has_clip_features(sample) for sample in {pair.sample for pair in pairs})
-        return self.clip_per_step
+    def needs_clip_per_step(self, pairs: Iterable[TrainingPair]) -> bool:
+        """Whether items must carry CLIP pixels: some reference is non-square, so its CLIP crop is drawn each step."""
+        return not all(self.has_clip_features(sample) for sample in {pair.sample for pair in pairs})
 
     def __getstate__(self) -> dict:
-        return {"root": self.root, "_null": None, "clip_per_step": self.clip_per_step}
+        return {"root": self.root, "_null": None}
+
+
+class CachedPairs:
+    """The frozen encoders' outputs for a pair, read from the cache, with the item's dropout applied as the encoders would.
+
+    With `clip_per_step` the item carries the reference's CLIP pixels instead of its features (the
+    same crop as `DecodedPairs`), for the image encoder the step keeps.
+    """
+
+    def __init__(self, cache: FeatureCache, clip_per_step: bool) -> None:
+        self.cache = cache
+        self.clip_per_step = clip_per_step
+
+    def __call__(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        entry = self.cache.read_pair(pair.sample, pair.k, image_features=not self.clip_per_step)
+        null = self.cache.null_entry()
+        if self.clip_per_step:
+            entry["clip_pixels"] = clip_input(pair, drop_image, generator)
+        elif drop_image:
+            entry["image_features"] = null["image_features"]
+        if drop_text:
+            entry["prompt_embeds"] = null["prompt_embeds"]
+            entry["pooled_prompt_embeds"] = null["pooled_prompt_embeds"]
+        return entry
 
 
 @torch.no_grad()

@@ -40,14 +40,15 @@ from common.training_state import (
 from ip_adapter.loading import vae_scale_factor
 from ip_adapter.speed import apply_speed_args
 from patch_quality.store import QualityMaps
-from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
+from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key
 from patchdpo.loss import LossOutput
 from patchdpo.optimization import StepPlan, adamw, check_8bit_adam, lr_scheduler
-from patchdpo.pair_dataset import DropoutRates, PairDataset, index_pairs
+from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, PairSource, index_pairs
 from patchdpo.run_settings import apply_changed_settings, check_resume_settings, run_settings
 from patchdpo.step_guard import StepGuard
 from patchdpo.step_metrics import StepMeter
 from patchdpo.training import (
+    FrozenEncoders,
     PairConditioning,
     TrainingModels,
     frozen_adapter_copy,
@@ -105,16 +106,15 @@ class TrainingRun:
     args: argparse.Namespace
     accelerator: Accelerator
     models: TrainingModels
-    model: torch.nn.Module  # the prepared (possibly DDP-wrapped) models.model
+    prepared_model: torch.nn.Module  # models.model as accelerate prepared it (possibly DDP-wrapped): what the step calls
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     loader: DataLoader
     plan: StepPlan
     reference_params: dict[str, torch.Tensor] | None
-    cached: bool
+    encoders: FrozenEncoders  # the frozen encoders the step still runs (with --cache_dir: at most the image encoder)
     guard: StepGuard
     settings: dict  # recorded with every training state and compared on resume (patchdpo.run_settings)
-    clip_encoder: torch.nn.Module | None  # with a cache: encodes the random CLIP crops of non-square references per step
     validation: Validation | None
     global_step: int = 0
     last_saved: int | None = None
@@ -182,37 +182,13 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
     agree_on_resume_state(accelerator, resume_dir)
     if accelerator.is_main_process:
         remove_orphan_checkpoint_files(args.output_dir)
-    tokenizers, cache, clip_encoder = models.encoders.tokenizers, None, None
-    if args.cache_dir is not None:
-        key = cache_key(args.resolution, args.pretrained_model_name_or_path, args.image_encoder_path, weight_dtype)
-        cache = FeatureCache.for_key(args.cache_dir, key)
-        build_feature_cache(
-            cache,
-            pairs,
-            models.encoders,
-            args.resolution,
-            accelerator.process_index,
-            accelerator.num_processes,
-            show_progress=accelerator.is_local_main_process,
-        )
-        accelerator.wait_for_everyone()
-        missing = cache.missing_files(pairs)
-        require_agreement(
-            accelerator,
-            missing,
-            lambda seen: (
-                f"--cache_dir {args.cache_dir}: some processes do not see the cache files the others wrote "
-                f"({', '.join(f'process {rank}: {len(files)} missing' for rank, files in enumerate(seen))}): {SHARED_STORAGE_FIX}"
-            ),
-        )
-        # non-square references: their random CLIP crop is encoded each step (patchdpo/feature_cache.py)
-        clip_encoder = models.encoders.image_encoder if cache.use_clip_per_step(pairs) else None
-        if make_validation is None:  # validation samples with them; otherwise the frozen encoders are done: free them
-            models.encoders = None
-            release_memory()
+    source, step_encoders = pair_source(args, accelerator, models, pairs, weight_dtype)
+    if step_encoders is not models.encoders and make_validation is None:  # validation samples with them; else they are done
+        models.encoders = None
+        release_memory()
     validation = make_validation(args, accelerator, args.seed, models) if make_validation is not None else None
 
-    dataset = PairDataset(pairs, args.resolution, latent_size, args.seed, tokenizers, quality_maps, dropout, cache)
+    dataset = PairDataset(pairs, latent_size, args.seed, source, quality_maps, dropout)
     sampler = EpochSampler(len(dataset), args.seed, pairs_per_step(args, accelerator))
     loader = DataLoader(
         dataset,
@@ -244,10 +220,9 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
         loader,
         plan,
         reference_params,
-        cache is not None,
+        step_encoders,
         StepGuard(accelerator, pairs),
         settings,
-        clip_encoder,
         validation,
     )
     if resume_dir is not None:
@@ -277,6 +252,37 @@ def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: Step
             f"--patch_quality_file is ignored: --loss {args.loss} does not use quality maps (pass --use_dpo_loss True for PatchDPO)",
             main_process_only=True,
         )
+
+
+def pair_source(
+    args: argparse.Namespace, accelerator: Accelerator, models: TrainingModels, pairs: list, weight_dtype: torch.dtype
+) -> tuple[PairSource, FrozenEncoders]:
+    """What items carry and which encoders the step runs: pixels for all of them, or (`--cache_dir`) their outputs,
+    built once and shared, with per-step CLIP pixels where a non-square reference's crop is random."""
+    if args.cache_dir is None:
+        return DecodedPairs(args.resolution, models.encoders.tokenizers), models.encoders
+    key = cache_key(args.resolution, args.pretrained_model_name_or_path, args.image_encoder_path, weight_dtype)
+    cache = FeatureCache.for_key(args.cache_dir, key)
+    build_feature_cache(
+        cache,
+        pairs,
+        models.encoders,
+        args.resolution,
+        accelerator.process_index,
+        accelerator.num_processes,
+        show_progress=accelerator.is_local_main_process,
+    )
+    accelerator.wait_for_everyone()
+    require_agreement(
+        accelerator,
+        cache.missing_files(pairs),
+        lambda seen: (
+            f"--cache_dir {args.cache_dir}: some processes do not see the cache files the others wrote "
+            f"({', '.join(f'process {rank}: {len(files)} missing' for rank, files in enumerate(seen))}): {SHARED_STORAGE_FIX}"
+        ),
+    )
+    clip_per_step = cache.needs_clip_per_step(pairs)
+    return CachedPairs(cache, clip_per_step), models.encoders.kept_with_cache(clip_per_step)
 
 
 def agree_on_resume_state(accelerator: Accelerator, resume_dir: Path | None) -> None:
@@ -325,15 +331,11 @@ def train(run: TrainingRun, signals: StopSignals) -> bool:
 def micro_step(run: TrainingRun, batch: dict[str, torch.Tensor], signals: StopSignals) -> LossOutput:
     """Forward and backward on one micro-batch; on the last of an optimizer step also agree, clip and step."""
     accelerator, args = run.accelerator, run.args
-    with accelerator.accumulate(run.model):
-        cond = (
-            PairConditioning.from_cached_batch(batch, run.clip_encoder)
-            if run.cached
-            else PairConditioning.encode(run.models.encoders, batch)
-        )
+    with accelerator.accumulate(run.prepared_model):
+        cond = PairConditioning.from_batch(batch, run.encoders)
         output = training_step(
             accelerator,
-            run.model,
+            run.prepared_model,
             cond,
             run.models.scheduler,
             loss_mode=args.loss,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torchvision.transforms.functional as TF
@@ -27,9 +27,6 @@ from patch_quality.layout import list_samples, sample_files
 from patch_quality.store import QualityMaps
 
 from .sdxl_conditioning import tokenize_prompts
-
-if TYPE_CHECKING:
-    from .feature_cache import FeatureCache
 
 CLIP_SIZE = 224
 
@@ -134,63 +131,29 @@ def clip_training_pixels(path: Path, generator: torch.Generator | None) -> torch
     return TF.normalize(TF.to_tensor(image), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
-class PairDataset(Dataset):
-    """Items of one pair, indexed by `(index, epoch)` from `EpochSampler`.
+class PairSource(Protocol):
+    """What an item carries for the frozen encoders: their inputs (`DecodedPairs`) or their outputs (`feature_cache.CachedPairs`)."""
 
-    Without a cache an item carries pixels and token ids for the frozen encoders; with a
-    `FeatureCache` it carries their cached outputs, with the zero-image / empty-prompt entries
-    substituted when the item's dropout says so. Both kinds carry the quality maps (zeros when
-    `quality_maps` is None), the original sizes, the dropout flags and the noise seed.
-    """
+    def __call__(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]: ...
 
-    def __init__(
-        self,
-        pairs: list[TrainingPair],
-        resolution: int,
-        latent_size: int,
-        seed: int,
-        tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
-        quality_maps: QualityMaps | None = None,
-        dropout: DropoutRates = DropoutRates(),
-        cache: FeatureCache | None = None,
-    ) -> None:
-        self.pairs = pairs
-        self.resolution = resolution
-        self.latent_size = latent_size
-        self.seed = seed
-        self.tokenizers = tokenizers
-        self.quality_maps = quality_maps
-        self.dropout = dropout
-        self.cache = cache
 
-    def __len__(self) -> int:
-        return len(self.pairs)
+def clip_input(pair: TrainingPair, drop_image: bool, generator: torch.Generator) -> torch.Tensor:
+    """The reference's CLIP pixels, zeroed when the image is dropped (the reference zeroes the normalised CLIP input)."""
+    clip_pixels = clip_training_pixels(pair.reference_path, generator)
+    return torch.zeros_like(clip_pixels) if drop_image else clip_pixels
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
-        index, epoch = key
-        pair = self.pairs[index]
-        generator = torch.Generator().manual_seed(stable_seed(self.seed, "item", epoch, index))
-        drop_image, drop_text = self.dropout.draw(generator)
-        item = self._cached(pair, drop_image, drop_text, generator) if self.cache else self._decoded(pair, drop_image, drop_text, generator)
-        if self.quality_maps is not None:
-            item["reference_map"], item["generated_map"] = self.quality_maps.get(pair.sample, pair.k)
-        else:
-            item["reference_map"] = item["generated_map"] = torch.zeros(self.latent_size, self.latent_size)
-        item["index"] = torch.tensor(index)  # names the batch's samples if its step goes non-finite
-        item["drop_image"] = torch.tensor(drop_image)
-        item["drop_text"] = torch.tensor(drop_text)
-        item["noise_seed"] = torch.tensor(stable_seed(self.seed, "noise", epoch, index))
-        return item
 
-    @staticmethod
-    def _clip_pixels(pair: TrainingPair, drop_image: bool, generator: torch.Generator) -> torch.Tensor:
-        clip_pixels = clip_training_pixels(pair.reference_path, generator)
-        return torch.zeros_like(clip_pixels) if drop_image else clip_pixels  # the reference zeroes the normalised CLIP input
+@dataclass(frozen=True)
+class DecodedPairs:
+    """Pixels and token ids, for the frozen encoders to run on each step."""
 
-    def _decoded(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    resolution: int
+    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]
+
+    def __call__(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
         reference_pixels, reference_size = load_training_image(pair.reference_path, self.resolution)
         generated_pixels, generated_size = load_training_image(pair.generated_path, self.resolution)
-        clip_pixels = self._clip_pixels(pair, drop_image, generator)
+        clip_pixels = clip_input(pair, drop_image, generator)
         input_ids, input_ids_2 = tokenize_prompts(self.tokenizers, ["" if drop_text else pair.prompt])
         return {
             "reference_pixels": reference_pixels,
@@ -202,14 +165,47 @@ class PairDataset(Dataset):
             "input_ids_2": input_ids_2[0],
         }
 
-    def _cached(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        entry = self.cache.read_pair(pair.sample, pair.k)
-        null = self.cache.null_entry()
-        if self.cache.clip_per_step:
-            entry["clip_pixels"] = self._clip_pixels(pair, drop_image, generator)
-        elif drop_image:
-            entry["image_features"] = null["image_features"]
-        if drop_text:
-            entry["prompt_embeds"] = null["prompt_embeds"]
-            entry["pooled_prompt_embeds"] = null["pooled_prompt_embeds"]
-        return entry
+
+class PairDataset(Dataset):
+    """Items of one pair, indexed by `(index, epoch)` from `EpochSampler`.
+
+    An item is what its `source` gives for the pair (the encoders' inputs, or their cached outputs
+    with the dropout applied), plus the quality maps (zeros when `quality_maps` is None), the
+    dropout flags and the noise seed. Every random draw comes from the item's own generator, so
+    both sources give the same pair the same dropout and CLIP crop.
+    """
+
+    def __init__(
+        self,
+        pairs: list[TrainingPair],
+        latent_size: int,
+        seed: int,
+        source: PairSource,
+        quality_maps: QualityMaps | None = None,
+        dropout: DropoutRates = DropoutRates(),
+    ) -> None:
+        self.pairs = pairs
+        self.latent_size = latent_size
+        self.seed = seed
+        self.source = source
+        self.quality_maps = quality_maps
+        self.dropout = dropout
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, epoch = key
+        pair = self.pairs[index]
+        generator = torch.Generator().manual_seed(stable_seed(self.seed, "item", epoch, index))
+        drop_image, drop_text = self.dropout.draw(generator)
+        item = self.source(pair, drop_image, drop_text, generator)
+        if self.quality_maps is not None:
+            item["reference_map"], item["generated_map"] = self.quality_maps.get(pair.sample, pair.k)
+        else:
+            item["reference_map"] = item["generated_map"] = torch.zeros(self.latent_size, self.latent_size)
+        item["index"] = torch.tensor(index)  # names the batch's samples if its step goes non-finite
+        item["drop_image"] = torch.tensor(drop_image)
+        item["drop_text"] = torch.tensor(drop_text)
+        item["noise_seed"] = torch.tensor(stable_seed(self.seed, "noise", epoch, index))
+        return item

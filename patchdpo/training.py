@@ -51,10 +51,16 @@ ADAPTER_STATE_NAME = "ip_adapter_state.safetensors"
 
 @dataclass
 class FrozenEncoders:
-    vae: AutoencoderKL
-    image_encoder: CLIPVisionModelWithProjection
-    text_encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection]
+    """The frozen encoders; a step whose batch carries cached outputs keeps only those it still runs (`kept_with_cache`)."""
+
+    vae: AutoencoderKL | None
+    image_encoder: CLIPVisionModelWithProjection | None
+    text_encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection] | None
     tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]
+
+    def kept_with_cache(self, clip_per_step: bool) -> FrozenEncoders:
+        """What a step runs once the cache holds the other outputs: the image encoder when CLIP crops are drawn per step."""
+        return FrozenEncoders(None, self.image_encoder if clip_per_step else None, None, self.tokenizers)
 
     @torch.no_grad()
     def latents(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -89,34 +95,21 @@ class PairConditioning:
         return self.image_features.shape[0]
 
     @classmethod
-    def from_cached_batch(
-        cls, batch: dict[str, torch.Tensor], image_encoder: CLIPVisionModelWithProjection | None = None
-    ) -> PairConditioning:
-        """Cached outputs; `image_encoder` encodes the `clip_pixels` of a cache whose CLIP crops are drawn per step."""
-        if "clip_pixels" in batch:
-            with torch.no_grad():
-                image_features = encode_image_features(image_encoder, batch["clip_pixels"])
+    def from_batch(cls, batch: dict[str, torch.Tensor], encoders: FrozenEncoders) -> PairConditioning:
+        """The step's conditioning: what the batch carries as encoder outputs (from the cache) is used as it is, and
+        the frozen `encoders` run on what it carries as their inputs (pixels, token ids, CLIP pixels)."""
+        if "reference_latents" in batch:
+            latents = torch.cat([batch["reference_latents"], batch["generated_latents"]]).float()
         else:
-            image_features = batch["image_features"]
+            latents = encoders.latents(torch.cat([batch["reference_pixels"], batch["generated_pixels"]]))
+        if "prompt_embeds" in batch:
+            prompt_embeds, pooled = batch["prompt_embeds"], batch["pooled_prompt_embeds"]
+        else:
+            prompt_embeds, pooled = encoders.prompt_embeds((batch["input_ids"], batch["input_ids_2"]))
+        image_features = batch["image_features"] if "image_features" in batch else encoders.image_features(batch["clip_pixels"])
         return cls(
-            latents=torch.cat([batch["reference_latents"], batch["generated_latents"]]).float(),
+            latents=latents,
             image_features=image_features,
-            prompt_embeds=batch["prompt_embeds"],
-            pooled_prompt_embeds=batch["pooled_prompt_embeds"],
-            reference_size=batch["reference_size"],
-            generated_size=batch["generated_size"],
-            reference_map=batch["reference_map"],
-            generated_map=batch["generated_map"],
-            noise_seeds=batch["noise_seed"],
-        )
-
-    @classmethod
-    def encode(cls, encoders: FrozenEncoders, batch: dict[str, torch.Tensor]) -> PairConditioning:
-        """Run the frozen encoders on a pixel batch (`clip_pixels` is already zeroed where dropped)."""
-        prompt_embeds, pooled = encoders.prompt_embeds((batch["input_ids"], batch["input_ids_2"]))
-        return cls(
-            latents=encoders.latents(torch.cat([batch["reference_pixels"], batch["generated_pixels"]])),
-            image_features=encoders.image_features(batch["clip_pixels"]),
             prompt_embeds=prompt_embeds,
             pooled_prompt_embeds=pooled,
             reference_size=batch["reference_size"],

@@ -42,6 +42,50 @@ def test_imports_point_down(package):
     assert not {module: names for module, names in wrong.items() if names}
 
 
+def sibling_imports(package: str) -> dict[str, set[str]]:
+    """For each module of `package`, the modules of the same package it imports (relative or absolute, type-only included)."""
+    modules = {path.stem for path in (ROOT / package).glob("*.py")}
+    found = {}
+    for path in sorted((ROOT / package).glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and (node.level == 1 or node.module.startswith(f"{package}.")):
+                names.add(node.module.split(".")[-1] if node.level == 0 else node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and node.level == 1 and node.module is None:
+                names.update(alias.name for alias in node.names)
+        found[path.stem] = (names & modules) - {path.stem}
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph` (module -> modules it imports), or None."""
+    state: dict[str, str] = {}
+
+    def visit(node: str, trail: list[str]) -> list[str] | None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return [*trail[trail.index(nxt) :], nxt] if nxt in trail else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*trail, nxt])):
+                return cycle
+        state[node] = "done"
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_import_cycle_inside_a_package(package):
+    assert find_cycle(sibling_imports(package)) is None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"] and find_cycle({"a": {"b"}, "b": set()}) is None
+
+
 def test_library_code_never_imports_the_stand_ins():
     for package in set(PACKAGES) - {"stand_ins"}:
         for module, imported in package_imports(package).items():

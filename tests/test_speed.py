@@ -27,7 +27,7 @@ from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_
 from ip_adapter.loading import load_generation_model
 from ip_adapter.speed import apply_speed_args, speed_up_unet
 from patch_quality.store import QualityMaps
-from patchdpo.pair_dataset import DropoutRates, PairDataset, index_pairs
+from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, index_pairs
 from patchdpo.training import PairConditioning, load_training_models, training_step
 from tests.test_inference_dreambooth import script_args as inference_args
 from tests.test_train_patchdpo import train_args
@@ -164,10 +164,9 @@ def test_scale_is_a_tensor_outside_the_checkpoint():
 def training(tiny_models, tiny_pair_data):
     loaded = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", torch.float32)
     maps = QualityMaps.load(tiny_pair_data.quality_file)
-    dataset = PairDataset(
-        index_pairs(tiny_pair_data.root, maps, 1, 16), SIZE, 16, 42, loaded.encoders.tokenizers, maps, DropoutRates(), None
-    )
-    batches = [PairConditioning.encode(loaded.encoders, default_collate([dataset[(i, 0)] for i in pair])) for pair in ([0, 1], [2, 3])]
+    source = DecodedPairs(SIZE, loaded.encoders.tokenizers)
+    dataset = PairDataset(index_pairs(tiny_pair_data.root, maps, 1, 16), 16, 42, source, maps, DropoutRates())
+    batches = [PairConditioning.from_batch(default_collate([dataset[(i, 0)] for i in pair]), loaded.encoders) for pair in ([0, 1], [2, 3])]
     accelerator = Accelerator(cpu=True)
 
     def step(batch: int) -> tuple[float, list[torch.Tensor]]:

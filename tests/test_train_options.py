@@ -172,7 +172,7 @@ def test_fp16_step_as_on_cuda_autocast_and_grad_scaler(tiny_models, tiny_pair_da
     dtypes = {}
     model.unet.conv_in.register_forward_hook(lambda module, inputs, output: dtypes.update(unet=output.dtype))
     for step in range(2):
-        cond = PairConditioning.encode(models.encoders, collate(dataset, [2 * step, 2 * step + 1]))
+        cond = PairConditioning.from_batch(collate(dataset, [2 * step, 2 * step + 1]), models.encoders)
         assert cond.latents.dtype == torch.float32  # the VAE encodes in fp32
         with torch.autocast("cpu", dtype=torch.float16):
             output = training_step(Accelerator(cpu=True), model, cond, models.scheduler, loss_mode="patch_dpo", resolution=RESOLUTION)

@@ -19,8 +19,8 @@ import train_patchdpo
 from common.training_state import TRAINING_STATE_DIR
 from ip_adapter import IPAdapterPlusXL, IPAttnProcessor, load_ip_adapter_checkpoint
 from patch_quality.store import QualityMaps, save_quality_maps
-from patchdpo.feature_cache import FeatureCache, build_feature_cache, cache_key
-from patchdpo.pair_dataset import DropoutRates, PairDataset, clip_training_pixels, index_pairs
+from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key
+from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, clip_training_pixels, index_pairs
 from patchdpo.sdxl_conditioning import pair_time_ids
 from patchdpo.training import (
     ADAPTER_STATE_NAME,
@@ -77,9 +77,10 @@ def logged(out: Path, tag: str) -> list[float]:
     return [event.value for event in EventAccumulator(str(out / "logs" / "patchdpo")).Reload().Scalars(tag)]
 
 
-def make_dataset(models, data, quality_maps=None, cache=None, dropout=DropoutRates()) -> PairDataset:
+def make_dataset(models, data, quality_maps=None, cache=None, dropout=DropoutRates(), clip_per_step=False) -> PairDataset:
     pairs = index_pairs(data.root, quality_maps, 1, LATENT)
-    return PairDataset(pairs, RESOLUTION, LATENT, 42, models.encoders.tokenizers, quality_maps, dropout, cache)
+    source = DecodedPairs(RESOLUTION, models.encoders.tokenizers) if cache is None else CachedPairs(cache, clip_per_step)
+    return PairDataset(pairs, LATENT, 42, source, quality_maps, dropout)
 
 
 def collate(dataset: PairDataset, indices, epoch: int = 0) -> dict[str, torch.Tensor]:
@@ -112,7 +113,7 @@ def test_training_changes_only_to_k_ip_and_to_v_ip(loaded, tiny_pair_data):
     maps = QualityMaps.load(tiny_pair_data.quality_file)
     dataset = make_dataset(loaded, tiny_pair_data, maps)
     for step in range(2):
-        cond = PairConditioning.encode(loaded.encoders, collate(dataset, [2 * step, 2 * step + 1]))
+        cond = PairConditioning.from_batch(collate(dataset, [2 * step, 2 * step + 1]), loaded.encoders)
         output = training_step(accelerator, prepared, cond, loaded.scheduler, loss_mode="patch_dpo", resolution=RESOLUTION)
         assert math.isfinite(output.loss.item()) and output.loss.item() > 0
         accelerator.backward(output.loss)
@@ -138,7 +139,7 @@ def test_image_dpo_starts_at_log2_against_the_frozen_initial_adapter(loaded, tin
     assert reference and all(name.endswith(("to_k_ip.weight", "to_v_ip.weight")) for name in reference)
     optimizer = torch.optim.AdamW(model.adapter_modules.parameters(), lr=LR)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    cond = PairConditioning.encode(loaded.encoders, collate(make_dataset(loaded, tiny_pair_data), [0, 1]))
+    cond = PairConditioning.from_batch(collate(make_dataset(loaded, tiny_pair_data), [0, 1]), loaded.encoders)
     kwargs = dict(loss_mode="image_dpo", resolution=RESOLUTION, reference_params=reference, dpo_beta=5000.0)
 
     first = training_step(accelerator, prepared, cond, loaded.scheduler, **kwargs)
@@ -155,7 +156,7 @@ def test_image_dpo_starts_at_log2_against_the_frozen_initial_adapter(loaded, tin
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(loaded, tiny_pair_data):
     accelerator = Accelerator(cpu=True)
     model = loaded.model
-    cond = PairConditioning.encode(loaded.encoders, collate(make_dataset(loaded, tiny_pair_data), [0, 1]))
+    cond = PairConditioning.from_batch(collate(make_dataset(loaded, tiny_pair_data), [0, 1]), loaded.encoders)
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
@@ -259,9 +260,9 @@ def test_cached_features_equal_the_encoders_on_the_fly_including_dropout(loaded,
     seen = set()
     for epoch in range(3):
         for index in range(len(pairs)):
-            a = PairConditioning.encode(loaded.encoders, collate(live, [index], epoch))
+            a = PairConditioning.from_batch(collate(live, [index], epoch), loaded.encoders)
             b_batch = collate(cached, [index], epoch)
-            b = PairConditioning.from_cached_batch(b_batch)
+            b = PairConditioning.from_batch(b_batch, loaded.encoders.kept_with_cache(clip_per_step=False))
             seen.add((bool(b_batch["drop_image"]), bool(b_batch["drop_text"])))
             for field in ("latents", "image_features", "prompt_embeds", "pooled_prompt_embeds", "reference_size", "generated_size"):
                 torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-5, rtol=1e-5)
@@ -277,14 +278,15 @@ def test_cache_with_non_square_references_draws_the_same_clip_crops(loaded, tiny
     cache = FeatureCache.for_key(tmp_path / "cache", "key")
     build_feature_cache(cache, pairs, loaded.encoders, RESOLUTION, show_progress=False)
     assert [cache.has_clip_features(p.sample) for p in pairs] == [True, False, False]
-    assert cache.use_clip_per_step(pairs) and pickle.loads(pickle.dumps(cache)).clip_per_step
+    assert cache.needs_clip_per_step(pairs) and not cache.needs_clip_per_step(pairs[:1])
     dropout = DropoutRates(image=0.3, text=0.3, both=0.0)
-    live, cached = make_dataset(loaded, data, dropout=dropout), make_dataset(loaded, data, cache=cache, dropout=dropout)
+    live = make_dataset(loaded, data, dropout=dropout)
+    cached = make_dataset(loaded, data, cache=pickle.loads(pickle.dumps(cache)), dropout=dropout, clip_per_step=True)  # as in a worker
     crops = set()
     for epoch in range(4):
         batch = collate(cached, [0, 1, 2], epoch)
-        a = PairConditioning.encode(loaded.encoders, collate(live, [0, 1, 2], epoch))
-        b = PairConditioning.from_cached_batch(batch, loaded.encoders.image_encoder)
+        a = PairConditioning.from_batch(collate(live, [0, 1, 2], epoch), loaded.encoders)
+        b = PairConditioning.from_batch(batch, loaded.encoders.kept_with_cache(clip_per_step=True))
         crops.add(batch["clip_pixels"][1, 0, 0, :8].sum().item())
         for field in ("latents", "image_features", "prompt_embeds", "pooled_prompt_embeds"):
             torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-5, rtol=1e-5)
