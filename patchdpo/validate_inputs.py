@@ -87,10 +87,10 @@ class CheckedInputs:
             return cls()
 
     def merge(self, others: Sequence[CheckedInputs]) -> CheckedInputs:
-        merged = CheckedInputs(dict(self.images), self.maps_sha256, list(self.map_keys))
+        merged = CheckedInputs(dict(self.images), self.maps_sha256)
         for other in others:
             merged.images.update(other.images)
-            merged.map_keys += [key for key in other.map_keys if key not in merged.map_keys]
+        merged.map_keys = [list(key) for key in dict.fromkeys(tuple(key) for part in (self, *others) for key in part.map_keys)]
         return merged
 
 
