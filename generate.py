@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.checks import require_flags_in_range
-from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries
+from common.cli import ArgumentParser, exit_on_reported_error, quiet_libraries
 from common.errors import BadInputError
 from common.flags import add_ddp_timeout_arg, add_metric_model_args, add_speed_args, scoring_requested
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_libraries()
     accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(args.ddp_timeout)])
-    with exit_on_bad_input("generate.py"), contextlib.ExitStack() as held:
+    with exit_on_reported_error("generate.py"), contextlib.ExitStack() as held:
         run(args, accelerator, held)
 
 

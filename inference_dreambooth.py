@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.checks import require_flags_in_range
-from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries, str2bool
+from common.cli import ArgumentParser, exit_on_reported_error, quiet_libraries, str2bool
 from common.errors import BadInputError
 from common.flags import add_ddp_timeout_arg, add_generator_args, add_metric_model_args, add_speed_args, scoring_requested
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
 
     quiet_libraries()
     accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(args.ddp_timeout)])
-    with exit_on_bad_input(Path(__file__).name), contextlib.ExitStack() as held:
+    with exit_on_reported_error(Path(__file__).name), contextlib.ExitStack() as held:
         run(args, accelerator, held)
 
 

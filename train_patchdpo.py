@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from common.checks import require_flags_in_range
-from common.cli import ArgumentParser, exit_on_bad_input, quiet_libraries, str2bool
+from common.cli import ArgumentParser, exit_on_reported_error, quiet_libraries, str2bool
 from common.errors import BadInputError
 from common.flags import CHANGEABLE_ON_RESUME, LOSS_MODES, LR_SCHEDULERS, add_ddp_timeout_arg, add_speed_args, add_validation_args
 
@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@exit_on_bad_input(PROG)
+@exit_on_reported_error(PROG)
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Imported once the arguments are parsed: --help must not wait for torch, accelerate and diffusers.

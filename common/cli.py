@@ -74,7 +74,7 @@ def str2bool(value: str | bool) -> bool:
 
 
 @contextlib.contextmanager
-def exit_on_bad_input(program: str) -> Iterator[None]:
+def exit_on_reported_error(program: str) -> Iterator[None]:
     """Turn a `ReportedError` (bad input, failed write, diverged run) into one `prog: error: ...` line and its exit code.
 
     A researcher launching a multi-GPU job wants the reason, not a traceback from every process.

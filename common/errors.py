@@ -1,6 +1,6 @@
 """The errors a script reports in one line instead of a traceback.
 
-`ReportedError` is the base: the scripts catch it (and only it, see `common.cli.exit_on_bad_input`),
+`ReportedError` is the base: the scripts catch it (and only it, see `common.cli.exit_on_reported_error`),
 print `prog: error: message` and exit with its `exit_code`. Its kinds:
 
 * `BadInputError` (exit 2): an input check failed — one line naming the path, key or flag and what

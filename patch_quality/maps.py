@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from common.batching import batched
 from common.checks import require_flags_in_range
-from common.cli import exit_on_bad_input, quiet_libraries
+from common.cli import exit_on_reported_error, quiet_libraries
 from common.distributed import owning_output_dir
 from common.errors import BadInputError, ReportedError
 from common.images import load_rgb_image
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_libraries()
-    with exit_on_bad_input(parser.prog):
+    with exit_on_reported_error(parser.prog):
         check_map_args(args)
     state = PartialState(cpu=args.cpu, timeout=timedelta(seconds=args.ddp_timeout))  # init_process_group's timeout
     try:

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from common.checks import require_flags_in_range
-from common.cli import exit_on_bad_input, quiet_libraries
+from common.cli import exit_on_reported_error, quiet_libraries
 from common.errors import BadInputError
 from common.images import load_rgb_image
 from common.io import atomic_write_json
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = build_parser()
     args = parser.parse_args(argv)
     quiet_libraries()
-    with exit_on_bad_input(parser.prog):
+    with exit_on_reported_error(parser.prog):
         require_flags_in_range(args, ("train_batch_size", "image_size", "source_size"), minimum=1)
         check_output_dir(args.output_dir)
     accelerator = Accelerator(
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         project_config=ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")),
     )
     set_seed(args.seed)
-    with exit_on_bad_input(parser.prog):
+    with exit_on_reported_error(parser.prog):
         check_launch(accelerator.num_processes, "-m patch_quality.ssl_train")
         metrics = run(args, accelerator)
     accelerator.end_training()

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.cli import ArgumentParser, exit_on_bad_input
+from common.cli import ArgumentParser, exit_on_reported_error
 from common.errors import BadInputError
 
 GIB = 2**30
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings = PlanSettings(
         **{name: getattr(args, name) for name in PlanSettings.__dataclass_fields__},
     )
-    with exit_on_bad_input(parser.prog):
+    with exit_on_reported_error(parser.prog):
         plan = plan_training_memory(args.pretrained_model_name_or_path, args.image_encoder_path, settings)
         if args.json is not None:
             from common.io import atomic_write_json
