@@ -20,10 +20,9 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.checks import require_flags_in_range
-from common.cli import ArgumentParser, exit_on_reported_error, quiet_libraries
-from common.errors import BadInputError
-from common.flags import add_ddp_timeout_arg, add_metric_model_args, add_speed_args, scoring_requested
+from common.checks import require_flags_in_range, require_sdxl_image_size
+from common.cli import ArgumentParser
+from common.flags import add_ddp_timeout_arg, add_metric_model_args, add_sampling_args, add_speed_args, scoring_requested
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -54,10 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--num_images", type=int, default=4, help="images per prompt and checkpoint")
     sampling.add_argument("--seed", type=int, default=42, help="each image's seed comes from (seed, prompt, image index)")
     sampling.add_argument("--scale", type=float, default=0.78, help="IP-Adapter scale (the DreamBench scripts' 0.78)")
-    sampling.add_argument("--num_inference_steps", type=int, default=30)
-    sampling.add_argument("--guidance_scale", type=float, default=5.0)
-    sampling.add_argument("--height", type=int, default=1024)
-    sampling.add_argument("--width", type=int, default=1024)
+    add_sampling_args(sampling)
     sampling.add_argument("--batch_size", type=int, default=4, help="images per denoising batch (images do not depend on it)")
     parser.add_argument("--output_dir", type=Path, required=True, help="folder to create or resume")
     add_speed_args(parser)
@@ -75,9 +71,7 @@ def check_args(args: argparse.Namespace) -> None:
 
     require_flags_in_range(args, ("num_images", "num_inference_steps", "height", "width", "batch_size"), minimum=1)
     require_flags_in_range(args, ("scale",), minimum=0)
-    for name in ("height", "width"):
-        if getattr(args, name) % 8:
-            raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
+    require_sdxl_image_size(args)
     check_output_dir(args.output_dir)
     check_sdxl_dir(args.base_model_path)
     check_image_encoder_dir(args.image_encoder_path)
@@ -113,7 +107,8 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     check_args(args)
     prompts = read_prompts(args.prompts, args.prompts_file)
     photos = find_photos(args.reference_images)
-    references = conditioning_images(photos, load_boxes(args.boxes))  # every photo decoded: a bad one fails before the models
+    boxes = load_boxes(args.boxes)
+    references = conditioning_images(photos, boxes)  # every photo decoded: a bad one fails before the models
     checkpoints = [resolve_file(path, "--ip_ckpt") for path in args.ip_ckpt]
     for checkpoint in checkpoints:
         load_ip_adapter_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before SDXL loads
@@ -124,7 +119,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
         {key: value for key, value in vars(args).items() if key not in ("reference_images", "ip_ckpt", "boxes")},
         ip_ckpt_sha256=[sha256_file(path) for path in checkpoints],
         photo_sha256={photo.name: sha256_file(photo) for photo in photos},
-        boxes={name: list(box) for name, box in load_boxes(args.boxes).items()},
+        boxes={name: list(box) for name, box in boxes.items()},
         checkpoint_labels=labels,
         data_root=None,
         is_kosmosg=False,
@@ -178,14 +173,9 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from accelerate import Accelerator
+    from common.distributed import launch_run
 
-    from common.distributed import process_group_kwargs
-
-    quiet_libraries()
-    accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(args.ddp_timeout)])
-    with exit_on_reported_error("generate.py"), contextlib.ExitStack() as held:
-        run(args, accelerator, held)
+    launch_run("generate.py", args, run)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,17 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.checks import require_flags_in_range
-from common.cli import ArgumentParser, exit_on_reported_error, quiet_libraries, str2bool
+from common.checks import require_flags_in_range, require_sdxl_image_size
+from common.cli import ArgumentParser, str2bool
 from common.errors import BadInputError
-from common.flags import add_ddp_timeout_arg, add_generator_args, add_metric_model_args, add_speed_args, scoring_requested
+from common.flags import (
+    add_ddp_timeout_arg,
+    add_generator_args,
+    add_metric_model_args,
+    add_sampling_args,
+    add_speed_args,
+    scoring_requested,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -48,11 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="True: condition on the single Kosmos-G image per subject; False: average all references",
     )
-    parser.add_argument("--num_inference_steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    add_sampling_args(parser)
     parser.add_argument("--seed", type=int, default=42, help="base seed; each image's seed is derived from (seed, subject, prompt)")
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--batch_size", type=int, default=8, help="images per denoising batch (does not change the images)")
     parser.add_argument("--subjects", nargs="+", default=None, help="subset of subjects (default: all 30)")
     add_speed_args(parser)
@@ -76,9 +80,7 @@ def check_args(args: argparse.Namespace) -> None:
     from ip_adapter.loading import check_generator_paths
 
     require_flags_in_range(args, ("num_inference_steps", "height", "width", "batch_size", "prompts_per_subject"), minimum=1)
-    for name in ("height", "width"):
-        if getattr(args, name) % 8:
-            raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
+    require_sdxl_image_size(args)
     require_flags_in_range(args, ("scale",), minimum=0)
     require_flags_in_range(args, ("guidance_scale",))
     check_output_dir(args.output_dir)
@@ -189,14 +191,9 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from accelerate import Accelerator
+    from common.distributed import launch_run
 
-    from common.distributed import process_group_kwargs
-
-    quiet_libraries()
-    accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(args.ddp_timeout)])
-    with exit_on_reported_error(Path(__file__).name), contextlib.ExitStack() as held:
-        run(args, accelerator, held)
+    launch_run(Path(__file__).name, args, run)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ def require_flags_in_range(
         require_in_range(f"--{name}", getattr(args, name), minimum, maximum)
 
 
+def require_sdxl_image_size(args: argparse.Namespace) -> None:
+    """`--height` and `--width` are multiples of 8, as SDXL's VAE and UNet need."""
+    for name in ("height", "width"):
+        if getattr(args, name) % 8:
+            raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
+
+
 def require_template_fields(flag: str, template: str, fields: Iterable[str]) -> None:
     """`template` is a `str.format` pattern that uses each of `fields` and nothing else."""
     fields = set(fields)

@@ -10,6 +10,7 @@ makes the others fail in their next collective, bounded by the process-group tim
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.cli import exit_on_reported_error, quiet_libraries
 from common.errors import BadInputError, ReportedError
 from common.run_lock import LOCK_NAME, holding_output_dir
 
@@ -60,12 +62,11 @@ def _read_text(path: Path) -> str | None:
 
 
 def check_file_is_shared(accelerator: Processes, path: str | os.PathLike, flag: str) -> None:
-    """Every process sees the file the main process just wrote (e.g. the run's lock), with the same content.
+    """Every process sees the file the main process wrote before the last collective (e.g. the run's lock), with the same content.
 
     A folder on a node-local disk fails here, at start-up, on every process, before anything is trained.
     """
     path = Path(path)
-    accelerator.wait_for_everyone()
 
     def describe(seen: list[str | None]) -> str:
         blind = [rank for rank, text in enumerate(seen) if text != seen[0]]
@@ -91,10 +92,24 @@ def owning_output_dir(accelerator: Processes, folder: str | os.PathLike, flag: s
                 held.enter_context(holding_output_dir(folder, flag=flag))
             except ReportedError as error:
                 refusal = error
-        main_refusal = gather_values(accelerator, None if refusal is None else str(refusal))[0]
+        main_refusal = gather_values(accelerator, None if refusal is None else str(refusal))[0]  # also orders the lock's write
         if refusal is not None:
             raise refusal
         if main_refusal is not None:
             raise BadInputError(main_refusal)
         check_file_is_shared(accelerator, Path(folder) / LOCK_NAME, flag)
         yield
+
+
+def launch_run(
+    program: str, args: argparse.Namespace, run: Callable[[argparse.Namespace, Accelerator, contextlib.ExitStack], Any]
+) -> Accelerator:
+    """The `main` of a script that generates on every process: quiet libraries, an Accelerator with `--ddp_timeout`,
+    a reported error as one line, and what `run` claims into the stack (its output folder) held until it returns."""
+    from accelerate import Accelerator
+
+    quiet_libraries()
+    accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(args.ddp_timeout)])
+    with exit_on_reported_error(program), contextlib.ExitStack() as held:
+        run(args, accelerator, held)
+    return accelerator

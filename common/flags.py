@@ -111,6 +111,14 @@ def add_validation_args(parser: argparse.ArgumentParser) -> None:
     add_metric_model_args(group, optional_use="score the validation images")
 
 
+def add_sampling_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """The SDXL sampling flags of every script that generates: steps, guidance and image size (the paper's values)."""
+    parser.add_argument("--num_inference_steps", type=int, default=30)
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+
+
 def add_speed_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """`--compile` and `--allow_tf32`, the speed flags of every script that runs the UNet in a loop."""
     parser.add_argument(

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from common.cli import ArgumentParser, str2bool
-from common.flags import DEFAULT_NEGATIVE_PROMPT, add_ddp_timeout_arg, add_generator_args, add_speed_args
+from common.flags import DEFAULT_NEGATIVE_PROMPT, add_ddp_timeout_arg, add_generator_args, add_sampling_args, add_speed_args
 from patch_quality.categories import REFERENCE_TEMPLATE
 
 TRANSFORMS = ("raw", "minmax", "threshold")
@@ -45,10 +45,7 @@ def construct_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt of the reference images")
     parser.add_argument("--scale", type=float, default=0.78, help="IP-Adapter scale of the generated images (the inference setting)")
-    parser.add_argument("--num_inference_steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
+    add_sampling_args(parser)
     parser.add_argument("--seed", type=int, default=42, help="base seed; every image's seed is sha256-derived from (seed, role, sample, k)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per denoising batch (does not change the images)")
     return parser

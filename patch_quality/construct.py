@@ -44,8 +44,7 @@ from PIL import Image
 
 from common.batching import generate_and_save
 from common.checks import require_flags_in_range, require_template_fields
-from common.cli import exit_on_reported_error, quiet_libraries
-from common.distributed import owning_output_dir, process_group_kwargs
+from common.distributed import launch_run, owning_output_dir
 from common.errors import BadInputError
 from common.hub import recorded_name
 from common.images import load_photo, load_rgb_image
@@ -382,10 +381,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    quiet_libraries()
-    accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(args.ddp_timeout)])
-    with exit_on_reported_error("python -m patch_quality.construct"), contextlib.ExitStack() as held:
-        run(args, accelerator, held)
+    accelerator = launch_run("python -m patch_quality.construct", args, run)
     accelerator.print(f"training pairs in {Path(args.output_dir).resolve()}/sample*/")
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from common.distributed import SHARED_STORAGE_FIX, owning_output_dir, process_group_kwargs, require_agreement
 from common.errors import BadInputError
-from common.io import reporting_write_errors
+from common.io import reporting_write_errors, sha256_file
 from common.launch import check_launch, check_mixed_precision
 from common.precision import mixed_precision_dtype
 from common.sampling import EpochSampler
@@ -176,7 +176,8 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
     latent_size = args.resolution // factor
     quality_maps = QualityMaps.load(args.patch_quality_file) if args.loss == "patch_dpo" else None
     pairs = index_pairs(args.data_root_path, quality_maps, args.generated_per_sample, latent_size)
-    check_inputs_on_every_process(accelerator, pairs, quality_maps, args.output_dir, args.dataloader_num_workers)
+    maps_sha256 = sha256_file(quality_maps.path) if quality_maps is not None else None  # checked inputs and run settings
+    check_inputs_on_every_process(accelerator, pairs, quality_maps, maps_sha256, args.output_dir, args.dataloader_num_workers)
     dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
     resume_dir = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     agree_on_resume_state(accelerator, resume_dir)
@@ -209,7 +210,7 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
     announce_plan(args, accelerator, plan, len(pairs))
     scheduler = lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, plan.total_steps)
     accelerator.register_for_checkpointing(scheduler)
-    settings = run_settings(args, pairs, pairs_per_step(args, accelerator), accelerator.mixed_precision, plan.total_steps)
+    settings = run_settings(args, pairs, pairs_per_step(args, accelerator), accelerator.mixed_precision, plan.total_steps, maps_sha256)
     run = TrainingRun(
         args,
         accelerator,

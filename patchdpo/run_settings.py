@@ -74,9 +74,17 @@ def _pairs_digest(pairs: Sequence[TrainingPair]) -> str:
 
 
 def run_settings(
-    args: argparse.Namespace, pairs: Sequence[TrainingPair], pairs_per_step: int, mixed_precision: str, total_steps: int
+    args: argparse.Namespace,
+    pairs: Sequence[TrainingPair],
+    pairs_per_step: int,
+    mixed_precision: str,
+    total_steps: int,
+    quality_maps_sha256: str | None,
 ) -> dict[str, Any]:
-    """What decides this run's updates: its flags (less `_FREE`), the global batch, the data and starting weights by content."""
+    """What decides this run's updates: its flags (less `_FREE`), the global batch, the data and starting weights by content.
+
+    `quality_maps_sha256`: the digest of the maps file the run reads (None without one), hashed once per start by the caller.
+    """
     settings = {name: value for name, value in sorted(vars(args).items()) if name not in _FREE and not name.startswith("validation")}
     for name in ("pretrained_model_name_or_path", "image_encoder_path"):
         settings[name] = recorded_name(settings[name])
@@ -84,7 +92,7 @@ def run_settings(
     settings["pairs_per_step"] = pairs_per_step
     settings["num_pairs"] = len(pairs)
     settings["pairs_sha256"] = _pairs_digest(pairs)
-    settings["quality_maps_sha256"] = sha256_file(args.patch_quality_file) if args.loss == "patch_dpo" else None
+    settings["quality_maps_sha256"] = quality_maps_sha256
     ip_adapter = args.pretrained_ip_adapter_path
     settings["pretrained_ip_adapter_sha256"] = sha256_file(ip_adapter) if ip_adapter and Path(ip_adapter).is_file() else ip_adapter
     if args.lr_scheduler not in _CONSTANT_SCHEDULES:

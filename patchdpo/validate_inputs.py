@@ -28,7 +28,7 @@ from common.checks import require_flags_in_range
 from common.distributed import gather_values
 from common.errors import BadInputError
 from common.images import load_rgb_image
-from common.io import atomic_write_json, sha256_file
+from common.io import atomic_write_json
 from common.outputs import check_output_dir
 from patch_quality.store import GENERATED_SUFFIX, REFERENCE_SUFFIX, QualityMaps
 
@@ -161,12 +161,16 @@ def validate_training_inputs(
 
 
 def check_inputs_on_every_process(
-    accelerator: Accelerator, pairs: Sequence[TrainingPair], quality_maps: QualityMaps | None, output_dir: Path, num_workers: int
+    accelerator: Accelerator,
+    pairs: Sequence[TrainingPair],
+    quality_maps: QualityMaps | None,
+    maps_sha256: str | None,
+    output_dir: Path,
+    num_workers: int,
 ) -> None:
     """Each process checks its share of `pairs`; all stop together on the first problem; the main process records what passed."""
     record = Path(output_dir) / CHECKED_NAME
     started = time.perf_counter()
-    maps_sha256 = sha256_file(quality_maps.path) if quality_maps is not None else None
     mine = validate_training_inputs(
         pairs[accelerator.process_index :: accelerator.num_processes],
         quality_maps,

@@ -32,6 +32,7 @@ from ip_adapter import load_ip_adapter_checkpoint
 from patchdpo.training import ADAPTER_STATE_NAME
 from patchdpo.validate_inputs import CHECKED_NAME
 from stand_ins.pairs import save_pair_data
+from tests.kit.torchrun_train import replaced
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ("mse", "patch_dpo", "image_dpo")
@@ -165,14 +166,6 @@ def test_the_tolerance_separates_a_different_draw(one_process):
 # What each of the 2 processes does
 
 
-def replaced(two_process: Path, name: str) -> dict[int, list[str]]:
-    """Per rank, the paths it moved into place during run `name`."""
-    record = two_process / "record" / name
-    return {
-        rank: (record / f"rank{rank}.replaced").read_text().split() if (record / f"rank{rank}.replaced").exists() else [] for rank in (0, 1)
-    }
-
-
 @pytest.mark.parametrize("name", [*LOSSES, "cached", "killed", "resumed"])
 def test_both_ranks_hold_the_same_adapter_after_every_optimizer_step(two_process, name):
     record = two_process / "record" / name
@@ -188,7 +181,7 @@ def test_both_ranks_hold_the_same_adapter_after_every_optimizer_step(two_process
 
 def test_each_checkpoint_is_written_once_completely_by_the_main_process(two_process):
     out = two_process / "out" / "patch_dpo"
-    writes = replaced(two_process, "patch_dpo")
+    writes = replaced(two_process / "record", "patch_dpo")
     assert not [path for path in writes[1] if "checkpoint-" in path]
     for step in (CHECKPOINT_EVERY, STEPS):
         checkpoint = out / f"checkpoint-{step}"
@@ -232,7 +225,7 @@ def test_sigterm_to_one_rank_saves_the_next_step_on_all_and_resumes_exactly(two_
 
 
 def test_the_feature_cache_is_built_once_and_read_by_both_ranks(two_process):
-    writes = replaced(two_process, "cached")
+    writes = replaced(two_process / "record", "cached")
     cache_files = [path for rank in (0, 1) for path in writes[rank] if path.endswith(".safetensors") and "/cache/" in path]
     assert len(cache_files) == len(set(cache_files)) == NUM_PAIRS + 1  # one file per sample, plus the null entry
     assert {Path(path).name for path in writes[1] if "/cache/" in path}  # the build is shared between the ranks

@@ -30,6 +30,7 @@ from patch_quality import construct, maps
 from patch_quality.maps import PARTS_DIR_NAME
 from patch_quality.store import QualityMaps
 from stand_ins.pairs import save_pair_data
+from tests.kit.torchrun_train import replaced
 from tests.test_inference_dreambooth import TOLERANCE, generated_images, max_difference, script_args
 from tests.test_train_distributed import (
     CHECKPOINT_EVERY,
@@ -105,12 +106,6 @@ def launch_two_nodes(spec: dict, spec_path: Path, cwds: tuple[Path, Path] = (ROO
         log.close()
     assert None not in ended, "a node hung: " + " | ".join(result["output"][-3000:] for result in results)
     return results
-
-
-def replaced(record: Path, name: str) -> dict[int, list[str]]:
-    """Per rank, the paths it moved into place during run `name` (tests/kit/torchrun_train.py)."""
-    logs = {rank: record / name / f"rank{rank}.replaced" for rank in (0, 1)}
-    return {rank: log.read_text().splitlines() if log.exists() else [] for rank, log in logs.items()}
 
 
 def exits(record: Path, name: str) -> list[str | None]:

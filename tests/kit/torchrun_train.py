@@ -38,6 +38,12 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import patchdpo.loop
 
 
+def replaced(record_dir: Path, name: str, ranks: int = 2) -> dict[int, list[str]]:
+    """Per rank, the paths it moved into place during run `name` (read back from `rank{r}.replaced`)."""
+    logs = {rank: Path(record_dir) / name / f"rank{rank}.replaced" for rank in range(ranks)}
+    return {rank: log.read_text().splitlines() if log.exists() else [] for rank, log in logs.items()}
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ["RANK"])
