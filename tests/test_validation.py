@@ -103,17 +103,23 @@ def test_validation_samples_with_the_training_unet_and_holds_no_second_one(
     """The UNet parameters alive while validation samples are those of the one UNet being trained, with --cache_dir too."""
     import gc
     import warnings
+    import weakref
 
     from diffusers import UNet2DConditionModel
 
     from dreambench.validation import TrainingValidation
 
+    def live_unets() -> list[UNet2DConditionModel]:
+        gc.collect()  # a UNet an earlier test left in an uncollected reference cycle is not alive
+        with warnings.catch_warnings():  # isinstance on every live object touches deprecated module attributes
+            warnings.simplefilter("ignore", FutureWarning)
+            return [obj for obj in gc.get_objects() if isinstance(obj, UNet2DConditionModel)]
+
+    held_before_training = weakref.WeakSet(live_unets())  # e.g. held by another test's fixture: not this run's
     real, seen = TrainingValidation._generate, []
 
     def counting(self):
-        with warnings.catch_warnings():  # isinstance on every live object touches deprecated module attributes
-            warnings.simplefilter("ignore", FutureWarning)
-            unets = [obj for obj in gc.get_objects() if isinstance(obj, UNet2DConditionModel)]
+        unets = [unet for unet in live_unets() if unet not in held_before_training]
         seen.append((len(unets), sum(p.numel() for unet in unets for p in unet.parameters()), self.model.pipe.unet.training))
         return real(self)
 
