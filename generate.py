@@ -20,9 +20,9 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.checks import require_flags_in_range, require_sdxl_image_size
+from common.checks import require_flags_in_range, require_sampling_args
 from common.cli import ArgumentParser
-from common.flags import add_ddp_timeout_arg, add_metric_model_args, add_sampling_args, add_speed_args, scoring_requested
+from common.flags import add_ddp_timeout_arg, add_metric_model_args, add_sampling_args, add_speed_args, sampling_settings, scoring_requested
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -69,9 +69,9 @@ def check_args(args: argparse.Namespace) -> None:
     from dreambench.metrics import resolve_clip_checkpoint
     from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir
 
-    require_flags_in_range(args, ("num_images", "num_inference_steps", "height", "width", "batch_size"), minimum=1)
+    require_flags_in_range(args, ("num_images", "batch_size"), minimum=1)
     require_flags_in_range(args, ("scale",), minimum=0)
-    require_sdxl_image_size(args)
+    require_sampling_args(args)
     check_output_dir(args.output_dir)
     check_sdxl_dir(args.base_model_path)
     check_image_encoder_dir(args.image_encoder_path)
@@ -151,13 +151,10 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
             references,
             args.output_dir,
             args.batch_size,
-            args.num_inference_steps,
             scale=args.scale,
             share=accelerator.split_between_processes,
             position=accelerator.process_index,
-            guidance_scale=args.guidance_scale,
-            height=args.height,
-            width=args.width,
+            **sampling_settings(args),
         )
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

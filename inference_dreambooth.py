@@ -18,7 +18,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.checks import require_flags_in_range, require_sdxl_image_size
+from common.checks import require_flags_in_range, require_sampling_args
 from common.cli import ArgumentParser, str2bool
 from common.errors import BadInputError
 from common.flags import (
@@ -27,6 +27,7 @@ from common.flags import (
     add_metric_model_args,
     add_sampling_args,
     add_speed_args,
+    sampling_settings,
     scoring_requested,
 )
 
@@ -79,10 +80,9 @@ def check_args(args: argparse.Namespace) -> None:
     from dreambench.metrics import resolve_clip_checkpoint
     from ip_adapter.loading import check_generator_paths
 
-    require_flags_in_range(args, ("num_inference_steps", "height", "width", "batch_size", "prompts_per_subject"), minimum=1)
-    require_sdxl_image_size(args)
+    require_flags_in_range(args, ("batch_size", "prompts_per_subject"), minimum=1)
+    require_sampling_args(args)
     require_flags_in_range(args, ("scale",), minimum=0)
-    require_flags_in_range(args, ("guidance_scale",))
     check_output_dir(args.output_dir)
     if scoring_requested(args):  # fail now rather than after hours of generation
         resolve_clip_checkpoint(args.clip_model)
@@ -161,12 +161,9 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
                 shard,
                 args.output_dir,
                 args.batch_size,
-                args.num_inference_steps,
                 scale=args.scale,
                 progress_position=accelerator.process_index,
-                guidance_scale=args.guidance_scale,
-                height=args.height,
-                width=args.width,
+                **sampling_settings(args),
             )
     accelerator.wait_for_everyone()
 

@@ -33,8 +33,10 @@ def require_flags_in_range(
         require_in_range(f"--{name}", getattr(args, name), minimum, maximum)
 
 
-def require_sdxl_image_size(args: argparse.Namespace) -> None:
-    """`--height` and `--width` are multiples of 8, as SDXL's VAE and UNet need."""
+def require_sampling_args(args: argparse.Namespace) -> None:
+    """The flags of `common.flags.add_sampling_args`: steps and sizes >= 1, a finite guidance, sizes multiples of 8 (SDXL's VAE and UNet)."""
+    require_flags_in_range(args, ("num_inference_steps", "height", "width"), minimum=1)
+    require_flags_in_range(args, ("guidance_scale",))
     for name in ("height", "width"):
         if getattr(args, name) % 8:
             raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")

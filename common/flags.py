@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from common.cli import str2bool
 
@@ -117,6 +118,11 @@ def add_sampling_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     parser.add_argument("--guidance_scale", type=float, default=5.0)
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
+
+
+def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of `add_sampling_args`' flags, named as the SDXL pipeline's keyword arguments."""
+    return {name: getattr(args, name) for name in ("num_inference_steps", "guidance_scale", "height", "width")}
 
 
 def add_speed_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

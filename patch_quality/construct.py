@@ -43,9 +43,10 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from common.batching import generate_and_save
-from common.checks import require_flags_in_range, require_template_fields
+from common.checks import require_flags_in_range, require_sampling_args, require_template_fields
 from common.distributed import launch_run, owning_output_dir
 from common.errors import BadInputError
+from common.flags import sampling_settings
 from common.hub import recorded_name
 from common.images import load_photo, load_rgb_image
 from common.io import atomic_save_image, atomic_write_json, remove_stale_temp_files, sha256_file
@@ -247,9 +248,9 @@ def _given_references(args: argparse.Namespace) -> list[dict[str, str]] | None:
         args.num_samples = len(given)
     elif args.num_samples is None:
         raise BadInputError("--num_samples is required (or pass --reference_images)")
-    require_flags_in_range(args, ("num_samples", "num_generated", "num_inference_steps", "height", "width", "batch_size"), minimum=1)
+    require_flags_in_range(args, ("num_samples", "num_generated", "batch_size"), minimum=1)
     require_flags_in_range(args, ("scale",), minimum=0)
-    require_flags_in_range(args, ("guidance_scale",))
+    require_sampling_args(args)
     require_template_fields("--reference_template", args.reference_template, ["object"])
     check_generator_paths(args)
     check_output_dir(args.output_dir)
@@ -264,10 +265,7 @@ def _settings(args: argparse.Namespace, dtype: torch.dtype, given: list[dict[str
         "ip_ckpt": recorded_name(args.ip_ckpt),
         "ip_ckpt_sha256": sha256_file(check_ip_ckpt(args.ip_ckpt)),
         "scale": args.scale,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
-        "height": args.height,
-        "width": args.width,
+        **sampling_settings(args),
         "seed": args.seed,
         "negative_prompt_reference": args.negative_prompt,
         "negative_prompt_generated": DEFAULT_NEGATIVE_PROMPT,
@@ -296,12 +294,9 @@ def _make_references(
                 shard,
                 args.output_dir,
                 args.batch_size,
-                args.num_inference_steps,
-                args.negative_prompt,
-                accelerator.process_index,
-                guidance_scale=args.guidance_scale,
-                height=args.height,
-                width=args.width,
+                negative_prompt=args.negative_prompt,
+                position=accelerator.process_index,
+                **sampling_settings(args),
             )
 
 
@@ -324,12 +319,9 @@ def _make_generated(
             shard,
             args.output_dir,
             args.batch_size,
-            args.num_inference_steps,
-            accelerator.process_index,
+            position=accelerator.process_index,
             scale=args.scale,
-            guidance_scale=args.guidance_scale,
-            height=args.height,
-            width=args.width,
+            **sampling_settings(args),
         )
 
 

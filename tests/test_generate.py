@@ -158,7 +158,10 @@ def test_bad_inputs_are_one_line_before_any_model_loads(tiny_models, photos, tmp
     boxes.write_text(json.dumps({"front.png": [0, 0, 500, 500]}))
     message = bad_input_message(generate.main, generate_argv(tiny_models, photos, tmp_path / "c", "--prompts", "x", "--boxes", str(boxes)))
     assert "front.png" in message and "not inside" in message
-    assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
+    for flag, value, expected in (("--height", "36", "multiple of 8"), ("--guidance_scale", "nan", "finite")):
+        message = bad_input_message(generate.main, generate_argv(tiny_models, photos, tmp_path / "d", "--prompts", "x", flag, value))
+        assert flag in message and expected in message
+    assert not any((tmp_path / name).exists() for name in ("a", "b", "c", "d"))
 
 
 def test_every_checkpoint_gets_the_same_noise(tiny_models, photos, tmp_path):

@@ -233,3 +233,12 @@ def test_an_unreadable_or_tiny_photo_is_one_line_before_any_model_loads(tmp_path
         message = bad_input_message(main, argv)
         assert name in message and expected in message
         assert not (tmp_path / "DATA").exists()
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [("--height", "36", "multiple of 8"), ("--guidance_scale", "inf", "finite")])
+def test_sampling_flags_the_pipeline_would_refuse_are_one_line_before_any_model_loads(tmp_path, tiny_models, flag, value, expected):
+    argv = ["--base_model_path", str(tiny_models.sdxl_dir), "--image_encoder_path", str(tiny_models.image_encoder_dir)]
+    argv += ["--ip_ckpt", str(tiny_models.ip_ckpt), "--output_dir", str(tmp_path / "DATA"), "--num_samples", "1", flag, value]
+    message = bad_input_message(main, argv)
+    assert flag in message and expected in message
+    assert not (tmp_path / "DATA").exists()
