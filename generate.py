@@ -82,11 +82,10 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
-    from common.distributed import owning_output_dir
     from common.hub import resolve_file
-    from common.io import atomic_write_json, remove_stale_temp_files, sha256_file
+    from common.io import atomic_write_json, sha256_file
     from common.launch import check_launch
-    from dreambench.run_config import GENERATION_KEYS, check_resumable, make_run_config, write_run_config
+    from dreambench.run_config import GENERATION_KEYS, check_resumable, make_run_config, start_in_output_dir
     from dreambench.your_subject import (
         SHEETS_DIR,
         build_jobs,
@@ -136,11 +135,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     model = (
         load_generation_model(args.base_model_path, args.image_encoder_path, checkpoints[0], accelerator.device, dtype) if pending else None
     )
-    held.enter_context(owning_output_dir(accelerator, args.output_dir))
-    if accelerator.is_main_process:
-        remove_stale_temp_files(args.output_dir, [*labels, SHEETS_DIR])
-        write_run_config(args.output_dir, config)
-    accelerator.wait_for_everyone()
+    start_in_output_dir(accelerator, held, args.output_dir, [*labels, SHEETS_DIR], config)
     if model is not None:
         apply_speed_args(args, model.pipe.unet, accelerator.print)
         generate_jobs(

@@ -95,16 +95,15 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
     """Generate and score; the output folder is claimed into `held` once inputs and models are checked (released when it closes)."""
     # Imported here, not at the top: --help must not wait for torch and diffusers.
-    from common.distributed import owning_output_dir
     from common.hub import resolve_file
-    from common.io import remove_stale_temp_files, sha256_file
+    from common.io import sha256_file
     from common.launch import check_launch
     from dreambench.benchmark import prompts_for, resolve_subjects
     from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
     from dreambench.data import check_boxes_inside_photos, load_conditioning_images, reference_photos
     from dreambench.evaluation import SCORE_FILE, format_score_table, score_generations, write_scores
     from dreambench.generation import build_items, generate_items, pending_items
-    from dreambench.run_config import check_resumable, make_run_config, write_run_config
+    from dreambench.run_config import check_resumable, make_run_config, start_in_output_dir
     from ip_adapter.batch_generation import SubjectTokens
     from ip_adapter.loading import dtype_name, load_generation_model, resolve_dtype
     from ip_adapter.speed import apply_speed_args
@@ -138,19 +137,11 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
         f"{len(items) - len(pending)}/{len(items)} images exist, generating {len(pending)} on "
         f"{accelerator.num_processes} process(es) in {dtype_name(dtype)}, scale {args.scale}"
     )
-    # Load before claiming the folder: a bad checkpoint must not leave a run_config.json behind
-    # that would then refuse the corrected command.
     ip_model = None
     if pending:
         ip_model = load_generation_model(args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype)
         apply_speed_args(args, ip_model.pipe.unet, accelerator.print)
-    held.enter_context(owning_output_dir(accelerator, args.output_dir))
-    if accelerator.is_main_process:
-        removed = remove_stale_temp_files(args.output_dir, [*subjects, GRIDS_DIR])
-        if removed:
-            print(f"removed {len(removed)} unfinished file(s) left by an interrupted run")
-        write_run_config(args.output_dir, config)
-    accelerator.wait_for_everyone()
+    start_in_output_dir(accelerator, held, args.output_dir, [*subjects, GRIDS_DIR], config)
 
     if ip_model is not None:
         tokens = SubjectTokens(ip_model, load_references)

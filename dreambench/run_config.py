@@ -8,19 +8,24 @@ whose generation settings differ from the recorded ones is refused instead of re
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import diffusers
 import torch
 import transformers
 
+from common.distributed import owning_output_dir
 from common.errors import BadInputError
 from common.hub import recorded_name
-from common.io import atomic_write_json
+from common.io import atomic_write_json, remove_stale_temp_files
 from common.recorded_settings import read_recorded, refuse_other_settings
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 RUN_CONFIG_NAME = "run_config.json"
 # Model arguments that arrive as plain strings (a model name or a path); Path-typed ones are recorded the same way.
@@ -81,3 +86,20 @@ def check_resumable(output_dir: str | os.PathLike, config: Mapping[str, Any], ke
 
 def write_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -> Path:
     return atomic_write_json(run_config_path(output_dir), dict(config))
+
+
+def start_in_output_dir(
+    accelerator: Accelerator, held: contextlib.ExitStack, output_dir: Path, image_folders: Iterable[str], config: Mapping[str, Any]
+) -> None:
+    """Claim the folder for this run (released when `held` closes), drop what an interrupted run left half-written, record the settings.
+
+    Called once the inputs are checked and the model is loaded, so a bad command leaves no
+    `run_config.json` behind that would then refuse the corrected one; every process waits for it.
+    """
+    held.enter_context(owning_output_dir(accelerator, output_dir))
+    if accelerator.is_main_process:
+        removed = remove_stale_temp_files(output_dir, image_folders)
+        if removed:
+            print(f"removed {len(removed)} unfinished file(s) left by an interrupted run", flush=True)
+        write_run_config(output_dir, config)
+    accelerator.wait_for_everyone()
