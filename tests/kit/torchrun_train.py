@@ -76,6 +76,7 @@ def main(spec_path: str) -> None:
         (state["dir"] / f"rank{rank}").mkdir(parents=True, exist_ok=True)
         hidden = run.get("hide_resume_on_rank") == rank
         patchdpo.loop.find_resume_checkpoint = (lambda *args: None) if hidden else real_find_resume
+        AcceleratorState._reset_state()  # each run picks its own mixed precision; the process group (PartialState) stays
         try:
             importlib.import_module(run.get("script", "train_patchdpo")).main(run["argv"])
         except SystemExit as stopped:
