@@ -130,14 +130,33 @@ def score_images(
     batch_size: int,
 ) -> dict[str, float]:
     """The metrics of in-memory generations (one per prompt), as `score_subject` (also used during training)."""
+    return {
+        **clip_scores(prompts, images, references, clip_model, clip_preprocess, batch_size),
+        "dino_score": dino_score(images, references, dino_model, batch_size),
+    }
+
+
+def clip_scores(
+    prompts: list[str],
+    images: list[Image.Image],
+    references: list[Image.Image],
+    clip_model: torch.nn.Module,
+    clip_preprocess: CLIPPreprocess,
+    batch_size: int,
+) -> dict[str, float]:
+    """CLIP-T (each generation against its prompt) and CLIP-I (against the references): the two metrics of the CLIP model."""
     image_clip = clip_image_features(clip_model, clip_preprocess, images, batch_size)
     return {
         "clipt_score": mean_matched_cosine(image_clip, clip_text_features(clip_model, prompts, batch_size)),
         "clipi_score": mean_pairwise_cosine(image_clip, clip_image_features(clip_model, clip_preprocess, references, batch_size)),
-        "dino_score": mean_pairwise_cosine(
-            dino_image_features(dino_model, images, batch_size), dino_image_features(dino_model, references, batch_size)
-        ),
     }
+
+
+def dino_score(images: list[Image.Image], references: list[Image.Image], dino_model: torch.nn.Module, batch_size: int) -> float:
+    """DINO: the mean cosine of the generations' and the references' DINO features."""
+    return mean_pairwise_cosine(
+        dino_image_features(dino_model, images, batch_size), dino_image_features(dino_model, references, batch_size)
+    )
 
 
 def _mean_scores(per_subject: list[dict[str, Any]]) -> dict[str, float] | None:
