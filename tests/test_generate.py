@@ -180,17 +180,20 @@ def same_names(tmp_path) -> tuple[Path, Path]:
     return first, second
 
 
-def test_photos_with_one_name_are_two_photos_and_a_changed_one_makes_the_subject_again(tiny_models, same_names, tmp_path, capsys):
+def test_photos_with_one_name_are_two_photos_and_a_changed_one_makes_the_subject_again(
+    tiny_models, same_names, tiny_dino_dir, tmp_path, capsys
+):
     first, second = same_names
     out = tmp_path / "out"
     argv = generate_argv(tiny_models, (first, second), out, "--prompts", "a toy", "--num_inference_steps", "1")
-    generate.main(argv)
-    before = _images(out)
+    generate.main([*argv, "--prompts", "a toy", "a cat", "--dino_model", str(tiny_dino_dir)])
+    before = {name: image for name, image in _images(out).items() if "a cat" not in name}
     _subject().rotate(180).save(first)  # the same file name, another photo
     capsys.readouterr()
     generate.main(argv)
     printed = capsys.readouterr().out
     assert f"{first}: other content" in printed and "making all 2 images again" in printed
+    assert not (out / generate.SCORES_NAME).exists() and not list(out.rglob("a cat*"))  # made from the old photo: gone
     fresh = tmp_path / "fresh"
     generate.main([*argv[: argv.index("--output_dir") + 1], str(fresh), *argv[argv.index("--output_dir") + 2 :]])
     after = _images(out)
@@ -253,3 +256,6 @@ def test_metric_models_are_checked_before_the_first_image(tiny_models, photos, t
     ):
         assert culprit in bad_input_message(generate.main, [*argv, *models])
         assert not out.exists()
+    (out / generate.SCORES_NAME).mkdir(parents=True)
+    assert generate.SCORES_NAME in bad_input_message(generate.main, [*argv, "--dino_model", str(tiny_dino_dir)])
+    assert [path.name for path in out.iterdir()] == [generate.SCORES_NAME]
