@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from ip_adapter.loading import load_generation_model
 from tests.kit.cli import bad_input_message
 
 SIZE = 32
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _subject(flip: bool = False) -> Image.Image:
@@ -259,3 +263,31 @@ def test_metric_models_are_checked_before_the_first_image(tiny_models, photos, t
     (out / generate.SCORES_NAME).mkdir(parents=True)
     assert generate.SCORES_NAME in bad_input_message(generate.main, [*argv, "--dino_model", str(tiny_dino_dir)])
     assert [path.name for path in out.iterdir()] == [generate.SCORES_NAME]
+
+
+def test_two_processes_make_a_changed_subject_again_and_stop_together_on_a_bad_metric_model(
+    tiny_models, same_names, tiny_dino_dir, tmp_path
+):
+    """The main process removes the old images before any process writes; a model only the main process loads stops both."""
+    first, second = same_names
+    out = tmp_path / "out"
+    argv = generate_argv(tiny_models, (first, second), out, "--prompts", "a toy", "--num_inference_steps", "1", "--batch_size", "1")
+    generate.main(argv)
+    _subject().rotate(180).save(first)
+    fresh = tmp_path / "fresh"
+    generate.main([*argv[: argv.index("--output_dir") + 1], str(fresh), *argv[argv.index("--output_dir") + 2 :]])
+
+    def torchrun(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "generate.py")]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([*command, *argv, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    result = torchrun("--dino_model", str(tiny_dino_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("making all 2 images again") == 1 and json.loads((out / generate.SCORES_NAME).read_text())
+    assert _images(out).keys() == _images(fresh).keys()
+    assert all(np.array_equal(image, _images(fresh)[name]) for name, image in _images(out).items())  # batch 1 both ways: bit-identical
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    result = torchrun("--clip_model", str(garbage))
+    assert result.returncode != 0 and "not an OpenAI CLIP checkpoint" in result.stderr, result.stderr[-3000:]
