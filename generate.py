@@ -102,7 +102,7 @@ def check_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
     from common.distributed import check_on_main
     from common.hub import resolve_file
-    from common.io import atomic_write_json, sha256_file
+    from common.io import sha256_file
     from common.launch import check_launch
     from dreambench.metrics import check_metric_models
     from dreambench.run_config import GENERATION_KEYS, check_resumable, make_run_config, read_run_config, start_in_output_dir
@@ -144,7 +144,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
         dtype=dtype_name(dtype),
         num_processes=accelerator.num_processes,
     )
-    check_resumable(args.output_dir, config, (*GENERATION_KEYS, "checkpoint_labels"))
+    check_resumable(args.output_dir, config, (*GENERATION_KEYS, "checkpoint_labels"))  # the photos are compared below, not refused
     recorded = read_run_config(args.output_dir)
     changes = [] if recorded is None else subject_changes(recorded.get("photos"), photos)
     pending = list(jobs) if changes else [job for job in jobs if not job.path(args.output_dir).is_file()]
@@ -178,11 +178,19 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
         return
     sheets = write_sheets(args.output_dir, labels, prompts, args.num_images)
     if args.clip_model is not None or args.dino_model is not None:
-        scores = score_checkpoints(args.output_dir, jobs, photos, args.clip_model, args.dino_model, accelerator.device)
-        for label, row in scores.items():
-            print(f"{label}: " + ", ".join(f"{key} {value:.4f}" for key, value in row.items()), flush=True)
-        atomic_write_json(args.output_dir / SCORES_NAME, scores)
+        write_scores(
+            args.output_dir, score_checkpoints(args.output_dir, jobs, photos, args.clip_model, args.dino_model, accelerator.device)
+        )
     print(f"images in {args.output_dir.resolve()}/<checkpoint>/, side-by-side sheets in {sheets[0].parent}")
+
+
+def write_scores(output_dir: Path, scores: dict[str, dict[str, float]]) -> None:
+    """Print each checkpoint's scores and keep them in `scores.json`."""
+    from common.io import atomic_write_json
+
+    for label, row in scores.items():
+        print(f"{label}: " + ", ".join(f"{key} {value:.4f}" for key, value in row.items()), flush=True)
+    atomic_write_json(output_dir / SCORES_NAME, scores)
 
 
 def start_afresh(output_dir: Path, folders: list[str], changes: list[str], count: int) -> None:

@@ -3,7 +3,8 @@
 A user's photos are loaded as they see them (`common.images.load_photo`), optionally cropped to a
 box, and padded to a white square as DreamBench's conditioning images are; several photos are
 averaged into one subject. Photos are known by path and content (`Photo`): two `1.jpg` in two
-folders are two photos, and a photo or box that changed makes the subject, so all its images, again. Every (checkpoint, prompt, image) gets its own seed from (seed, prompt,
+folders are two photos, and a changed photo or box is another subject, whose images are all made
+again (`subject_changes`). Every (checkpoint, prompt, image) gets its own seed from (seed, prompt,
 image index), the same for every checkpoint, so a side-by-side sheet compares checkpoints on the
 same noise.
 """
@@ -144,7 +145,7 @@ def subject_changes(recorded: Any, photos: Sequence[Photo]) -> list[str]:
     """
     now = [photo.record() for photo in photos]
     if not (isinstance(recorded, list) and all(isinstance(entry, dict) for entry in recorded)):
-        return ["not recorded by path and content"]
+        return ["the earlier photos were not recorded by path and content"]
     if [(entry.get("sha256"), entry.get("box")) for entry in recorded] == [(entry["sha256"], entry["box"]) for entry in now]:
         return []
     before = {entry.get("path"): entry for entry in recorded}
