@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common.checks import require_flags_in_range
 from common.cli import ArgumentParser, fail, quiet_libraries, str2bool
-from common.errors import ReportedError
+from common.errors import BadInputError, ReportedError
 from common.flags import add_evaluation_args
 from dreambench.benchmark import resolve_subjects
 
@@ -39,10 +39,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
 
 
 def apply_recorded_defaults(args: argparse.Namespace) -> list[str]:
-    """Fill unset --subjects/--is_kosmosg (and --allow_partial for a --prompts_per_subject run) from run_config.json."""
-    from dreambench.run_config import read_run_config
+    """Fill unset --subjects/--is_kosmosg (and --allow_partial for a --prompts_per_subject run) from run_config.json.
+
+    A setting is how the images were made (the references they were conditioned on, the scale), so
+    an --is_kosmosg other than the recorded one is refused rather than scored against the wrong photos.
+    """
+    from dreambench.run_config import read_run_config, run_config_path
 
     recorded = read_run_config(args.output_dir) or {}
+    if args.is_kosmosg is not None and "is_kosmosg" in recorded and args.is_kosmosg != bool(recorded["is_kosmosg"]):
+        raise BadInputError(
+            f"--is_kosmosg {args.is_kosmosg}: {run_config_path(args.output_dir)} says these images were made with --is_kosmosg "
+            f"{bool(recorded['is_kosmosg'])}; leave --is_kosmosg out to score them in their setting"
+        )
     taken = []
     if args.subjects is None and recorded.get("subjects"):
         args.subjects, taken = recorded["subjects"], [*taken, "subjects"]

@@ -8,8 +8,11 @@
 Several photos are averaged into one subject (DreamBench's original setting); each is padded to a
 white square, or cropped first to its box from `--boxes`. With several `--ip_ckpt`, every image is
 made with each checkpoint on the same noise and `sheets/` holds one side-by-side sheet per prompt
-(a column per checkpoint). Rerunning the same command resumes; `--clip_model`/`--dino_model` score
-each checkpoint against your photos (CLIP-T against the prompts) as DreamBench does. Launch with
+(a column per checkpoint). Rerunning the same command resumes; the photos are recorded by path,
+content and box, and since every image averages all of them, a changed, added or removed photo or
+box makes every image again (moved or renamed photos change nothing). `--clip_model` scores each
+checkpoint's CLIP-T (against the prompts) and CLIP-I, `--dino_model` its DINO (against your
+photos), as DreamBench does; each model is loaded once before the first image. Launch with
 `accelerate launch` or `torchrun` to share the images between processes.
 """
 
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from common.checks import require_flags_in_range, require_sampling_args
 from common.cli import ArgumentParser
-from common.flags import add_ddp_timeout_arg, add_metric_model_args, add_sampling_args, add_speed_args, sampling_settings, scoring_requested
+from common.flags import PAPER_CLIP_MODEL, PAPER_DINO_MODEL, add_ddp_timeout_arg, add_sampling_args, add_speed_args, sampling_settings
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -46,7 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="default: fp16 on CUDA, else fp32")
     subject = parser.add_argument_group("your subject and prompts")
     subject.add_argument("--reference_images", nargs="+", required=True, help="photo files and/or folders of photos of one subject")
-    subject.add_argument("--boxes", type=Path, default=None, help='JSON {"photo.jpg": [x0, y0, x1, y1]} in pixels (default: whole photos)')
+    subject.add_argument(
+        "--boxes",
+        type=Path,
+        default=None,
+        help='JSON {"photos/1.jpg": [x0, y0, x1, y1]} in pixels, keyed by photo path (or by file name when no other photo has it); '
+        "default: whole photos",
+    )
     subject.add_argument("--prompts", nargs="+", default=[], help="prompts, e.g. 'a dog on the beach'")
     subject.add_argument("--prompts_file", type=Path, default=None, help="text file, one prompt per line")
     sampling = parser.add_argument_group("sampling")
@@ -58,15 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", type=Path, required=True, help="folder to create or resume")
     add_speed_args(parser)
     add_ddp_timeout_arg(parser)
-    scoring = parser.add_argument_group("scoring against your photos (as evaluate_dreambooth.py)")
-    add_metric_model_args(scoring, optional_use="score each checkpoint's images against your photos")
+    scoring = parser.add_argument_group(
+        "scoring against your photos (as evaluate_dreambooth.py): each model scores its own metrics, none given: no scores"
+    )
+    scoring.add_argument(
+        "--clip_model",
+        default=None,
+        help=f"scores CLIP-T (against the prompts) and CLIP-I: openai-clip name (e.g. {PAPER_CLIP_MODEL}, the paper's; fetched as "
+        "clip.load does, ~/.cache/clip) or local .pt file",
+    )
+    scoring.add_argument(
+        "--dino_model", default=None, help=f"scores DINO: DINO ViT-S/16 folder or Hugging Face id (e.g. {PAPER_DINO_MODEL}, the paper's)"
+    )
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Numbers, sizes and paths before any model loads."""
-    from common.outputs import check_output_dir
-    from dreambench.metrics import resolve_clip_checkpoint
+    from common.outputs import check_output_dir, check_output_file
     from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir
 
     require_flags_in_range(args, ("num_images", "batch_size"), minimum=1)
@@ -77,25 +95,27 @@ def check_args(args: argparse.Namespace) -> None:
     check_image_encoder_dir(args.image_encoder_path)
     for checkpoint in args.ip_ckpt:
         check_ip_ckpt(checkpoint)
-    if scoring_requested(args):
-        resolve_clip_checkpoint(args.clip_model)
+    if args.clip_model is not None or args.dino_model is not None:
+        check_output_file(args.output_dir / SCORES_NAME, "--output_dir")
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+    from common.distributed import check_on_main
     from common.hub import resolve_file
-    from common.io import atomic_write_json, sha256_file
+    from common.io import sha256_file
     from common.launch import check_launch
-    from dreambench.run_config import GENERATION_KEYS, check_resumable, make_run_config, start_in_output_dir
+    from dreambench.metrics import check_metric_models
+    from dreambench.run_config import GENERATION_KEYS, check_resumable, make_run_config, read_run_config, start_in_output_dir
     from dreambench.your_subject import (
         SHEETS_DIR,
         build_jobs,
         checkpoint_labels,
         conditioning_images,
-        find_photos,
         generate_jobs,
-        load_boxes,
+        read_photos,
         read_prompts,
         score_checkpoints,
+        subject_changes,
         write_sheets,
     )
     from ip_adapter.checkpoint import load_ip_adapter_checkpoint
@@ -104,10 +124,10 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
 
     check_launch(accelerator.num_processes, "generate.py")
     check_args(args)
+    check_on_main(accelerator, lambda: check_metric_models(args.clip_model, args.dino_model))  # only the main process scores
     prompts = read_prompts(args.prompts, args.prompts_file)
-    photos = find_photos(args.reference_images)
-    boxes = load_boxes(args.boxes)
-    references = conditioning_images(photos, boxes)  # every photo decoded: a bad one fails before the models
+    photos = read_photos(args.reference_images, args.boxes)
+    references = conditioning_images(photos)  # every photo decoded: a bad one fails before the models
     checkpoints = [resolve_file(path, "--ip_ckpt") for path in args.ip_ckpt]
     for checkpoint in checkpoints:
         load_ip_adapter_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before SDXL loads
@@ -117,16 +137,17 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     config = make_run_config(
         {key: value for key, value in vars(args).items() if key not in ("reference_images", "ip_ckpt", "boxes")},
         ip_ckpt_sha256=[sha256_file(path) for path in checkpoints],
-        photo_sha256={photo.name: sha256_file(photo) for photo in photos},
-        boxes={name: list(box) for name, box in boxes.items()},
+        photos=[photo.record() for photo in photos],
         checkpoint_labels=labels,
         data_root=None,
         is_kosmosg=False,
         dtype=dtype_name(dtype),
         num_processes=accelerator.num_processes,
     )
-    check_resumable(args.output_dir, config, (*GENERATION_KEYS, "photo_sha256", "boxes", "checkpoint_labels"))
-    pending = [job for job in jobs if not job.path(args.output_dir).is_file()]
+    check_resumable(args.output_dir, config, (*GENERATION_KEYS, "checkpoint_labels"))  # the photos are compared below, not refused
+    recorded = read_run_config(args.output_dir)
+    changes = [] if recorded is None else subject_changes(recorded.get("photos"), photos)
+    pending = list(jobs) if changes else [job for job in jobs if not job.path(args.output_dir).is_file()]
     accelerator.wait_for_everyone()  # every process lists the same pending images before any is written
     accelerator.print(
         f"{len(jobs) - len(pending)}/{len(jobs)} images exist: {len(prompts)} prompt(s) x {args.num_images} x "
@@ -135,7 +156,8 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     model = (
         load_generation_model(args.base_model_path, args.image_encoder_path, checkpoints[0], accelerator.device, dtype) if pending else None
     )
-    start_in_output_dir(accelerator, held, args.output_dir, [*labels, SHEETS_DIR], config)
+    drop_outdated = (lambda: start_afresh(args.output_dir, [*labels, SHEETS_DIR], changes, len(jobs))) if changes else None
+    start_in_output_dir(accelerator, held, args.output_dir, [*labels, SHEETS_DIR], config, drop_outdated)
     if model is not None:
         apply_speed_args(args, model.pipe.unet, accelerator.print)
         generate_jobs(
@@ -155,12 +177,35 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     if not accelerator.is_main_process:
         return
     sheets = write_sheets(args.output_dir, labels, prompts, args.num_images)
-    if args.clip_model is not None:
-        scores = score_checkpoints(args.output_dir, jobs, photos, args.clip_model, args.dino_model, accelerator.device)
-        for label, row in scores.items():
-            print(f"{label}: " + ", ".join(f"{key} {value:.4f}" for key, value in row.items()), flush=True)
-        atomic_write_json(args.output_dir / SCORES_NAME, scores)
+    if args.clip_model is not None or args.dino_model is not None:
+        write_scores(
+            args.output_dir, score_checkpoints(args.output_dir, jobs, photos, args.clip_model, args.dino_model, accelerator.device)
+        )
     print(f"images in {args.output_dir.resolve()}/<checkpoint>/, side-by-side sheets in {sheets[0].parent}")
+
+
+def write_scores(output_dir: Path, scores: dict[str, dict[str, float]]) -> None:
+    """Print each checkpoint's scores and keep them in `scores.json`."""
+    from common.io import atomic_write_json
+
+    for label, row in scores.items():
+        print(f"{label}: " + ", ".join(f"{key} {value:.4f}" for key, value in row.items()), flush=True)
+    atomic_write_json(output_dir / SCORES_NAME, scores)
+
+
+def start_afresh(output_dir: Path, folders: list[str], changes: list[str], count: int) -> None:
+    """Say which photos changed and delete what was made from the old ones: every image, the sheets and the scores."""
+    from dreambench.run_config import run_config_path
+    from dreambench.your_subject import remove_images
+
+    shown = "; ".join(changes[:3]) + (f"; {len(changes) - 3} more" if len(changes) > 3 else "")
+    print(
+        f"your photos changed since {run_config_path(output_dir)} was written ({shown}): making all {count} images again, "
+        "as every image averages all the photos",
+        flush=True,
+    )
+    remove_images(output_dir, folders)
+    (output_dir / SCORES_NAME).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from common.checks import require_flags_in_range, require_sampling_args
 from common.cli import ArgumentParser, str2bool
-from common.errors import BadInputError
 from common.flags import (
     add_ddp_timeout_arg,
     add_generator_args,
@@ -74,10 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    from common.hub import resolve_folder
+    """Numbers, sizes and paths before any model loads (the metric models are loaded by `run`, on the main process)."""
     from common.outputs import check_output_dir
     from dreambench.evaluation import check_scores_writable
-    from dreambench.metrics import resolve_clip_checkpoint
     from ip_adapter.loading import check_generator_paths
 
     require_flags_in_range(args, ("batch_size", "prompts_per_subject"), minimum=1)
@@ -85,16 +83,14 @@ def check_args(args: argparse.Namespace) -> None:
     require_flags_in_range(args, ("scale",), minimum=0)
     check_output_dir(args.output_dir)
     if scoring_requested(args):  # fail now rather than after hours of generation
-        resolve_clip_checkpoint(args.clip_model)
-        check_scores_writable(args.output_dir)
-        if not (resolve_folder(args.dino_model, "--dino_model") / "config.json").is_file():
-            raise BadInputError(f"--dino_model {args.dino_model}: no config.json; pass facebook/dino-vits16 or a local copy")
+        check_scores_writable(args.output_dir, args.is_kosmosg)
     check_generator_paths(args)
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
     """Generate and score; the output folder is claimed into `held` once inputs and models are checked (released when it closes)."""
     # Imported here, not at the top: --help must not wait for torch and diffusers.
+    from common.distributed import check_on_main
     from common.hub import resolve_file
     from common.io import sha256_file
     from common.launch import check_launch
@@ -103,6 +99,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     from dreambench.data import check_boxes_inside_photos, load_conditioning_images, reference_photos
     from dreambench.evaluation import SCORE_FILE, format_score_table, score_generations, write_scores
     from dreambench.generation import build_items, generate_items, pending_items
+    from dreambench.metrics import check_metric_models
     from dreambench.run_config import check_resumable, make_run_config, start_in_output_dir
     from ip_adapter.batch_generation import SubjectTokens
     from ip_adapter.loading import dtype_name, load_generation_model, resolve_dtype
@@ -112,6 +109,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     if args.scale is None:
         args.scale = DEFAULT_SCALES[args.is_kosmosg]
     check_args(args)
+    check_on_main(accelerator, lambda: check_metric_models(args.clip_model, args.dino_model))  # loaded once: a bad one fails now
     subjects = [subject.name for subject in resolve_subjects(args.subjects)]
     for subject in subjects:  # a broken data root fails here, before any model is loaded
         check_boxes_inside_photos(reference_photos(args.data_root, subject, args.is_kosmosg))

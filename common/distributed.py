@@ -85,20 +85,29 @@ def owning_output_dir(accelerator: Processes, folder: str | os.PathLike, flag: s
     A folder another run holds is refused on every process at once: the others never wait in a
     collective for a main process that has already stopped.
     """
-    refusal = None
     with contextlib.ExitStack() as held:
-        if accelerator.is_main_process:
-            try:
-                held.enter_context(holding_output_dir(folder, flag=flag))
-            except ReportedError as error:
-                refusal = error
-        main_refusal = gather_values(accelerator, None if refusal is None else str(refusal))[0]  # also orders the lock's write
-        if refusal is not None:
-            raise refusal
-        if main_refusal is not None:
-            raise BadInputError(main_refusal)
+        check_on_main(accelerator, lambda: held.enter_context(holding_output_dir(folder, flag=flag)))  # also orders the lock's write
         check_file_is_shared(accelerator, Path(folder) / LOCK_NAME, flag)
         yield
+
+
+def check_on_main(accelerator: Processes, check: Callable[[], object]) -> None:
+    """Run `check` on the main process only and raise its refusal (a `ReportedError`) on every process, which all wait for it.
+
+    For what only the main process uses (the metric models of a run's final scores, the folder's
+    lock): the others never wait in a collective for a main process that has already stopped.
+    """
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            check()
+        except ReportedError as error:
+            refusal = error
+    main_refusal = gather_values(accelerator, None if refusal is None else str(refusal))[0]
+    if refusal is not None:
+        raise refusal
+    if main_refusal is not None:
+        raise BadInputError(main_refusal)
 
 
 def launch_run(

@@ -9,6 +9,7 @@ a model is loaded.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from common.images import is_image_file, load_rgb_image
 from common.io import atomic_write_json
 from common.outputs import check_output_file
 from dreambench.benchmark import SUBJECTS, Subject, prompts_for, resolve_subjects
-from dreambench.data import load_reference_images, validate_dreambench
+from dreambench.data import load_reference_images, subject_photos
 from dreambench.metrics import (
     CLIPPreprocess,
     clip_image_features,
@@ -130,14 +131,33 @@ def score_images(
     batch_size: int,
 ) -> dict[str, float]:
     """The metrics of in-memory generations (one per prompt), as `score_subject` (also used during training)."""
+    return {
+        **clip_scores(prompts, images, references, clip_model, clip_preprocess, batch_size),
+        "dino_score": dino_score(images, references, dino_model, batch_size),
+    }
+
+
+def clip_scores(
+    prompts: list[str],
+    images: list[Image.Image],
+    references: list[Image.Image],
+    clip_model: torch.nn.Module,
+    clip_preprocess: CLIPPreprocess,
+    batch_size: int,
+) -> dict[str, float]:
+    """CLIP-T (each generation against its prompt) and CLIP-I (against the references): the two metrics of the CLIP model."""
     image_clip = clip_image_features(clip_model, clip_preprocess, images, batch_size)
     return {
         "clipt_score": mean_matched_cosine(image_clip, clip_text_features(clip_model, prompts, batch_size)),
         "clipi_score": mean_pairwise_cosine(image_clip, clip_image_features(clip_model, clip_preprocess, references, batch_size)),
-        "dino_score": mean_pairwise_cosine(
-            dino_image_features(dino_model, images, batch_size), dino_image_features(dino_model, references, batch_size)
-        ),
     }
+
+
+def dino_score(images: list[Image.Image], references: list[Image.Image], dino_model: torch.nn.Module, batch_size: int) -> float:
+    """DINO: the mean cosine of the generations' and the references' DINO features."""
+    return mean_pairwise_cosine(
+        dino_image_features(dino_model, images, batch_size), dino_image_features(dino_model, references, batch_size)
+    )
 
 
 def _mean_scores(per_subject: list[dict[str, Any]]) -> dict[str, float] | None:
@@ -158,9 +178,24 @@ def _check_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def check_scores_writable(output_dir: str | os.PathLike) -> Path:
-    """Fail before any model loads if `all_score.json` could not be written (a folder of that name, a read-only disk)."""
-    return check_output_file(Path(output_dir) / SCORE_FILE, "--output_dir")
+def setting_name(kosmosg: bool) -> str:
+    return "kosmosg" if kosmosg else "original"
+
+
+def check_scores_writable(output_dir: str | os.PathLike, kosmosg: bool) -> Path:
+    """Fail before any model loads if `all_score.json` could not be written (a folder of that name, a read-only disk) or holds
+    the scores of the other setting, which writing these would silently replace."""
+    path = check_output_file(Path(output_dir) / SCORE_FILE, "--output_dir")
+    try:
+        recorded = json.loads(path.read_text()).get("setting")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):  # none yet, or not ours: replaced as before
+        return path
+    if recorded in ("original", "kosmosg") and recorded != setting_name(kosmosg):
+        raise BadInputError(
+            f"{path} holds the scores of the {recorded} setting; scoring the {setting_name(kosmosg)} setting would replace them: "
+            f"pass --is_kosmosg {recorded == 'kosmosg'}, or move that file away first"
+        )
+    return path
 
 
 def write_scores(output_dir: str | os.PathLike, scores: dict[str, Any]) -> Path:
@@ -199,9 +234,10 @@ def score_generations(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     wanted = resolve_subjects(subjects)
-    validate_dreambench(data_root)
+    for subject in wanted:  # every subject scored, so that none fails half-way; only those: a copy of them is enough
+        subject_photos(data_root, subject)
     generations = find_generations(output_dir, wanted, allow_partial)
-    check_scores_writable(output_dir)
+    check_scores_writable(output_dir, kosmosg)
 
     device = _check_device(device)
     clip_net, clip_preprocess = load_clip(clip_model, device, clip_download_root)
@@ -240,7 +276,7 @@ def _summary(per_subject: dict[str, dict[str, Any]], generations: GenerationSet,
             summary["num_subjects"] = sum(row["group"] == group for row in per_subject.values())
     return {
         **_mean_scores(list(per_subject.values())),
-        "setting": "kosmosg" if kosmosg else "original",
+        "setting": setting_name(kosmosg),
         "num_subjects": len(per_subject),
         "num_images": sum(row["num_images"] for row in per_subject.values()),
         "complete": len(per_subject) == len(SUBJECTS) and not generations.missing_images,

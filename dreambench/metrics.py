@@ -134,6 +134,19 @@ def load_dino(path: str | os.PathLike, device: str | torch.device) -> ViTModel:
     return model.to(device=device, dtype=torch.float32).eval()
 
 
+def check_metric_models(clip_model: str | os.PathLike | None, dino_model: str | os.PathLike | None) -> None:
+    """Load each metric model given once on the CPU and drop it: a missing, foreign or incomplete one fails now, not after the images.
+
+    For scripts that score only at their end. It costs the load (ViT-B/32: a ~350 MB read, seconds)
+    and fetches a named CLIP model into its cache; scoring loads the models again on its device,
+    where `clip.load` keeps CLIP's fp16 weights (on the CPU it casts them to fp32).
+    """
+    if clip_model is not None:
+        load_clip(clip_model, "cpu")
+    if dino_model is not None:
+        load_dino(dino_model, "cpu")
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,17 +89,26 @@ def write_run_config(output_dir: str | os.PathLike, config: Mapping[str, Any]) -
 
 
 def start_in_output_dir(
-    accelerator: Accelerator, held: contextlib.ExitStack, output_dir: Path, image_folders: Iterable[str], config: Mapping[str, Any]
+    accelerator: Accelerator,
+    held: contextlib.ExitStack,
+    output_dir: Path,
+    image_folders: Iterable[str],
+    config: Mapping[str, Any],
+    drop_outdated: Callable[[], object] | None = None,
 ) -> None:
     """Claim the folder for this run (released when `held` closes), drop what an interrupted run left half-written, record the settings.
 
     Called once the inputs are checked and the model is loaded, so a bad command leaves no
     `run_config.json` behind that would then refuse the corrected one; every process waits for it.
+    `drop_outdated` (main process) deletes files the new settings outdate before they are recorded,
+    so an interrupted run never leaves old files under a record that vouches for them.
     """
     held.enter_context(owning_output_dir(accelerator, output_dir))
     if accelerator.is_main_process:
         removed = remove_stale_temp_files(output_dir, image_folders)
         if removed:
             print(f"removed {len(removed)} unfinished file(s) left by an interrupted run", flush=True)
+        if drop_outdated is not None:
+            drop_outdated()
         write_run_config(output_dir, config)
     accelerator.wait_for_everyone()

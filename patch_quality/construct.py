@@ -135,16 +135,60 @@ def build_manifest(
     }
 
 
+# What sets a recorded setting, when it is not the flag of the same name.
+SETTING_SOURCES = {
+    "ip_ckpt_sha256": "--ip_ckpt (the file's content)",
+    "negative_prompt_reference": "--negative_prompt",
+    "negative_prompt_generated": "the generated images' negative prompt (this version of the code)",
+    "dtype": "--dtype (or accelerate's mixed precision)",
+}
+
+
 def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
-    """Refuse to add images to a folder whose manifest records other settings."""
+    """Refuse to add images to a folder whose manifest records other settings, naming each flag with its recorded and new value."""
     path = output_dir / layout.MANIFEST_NAME
     recorded = read_recorded(path, "manifest")
     if recorded is None:
         return
-    if recorded.get("format") != MANIFEST_FORMAT:
+    if recorded.get("format") != MANIFEST_FORMAT or not isinstance(recorded.get("settings"), dict):
         raise BadInputError(f"{path}: not a {MANIFEST_FORMAT} manifest; use a new --output_dir")
-    plan_differs = ["the sample plan (categories or templates) differs"] if recorded.get("samples") != manifest["samples"] else []
-    refuse_other_settings(path, recorded["settings"], manifest["settings"], manifest["settings"], other_differences=plan_differs)
+    settings, now = recorded["settings"], manifest["settings"]
+    differences = [
+        f"{SETTING_SOURCES.get(key, '--' + key)}: recorded {settings.get(key)!r}, now {value!r}"
+        for key, value in now.items()
+        if settings.get(key) != value
+    ]
+    if recorded.get("samples") != manifest["samples"]:
+        categories_flag = "--categories" if now["reference_images"] is None else "--reference_images"
+        differences += plan_differences(recorded.get("samples"), manifest["samples"], settings.get("seed") != now["seed"], categories_flag)
+    refuse_other_settings(path, settings, now, (), other_differences=differences)
+
+
+def plan_differences(recorded: Any, now: list[dict[str, Any]], seed_changed: bool, categories_flag: str) -> list[str]:
+    """Which flag makes the sample plan differ from the recorded one (the plan is a function of the flags and the code).
+
+    A new seed draws other templates and seeds, so with `seed_changed` only the flags it does not explain are named.
+    """
+    if not (isinstance(recorded, list) and recorded and all(isinstance(sample, dict) for sample in recorded)):
+        return ["the manifest lists no samples; use a new --output_dir"]
+    differences = []
+    if len(recorded) != len(now):
+        differences.append(f"--num_samples: recorded {len(recorded)}, now {len(now)}")
+    generated = len(recorded[0].get("generated_seeds") or ()), len(now[0]["generated_seeds"])
+    if generated[0] != generated[1]:
+        differences.append(f"--num_generated: recorded {generated[0]}, now {generated[1]}")
+    for key, source in (
+        ("object", categories_flag + ": {folder}'s object"),
+        ("reference_prompt", "--reference_template: {folder}'s reference prompt"),
+        ("prompt", "the scene templates (this version of the code): {folder}'s prompt"),
+    ):
+        changed = next((pair for pair in zip(recorded, now) if pair[0].get(key) != pair[1][key]), None)
+        if changed is not None and not (seed_changed and key == "prompt"):
+            differences.append(f"{source.format(folder=changed[1]['folder'])} recorded {changed[0].get(key)!r}, now {changed[1][key]!r}")
+            break  # another object changes both prompts
+    if not differences and not seed_changed:
+        differences.append("the sample plan differs (this version of the code plans samples otherwise)")
+    return differences
 
 
 def remove_samples_of_changed_photos(

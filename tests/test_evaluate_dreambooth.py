@@ -196,6 +196,7 @@ def test_copies_of_kosmosg_image_score_one(tiny_clip_path, tiny_dino_dir, tmp_pa
     assert kosmosg["num_images"] == 3
     assert kosmosg["clipi_score"] == pytest.approx(1.0, abs=1e-5)
     assert kosmosg["dino_score"] == pytest.approx(1.0, abs=1e-5)
+    (output_dir / "all_score.json").unlink()  # the kosmosg scores; the original ones never replace them
     original = _evaluate(output_dir, tiny_clip_path, tiny_dino_dir, False, **kwargs)
     assert original["clipi_score"] < 1.0 - 1e-4 and original["dino_score"] < 1.0 - 1e-4
 
@@ -270,9 +271,27 @@ def test_cli_takes_subjects_and_setting_from_run_config(generations, kosmosg_sco
     _assert_same_scores(scores, kosmosg_scores[1])
     assert "run_config.json: subjects, is_kosmosg" in printed
     assert f"scores written to {(output_dir / 'all_score.json').resolve()}" in printed
-    # an explicit flag wins over the record
-    scores = _load_script().main(argv + ["--is_kosmosg", "false", "--subjects", "cat"])
-    assert scores["setting"] != "kosmosg" and scores["num_subjects"] == 1
+    # an explicit --subjects wins over the record; an explicit --is_kosmosg must agree with it
+    scores = _load_script().main(argv + ["--is_kosmosg", "true", "--subjects", "cat"])
+    assert scores["setting"] == "kosmosg" and scores["num_subjects"] == 1
+
+
+def test_cli_refuses_a_setting_other_than_the_images_were_made_with(generations, tiny_clip_path, tiny_dino_dir, tmp_path, capsys):
+    output_dir = _copy_generations(generations, tmp_path / "gen")
+    (output_dir / "run_config.json").write_text(json.dumps({"subjects": SUBJECTS, "is_kosmosg": False}))
+    message = _cli_error(capsys, _argv(output_dir, tiny_clip_path, tiny_dino_dir, "--is_kosmosg", "true"))
+    assert "--is_kosmosg True" in message and "run_config.json" in message and "leave --is_kosmosg out" in message
+    assert not (output_dir / "all_score.json").exists()
+
+
+def test_cli_never_replaces_the_scores_of_the_other_setting(original_scores, tiny_clip_path, tiny_dino_dir, tmp_path, capsys):
+    """Images without a run_config.json (made by the official code): the setting is the user's word, the scores file is kept."""
+    output_dir = _copy_generations(original_scores[0], tmp_path / "gen")
+    before = (output_dir / "all_score.json").read_bytes()
+    argv = _argv(output_dir, tiny_clip_path, tiny_dino_dir, "--is_kosmosg", "true", "--subjects", *SUBJECTS)
+    message = _cli_error(capsys, argv)
+    assert "original setting" in message and "--is_kosmosg False" in message and "move that file away" in message
+    assert (output_dir / "all_score.json").read_bytes() == before
 
 
 def test_cli_bad_subject_is_one_short_line(generations, tiny_clip_path, tiny_dino_dir, capsys):

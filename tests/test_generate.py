@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,13 @@ from PIL import Image
 
 import generate
 from common.run_lock import LOCK_NAME
-from dreambench.your_subject import SHEETS_DIR, conditioning_images, prompt_stem
+from dreambench.your_subject import SHEETS_DIR, conditioning_images, prompt_stem, read_photos
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from ip_adapter.loading import load_generation_model
 from tests.kit.cli import bad_input_message
 
 SIZE = 32
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _subject(flip: bool = False) -> Image.Image:
@@ -46,10 +50,11 @@ def trained_ckpt(tiny_models, tmp_path_factory) -> Path:
     return path
 
 
-def generate_argv(models, photos: Path, out: Path, *extra: str, ip_ckpt: tuple[Path, ...] = ()) -> list[str]:
+def generate_argv(models, photos: Path | tuple[Path, ...], out: Path, *extra: str, ip_ckpt: tuple[Path, ...] = ()) -> list[str]:
+    photos = (photos,) if isinstance(photos, Path) else photos
     return [
         *("--base_model_path", str(models.sdxl_dir), "--image_encoder_path", str(models.image_encoder_dir)),
-        *("--ip_ckpt", str(models.ip_ckpt), *map(str, ip_ckpt), "--reference_images", str(photos), "--output_dir", str(out)),
+        *("--ip_ckpt", str(models.ip_ckpt), *map(str, ip_ckpt), "--reference_images", *map(str, photos), "--output_dir", str(out)),
         *("--num_images", "2", "--num_inference_steps", "2", "--height", str(SIZE), "--width", str(SIZE)),
         *extra,
     ]
@@ -80,25 +85,18 @@ def test_two_checkpoints_give_images_on_the_same_noise_and_a_sheet_per_prompt(si
         np.testing.assert_array_equal(sheet[SIZE:, SIZE:], trained[1])
     config = json.loads((side_by_side / "run_config.json").read_text())
     assert config["scale"] == 0.78 and config["checkpoint_labels"] == labels and len(config["ip_ckpt_sha256"]) == 2
-    assert sorted(config["photo_sha256"]) == ["front.png", "side.jpg"]
+    assert [Path(photo["path"]).name for photo in config["photos"]] == ["front.png", "side.jpg"]
+    assert all(len(photo["sha256"]) == 64 and photo["box"] is None for photo in config["photos"])
 
 
-def test_the_same_command_resumes_without_redoing_and_a_changed_photo_is_refused(
-    side_by_side, tiny_models, photos, trained_ckpt, tmp_path, capsys
-):
+def test_the_same_command_resumes_without_redoing(side_by_side, tiny_models, photos, trained_ckpt, capsys):
     argv = generate_argv(tiny_models, photos, side_by_side, "--prompts", "a toy on the beach", "a toy in the snow", ip_ckpt=(trained_ckpt,))
     images = {path: path.stat().st_mtime_ns for path in side_by_side.rglob("*.png") if SHEETS_DIR not in path.parts}
+    config = (side_by_side / "run_config.json").read_bytes()
     generate.main(argv)
     assert "8/8 images exist" in capsys.readouterr().out
     assert {path: path.stat().st_mtime_ns for path in images} == images
-    other = tmp_path / "photos"
-    other.mkdir()
-    _subject(flip=True).save(other / "front.png")
-    _subject(flip=True).save(other / "side.jpg", quality=95)
-    message = bad_input_message(
-        generate.main, [*argv[: argv.index("--reference_images") + 1], str(other), *argv[argv.index("--reference_images") + 2 :]]
-    )
-    assert "photo_sha256" in message
+    assert (side_by_side / "run_config.json").read_bytes() == config
 
 
 def test_any_prompt_gets_a_safe_distinct_file_name_inside_the_output_folder(tiny_models, photos, tmp_path):
@@ -117,7 +115,7 @@ def ip_model(tiny_models):
 
 
 def _tokens(ip_model, path: Path) -> torch.Tensor:
-    return ip_model.get_image_embeds([conditioning_images([path], {})])[0]
+    return ip_model.get_image_embeds([conditioning_images(read_photos([path]))])[0]
 
 
 def test_photos_as_taken_give_the_tokens_of_the_photo_as_seen(ip_model, tmp_path):
@@ -136,7 +134,7 @@ def test_photos_as_taken_give_the_tokens_of_the_photo_as_seen(ip_model, tmp_path
 
     gray = np.asarray(upright.convert("L"))
     Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "scan16.png")
-    conditioning = np.asarray(conditioning_images([tmp_path / "scan16.png"], {})[0])
+    conditioning = np.asarray(conditioning_images(read_photos([tmp_path / "scan16.png"]))[0])
     assert conditioning.min() < 100 and conditioning.std() > 20  # the subject is there, not a white page
 
 
@@ -170,3 +168,126 @@ def test_every_checkpoint_gets_the_same_noise(tiny_models, photos, tmp_path):
     generate.main(generate_argv(tiny_models, photos, out, "--num_images", "1", "--prompts", "a toy", ip_ckpt=(tiny_models.ip_ckpt,)))
     name = f"{prompt_stem('a toy')}_0.png"
     np.testing.assert_array_equal(pixels(out / "0-ip-adapter-plus" / name), pixels(out / "1-ip-adapter-plus" / name))
+
+
+def _images(out: Path) -> dict[str, np.ndarray]:
+    return {str(path.relative_to(out)): pixels(path) for path in sorted(out.glob("*-*/*.png"))}
+
+
+@pytest.fixture()
+def same_names(tmp_path) -> tuple[Path, Path]:
+    """Two different photos both called 1.png, in two folders."""
+    first, second = tmp_path / "a" / "1.png", tmp_path / "b" / "1.png"
+    for path, image in ((first, _subject()), (second, _subject(flip=True))):
+        path.parent.mkdir()
+        image.save(path)
+    return first, second
+
+
+def test_photos_with_one_name_are_two_photos_and_a_changed_one_makes_the_subject_again(
+    tiny_models, same_names, tiny_dino_dir, tmp_path, capsys
+):
+    first, second = same_names
+    out = tmp_path / "out"
+    argv = generate_argv(tiny_models, (first, second), out, "--prompts", "a toy", "--num_inference_steps", "1")
+    generate.main([*argv, "--prompts", "a toy", "a cat", "--dino_model", str(tiny_dino_dir)])
+    before = {name: image for name, image in _images(out).items() if "a cat" not in name}
+    _subject().rotate(180).save(first)  # the same file name, another photo
+    capsys.readouterr()
+    generate.main(argv)
+    printed = capsys.readouterr().out
+    assert f"{first}: other content" in printed and "making all 2 images again" in printed
+    assert not (out / generate.SCORES_NAME).exists() and not list(out.rglob("a cat*"))  # made from the old photo: gone
+    fresh = tmp_path / "fresh"
+    generate.main([*argv[: argv.index("--output_dir") + 1], str(fresh), *argv[argv.index("--output_dir") + 2 :]])
+    after = _images(out)
+    assert after.keys() == before.keys() == _images(fresh).keys()
+    assert all(np.array_equal(after[name], image) for name, image in _images(fresh).items())  # as made from the new photo
+    assert not any(np.array_equal(after[name], image) for name, image in before.items())
+    # The same photos elsewhere, under other names: the same subject, nothing is made again.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for index, photo in enumerate((first, second)):
+        photo.rename(moved / f"{index}.png")
+    generate.main(generate_argv(tiny_models, (moved / "0.png", moved / "1.png"), out, "--prompts", "a toy", "--num_inference_steps", "1"))
+    assert "2/2 images exist" in capsys.readouterr().out
+    assert all(np.array_equal(image, after[name]) for name, image in _images(out).items())
+
+
+def test_boxes_are_keyed_by_photo_path_and_a_changed_box_makes_the_subject_again(tiny_models, same_names, tmp_path, capsys):
+    first, second = same_names
+    boxes = tmp_path / "boxes.json"
+    out = tmp_path / "out"
+    argv = generate_argv(tiny_models, (first, second), out, "--prompts", "a toy", "--num_inference_steps", "1", "--boxes", str(boxes))
+    boxes.write_text(json.dumps({"1.png": [0, 0, 48, 32]}))
+    message = bad_input_message(generate.main, argv)
+    assert "1.png" in message and str(first) in message and str(second) in message and "path" in message
+    boxes.write_text(json.dumps({str(first): [0, 0, 48, 32]}))
+    generate.main(argv)
+    before = _images(out)
+    capsys.readouterr()
+    boxes.write_text(json.dumps({str(first): [0, 0, 96, 64]}))  # the whole photo: another crop, another subject
+    generate.main(argv)
+    printed = capsys.readouterr().out
+    assert f"{first}: other box" in printed and "making all 2 images again" in printed
+    assert not any(np.array_equal(_images(out)[name], image) for name, image in before.items())
+    boxes.write_text(json.dumps({str(tmp_path / "c" / "1.png"): [0, 0, 8, 8]}))
+    assert "not among --reference_images" in bad_input_message(generate.main, argv)
+
+
+def test_only_the_metrics_of_the_models_given_are_scored(tiny_models, photos, tiny_dino_dir, tiny_clip_path, tmp_path):
+    argv = generate_argv(tiny_models, photos, tmp_path / "out", "--prompts", "a toy", "--num_images", "1", "--num_inference_steps", "1")
+    generate.main([*argv, "--dino_model", str(tiny_dino_dir)])  # no CLIP model is needed (nor fetched)
+    assert [set(row) for row in json.loads((tmp_path / "out" / generate.SCORES_NAME).read_text()).values()] == [{"dino_score"}]
+    generate.main([*argv, "--clip_model", str(tiny_clip_path)])
+    assert [set(row) for row in json.loads((tmp_path / "out" / generate.SCORES_NAME).read_text()).values()] == [
+        {"clipt_score", "clipi_score"}
+    ]
+
+
+def test_metric_models_are_checked_before_the_first_image(tiny_models, photos, tiny_clip_path, tiny_dino_dir, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((tiny_dino_dir / "config.json").read_text())
+    out = tmp_path / "out"
+    argv = generate_argv(tiny_models, photos, out, "--prompts", "a toy", "--num_images", "1", "--num_inference_steps", "1")
+    for models, culprit in (
+        (("--clip_model", str(garbage)), str(garbage)),
+        (("--dino_model", str(tmp_path / "no_dino")), "--dino_model"),
+        (("--clip_model", str(tiny_clip_path), "--dino_model", str(weightless)), str(weightless)),
+    ):
+        assert culprit in bad_input_message(generate.main, [*argv, *models])
+        assert not out.exists()
+    (out / generate.SCORES_NAME).mkdir(parents=True)
+    assert generate.SCORES_NAME in bad_input_message(generate.main, [*argv, "--dino_model", str(tiny_dino_dir)])
+    assert [path.name for path in out.iterdir()] == [generate.SCORES_NAME]
+
+
+def test_two_processes_make_a_changed_subject_again_and_stop_together_on_a_bad_metric_model(
+    tiny_models, same_names, tiny_dino_dir, tmp_path
+):
+    """The main process removes the old images before any process writes; a model only the main process loads stops both."""
+    first, second = same_names
+    out = tmp_path / "out"
+    argv = generate_argv(tiny_models, (first, second), out, "--prompts", "a toy", "--num_inference_steps", "1", "--batch_size", "1")
+    generate.main(argv)
+    _subject().rotate(180).save(first)
+    fresh = tmp_path / "fresh"
+    generate.main([*argv[: argv.index("--output_dir") + 1], str(fresh), *argv[argv.index("--output_dir") + 2 :]])
+
+    def torchrun(*extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "generate.py")]
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        return subprocess.run([*command, *argv, *extra], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    result = torchrun("--dino_model", str(tiny_dino_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("making all 2 images again") == 1 and json.loads((out / generate.SCORES_NAME).read_text())
+    assert _images(out).keys() == _images(fresh).keys()
+    assert all(np.array_equal(image, _images(fresh)[name]) for name, image in _images(out).items())  # batch 1 both ways: bit-identical
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    result = torchrun("--clip_model", str(garbage))
+    assert result.returncode != 0 and "not an OpenAI CLIP checkpoint" in result.stderr, result.stderr[-3000:]

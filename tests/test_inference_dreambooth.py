@@ -325,7 +325,29 @@ def test_metric_model_errors_come_before_generation(tiny_models, tiny_clip_path,
     assert str(missing) in message
     message = run_failing(script_args(tiny_models, tmp_path / "out", "--clip_model", str(tiny_clip_path), "--dino_model", str(tmp_path)))
     assert str(tmp_path) in message
+    garbage = tmp_path / "garbage.pt"  # exists, but is no CLIP model: refused when loaded, not only when named
+    garbage.write_bytes(b"not a checkpoint")
+    message = run_failing(script_args(tiny_models, tmp_path / "out", "--clip_model", str(garbage), "--dino_model", str(tiny_dino_dir)))
+    assert str(garbage) in message and "not an OpenAI CLIP checkpoint" in message
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((tiny_dino_dir / "config.json").read_text())
+    message = run_failing(script_args(tiny_models, tmp_path / "out", "--clip_model", str(tiny_clip_path), "--dino_model", str(weightless)))
+    assert str(weightless) in message
     assert not (tmp_path / "out").exists()
+
+
+def test_scores_at_the_end_need_only_the_subjects_of_the_run(tiny_models, tiny_clip_path, tiny_dino_dir, tmp_path):
+    """A DreamBench copy holding just the subjects generated is enough to score them (checked before the first image)."""
+    data_root = tmp_path / "dreambench"
+    for folder in ("dataset", "json_data"):
+        for subject in SUBJECTS:
+            (data_root / folder).mkdir(parents=True, exist_ok=True)
+            (data_root / folder / subject).symlink_to(DATA_ROOT / folder / subject)
+    output_dir = tmp_path / "out"
+    argv = _replace(script_args(tiny_models, output_dir, "--clip_model", str(tiny_clip_path)), "--data_root", str(data_root))
+    inference_dreambooth.main([*_replace(argv, "--prompts_per_subject", "1"), "--dino_model", str(tiny_dino_dir)])
+    assert json.loads((output_dir / "all_score.json").read_text())["num_subjects"] == len(SUBJECTS)
 
 
 def _replace(argv: list[str], flag: str, value: str) -> list[str]:

@@ -242,3 +242,37 @@ def test_sampling_flags_the_pipeline_would_refuse_are_one_line_before_any_model_
     message = bad_input_message(main, argv)
     assert flag in message and expected in message
     assert not (tmp_path / "DATA").exists()
+
+
+@pytest.fixture(scope="module")
+def constructed(tiny_models, tmp_path_factory) -> list[str]:
+    """The argv of a finished tiny run (2 samples x 2 generated images), whose folder later commands try to resume."""
+    argv = [
+        *("--base_model_path", str(tiny_models.sdxl_dir), "--image_encoder_path", str(tiny_models.image_encoder_dir)),
+        *("--ip_ckpt", str(tiny_models.ip_ckpt), "--output_dir", str(tmp_path_factory.mktemp("resume") / "DATA")),
+        *("--num_samples", "2", "--num_generated", "2", "--num_inference_steps", "1", "--height", "32", "--width", "32"),
+    ]
+    main(argv)
+    return argv
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--num_generated", "1", "--num_generated: recorded 2, now 1"),
+        ("--num_samples", "3", "--num_samples: recorded 2, now 3"),
+        ("--seed", "7", "--seed: recorded 42, now 7"),
+        ("--scale", "0.5", "--scale: recorded 0.78, now 0.5"),
+        ("--negative_prompt", "blurry", "--negative_prompt: recorded"),
+        ("--reference_template", "a studio photo of {object}", "--reference_template: sample0's reference prompt recorded"),
+        ("--categories", "CATEGORIES", "--categories: sample0's object recorded"),
+        ("--dtype", "bfloat16", "--dtype (or accelerate's mixed precision): recorded 'float32', now 'bfloat16'"),
+    ],
+)
+def test_a_resume_with_another_setting_names_its_flag_the_recorded_and_the_new_value(constructed, tmp_path, flag, value, expected):
+    if value == "CATEGORIES":
+        value = str(tmp_path / "categories.txt")
+        Path(value).write_text("lamp\nkite\n")
+    message = bad_input_message(main, [*constructed, flag, value])
+    assert expected in message and message.endswith("rerun with the recorded settings or use a new --output_dir"), message
+    assert message.count(", now ") == 1, message  # that one difference, not its consequences
