@@ -159,12 +159,15 @@ def test_a_fresh_start_into_an_earlier_run_is_refused_and_touches_nothing(tiny_m
 def test_overwrite_output_dir_starts_over_removing_only_the_earlier_checkpoints_and_logs(tiny_models, tiny_pair_data, run_copy):
     (run_copy / "notes.txt").write_text("mine")
     events = sorted((run_copy / "logs").rglob("events.out.tfevents.*"))
-    train_patchdpo.main([*train_args(tiny_models, tiny_pair_data, run_copy, steps=1), "--overwrite_output_dir"])
+    argv = train_args(tiny_models, tiny_pair_data, run_copy, "--use_dpo_loss", "True", "--checkpointing_steps", "1", steps=1)
+    train_patchdpo.main([*argv, "--overwrite_output_dir"])  # another loss: another run
     assert sorted(p.name for p in run_copy.glob("checkpoint-*")) == ["checkpoint-1"]
-    assert sorted(p.name for p in (run_copy / "checkpoint-1").iterdir()) == ["model.bin", "model.safetensors"]  # the new run's
     assert not any(path.exists() for path in events)
     assert len(list((run_copy / "logs").rglob("events.out.tfevents.*"))) == len(events)  # those of one start (scalars, hparams)
     assert (run_copy / "notes.txt").read_text() == "mine"
+    argv[argv.index("--stop_step") + 1] = "2"
+    train_patchdpo.main([*argv, "--resume_from_checkpoint", "latest"])  # the new run's own state, without the flag
+    assert (run_copy / "checkpoint-2" / "model.bin").is_file()
 
 
 def test_overwrite_output_dir_with_a_bad_input_removes_nothing(tiny_models, tiny_pair_data, run_copy):
