@@ -19,9 +19,8 @@ there). A state an earlier version saved through accelerate (`optimizer.bin`, `c
 
 The state is written into `training_state.partial/` and renamed into place when complete. It can
 still be damaged later (a full disk, a copy that stopped half-way), so a resume checks every file
-against its recorded sha256 (`check_training_state`): an explicit `--resume_from_checkpoint` that
-fails is one line naming the file; `latest` falls back to the newest state that checks out, saying
-which it skipped and why. A sharded optimizer (FSDP2 DTensors) would gather its full state dict
+against its recorded sha256 before reading any (`check_training_state`; a failure is one line naming
+the file, and `common.checkpoints` decides which state a resume starts from). A sharded optimizer (FSDP2 DTensors) would gather its full state dict
 before `save_training_state` and shard it again after `load_training_state`: the format stays a flat
 dict of plain tensors plus JSON.
 """
