@@ -226,7 +226,8 @@ def run(args: argparse.Namespace) -> RunReport:
         + ["--pretrained_ip_adapter_path", str(args.ip_ckpt), "--data_root_path", str(data), "--patch_quality_file", str(quality_file)]
         + ["--resolution", str(args.resolution), "--train_batch_size", str(args.train_batch_size)]
         + ["--learning_rate", str(args.learning_rate), "--weight_decay", "0.01", "--stop_step", str(args.train_steps)]
-        + ["--save_steps", str(args.train_steps), "--logging_steps", "1", "--output_dir", str(train_dir), "--use_dpo_loss", "True"],
+        + ["--save_steps", str(args.train_steps), "--logging_steps", "1", "--output_dir", str(train_dir), "--use_dpo_loss", "True"]
+        + ["--overwrite_output_dir"],  # a rerun of the demo trains again from the start
     )
     trained = train_dir / f"checkpoint-{args.train_steps}" / "model.bin"
     smoke = [] if args.prompts_per_subject is None else ["--prompts_per_subject", str(args.prompts_per_subject)]

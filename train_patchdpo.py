@@ -89,7 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument(
         "--resume_from_checkpoint",
         default=None,
-        help="'latest' or a checkpoint-N folder; the run's settings must equal the ones recorded with that state",
+        help="'latest' (the newest training state in --output_dir that checks out; none there: start at step 0), a checkpoint-N "
+        "name in --output_dir, or a checkpoint folder's path; the run's settings must equal the ones recorded with that state",
+    )
+    extra.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="start over in an --output_dir that holds an earlier run: once the inputs are checked, remove its checkpoint-N "
+        "folders and its TensorBoard logs (<logging_dir>/patchdpo); everything else in the folder stays",
     )
     extra.add_argument(
         "--change_on_resume",
@@ -147,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     except BadInputError as error:
         parser.error(str(error))
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        parser.error("--overwrite_output_dir starts over, --resume_from_checkpoint continues: pass one of them")
     if args.max_grad_norm is not None and args.max_grad_norm <= 0:
         parser.error(f"--max_grad_norm must be > 0, got {args.max_grad_norm}")
     if args.lr_warmup_steps < 0 or (args.lr_warmup_steps and args.lr_scheduler in ("constant", "piecewise_constant")):

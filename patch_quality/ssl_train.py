@@ -39,6 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from common.checkpoints import find_resume_checkpoint, remove_orphan_checkpoint_files
 from common.checks import require_flags_in_range
 from common.cli import exit_on_reported_error, quiet_libraries
 from common.errors import BadInputError
@@ -48,13 +49,7 @@ from common.launch import check_launch
 from common.outputs import check_output_dir
 from common.sampling import EpochSampler
 from common.seeds import stable_seed
-from common.training_state import (
-    TRAINING_STATE_DIR,
-    checkpoint_step,
-    find_resume_checkpoint,
-    remove_orphan_checkpoint_files,
-    save_training_state,
-)
+from common.training_state import Resumable, TrainedWeights, load_training_state, save_training_state
 from patch_quality.cli import FINETUNED_NAME
 from patch_quality.features import PatchFeatureExtractor, center_square, load_finetuned, save_finetuned, transformer_blocks
 
@@ -309,30 +304,20 @@ def _unfreeze(extractor: PatchFeatureExtractor, trainable_blocks: int) -> tuple[
     return names, [named[name] for name in names]
 
 
-def _register_state_hooks(accelerator: Accelerator, model: torch.nn.Module, names: list[str], backbone_dir: Path, metadata: dict) -> None:
-    """`save_state` / `load_state` store only the trained blocks (as the finetuned file), not the whole backbone."""
-
-    def save_hook(models: list, weights: list, directory: str) -> None:
-        if accelerator.is_main_process:
-            save_finetuned(Path(directory) / FINETUNED_NAME, model, names, backbone_dir, metadata)
-        weights.clear()
-
-    def load_hook(models: list, directory: str) -> None:
-        load_finetuned(model, Path(directory) / FINETUNED_NAME, backbone_dir)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+def _trained_blocks(model: torch.nn.Module, names: list[str], backbone_dir: Path, metadata: dict) -> TrainedWeights:
+    """A training state's weights: only the trained blocks (as the finetuned file), not the whole backbone."""
+    return TrainedWeights(
+        FINETUNED_NAME,
+        save=lambda path: save_finetuned(path, model, names, backbone_dir, metadata),
+        load=lambda path: load_finetuned(model, path, backbone_dir),
+    )
 
 
-def _resume_step(accelerator: Accelerator, output_dir: Path, resume_from_checkpoint: str | None) -> int:
-    resume_dir = find_resume_checkpoint(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
+def _resume_step(accelerator: Accelerator, output_dir: Path, resume_from_checkpoint: str | None, resumable: Resumable) -> int:
+    resume = find_resume_checkpoint(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
     if accelerator.is_main_process:
         remove_orphan_checkpoint_files(output_dir)
-    if resume_dir is None:
-        return 0
-    accelerator.load_state(str(resume_dir / TRAINING_STATE_DIR))
-    return checkpoint_step(resume_dir)
+    return 0 if resume is None else load_training_state(resume, resumable)
 
 
 def _batches_from(accelerator: Accelerator, loader: DataLoader, step: int):
@@ -390,11 +375,11 @@ def train(
         "objective": "patch-correspondence InfoNCE",
     }
     prepared_model, optimizer, loader = accelerator.prepare(unwrapped, optimizer, loader)
-    _register_state_hooks(accelerator, unwrapped, names, backbone_dir, metadata)
-    step = _resume_step(accelerator, output_dir, schedule.resume_from_checkpoint)
+    resumable = Resumable(_trained_blocks(unwrapped, names, backbone_dir, metadata), optimizer, scaler=accelerator.scaler)
+    step = _resume_step(accelerator, output_dir, schedule.resume_from_checkpoint, resumable)
 
     extractor.model = prepared_model
-    step, loss_value = _train_steps(accelerator, extractor, optimizer, loader, eval_pairs, settings, schedule, output_dir, step)
+    step, loss_value = _train_steps(accelerator, extractor, resumable, loader, eval_pairs, settings, schedule, output_dir, step)
     prepared_model.eval()
     accuracy_after = matching_accuracy(extractor, eval_pairs)
     extractor.model = unwrapped
@@ -407,7 +392,7 @@ def train(
 def _train_steps(
     accelerator: Accelerator,
     extractor: PatchFeatureExtractor,
-    optimizer: torch.optim.Optimizer,
+    resumable: Resumable,
     loader: DataLoader,
     eval_pairs: list,
     settings: TrainSettings,
@@ -415,8 +400,8 @@ def _train_steps(
     output_dir: Path,
     step: int,
 ) -> tuple[int, float]:
-    """Optimise from `step` to `settings.max_steps`; returns the last step and its loss."""
-    model = extractor.model
+    """Optimise from `step` to `settings.max_steps` (checkpointing `resumable`); returns the last step and its loss."""
+    model, optimizer = extractor.model, resumable.optimizer
     progress = tqdm(total=settings.max_steps, initial=step, desc="ssl_train", disable=not accelerator.is_local_main_process)
     loss_value = float("nan")
     model.train()
@@ -436,7 +421,7 @@ def _train_steps(
             accelerator.log({"val/patch_matching_top1": matching_accuracy(extractor, eval_pairs)}, step=step)
             model.train()
         if schedule.checkpointing_steps and step % schedule.checkpointing_steps == 0:
-            save_training_state(accelerator, output_dir / f"checkpoint-{step}")
+            save_training_state(accelerator, output_dir / f"checkpoint-{step}", resumable, step)
     progress.close()
     return step, loss_value
 

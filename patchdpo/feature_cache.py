@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -91,8 +91,11 @@ class FeatureCache:
         path = self.sample_path(sample)
         if not path.is_file():
             return False
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except SafetensorError:  # a damaged or foreign file (safetensors never runs what it reads): rebuilt like a stale one
+            return False
         return json.loads(metadata.get("sources", "{}")) == sources
 
     def write_sample(self, sample: str, tensors: dict[str, torch.Tensor], sources: dict[str, str]) -> None:
@@ -104,7 +107,7 @@ class FeatureCache:
         path = self.sample_path(sample)
         if not path.is_file():
             raise BadInputError(f"feature cache {self.root} has no entry for sample {sample!r}; rebuild it")
-        tensors = load_file(str(path))
+        tensors = _read(path)
         if f"generated_latents.{k}" not in tensors:
             raise BadInputError(f"feature cache file {path} has no generated image k={k}; rebuild the cache")
         names = ["reference_latents", "reference_size", "prompt_embeds", "pooled_prompt_embeds"]
@@ -122,7 +125,7 @@ class FeatureCache:
             path = self.root / NULL_NAME
             if not path.is_file():
                 raise BadInputError(f"feature cache {self.root} has no {NULL_NAME}; rebuild it")
-            self._null = load_file(str(path))
+            self._null = _read(path)
         return dict(self._null)
 
     def missing_files(self, pairs: Iterable[TrainingPair]) -> list[str]:
@@ -140,6 +143,13 @@ class FeatureCache:
 
     def __getstate__(self) -> dict:
         return {"root": self.root, "_null": None}
+
+
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise BadInputError(f"feature cache file {path} is unreadable ({error}); delete it and the next start rebuilds it") from None
 
 
 class CachedPairs:

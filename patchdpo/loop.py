@@ -21,6 +21,17 @@ from accelerate.utils import ProjectConfiguration, release_memory, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from common.checkpoints import (
+    checkpoint_dirs,
+    checkpoint_step,
+    find_resume_checkpoint,
+    listing,
+    prune_training_states,
+    refuse_earlier_run,
+    remove_earlier_run,
+    remove_orphan_checkpoint_files,
+    state_fingerprint,
+)
 from common.distributed import SHARED_STORAGE_FIX, owning_output_dir, process_group_kwargs, require_agreement
 from common.errors import BadInputError
 from common.io import reporting_write_errors, sha256_file
@@ -28,15 +39,7 @@ from common.launch import check_launch, check_mixed_precision
 from common.precision import mixed_precision_dtype
 from common.sampling import EpochSampler
 from common.stop_signals import STOPPED_EXIT_CODE, StopSignals, ignore_stop_signals_in_worker
-from common.training_state import (
-    TRAINING_STATE_DIR,
-    checkpoint_step,
-    find_resume_checkpoint,
-    prune_training_states,
-    remove_orphan_checkpoint_files,
-    save_training_state,
-    state_fingerprint,
-)
+from common.training_state import CheckedState, Resumable, load_training_state, save_training_state
 from ip_adapter.loading import vae_scale_factor
 from ip_adapter.speed import apply_speed_args
 from patch_quality.store import QualityMaps
@@ -51,15 +54,18 @@ from patchdpo.training import (
     FrozenEncoders,
     PairConditioning,
     TrainingModels,
+    adapter_weights,
     frozen_adapter_copy,
     load_training_models,
-    register_adapter_state_hooks,
     save_adapter_checkpoint,
     training_step,
 )
 from patchdpo.validate_inputs import check_inputs_on_every_process, check_training_args
 
 logger = get_logger(__name__)
+
+#: The TensorBoard project: the run's logs are `<output_dir>/<logging_dir>/patchdpo`.
+TRACKER_PROJECT = "patchdpo"
 
 
 class Validation(Protocol):
@@ -81,8 +87,9 @@ def run_training(args: argparse.Namespace, prog: str, make_validation: Validatio
     accelerator = create_accelerator(args)
     check_launch(accelerator.num_processes, prog)
     check_mixed_precision(accelerator.mixed_precision, accelerator.device.type)
+    resume = resolve_start(args, accelerator)
     with owning_output_dir(accelerator, args.output_dir):
-        run = set_up(args, accelerator, make_validation)
+        run = set_up(args, accelerator, resume, make_validation)
         with StopSignals() as signals:
             stopped = train(run, signals)
         if run.last_saved != run.global_step and accelerator.is_main_process:
@@ -109,6 +116,7 @@ class TrainingRun:
     prepared_model: torch.nn.Module  # models.model as accelerate prepared it (possibly DDP-wrapped): what the step calls
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    resumable: Resumable  # what a training state saves and restores (common.training_state)
     loader: DataLoader
     plan: StepPlan
     reference_params: dict[str, torch.Tensor] | None
@@ -153,8 +161,10 @@ def pairs_per_step(args: argparse.Namespace, accelerator: Accelerator) -> int:
     return args.train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
 
 
-def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: ValidationFactory | None = None) -> TrainingRun:
-    """Load the models and data, build the cache, optimizer and schedule, prepare them, resume."""
+def set_up(
+    args: argparse.Namespace, accelerator: Accelerator, resume: CheckedState | None, make_validation: ValidationFactory | None = None
+) -> TrainingRun:
+    """Load the models and data, build the cache, optimizer and schedule, prepare them, resume from `resume` (`resolve_start`)."""
     logger.info(f"loss={args.loss} time_ids={'official' if args.official_time_ids else 'per-image'}", main_process_only=True)
     set_seed(args.seed)
     if args.use_8bit_adam:
@@ -179,8 +189,6 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
     maps_sha256 = sha256_file(quality_maps.path) if quality_maps is not None else None  # checked inputs and run settings
     check_inputs_on_every_process(accelerator, pairs, quality_maps, maps_sha256, args.output_dir, args.dataloader_num_workers)
     dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
-    resume_dir = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-    agree_on_resume_state(accelerator, resume_dir)
     if accelerator.is_main_process:
         remove_orphan_checkpoint_files(args.output_dir)
     source, step_encoders = pair_source(args, accelerator, models, pairs, weight_dtype)
@@ -204,12 +212,11 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
     apply_speed_args(args, model.unet, accelerator.print)
     reference_params = frozen_adapter_copy(model) if args.loss == "image_dpo" else None
     optimizer = adamw(model.adapter_modules.parameters(), args.learning_rate, args.weight_decay, args.fused_adamw, args.use_8bit_adam)
-    register_adapter_state_hooks(accelerator, model)
     prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = StepPlan.create(len(loader), accelerator.gradient_accumulation_steps, args.stop_step, args.num_train_epochs)
-    announce_plan(args, accelerator, plan, len(pairs))
+    check_steps_left(args, plan, resume)
+    announce_plan(args, accelerator, plan, len(pairs), resume.step if resume else 0)
     scheduler = lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, plan.total_steps)
-    accelerator.register_for_checkpointing(scheduler)
     settings = run_settings(args, pairs, pairs_per_step(args, accelerator), accelerator.mixed_precision, plan.total_steps, maps_sha256)
     run = TrainingRun(
         args,
@@ -218,6 +225,7 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
         prepared_model,
         optimizer,
         scheduler,
+        Resumable(adapter_weights(model), optimizer, scheduler, accelerator.scaler),
         loader,
         plan,
         reference_params,
@@ -226,19 +234,19 @@ def set_up(args: argparse.Namespace, accelerator: Accelerator, make_validation: 
         settings,
         validation,
     )
-    if resume_dir is not None:
-        changed = check_resume_settings(resume_dir / TRAINING_STATE_DIR, settings, args.change_on_resume)
-        accelerator.load_state(str(resume_dir / TRAINING_STATE_DIR))
+    if resume is not None:
+        changed = check_resume_settings(resume.state_dir, settings, args.change_on_resume)
+        run.global_step = load_training_state(resume, run.resumable)
         apply_changed_settings(changed, args, optimizer, scheduler)
-        run.global_step = checkpoint_step(resume_dir)
-        logger.info(f"resumed from {resume_dir} at step {run.global_step}" + (f", changing {', '.join(changed)}" if changed else ""))
-    elif args.resume_from_checkpoint:
-        logger.info(f"no checkpoint with a training state in {args.output_dir}: starting from step 0")
+        logger.info(f"resumed from {resume.directory} at step {run.global_step}" + (f", changing {', '.join(changed)}" if changed else ""))
+    if args.overwrite_output_dir and accelerator.is_main_process:  # last: a refused start above loses nothing
+        remove_earlier_run(args.output_dir, [tracker_logs(args)])
+    accelerator.wait_for_everyone()
     return run
 
 
-def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: StepPlan, num_pairs: int) -> None:
-    """Say how many optimizer steps will run and why, and when a given flag will be ignored."""
+def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: StepPlan, num_pairs: int, resumed_after: int = 0) -> None:
+    """Say how many optimizer steps will run and why (and from where, on resume), and when a given flag will be ignored."""
     per_step = pairs_per_step(args, accelerator)
     epoch_cap = args.num_train_epochs * plan.steps_per_epoch
     why = (
@@ -247,7 +255,8 @@ def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: Step
         else f"the epoch cap: --num_train_epochs {args.num_train_epochs} x {plan.steps_per_epoch} steps per epoch "
         f"({num_pairs} pairs // {per_step} pairs per step) = {epoch_cap} < --stop_step {args.stop_step}"
     )
-    accelerator.print(f"training {plan.total_steps} optimizer steps of {per_step} pairs ({why})")
+    resuming = f", resuming after step {resumed_after}: {plan.total_steps - resumed_after} to go" if resumed_after else ""
+    accelerator.print(f"training {plan.total_steps} optimizer steps of {per_step} pairs ({why}){resuming}")
     if args.patch_quality_file is not None and args.loss != "patch_dpo":
         logger.warning(
             f"--patch_quality_file is ignored: --loss {args.loss} does not use quality maps (pass --use_dpo_loss True for PatchDPO)",
@@ -286,15 +295,70 @@ def pair_source(
     return CachedPairs(cache, clip_per_step), models.encoders.kept_with_cache(clip_per_step)
 
 
-def agree_on_resume_state(accelerator: Accelerator, resume_dir: Path | None) -> None:
+def tracker_logs(args: argparse.Namespace) -> Path:
+    """This run's TensorBoard folder: what a start over (`--overwrite_output_dir`) removes next to the checkpoints."""
+    return Path(args.output_dir) / args.logging_dir / TRACKER_PROJECT
+
+
+def resolve_start(args: argparse.Namespace, accelerator: Accelerator) -> CheckedState | None:
+    """Where this run starts: the checked state `--resume_from_checkpoint` names, or None (step 0); agreed by every process.
+
+    Decided before the folder is claimed or any model loads, so a refused start leaves every file as it
+    was. Refused in one line: a fresh start (neither flag) into the folder of an earlier run, whose
+    checkpoints and logs it would mix with its own; a state that does not check out or does not exist;
+    a `--stop_step` that leaves nothing to train; a state from another folder into an earlier run's.
+    """
+    resume, refusal = None, None
+    try:
+        if args.resume_from_checkpoint:
+            resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        fresh = not (args.resume_from_checkpoint or args.overwrite_output_dir)
+        foreign = resume is not None and resume.directory.resolve().parent != Path(args.output_dir).resolve()
+        if fresh or foreign:
+            refuse_earlier_run(args.output_dir, [tracker_logs(args)])
+    except BadInputError as error:
+        refusal = str(error)
+    agree_on_resume_state(accelerator, resume, refusal)
+    if resume is None:
+        if args.resume_from_checkpoint:
+            logger.info(f"no checkpoint in {args.output_dir}: starting from step 0", main_process_only=True)
+        return None
+    if args.stop_step <= resume.step:
+        raise BadInputError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: {resume.directory} was saved after step {resume.step} and "
+            f"--stop_step {args.stop_step} leaves nothing to train; pass a --stop_step above {resume.step} to continue"
+        )
+    later = [path.name for path in checkpoint_dirs(args.output_dir) if checkpoint_step(path) > resume.step]
+    if later:
+        logger.warning(f"resuming after step {resume.step}: {listing(later)}, saved after it, will be overwritten", main_process_only=True)
+    return resume
+
+
+def agree_on_resume_state(accelerator: Accelerator, resume: CheckedState | None, refusal: str | None = None) -> None:
     """Every process resumes from the same step of the same state, or every process stops with one line (never a hang)."""
-    mine = None if resume_dir is None else (checkpoint_step(resume_dir), state_fingerprint(resume_dir / TRAINING_STATE_DIR))
+    if refusal is not None:
+        mine = {"refused": refusal}
+    else:
+        mine = None if resume is None else {"step": resume.step, "files": state_fingerprint(resume.state_dir)}
 
     def describe(seen: list) -> str:
-        steps = ", ".join(f"process {rank}: {'no state' if s is None else f'step {s[0]}'}" for rank, s in enumerate(seen))
+        found = [("no state" if s is None else "refused" if "refused" in s else f"step {s['step']}") for s in seen]
+        steps = ", ".join(f"process {rank}: {what}" for rank, what in enumerate(found))
         return f"the processes found different training states to resume from ({steps}); --output_dir: {SHARED_STORAGE_FIX}"
 
     require_agreement(accelerator, mine, describe)
+    if refusal is not None:
+        raise BadInputError(refusal)
+
+
+def check_steps_left(args: argparse.Namespace, plan: StepPlan, resume: CheckedState | None) -> None:
+    """A resume whose epoch cap ends at or before the saved step trains nothing: one line (`--stop_step` is checked before loading)."""
+    if resume is not None and plan.total_steps <= resume.step:
+        raise BadInputError(
+            f"{resume.directory} was saved after step {resume.step} and the epoch cap ends training at step {plan.total_steps} "
+            f"(--num_train_epochs {args.num_train_epochs} x {plan.steps_per_epoch} steps per epoch): nothing to train; "
+            "raise --num_train_epochs to continue"
+        )
 
 
 def train(run: TrainingRun, signals: StopSignals) -> bool:
@@ -302,7 +366,7 @@ def train(run: TrainingRun, signals: StopSignals) -> bool:
     accelerator, args = run.accelerator, run.args
     hparams = {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in vars(args).items()}
     with reporting_write_errors(Path(args.output_dir) / args.logging_dir):
-        accelerator.init_trackers("patchdpo", config=hparams)
+        accelerator.init_trackers(TRACKER_PROJECT, config=hparams)
     progress = tqdm(
         total=run.plan.total_steps, initial=run.global_step, desc="optimizer steps", disable=not accelerator.is_local_main_process
     )
@@ -376,6 +440,6 @@ def save_checkpoints(run: TrainingRun) -> None:
             save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
         run.last_saved = step
     if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or run.stop_requested:
-        save_training_state(accelerator, run.checkpoint_dir(), run.settings)
+        save_training_state(accelerator, run.checkpoint_dir(), run.resumable, step, run.settings)
         if args.checkpoints_total_limit and accelerator.is_main_process:
             prune_training_states(args.output_dir, args.checkpoints_total_limit)

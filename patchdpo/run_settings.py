@@ -42,6 +42,7 @@ _FREE = {
     "report_to",
     "local_rank",
     "resume_from_checkpoint",
+    "overwrite_output_dir",
     "change_on_resume",
     "cache_dir",
     "dataloader_num_workers",
@@ -105,7 +106,7 @@ def check_resume_settings(state_dir: str | os.PathLike, now: Mapping[str, Any], 
     path = Path(state_dir) / SETTINGS_NAME
     recorded = read_recorded(path, "training settings")
     if recorded is None:
-        return []  # a state saved before settings were recorded: nothing to compare
+        raise BadInputError(f"{path}: missing; without it this resume cannot be checked to continue the same run")
     differing = sorted(key for key in recorded.keys() | now.keys() if recorded.get(key) != now.get(key))
     allowed = set(allowed) | {key for key, flag in _CHANGED_BY.items() if flag in allowed}
     refused = [key for key in differing if key not in allowed]

@@ -33,6 +33,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from common.errors import BadInputError
 from common.hub import resolve_file, resolve_folder
+from common.training_state import TrainedWeights
 from ip_adapter.attention_processor import adapter_modules_of, install_ip_adapter
 from ip_adapter.checkpoint import load_adapter_state, load_ip_adapter_checkpoint, load_strict, save_ip_adapter
 from ip_adapter.image_encoder import encode_image_features, load_image_encoder
@@ -313,23 +314,19 @@ def save_adapter_checkpoint(directory: str | os.PathLike, model: IPAdapterTraini
     return directory
 
 
-def register_adapter_state_hooks(accelerator: Accelerator, model: IPAdapterTrainingModel) -> None:
-    """Make `save_state` / `load_state` store only the adapter and Resampler (full precision).
+def adapter_weights(model: IPAdapterTrainingModel) -> TrainedWeights:
+    """A training state's weights: the adapter and the Resampler as loaded, full precision, in the IP-Adapter format.
 
-    The prepared module holds the whole frozen UNet; saving its state dict would write gigabytes
-    per checkpoint that never change.
+    Only these: the frozen UNet's gigabytes never change. Loading them back also makes the state's
+    Resampler tensors the ones every later checkpoint saves.
     """
 
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if accelerator.is_main_process:
-            save_ip_adapter(Path(output_dir) / ADAPTER_STATE_NAME, model.image_proj_state, model.adapter_modules, dtype=None)
-        weights.clear()
+    def save(path: Path) -> None:
+        save_ip_adapter(path, model.image_proj_state, model.adapter_modules, dtype=None)
 
-    def load_hook(models: list, input_dir: str) -> None:
-        checkpoint = load_ip_adapter_checkpoint(Path(input_dir) / ADAPTER_STATE_NAME)
+    def load(path: Path) -> None:
+        checkpoint = load_ip_adapter_checkpoint(path)
         load_adapter_state(model.image_proj_model, model.adapter_modules, checkpoint)
         model.image_proj_state = {key: tensor.clone() for key, tensor in checkpoint["image_proj"].items()}
-        models.clear()
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    return TrainedWeights(ADAPTER_STATE_NAME, save, load)

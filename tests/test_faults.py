@@ -33,14 +33,14 @@ import train_patchdpo
 from common.io import atomic_path, remove_stale_temp_files
 from common.run_lock import LOCK_NAME
 from common.stop_signals import STOPPED_EXIT_CODE
-from common.training_state import SETTINGS_NAME, TRAINING_STATE_DIR, check_training_state
+from common.training_state import MANIFEST_NAME, SETTINGS_NAME, TENSORS_NAME, TRAINING_STATE_DIR, check_training_state
 from dreambench.data import load_conditioning_images
 from ip_adapter import load_ip_adapter_checkpoint
 from patch_quality import construct, convert_pkl, maps, ssl_train, visualize
 from patch_quality.store import FORMAT_KEY, FORMAT_VALUE, QualityMaps
 from patchdpo import training as training_module
 from patchdpo.step_guard import TrainingDivergedError
-from patchdpo.training import ADAPTER_STATE_NAME, load_training_models
+from patchdpo.training import ADAPTER_STATE_NAME, adapter_weights, load_training_models
 from stand_ins.pairs import save_pair_data
 from tests.kit.cli import bad_input_message
 from tests.test_train_patchdpo import LATENT, train_args
@@ -240,11 +240,22 @@ def test_resume_saves_the_image_proj_of_the_training_state(tiny_models, tiny_pai
     argv[argv.index("--pretrained_ip_adapter_path") + 1] = str(tmp_path / "other.bin")
     message = bad_input_message(train_patchdpo.main, argv)  # another starting checkpoint is another run
     assert "pretrained_ip_adapter_sha256" in message and "checkpoint-1" in message
-    (out / "checkpoint-1" / TRAINING_STATE_DIR / SETTINGS_NAME).unlink()  # a state saved before settings were recorded
-    train_patchdpo.main(argv)
-    first = load_ip_adapter_checkpoint(out / "checkpoint-1" / "model.bin")["image_proj"]
-    second = load_ip_adapter_checkpoint(out / "checkpoint-2" / "model.bin")["image_proj"]
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    # Loading a state makes its Resampler tensors the ones saved from then on, whatever the model started from.
+    models = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tmp_path / "other.bin", "cpu", torch.float32)
+    adapter_weights(models.model).load(out / "checkpoint-1" / TRAINING_STATE_DIR / ADAPTER_STATE_NAME)
+    saved = load_ip_adapter_checkpoint(out / "checkpoint-1" / TRAINING_STATE_DIR / ADAPTER_STATE_NAME)["image_proj"]
+    assert saved.keys() == models.model.image_proj_state.keys()
+    assert all(torch.equal(saved[k], models.model.image_proj_state[k]) for k in saved)
+    assert all(torch.equal(saved[k], v) for k, v in models.model.image_proj_model.state_dict().items())
+
+
+def test_a_state_without_its_settings_is_refused(tiny_models, tiny_pair_data, fresh_run):
+    (fresh_run / "checkpoint-1" / TRAINING_STATE_DIR / SETTINGS_NAME).unlink()
+    argv = train_args(tiny_models, tiny_pair_data, fresh_run, "--use_dpo_loss", "True", "--resume_from_checkpoint", "latest", steps=2)
+    message = bad_input_message(train_patchdpo.main, [*argv, "--checkpointing_steps", "1"])
+    assert "--resume_from_checkpoint latest" in message and "damaged" in message  # the only state is incomplete
+    message = bad_input_message(train_patchdpo.main, [*argv[:-2], "--resume_from_checkpoint", str(fresh_run / "checkpoint-1")])
+    assert str(fresh_run / "checkpoint-1" / TRAINING_STATE_DIR / SETTINGS_NAME) in message and "missing" in message
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,18 +473,25 @@ def two_states(tiny_models, tiny_pair_data, tmp_path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("damage", [b"", b"garbage, not a torch file"])
-def test_damaged_training_state(two_states, tiny_models, tiny_pair_data, caplog, damage):
-    optimizer = two_states / "checkpoint-2" / TRAINING_STATE_DIR / "optimizer.bin"
-    optimizer.write_bytes(damage)
+@pytest.mark.parametrize(
+    "name, damage, fragment",
+    [
+        (TENSORS_NAME, b"", "sha256 differs"),
+        (TENSORS_NAME, b"garbage, not safetensors", "sha256 differs"),
+        (MANIFEST_NAME, b"{", "unreadable"),
+    ],
+)
+def test_damaged_training_state(two_states, tiny_models, tiny_pair_data, caplog, name, damage, fragment):
+    damaged = two_states / "checkpoint-2" / TRAINING_STATE_DIR / name
+    damaged.write_bytes(damage)
     argv = train_args(tiny_models, tiny_pair_data, two_states, "--checkpointing_steps", "1", "--save_steps", "1", steps=3)
     explicit = [*argv, "--resume_from_checkpoint", str(two_states / "checkpoint-2")]
     message = bad_input_message(train_patchdpo.main, explicit)
-    assert str(optimizer) in message and "corrupt training state file" in message
-    assert optimizer.read_bytes() == damage and not (two_states / "checkpoint-3").exists()
+    assert str(damaged) in message and fragment in message
+    assert damaged.read_bytes() == damage and not (two_states / "checkpoint-3").exists()
 
     train_patchdpo.main([*argv, "--resume_from_checkpoint", "latest"])  # falls back to checkpoint-1 and redoes step 2
-    assert "skipping a damaged training state" in caplog.text and str(optimizer) in caplog.text
+    assert "skipping a damaged training state" in caplog.text and str(damaged) in caplog.text
     check_training_state(two_states / "checkpoint-2" / TRAINING_STATE_DIR)  # rewritten whole
     assert (two_states / "checkpoint-3" / "model.bin").is_file()
 
@@ -481,11 +499,11 @@ def test_damaged_training_state(two_states, tiny_models, tiny_pair_data, caplog,
 def test_orphans_in_checkpoint_folders_are_removed_on_resume(two_states, tiny_models, tiny_pair_data):
     orphans = [
         orphan_temp(two_states / "checkpoint-1", "model.bin"),
-        orphan_temp(two_states / "checkpoint-2" / TRAINING_STATE_DIR, "optimizer.bin"),
+        orphan_temp(two_states / "checkpoint-2" / TRAINING_STATE_DIR, TENSORS_NAME),
     ]
     partial = two_states / "checkpoint-2" / (TRAINING_STATE_DIR + ".partial")
     partial.mkdir()
-    (partial / "optimizer.bin").write_bytes(b"half")
+    (partial / TENSORS_NAME).write_bytes(b"half")
     argv = train_args(tiny_models, tiny_pair_data, two_states, "--checkpointing_steps", "1", "--save_steps", "1", steps=3)
     train_patchdpo.main([*argv, "--resume_from_checkpoint", "latest"])
     assert not any(path.exists() for path in [*orphans, partial])
@@ -599,8 +617,8 @@ def test_a_deliberate_learning_rate_change_reaches_optimizer_schedule_and_logs(t
     argv += ["--lr_scheduler", "linear", "--change_on_resume", "learning_rate", "lr_scheduler"]
     train_patchdpo.main(argv)
     state = fresh_run / "checkpoint-2" / TRAINING_STATE_DIR
-    scheduler = torch.load(state / "custom_checkpoint_0.pkl", weights_only=True)  # accelerate: register_for_checkpointing
-    optimizer = torch.load(state / "optimizer.bin", weights_only=True)
+    recorded = json.loads((state / MANIFEST_NAME).read_text())
+    scheduler, optimizer = recorded["scheduler"], recorded["optimizer"]
     assert scheduler["base_lrs"] == [0.002]
     # linear decay over 3 steps: after step 2 the rate is 0.002 x 1/3 (the old schedule kept 1e-3, constant)
     assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.002 / 3)
@@ -633,7 +651,7 @@ def test_sigterm_mid_step_saves_and_the_resumed_run_equals_an_uninterrupted_one(
     assert raised.value.code == STOPPED_EXIT_CODE
     assert "stopped by SIGTERM after step 2" in stderr.getvalue() and "--resume_from_checkpoint latest" in stderr.getvalue()
     assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-2"]
-    assert (stopped / "checkpoint-2" / TRAINING_STATE_DIR / "optimizer.bin").is_file()
+    check_training_state(stopped / "checkpoint-2" / TRAINING_STATE_DIR)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone after the run
     monkeypatch.setattr(training_module, "compute_loss", real)
     train_patchdpo.main([*train_args(tiny_models, tiny_pair_data, stopped, *base, steps=4), "--resume_from_checkpoint", "latest"])

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import train_patchdpo
+from common.checkpoints import prune_training_states
 from common.errors import BadInputError
 from common.sampling import EpochSampler
-from common.training_state import SETTINGS_NAME, TRAINING_STATE_DIR, prune_training_states
+from common.training_state import SETTINGS_NAME, TRAINING_STATE_DIR
 from patch_quality.store import QualityMaps
 from patchdpo.optimization import StepPlan, adamw
 from patchdpo.training import ADAPTER_STATE_NAME, PairConditioning, load_training_models, training_step
