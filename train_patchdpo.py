@@ -125,8 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument(
         "--fp32_unet",
         action="store_true",
-        help="keep the frozen UNet in float32 under autocast, as the official script does (exact reproduction; "
-        "+2 bytes per UNet weight: +5.1 GB for SDXL's 2.57 B-parameter UNet). Default: the UNet in the mixed-precision dtype",
+        help="keep the frozen UNet in float32 under autocast, as the official script does: its weights are not rounded to "
+        "fp16/bf16 (+2 bytes per UNet weight: +5.1 GB for SDXL's 2.57 B-parameter UNet). Only the UNet's precision: the "
+        "latents and noise (fp32 here), the Resampler (cast here) and the random draws still differ, docs/differences.md "
+        "rows 4, 12, 13. Default: the UNet in the mixed-precision dtype",
     )
     extra.add_argument(
         "--use_8bit_adam",

@@ -8,15 +8,20 @@ images as curves; the other processes wait at a barrier.
 
 It samples with the model being trained: an SDXL pipeline built around the training UNet (whose
 IP-Adapter layers are the current adapter), its frozen VAE and text encoders, and the training
-CLIP image encoder and Resampler, under the run's autocast; no second SDXL is loaded and nothing
-moves between devices (`docs/memory.md`). It never changes training: the IP-Adapter scale is put
-back to training's 1.0 afterwards, the noise comes from per-image CPU generators, and the global
-random state is restored, so a run with validation trains exactly the same adapter as one without.
+CLIP image encoder and Resampler; no second SDXL is loaded and nothing moves between devices
+(`docs/memory.md`). The pipeline denoises under the run's autocast and returns latents; the fp32
+VAE decodes them with autocast off, because under `--mixed_precision fp16` autocast would run its
+convolutions in fp16, where SDXL's VAE overflows into NaN (black) images. An image that still has
+a NaN or inf pixel is drawn as a marked tile, named in a warning with its step, and its step is
+not scored. Validation never changes training: the IP-Adapter scale is put back to training's 1.0
+afterwards, the noise comes from per-image CPU generators, and the global random state is
+restored, so a run with validation trains exactly the same adapter as one without.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,9 @@ from ip_adapter.ip_adapter import IPAdapterPlusXL
 from ip_adapter.loading import SDXL_COMPONENTS
 
 TILE = 128
+NON_FINITE = "non-finite"  # the label of a tile whose image had a NaN or inf pixel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,10 +71,29 @@ class _Scorer:
         return {key: float(np.mean([scores[key] for scores in per_subject])) for key in per_subject[0]}
 
 
-def _label(image: Image.Image, text: str) -> Image.Image:
-    tile = image.convert("RGB").resize((TILE, TILE))
-    ImageDraw.Draw(tile).text((3, 2), text, fill=(255, 255, 0))
+def _label(image: Image.Image | None, text: str) -> Image.Image:
+    """A labelled tile; a non-finite image (None) is a grey tile saying so, never a black square."""
+    tile = Image.new("RGB", (TILE, TILE), (96, 96, 96)) if image is None else image.convert("RGB").resize((TILE, TILE))
+    draw = ImageDraw.Draw(tile)
+    draw.text((3, 2), text, fill=(255, 255, 0))
+    if image is None:
+        draw.text((3, TILE // 2), NON_FINITE, fill=(255, 64, 64))
     return tile
+
+
+@torch.no_grad()
+def decode_in_float32(pipe: StableDiffusionXLPipeline, latents: torch.Tensor) -> list[Image.Image | None]:
+    """The pipeline's scaled latents as images, decoded by its VAE in its own dtype (fp32) with autocast off.
+
+    One image at a time, so the decoder's activations are those of one image whatever the number of
+    validation images. An image with a NaN or inf pixel comes back as None.
+    """
+    vae = pipe.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        pixels = torch.cat([vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor).sample for latent in latents])
+    finite = pixels.flatten(1).isfinite().all(dim=1).tolist()
+    images = pipe.image_processor.postprocess(pixels.nan_to_num(), output_type="pil")
+    return [image if ok else None for image, ok in zip(images, finite)]
 
 
 TRAINING_SCALE = 1.0  # the IP-Adapter scale training runs at (the processors' default)
@@ -89,8 +116,10 @@ def _around_training_models(args: argparse.Namespace, models: Any) -> IPAdapterP
     return IPAdapterPlusXL.around(pipe, encoders.image_encoder, models.model.image_proj_model)
 
 
-def validation_grid(references: list[Image.Image], start: list[Image.Image], current: list[Image.Image], prompts: list[str]) -> Image.Image:
-    """One row per image: the subject's reference, the starting adapter's image, the current adapter's."""
+def validation_grid(
+    references: list[Image.Image], start: list[Image.Image | None], current: list[Image.Image | None], prompts: list[str]
+) -> Image.Image:
+    """One row per image: the subject's reference, the starting adapter's image, the current adapter's (None: non-finite)."""
     tiles = [
         _label(image, text)
         for reference, first, now, prompt in zip(references, start, current, prompts)
@@ -119,7 +148,7 @@ class TrainingValidation:
         self.model: IPAdapterPlusXL | None = None
         self.scale = args.validation_scale
         self.scorer: _Scorer | None = None
-        self.start_images: list[Image.Image] = []
+        self.start_images: list[Image.Image | None] = []
         if accelerator.is_main_process:
             self.model = _around_training_models(args, models)
             self.tokens = SubjectTokens(self.model, lambda subject: load_conditioning_images(self.data_root, subject, kosmosg=False))
@@ -131,16 +160,19 @@ class TrainingValidation:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def _generate(self) -> list[Image.Image]:
+    def _generate(self) -> list[Image.Image | None]:
+        """The validation images of the current adapter; None for one with a NaN or inf pixel."""
         unet = self.model.pipe.unet
         compiled = unet.__dict__.pop("forward", None)  # a --compile'd forward would recompile for the sampling shapes
+        sampling = dict(scale=self.scale, height=self.size, width=self.size, output_type="latent")  # decoded below, in fp32
         try:
             with self.accelerator.autocast():
-                return generate_batch(self.model, self.tokens, self.items, self.steps, scale=self.scale, height=self.size, width=self.size)
+                latents = generate_batch(self.model, self.tokens, self.items, self.steps, **sampling)
         finally:
             set_ip_adapter_scale(unet, TRAINING_SCALE)
             if compiled is not None:
                 unet.forward = compiled
+        return decode_in_float32(self.model.pipe, latents)
 
     def __call__(self, step: int, adapter_modules: torch.nn.Module) -> None:
         """Validate the adapter after `step` (step 0: the starting adapter); all processes call, the main one works.
@@ -156,11 +188,17 @@ class TrainingValidation:
                 self._log(step, images)
         self.accelerator.wait_for_everyone()
 
-    def _log(self, step: int, images: list[Image.Image]) -> None:
+    def _log(self, step: int, images: list[Image.Image | None]) -> None:
         references = [self.tokens.load_references(item.subject)[0] for item in self.items]
         grid = validation_grid(references, self.start_images, images, [item.prompt for item in self.items])
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=False)
         tracker.log_images({"validation/reference_start_current": np.asarray(grid)[None]}, step=step, dataformats="NHWC")
-        if self.scorer is not None:
+        broken = [f"{item.subject}: {item.prompt!r}" for item, image in zip(self.items, images) if image is None]
+        if broken:
+            logger.warning(
+                f"validation at step {step}: {len(broken)} of {len(images)} images have NaN/inf pixels ({'; '.join(broken)}); "
+                f"drawn as '{NON_FINITE}' tiles, and step {step} is not scored"
+            )
+        elif self.scorer is not None:
             scores = self.scorer(self.items, images, self.data_root)
             self.accelerator.log({f"validation/{key}": value for key, value in scores.items()}, step=step)

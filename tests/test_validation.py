@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -10,11 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import dreambench.validation
 import train_patchdpo
+from dreambench.validation import TILE, TrainingValidation
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
+from patchdpo.training import TrainingModels, load_training_models
 from tests.kit.cli import bad_input_message
 from tests.test_train_patchdpo import adapter_state, train_args
 
@@ -129,3 +135,75 @@ def test_validation_samples_with_the_training_unet_and_holds_no_second_one(
     frozen = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(tiny_models.sdxl_dir, subfolder="unet").parameters())
     adapter = sum(t.numel() for t in load_ip_adapter_checkpoint(tiny_models.ip_ckpt)["ip_adapter"].values())
     assert seen == [(1, frozen + adapter, False)] * 2  # at step 0 and step 2: one UNet, SDXL's + the adapter's parameters
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision: --mixed_precision fp16 imitated on the CPU (accelerate itself runs no fp16 autocast there)
+
+FP16_OVERFLOW_GAIN = 1e6  # decoder.conv_in outputs ~1e6: inf in fp16 (max 65504), finite in fp32 (GroupNorm rescales them)
+
+
+def _validation_on_cpu(
+    tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, out: Path, weight_dtype: torch.dtype, fp16_autocast: bool, monkeypatch
+) -> tuple[TrainingValidation, TrainingModels]:
+    """Validation as a run sets it up, with the training models in `weight_dtype`; its VAE overflows in fp16, never in fp32."""
+    args = train_patchdpo.parse_args(train_args(tiny_models, tiny_pair_data, out, *validation_args(tiny_clip_path, tiny_dino_dir)))
+    accelerator = Accelerator(
+        log_with="tensorboard", project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs"))
+    )
+    if fp16_autocast:  # what accelerator.autocast() is in an fp16 run on a GPU
+        monkeypatch.setattr(accelerator, "autocast", lambda: torch.autocast("cpu", dtype=torch.float16))
+    models = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", weight_dtype)
+    conv_in = models.encoders.vae.decoder.conv_in
+    with torch.no_grad():
+        conv_in.weight.mul_(FP16_OVERFLOW_GAIN)
+        conv_in.bias.mul_(FP16_OVERFLOW_GAIN)
+    return TrainingValidation(args, accelerator, args.seed, models), models
+
+
+def test_fp16_validation_decodes_in_float32_and_matches_float32_validation(
+    tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, tmp_path, monkeypatch
+):
+    """An fp16 run (fp16 weights under fp16 autocast) with a VAE that overflows in fp16 draws the fp32 run's images."""
+    make = (tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir)
+    fp16, models = _validation_on_cpu(*make, tmp_path / "fp16", torch.float16, True, monkeypatch)
+    fp32, _ = _validation_on_cpu(*make, tmp_path / "fp32", torch.float32, False, monkeypatch)
+    latent = torch.randn(1, 4, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):  # the stand-in is one the old validation drew black
+        assert not models.encoders.vae.decode(latent).sample.isfinite().all()
+
+    half, full = fp16._generate(), fp32._generate()
+    assert all(image is not None for image in half)
+    for a, b in zip(half, full):
+        difference = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+        assert np.asarray(a).std() > 20 and difference.mean() < 1 and difference.max() <= 8  # fp16 rounding of the denoising only
+
+
+def test_a_non_finite_validation_image_is_named_in_a_warning_drawn_as_a_marked_tile_and_not_scored(
+    tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, tmp_path, monkeypatch, caplog
+):
+    out = tmp_path / "out"
+    validation, models = _validation_on_cpu(
+        tiny_models, tiny_pair_data, tiny_clip_path, tiny_dino_dir, out, torch.float32, False, monkeypatch
+    )
+    real = dreambench.validation.generate_batch
+
+    def second_latent_nan(*args, **kwargs):
+        latents = real(*args, **kwargs).clone()
+        latents[1] = float("nan")
+        return latents
+
+    monkeypatch.setattr(dreambench.validation, "generate_batch", second_latent_nan)
+    validation.accelerator.init_trackers("patchdpo")
+    with caplog.at_level(logging.WARNING, logger="dreambench.validation"):
+        validation(3, models.model.adapter_modules)
+    validation.accelerator.end_training()
+
+    first, second = (item.prompt for item in validation.items)
+    warning = " ".join(record.getMessage() for record in caplog.records)
+    assert "step 3" in warning and f"dog: {second!r}" in warning and first not in warning
+    grid = np.asarray(Image.open(io.BytesIO(events(out).Images(GRID_TAG)[0].encoded_image_string)))
+    marked = grid[TILE:, 2 * TILE :]  # second row, current adapter
+    assert np.mean(np.all(marked == (96, 96, 96), axis=-1)) > 0.8  # the grey non-finite tile, not a black square
+    assert np.asarray(grid[:TILE, 2 * TILE :]).std() > 20  # the finite image is drawn
+    assert not [tag for tag in events(out).Tags()["scalars"] if tag.startswith("validation/")]  # the step is not scored
