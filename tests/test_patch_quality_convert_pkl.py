@@ -6,6 +6,7 @@ import builtins
 import os
 import pickle
 import pickletools
+import shutil
 import subprocess
 import sys
 
@@ -14,8 +15,14 @@ import numpy.testing
 import pytest
 import torch
 
+from common.errors import BadInputError
+from common.io import sha256_file
+from patch_quality import layout
 from patch_quality.convert_pkl import convert_pkl, restricted_load
 from patch_quality.store import QualityMaps
+from patchdpo.pair_dataset import index_pairs
+from patchdpo.validate_inputs import validate_training_inputs
+from stand_ins.pairs import random_image, save_pair_data
 
 
 def _official_maps(seed: int = 0):
@@ -159,3 +166,27 @@ def test_cli_reports_refusal_on_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not allowed" in result.stderr
     assert not marker.exists() and not out.exists()
+
+
+def test_converted_maps_are_bound_to_the_images_of_the_data_they_are_converted_for(tmp_path):
+    data = save_pair_data(tmp_path / "DATA", num_samples=2, image_size=32, latent_size=8, generated_per_sample=2)
+    source = tmp_path / "patch_quality.pkl"
+    source.write_bytes(pickle.dumps(_official_maps(), protocol=4))
+    out = tmp_path / "converted.safetensors"
+    convert_pkl(source, out, data.root)
+    converted = QualityMaps.load(out)
+    _prompt, reference, generated = layout.sample_files(data.root / "sample1")
+    assert converted.sources["sample1"].reference == sha256_file(reference)
+    assert dict(converted.sources["sample1"].generated) == {0: sha256_file(generated[0]), 1: sha256_file(generated[1])}
+    assert dict(converted.sources["sample0"].generated) == {0: sha256_file(data.root / "sample0" / "a red backpack_gen_0.png")}
+
+    random_image(np.random.default_rng(7), 40, 32).save(generated[1])  # the DATA changed after the conversion
+    maps = QualityMaps.load(out)
+    pairs = index_pairs(data.root, maps, 2, 8)[1:]  # sample0 has maps for k=0 only
+    problem = validate_training_inputs(pairs, maps, show_progress=False).error
+    assert "sample 'sample1' k=1" in problem and f"python -m patch_quality.convert_pkl patch_quality.pkl {out} --data_root {data.root}" in problem
+
+    shutil.rmtree(data.root / "sample1")
+    with pytest.raises(BadInputError) as info:
+        convert_pkl(source, tmp_path / "again.safetensors", data.root)
+    assert "sample1" in str(info.value) and "--data_root" in str(info.value) and "\n" not in str(info.value)
