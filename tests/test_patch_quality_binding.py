@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import train_patchdpo
 from common.io import sha256_file
-from patch_quality.store import QualityMaps
+from patch_quality.store import QualityMaps, hash_data_images, save_quality_maps
 from patchdpo.pair_dataset import index_pairs
 from patchdpo.validate_inputs import CHECKED_NAME, CheckedInputs, validate_training_inputs
 from stand_ins.pairs import random_image, save_pair_data
@@ -41,7 +42,9 @@ def test_unchanged_data_passes(data):
 
 
 def test_swapped_sample_folders_are_refused(data):
-    assert sorted(path.name for path in (data.root / "sample0").iterdir()) == sorted(path.name for path in (data.root / "sample6").iterdir())
+    assert sorted(path.name for path in (data.root / "sample0").iterdir()) == sorted(
+        path.name for path in (data.root / "sample6").iterdir()
+    )
     (data.root / "sample0").rename(data.root / "swap")
     (data.root / "sample6").rename(data.root / "sample0")
     (data.root / "swap").rename(data.root / "sample6")
@@ -111,3 +114,22 @@ def test_stand_in_maps_are_bound_to_their_images(data):
     assert sources["sample5"].reference == sha256_file(next(folder.glob("*_entity_0.png")))
     assert dict(sources["sample5"].generated) == {0: sha256_file(next(folder.glob("*_gen_0.png")))}
     assert QualityMaps.load(data.quality_file).get("sample5", 0)[0].dtype == torch.float32
+
+
+def test_a_file_replaced_by_another_of_the_same_size_and_time_counts_as_changed(data):
+    """What `cp -p` or an unpacked archive can do: only the inode tells the new file from the recorded one."""
+    target = next((data.root / "sample3").glob("*_gen_0.png"))
+    random_image(np.random.default_rng(1), 40, 32).save(target, compress_level=0)  # uncompressed: the size depends on the shape only
+    maps = QualityMaps.load(data.quality_file)
+    save_quality_maps(data.quality_file, {key: maps.get(*key) for key in maps.keys()}, {}, hash_data_images(data.root, maps.keys()))
+    maps = QualityMaps.load(data.quality_file)
+    pairs = index_pairs(data.root, maps, 1, LATENT)
+    first = validate_training_inputs(pairs, maps, show_progress=False, maps_sha256="m")
+    assert first.error is None
+    replacement = target.with_name(".replacement.png")
+    random_image(np.random.default_rng(2), 40, 32).save(replacement, compress_level=0)
+    os.utime(replacement, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns))
+    os.replace(replacement, target)
+    assert first.images[str(target)][:2] == [target.stat().st_size, target.stat().st_mtime_ns]
+    resumed = validate_training_inputs(pairs, maps, show_progress=False, verified=first, maps_sha256="m")
+    assert resumed.decoded == 1 and "sample 'sample3' k=0" in resumed.error
