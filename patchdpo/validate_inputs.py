@@ -220,7 +220,7 @@ def _other_images_problem(pair: TrainingPair, quality_maps: QualityMaps, images:
         if digest != expected:
             return (
                 f"{quality_maps.path}: the maps of sample {pair.sample!r} k={pair.k} were computed from another {role} image than {path} "
-                f"(sha256 {expected[:12]}..., this file {digest[:12]}...); remake them: {remake_command(quality_maps, _data_root(pair))}"
+                f"(maps: sha256 {expected[:12]}..., file now: sha256 {digest[:12]}...); remake them: {remake_command(quality_maps, _data_root(pair))}"
             )
     return None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from common.errors import BadInputError
 from patch_quality import layout
-from patch_quality.store import SOURCES_KEY, QualityMaps, SampleImages, save_quality_maps
+from patch_quality.store import SOURCES_KEY, QualityMaps, SampleImages, remake_command, save_quality_maps
 
 
 def _random_maps(keys, size=(8, 8), seed=0):
@@ -195,3 +196,26 @@ def test_layout_errors_are_one_line(tmp_path):
         layout.sample_files(folder)
     with pytest.raises(ValueError, match="cannot name a data file"):
         layout.reference_path(folder, "snake_case prompt")
+
+
+def test_the_remake_command_reproduces_the_recorded_settings(tmp_path):
+    from patch_quality.cli import maps_parser
+    from patch_quality.maps import MapSettings
+
+    settings = MapSettings(transform="threshold", good_threshold=0.7, signed=True, latent_size=64)
+    recorded = {**settings.metadata(), "backbone": "/models/dino v2", "layer": "11", "feature_image_size": "224", "resolution": "512"}
+    path = tmp_path / "elsewhere.safetensors"
+    save_quality_maps(path, _random_maps([("sample0", 0)]), recorded, _sources([("sample0", 0)]))
+    command = remake_command(QualityMaps.load(path), tmp_path / "DATA")
+    words = shlex.split(command.replace("<--pretrained_model_name_or_path>", "SDXL"))
+    assert words[:3] == ["python", "-m", "patch_quality.maps"]
+    args = maps_parser().parse_args(words[3:])
+    assert (args.data_root, args.backbone, args.layer, args.image_size, args.resolution) == (
+        tmp_path / "DATA",
+        Path("/models/dino v2"),
+        11,
+        224,
+        512,
+    )
+    assert (args.transform, args.good_threshold, args.signed, args.output, args.base_model_path) == ("threshold", 0.7, True, path, "SDXL")
+    assert "--foreground_mask" not in words and "--background_level" not in words  # defaults are left out
