@@ -3,7 +3,8 @@
     python benchmarks/startup_benchmark.py --pairs 200 2000 --processes 1 2 --out startup_out
 
 Each pair's reference and generated image are 1024x1024 PNGs (links to a pool of distinct files, so
-the disk holds 16 of them; each path is still opened and decoded), its maps a real quality-map file.
+the disk holds 16 of them; each path is still opened, decoded and hashed), its maps a real
+quality-map file bound to them.
 Training is `train_patchdpo.py` on the tiny stand-in models (so the figures are the input check,
 not the models): a first start to step 1, then a resume to step 2. The figure is the time the run
 prints for its input check ("training inputs checked in X s"), per pair.
@@ -27,11 +28,7 @@ POOL = 16
 def build_data(root: Path, pairs: int, pool: list[Path]) -> Path:
     from stand_ins.pairs import save_pair_data
 
-    data = save_pair_data(root / f"pairs{pairs}", num_samples=pairs, image_size=32, latent_size=16)
-    for index, image in enumerate(sorted(data.root.glob("sample*/*.png"))):
-        image.unlink()
-        image.symlink_to(pool[index % len(pool)])
-    return data
+    return save_pair_data(root / f"pairs{pairs}", num_samples=pairs, image_size=32, latent_size=16, image_pool=pool)
 
 
 def run_start(models, data, out: Path, processes: int, steps: int) -> float:

@@ -6,6 +6,8 @@ it). `load_photo` reads a person's photo the way they see it on their screen.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -24,13 +26,30 @@ def is_image_file(path: Path) -> bool:
 
 def load_rgb_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image fully (so truncated files fail here, not later) and return it as RGB."""
+    return _decode_rgb(path, path)
+
+
+def load_rgb_image_and_sha256(path: str | os.PathLike) -> tuple[Image.Image, str]:
+    """`load_rgb_image` and the SHA-256 of the bytes it decoded: one read, so the digest names exactly the image decoded."""
     try:
-        with Image.open(path) as image:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    return _decode_rgb(io.BytesIO(data), path), hashlib.sha256(data).hexdigest()
+
+
+def _decode_rgb(source: str | os.PathLike | io.BytesIO, path: str | os.PathLike) -> Image.Image:
+    try:
+        with Image.open(source) as image:
             image.load()
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        detail = " ".join(str(exc).split())
-        raise BadInputError(f"{path}: unreadable image ({type(exc).__name__}: {detail})") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: str | os.PathLike, exc: Exception) -> BadInputError:
+    detail = " ".join(str(exc).split())
+    return BadInputError(f"{path}: unreadable image ({type(exc).__name__}: {detail})")
 
 
 MIN_PHOTO_SIDE = 64  # smaller than the CLIP and DINO inputs by far: an icon, not a photo of a subject

@@ -15,7 +15,13 @@ Anything else (`os.system`, `builtins.open`, any `numpy.testing` helper, `_codec
 protocol 0-2 bytes) is refused before it is called. A whole `numpy.*` module is never allowed:
 `numpy.testing` alone can run code.
 
-    python -m patch_quality.convert_pkl patch_quality.pkl DATA/patch_quality.safetensors
+The pickle records nothing about the images its maps describe, so the conversion binds them to the
+DATA they are converted for, the way `patch_quality.maps` binds its own: the output records the
+SHA-256 of `DATA/sample{i}`'s reference and `gen_{k}` image for every entry `[i][k]`, and training
+refuses the maps once those images change. Bind to the DATA the pickle was computed from: nothing
+here can check that the maps describe those images.
+
+    python -m patch_quality.convert_pkl patch_quality.pkl DATA/patch_quality.safetensors --data_root DATA
 """
 
 from __future__ import annotations
@@ -112,11 +118,12 @@ def official_maps_to_store(all_region_maps: Any) -> dict[tuple[str, int], tuple[
     return maps
 
 
-def convert_pkl(input_path: str | os.PathLike, output_path: str | os.PathLike) -> int:
-    """Convert one official pickle; returns the number of (sample, k) pairs written.
+def convert_pkl(input_path: str | os.PathLike, output_path: str | os.PathLike, data_root: str | os.PathLike) -> int:
+    """Convert one official pickle, bound to the images of `data_root`; returns the number of (sample, k) pairs written.
 
-    Everything is validated before the output is written (atomically), so a refused file never
-    leaves a partial output behind and never replaces an existing one.
+    Everything is validated (an entry `[i][k]` needs `data_root/sample{i}` and its `gen_{k}`
+    image) before the output is written (atomically), so a refused file never leaves a partial
+    output behind and never replaces an existing one.
     """
     input_path = Path(input_path)
     if not input_path.is_file():
@@ -132,14 +139,20 @@ def convert_pkl(input_path: str | os.PathLike, output_path: str | os.PathLike) -
         raise BadInputError(f"{input_path}: {error}") from None
     if not maps:
         raise BadInputError(f"{input_path}: holds no quality maps")
+    from patch_quality.store import hash_data_images, save_quality_maps
+
+    try:
+        sources = hash_data_images(data_root, maps)
+    except BadInputError as error:
+        raise BadInputError(
+            f"{input_path} has maps of images --data_root {data_root} lacks ({error}); --data_root must be the DATA they were computed for"
+        ) from None
     metadata = {
         "source": "official patch_quality.pkl (converted by patch_quality.convert_pkl)",
         "source_file": input_path.name,
         "source_sha256": sha256_file(input_path),
     }
-    from patch_quality.store import save_quality_maps
-
-    save_quality_maps(output_path, maps, metadata)
+    save_quality_maps(output_path, maps, metadata, sources)
     return len(maps)
 
 
@@ -150,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("input", type=Path, help="official patch_quality.pkl")
     parser.add_argument("output", type=Path, help="patch_quality.safetensors to write (atomically)")
+    parser.add_argument(
+        "--data_root",
+        type=Path,
+        required=True,
+        help="the DATA folder (sample{i}/) the maps were computed for: the output is bound to its images",
+    )
     return parser
 
 
@@ -163,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         check_output_file(args.output, "output")
-        count = convert_pkl(args.input, args.output)
+        count = convert_pkl(args.input, args.output, args.data_root)
     except BadInputError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     print(f"wrote {count} map pairs to {args.output}")

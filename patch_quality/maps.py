@@ -46,15 +46,15 @@ from common.checks import require_flags_in_range
 from common.cli import exit_on_reported_error, quiet_libraries
 from common.distributed import owning_output_dir
 from common.errors import BadInputError, ReportedError
-from common.images import load_rgb_image
-from common.io import remove_stale_temp_files, sha256_file
+from common.images import load_rgb_image_and_sha256
+from common.io import remove_stale_temp_files
 from common.launch import check_launch
 from common.outputs import check_output_dir, check_output_file
 from patch_quality import layout
 from patch_quality.cli import TRANSFORMS
 from patch_quality.features import PatchFeatureExtractor, center_square, describe
 from patch_quality.latent_grid import latent_grid
-from patch_quality.store import QualityMaps, save_quality_maps
+from patch_quality.store import QualityMaps, SampleImages, hash_sample_images, save_quality_maps
 
 INTERPOLATION = "bilinear, align_corners=False, antialias=False (patch grid -> latent grid, before the transform)"
 PARTS_DIR_NAME = ".patch_quality_parts"
@@ -162,21 +162,15 @@ def quality_maps(
     return ref_map.cpu(), gen_map.cpu()
 
 
-def _sample_digest(reference: Path, generated: dict[int, Path]) -> str:
-    digest = hashlib.sha256()
-    for name, path in [("ref", reference)] + [(f"gen{k}", path) for k, path in generated.items()]:
-        digest.update(f"{name}:{path.name}:{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
-
-
-def _part_is_current(part: Path, run_tag: str, inputs: str) -> bool:
+def _part_is_current(part: Path, run_tag: str, sample: str, images: SampleImages) -> bool:
+    """A finished part of this run's settings, computed from these very images."""
     if not part.is_file():
         return False
     try:
-        metadata = QualityMaps.load(part).metadata
+        stored = QualityMaps.load(part)
+        return stored.metadata.get("run") == run_tag and stored.sources == {sample: images}
     except BadInputError:
         return False
-    return metadata.get("run") == run_tag and metadata.get("inputs") == inputs
 
 
 def estimate_quality_maps(
@@ -191,9 +185,12 @@ def estimate_quality_maps(
     """Compute maps for every `sample*/` of `data_root` and write one quality-map file.
 
     Work is sharded by sample over the accelerate processes. Each finished sample is written
-    atomically to `DATA/.patch_quality_parts/` tagged with the settings and input-image hashes, so
-    a killed run resumes where it stopped and a changed setting or image is recomputed; the main
-    process merges the parts into `output` (atomically) and removes them.
+    atomically to `DATA/.patch_quality_parts/` tagged with the settings and bound to the SHA-256 of
+    the image bytes its maps were computed from, so a killed run resumes where it stopped and a
+    changed setting or image is recomputed; the main process merges the parts into `output`
+    (atomically, bound to the same digests) and removes them. The output depends only on the
+    images and settings, not on the number of processes or an interruption: a rerun writes the
+    same bytes.
     """
     state = state or PartialState(cpu=True)
     data_root = Path(data_root)
@@ -224,53 +221,58 @@ def estimate_quality_maps(
     return output
 
 
-def _pending_samples(entries: list, parts_dir: Path, run_tag: str) -> list[tuple[Path, Path, dict[int, Path], str]]:
-    """(sample, reference, generated, input digest) of the samples without a current part file."""
+def _pending_samples(entries: list, parts_dir: Path, run_tag: str) -> list[tuple[Path, Path, dict[int, Path]]]:
+    """(sample, reference, generated) of the samples without a current part file."""
     todo = []
     for sample, _prompt, reference, generated in entries:
-        inputs = _sample_digest(reference, generated)
-        if not _part_is_current(parts_dir / f"{sample.name}.safetensors", run_tag, inputs):
-            todo.append((sample, reference, generated, inputs))
+        if not _part_is_current(parts_dir / f"{sample.name}.safetensors", run_tag, sample.name, hash_sample_images(reference, generated)):
+            todo.append((sample, reference, generated))
     return todo
 
 
 def _write_parts(
-    chunk: Sequence[tuple[Path, Path, dict[int, Path], str]],
+    chunk: Sequence[tuple[Path, Path, dict[int, Path]]],
     extractor: PatchFeatureExtractor,
     settings: MapSettings,
     parts_dir: Path,
     run_tag: str,
 ) -> None:
-    """Maps of a few samples from one feature-extractor batch; one part file per sample, tagged with the run and inputs."""
-    images, masks = [], []
-    for _sample, reference, generated, _inputs in chunk:
-        reference_image = load_rgb_image(reference)
+    """Maps of a few samples from one feature-extractor batch; one part file per sample, tagged with the run, bound to the bytes decoded."""
+    images, masks, sources = [], [], []
+    for _sample, reference, generated in chunk:
+        reference_image, reference_sha256 = load_rgb_image_and_sha256(reference)
         masks.append(foreground_patch_mask(reference_image, extractor.grid_size, settings.background_level, settings.foreground_fraction))
         images.append(reference_image)
-        images.extend(load_rgb_image(path) for path in generated.values())
+        generated_sha256 = {}
+        for k, path in generated.items():
+            image, generated_sha256[k] = load_rgb_image_and_sha256(path)
+            images.append(image)
+        sources.append(SampleImages(reference_sha256, generated_sha256))
     features = extractor(images)
     offset = 0
-    for (sample, _reference, generated, inputs), mask in zip(chunk, masks):
+    for (sample, _reference, generated), mask, sample_images in zip(chunk, masks, sources):
         reference_features = features[offset]
         maps = {
             (sample.name, k): quality_maps(reference_features, features[offset + index], mask, settings)
             for index, k in enumerate(generated, start=1)
         }
         offset += 1 + len(generated)
-        save_quality_maps(parts_dir / f"{sample.name}.safetensors", maps, {"run": run_tag, "inputs": inputs})
+        save_quality_maps(parts_dir / f"{sample.name}.safetensors", maps, {"run": run_tag}, {sample.name: sample_images})
 
 
 def _merge_parts(samples: list[Path], parts_dir: Path, run_tag: str, output: Path, run_meta: dict[str, str]) -> None:
-    """Merge every sample's part into `output` (float16, atomically), then remove the parts."""
+    """Merge every sample's part into `output` (float16, atomically, bound to the parts' image digests), then remove the parts."""
     merged: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    sources: dict[str, SampleImages] = {}
     for sample in samples:
         part = QualityMaps.load(parts_dir / f"{sample.name}.safetensors")
         if part.metadata.get("run") != run_tag:
             raise BadInputError(f"part file for {sample.name} in {parts_dir} was made with other settings; rerun")
+        sources.update(part.sources)
         for key in part.keys():
             merged[key] = tuple(m.half() for m in part.get(*key))
     metadata = {**run_meta, "num_samples": str(len(samples)), "num_pairs": str(len(merged))}
-    save_quality_maps(output, merged, metadata)
+    save_quality_maps(output, merged, metadata, sources)
     shutil.rmtree(parts_dir)
 
 

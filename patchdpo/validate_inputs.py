@@ -4,10 +4,22 @@ Images are otherwise decoded lazily by the data loader and quality maps read on 
 corrupt PNG failed mid-run (after checkpoints were written) and a NaN or out-of-range map silently
 turned the loss and then every checkpoint into NaN. Here each image is decoded and each map is
 checked to be finite and within its range; the first problem is one line naming the file, the
-sample and the key. The work is split over the processes (each checks its share, in the data-loader
-workers) and what was verified is recorded in the output folder (`CHECKED_NAME`: each image's size
-and modification time, the maps file's digest), so a resume or a second start re-checks only what
-changed.
+sample and the key.
+
+Each pair's maps must also be the maps *of its images*: the maps file records the SHA-256 of the
+reference and generated image every map was computed from (`patch_quality.store`), and each image's
+digest is taken from the very bytes decoded here (no second read). Maps of another image (swapped
+folders, an image regenerated after the maps, another DATA with the same sample names) are a
+one-line error naming the sample, k, the image and the command that remakes the maps. A maps file
+that records no digests is refused the same way rather than trusted with a warning: nothing could
+then tell its maps from another DATA's, which is the silent failure the digests exist to stop, and
+remaking (or reconverting) it is a single command.
+
+The work is split over the processes (each checks its share, in the data-loader workers) and what
+was verified is recorded in the output folder (`CHECKED_NAME`: each image's size, modification
+time, inode and digest, the maps file's digest), so a resume or a second start decodes and hashes
+only what changed. The inode makes a file moved in from elsewhere (swapped folders, a copy keeping
+its times) count as changed.
 """
 
 from __future__ import annotations
@@ -27,10 +39,10 @@ from tqdm.auto import tqdm
 from common.checks import require_flags_in_range
 from common.distributed import gather_values
 from common.errors import BadInputError
-from common.images import load_rgb_image
+from common.images import load_rgb_image_and_sha256
 from common.io import atomic_write_json
 from common.outputs import check_output_dir
-from patch_quality.store import GENERATED_SUFFIX, REFERENCE_SUFFIX, QualityMaps
+from patch_quality.store import GENERATED_SUFFIX, REFERENCE_SUFFIX, QualityMaps, remake_command
 
 from .pair_dataset import TrainingPair
 
@@ -69,9 +81,9 @@ def check_quality_map(quality_map: torch.Tensor, bounds: tuple[float, float], wh
 
 @dataclass
 class CheckedInputs:
-    """What a start verified: each image's (size, mtime in ns) and the map keys checked in the maps file of that digest."""
+    """What a start verified: each image's [size, mtime in ns, inode, sha256] and the map keys checked in the maps file of that digest."""
 
-    images: dict[str, list[int]] = field(default_factory=dict)
+    images: dict[str, list[int | str]] = field(default_factory=dict)
     maps_sha256: str | None = None
     map_keys: list[list[Any]] = field(default_factory=list)
     error: str | None = None
@@ -96,11 +108,11 @@ class CheckedInputs:
 
 def _stamp(path: Path) -> list[int]:
     status = path.stat()
-    return [status.st_size, status.st_mtime_ns]
+    return [status.st_size, status.st_mtime_ns, status.st_ino]
 
 
 class _Decode(Dataset):
-    """Decodes one image per item (in the data-loader workers); returns its path, stamp and the error if any."""
+    """Decodes and hashes one image per item (in the data-loader workers); returns its path, stamp + digest and the error if any."""
 
     def __init__(self, paths: Sequence[Path]) -> None:
         self.paths = list(paths)
@@ -108,13 +120,14 @@ class _Decode(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[str, list[int], str | None]:
+    def __getitem__(self, index: int) -> tuple[str, list[int | str], str | None]:
         path = self.paths[index]
+        stamp = _stamp(path)  # before the read: a file changed while being read gets another stamp next time
         try:
-            load_rgb_image(path)
+            _image, digest = load_rgb_image_and_sha256(path)
         except BadInputError as error:
             return str(path), [], str(error)
-        return str(path), _stamp(path), None
+        return str(path), [*stamp, digest], None
 
 
 def validate_training_inputs(
@@ -127,27 +140,28 @@ def validate_training_inputs(
 ) -> CheckedInputs:
     """Decode every image of `pairs` and check every quality map they use, skipping what `verified` shows unchanged.
 
-    An image is skipped when an earlier start decoded it at the same size and modification time; a
-    pair's maps when the maps file has the digest (`maps_sha256`) they were checked in. The first
-    problem is returned in `error` (not raised), so that the processes can stop together.
+    An image is skipped (its recorded digest reused) when an earlier start decoded it at the same
+    size, modification time and inode; a pair's map values when the maps file has the digest
+    (`maps_sha256`) they were checked in. Every pair's image digests are compared with the maps'
+    at every start. The first problem is returned in `error` (not raised), so that the processes
+    can stop together.
     """
     verified = verified or CheckedInputs()
     checked = CheckedInputs(maps_sha256=maps_sha256)
-    images = list(dict.fromkeys(path for pair in pairs for path in (pair.reference_path, pair.generated_path)))
-    todo = [path for path in images if verified.images.get(str(path)) != _stamp(path)]
-    checked.images.update({str(path): verified.images[str(path)] for path in images if path not in todo})
-    checked.decoded = len(todo)
-    loader = DataLoader(_Decode(todo), batch_size=None, num_workers=num_workers)
-    for path, stamp, error in tqdm(loader, desc="checking training images", unit="image", disable=not show_progress or not todo):
-        if error is not None:
-            checked.error = error
+    if quality_maps is not None:
+        checked.error = _unbound_maps_problem(quality_maps, pairs)
+        if checked.error is not None:
             return checked
-        checked.images[path] = stamp
-    if quality_maps is None:
+    images = list(dict.fromkeys(path for pair in pairs for path in (pair.reference_path, pair.generated_path)))
+    _decode_changed(images, verified, checked, show_progress, num_workers)
+    if checked.error is not None or quality_maps is None:
         return checked
     ranges = map_ranges(quality_maps)
     known = {tuple(key) for key in verified.map_keys} if verified.maps_sha256 == maps_sha256 and maps_sha256 is not None else set()
     for pair in pairs:
+        checked.error = _other_images_problem(pair, quality_maps, checked.images)
+        if checked.error is not None:
+            return checked
         if (pair.sample, pair.k) not in known:
             for role, quality_map in zip((REFERENCE_SUFFIX, GENERATED_SUFFIX), quality_maps.get(pair.sample, pair.k)):
                 where = f"{quality_maps.path}: sample {pair.sample!r} k={pair.k} key '{pair.sample}/{pair.k}/{role}'"
@@ -158,6 +172,57 @@ def validate_training_inputs(
                     return checked
         checked.map_keys.append([pair.sample, pair.k])
     return checked
+
+
+def _decode_changed(images: Sequence[Path], verified: CheckedInputs, checked: CheckedInputs, show_progress: bool, num_workers: int) -> None:
+    """Record every image's stamp and digest in `checked`: from `verified` when unchanged, else decoded and hashed now."""
+    todo = []
+    for path in images:
+        recorded = verified.images.get(str(path))
+        if recorded is not None and len(recorded) == 4 and recorded[:3] == _stamp(path):
+            checked.images[str(path)] = recorded
+        else:
+            todo.append(path)
+    checked.decoded = len(todo)
+    loader = DataLoader(_Decode(todo), batch_size=None, num_workers=num_workers)
+    for path, record, error in tqdm(loader, desc="checking training images", unit="image", disable=not show_progress or not todo):
+        if error is not None:
+            checked.error = error
+            return
+        checked.images[path] = record
+
+
+def _data_root(pair: TrainingPair) -> Path:
+    return pair.reference_path.parent.parent
+
+
+def _unbound_maps_problem(quality_maps: QualityMaps, pairs: Sequence[TrainingPair]) -> str | None:
+    """Why the maps file cannot be checked against its images (it records no digests, or unreadable ones), if it cannot."""
+    try:
+        if quality_maps.sources is not None or not pairs:
+            return None
+    except BadInputError as error:
+        return str(error)
+    return (
+        f"{quality_maps.path} records no hashes of the images its maps were computed from (it predates binding maps to their images), "
+        f"so nothing tells whether it describes the images of {_data_root(pairs[0])}; remake it: {remake_command(quality_maps, _data_root(pairs[0]))}"
+    )
+
+
+def _other_images_problem(pair: TrainingPair, quality_maps: QualityMaps, images: dict[str, list[int | str]]) -> str | None:
+    """Whether `pair`'s maps were computed from another reference or generated image than the one at its path."""
+    sources = quality_maps.sources[pair.sample]
+    for role, path, expected in (
+        ("reference", pair.reference_path, sources.reference),
+        ("generated", pair.generated_path, sources.generated[pair.k]),
+    ):
+        digest = images[str(path)][3]
+        if digest != expected:
+            return (
+                f"{quality_maps.path}: the maps of sample {pair.sample!r} k={pair.k} were computed from another {role} image than {path} "
+                f"(maps: sha256 {expected[:12]}..., file now: sha256 {digest[:12]}...); remake them: {remake_command(quality_maps, _data_root(pair))}"
+            )
+    return None
 
 
 def check_inputs_on_every_process(

@@ -290,7 +290,7 @@ def _cli_cases(tiny_models, tmp_path: Path) -> dict[str, tuple]:
         "maps": (maps.main, lambda out: ["--data_root", missing, "--backbone", missing, "--output", str(out / "maps.safetensors")]),
         "ssl_train": (ssl_train.main, lambda out: ["--backbone", missing, "--train_data", missing, "--output_dir", str(out)]),
         "visualize": (visualize.main, lambda out: ["--data_root", missing, "--output_dir", str(out)]),
-        "convert_pkl": (convert_pkl.main, lambda out: [missing, str(out / "maps.safetensors")]),
+        "convert_pkl": (convert_pkl.main, lambda out: [missing, str(out / "maps.safetensors"), "--data_root", missing]),
     }  # fmt: skip
 
 

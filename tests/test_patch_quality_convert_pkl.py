@@ -6,6 +6,7 @@ import builtins
 import os
 import pickle
 import pickletools
+import shutil
 import subprocess
 import sys
 
@@ -14,8 +15,14 @@ import numpy.testing
 import pytest
 import torch
 
+from common.errors import BadInputError
+from common.io import sha256_file
+from patch_quality import layout
 from patch_quality.convert_pkl import convert_pkl, restricted_load
 from patch_quality.store import QualityMaps
+from patchdpo.pair_dataset import TrainingPair
+from patchdpo.validate_inputs import validate_training_inputs
+from stand_ins.pairs import random_image, save_pair_data
 
 
 def _official_maps(seed: int = 0):
@@ -28,6 +35,12 @@ def _official_maps(seed: int = 0):
             {"target_map": rng.random((8, 8), dtype=np.float32), "gene_map": rng.random((8, 8), dtype=np.float32)},
         ],
     ]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The DATA `_official_maps` describe: sample0 and sample1, two generated images each."""
+    return save_pair_data(tmp_path_factory.mktemp("DATA"), num_samples=2, image_size=32, latent_size=8, generated_per_sample=2).root
 
 
 def _pickle_with_numpy_names(obj, numpy_core: str) -> bytes:
@@ -45,12 +58,12 @@ def _pickle_with_numpy_names(obj, numpy_core: str) -> bytes:
 
 
 @pytest.mark.parametrize("numpy_core", ["numpy.core", "numpy._core"])
-def test_round_trip_with_numpy1_and_numpy2_names(tmp_path, numpy_core):
+def test_round_trip_with_numpy1_and_numpy2_names(tmp_path, numpy_core, data):
     official = _official_maps()
     source = tmp_path / "patch_quality.pkl"
     source.write_bytes(_pickle_with_numpy_names(official, numpy_core))
     out = tmp_path / "patch_quality.safetensors"
-    assert convert_pkl(source, out) == 3
+    assert convert_pkl(source, out, data) == 3
 
     loaded = QualityMaps.load(out)
     assert loaded.metadata["source_file"] == "patch_quality.pkl"
@@ -67,13 +80,13 @@ def test_round_trip_with_numpy1_and_numpy2_names(tmp_path, numpy_core):
 
 
 @pytest.mark.parametrize("protocol", [4, 5])
-def test_int_keyed_dicts_and_default_protocol(tmp_path, protocol):
+def test_int_keyed_dicts_and_default_protocol(tmp_path, protocol, data):
     rng = np.random.default_rng(1)
     official = {0: {0: {"target_map": rng.random((4, 4)), "gene_map": rng.random((4, 4))}}}
     source = tmp_path / "maps.pkl"
     source.write_bytes(pickle.dumps(official, protocol=protocol))
     out = tmp_path / "maps.safetensors"
-    assert convert_pkl(source, out) == 1
+    assert convert_pkl(source, out, data) == 1
     assert QualityMaps.load(out).keys() == [("sample0", 0)]
 
 
@@ -98,7 +111,7 @@ def _payloads(marker):
 
 
 @pytest.mark.parametrize("name", ["os.system", "builtins.open", "numpy.testing", "builtins.exec"])
-def test_malicious_pickles_are_refused_without_running(tmp_path, name):
+def test_malicious_pickles_are_refused_without_running(tmp_path, name, data):
     marker = tmp_path / "pwned"
     payload = _payloads(marker)[name]
     # Hide the payload inside an otherwise valid file, after a genuine array.
@@ -109,7 +122,7 @@ def test_malicious_pickles_are_refused_without_running(tmp_path, name):
     out = tmp_path / "out.safetensors"
 
     with pytest.raises(ValueError) as info:
-        convert_pkl(source, out)
+        convert_pkl(source, out, data)
     message = str(info.value)
     assert "\n" not in message and "not allowed" in message and str(source) in message
     assert not marker.exists(), "the payload ran"
@@ -117,16 +130,16 @@ def test_malicious_pickles_are_refused_without_running(tmp_path, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pkl"]
 
 
-def test_refusal_keeps_existing_output(tmp_path):
+def test_refusal_keeps_existing_output(tmp_path, data):
     good = tmp_path / "good.pkl"
     good.write_bytes(pickle.dumps(_official_maps(), protocol=4))
     out = tmp_path / "out.safetensors"
-    convert_pkl(good, out)
+    convert_pkl(good, out, data)
     before = out.read_bytes()
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps(_Payload(os.system, ("true",)), protocol=4))
     with pytest.raises(ValueError, match="os.system|posix.system"):
-        convert_pkl(evil, out)
+        convert_pkl(evil, out, data)
     assert out.read_bytes() == before
 
 
@@ -137,21 +150,21 @@ def test_other_numpy_globals_and_bad_structure_are_refused():
         restricted_load(pickle.dumps(np.zeros(2), protocol=2))
 
 
-def test_wrong_structure_is_a_one_line_error(tmp_path):
+def test_wrong_structure_is_a_one_line_error(tmp_path, data):
     source = tmp_path / "bad.pkl"
     source.write_bytes(pickle.dumps([[{"target_map": np.zeros((2, 2))}]], protocol=4))
     with pytest.raises(ValueError, match=r"entry \[0\]\[0\] must be a dict with 'target_map' and 'gene_map'"):
-        convert_pkl(source, tmp_path / "out.safetensors")
+        convert_pkl(source, tmp_path / "out.safetensors", data)
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_cli_reports_refusal_on_one_line(tmp_path):
+def test_cli_reports_refusal_on_one_line(tmp_path, data):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps(_Payload(os.system, (f"touch {marker}",)), protocol=4))
     out = tmp_path / "out.safetensors"
     result = subprocess.run(
-        [sys.executable, "-m", "patch_quality.convert_pkl", str(evil), str(out)],
+        [sys.executable, "-m", "patch_quality.convert_pkl", str(evil), str(out), "--data_root", str(data)],
         capture_output=True,
         text=True,
         cwd=os.path.dirname(os.path.dirname(__file__)),
@@ -159,3 +172,33 @@ def test_cli_reports_refusal_on_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not allowed" in result.stderr
     assert not marker.exists() and not out.exists()
+
+
+def test_converted_maps_are_bound_to_the_images_of_the_data_they_are_converted_for(tmp_path):
+    data = save_pair_data(tmp_path / "DATA", num_samples=2, image_size=32, latent_size=8, generated_per_sample=2)
+    source = tmp_path / "patch_quality.pkl"
+    source.write_bytes(pickle.dumps(_official_maps(), protocol=4))
+    out = tmp_path / "converted.safetensors"
+    convert_pkl(source, out, data.root)
+    converted = QualityMaps.load(out)
+    _prompt, reference, generated = layout.sample_files(data.root / "sample1")
+    assert converted.sources["sample1"].reference == sha256_file(reference)
+    assert dict(converted.sources["sample1"].generated) == {0: sha256_file(generated[0]), 1: sha256_file(generated[1])}
+    assert dict(converted.sources["sample0"].generated) == {0: sha256_file(data.root / "sample0" / "a red backpack_gen_0.png")}
+
+    random_image(np.random.default_rng(7), 40, 32).save(generated[1])  # the DATA changed after the conversion
+    maps = QualityMaps.load(out)
+    pairs = []
+    for folder, k in maps.keys():  # sample0 has maps for k=0 only: the pairs of the maps, not of --generated_per_sample
+        prompt, reference, images = layout.sample_files(data.root / folder)
+        pairs.append(TrainingPair(folder, k, prompt, reference, images[k]))
+    problem = validate_training_inputs(pairs, maps, show_progress=False).error
+    assert (
+        "sample 'sample1' k=1" in problem
+        and f"python -m patch_quality.convert_pkl patch_quality.pkl {out} --data_root {data.root}" in problem
+    )
+
+    shutil.rmtree(data.root / "sample1")
+    with pytest.raises(BadInputError) as info:
+        convert_pkl(source, tmp_path / "again.safetensors", data.root)
+    assert "sample1" in str(info.value) and "--data_root" in str(info.value) and "\n" not in str(info.value)

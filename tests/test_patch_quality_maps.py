@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import patch_quality.maps as maps_module
+from common.io import sha256_file
 from common.run_lock import LOCK_NAME
 from patch_quality import layout
 from patch_quality.features import PatchFeatureExtractor
@@ -193,3 +194,43 @@ def test_pixel_mask_uses_background_level():
     light_mask[0:8, 0:8] = 0
     mask = foreground_patch_mask(Image.fromarray(light_mask), 8, background_level=240)
     assert mask.sum() == 1 and mask[0, 0]
+
+
+def test_a_rerun_on_the_same_data_writes_the_same_bytes_bound_to_the_images(tmp_path, tiny_dinov2_dir):
+    """Equal maps must be equal files: the training run records the maps file's digest, and a resume refuses another one."""
+    data = tmp_path / "DATA"
+    _make_data(data)
+    args = ["--data_root", str(data), "--backbone", str(tiny_dinov2_dir), "--cpu", "--vae_scale_factor", "8", "--resolution", "64"]
+    main(args)
+    first = (data / "patch_quality.safetensors").read_bytes()
+    main(args)
+    assert (data / "patch_quality.safetensors").read_bytes() == first
+    sources = QualityMaps.load(data / "patch_quality.safetensors").sources
+    _prompt, reference, generated = layout.sample_files(data / "sample1")
+    assert sources["sample1"].reference == sha256_file(reference)
+    assert dict(sources["sample1"].generated) == {k: sha256_file(path) for k, path in generated.items()}
+
+
+def test_a_part_of_an_image_changed_since_is_computed_again(tmp_path, tiny_dinov2_dir, monkeypatch):
+    data = tmp_path / "DATA"
+    _make_data(data)
+    args = ["--data_root", str(data), "--backbone", str(tiny_dinov2_dir), "--cpu", "--batch_size", "1", "--vae_scale_factor", "8"]
+    real_quality_maps = maps_module.quality_maps
+    calls = []
+
+    def failing_on_second_sample(*arguments):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("killed")
+        return real_quality_maps(*arguments)
+
+    monkeypatch.setattr(maps_module, "quality_maps", failing_on_second_sample)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(args)
+    changed = layout.sample_files(data / "sample0")[2][1]
+    structured_texture(77, 128).save(changed)  # sample0's part exists, computed from the old image
+    calls.clear()
+    monkeypatch.setattr(maps_module, "quality_maps", lambda *a: calls.append(1) or real_quality_maps(*a))
+    main(args)
+    assert len(calls) == 4
+    assert QualityMaps.load(data / "patch_quality.safetensors").sources["sample0"].generated[1] == sha256_file(changed)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from patch_quality import layout
-from patch_quality.store import save_quality_maps
+from patch_quality.store import hash_data_images, save_quality_maps
 from patch_quality.visualize import CAPTION_HEIGHT, main, quality_colors, visualize
 
 
@@ -28,7 +28,8 @@ def test_panels_follow_the_maps_and_resume(tmp_path):
     reference_map = torch.ones(8, 8)
     generated_map = torch.ones(8, 8)
     generated_map[:, :4] = 0.0  # left half bad
-    save_quality_maps(data / "patch_quality.safetensors", {("sample0", 0): (reference_map, generated_map)}, {"signed": "false"})
+    maps = {("sample0", 0): (reference_map, generated_map)}
+    save_quality_maps(data / "patch_quality.safetensors", maps, {"signed": "false"}, hash_data_images(data, maps))
 
     out = tmp_path / "viz"
     written = visualize(data, out, size=32, alpha=1.0)

@@ -26,8 +26,8 @@ def own_data(tmp_path):
 @pytest.fixture()
 def decoded(monkeypatch) -> list[str]:
     seen: list[str] = []
-    real = validate_inputs.load_rgb_image
-    monkeypatch.setattr(validate_inputs, "load_rgb_image", lambda path: seen.append(path.name) or real(path))
+    real = validate_inputs.load_rgb_image_and_sha256
+    monkeypatch.setattr(validate_inputs, "load_rgb_image_and_sha256", lambda path: seen.append(path.name) or real(path))
     return seen
 
 

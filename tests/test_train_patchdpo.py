@@ -407,7 +407,7 @@ def _expect_exit(argv: list[str], message: str) -> None:
 def test_missing_quality_map_entry(tiny_models, tmp_path):
     data = save_pair_data(tmp_path / "data", 2, 32, LATENT)
     maps = QualityMaps.load(data.quality_file)
-    save_quality_maps(data.quality_file, {("sample0", 0): maps.get("sample0", 0)}, {})
+    save_quality_maps(data.quality_file, {("sample0", 0): maps.get("sample0", 0)}, {}, maps.sources)
     _expect_exit(train_args(tiny_models, data, tmp_path / "out", "--use_dpo_loss", "True"), "no quality maps for sample 'sample1' k=0")
 
 

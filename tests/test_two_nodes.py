@@ -185,6 +185,7 @@ def test_construct_and_maps_on_two_nodes_equal_one_process(two_nodes, tiny_model
     assert two.keys() == one_map.keys() and len(two.keys()) == 3 * 2
     for key in two.keys():
         assert all(torch.equal(a, b) for a, b in zip(two.get(*key), one_map.get(*key))), key
+    assert (data / "patch_quality.safetensors").read_bytes() == single.read_bytes()  # and the same file, byte for byte
 
 
 def test_inference_on_two_nodes_equals_one_process(two_nodes, tiny_models, tmp_path):
