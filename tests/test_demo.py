@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -50,14 +51,21 @@ def demo_argv(tmp_path_factory) -> list[str]:
     ]
 
 
+class DemoRun(NamedTuple):
+    out: Path
+    report: Path
+    files: dict[str, object]  # `_digests` right after the run, before any test touches the folder
+
+
 @pytest.fixture(scope="module")
-def demo_run(demo_argv):
+def demo_run(demo_argv) -> DemoRun:
     out = Path(demo_argv[1])
-    return out, demo.main(demo_argv)
+    report = demo.main(demo_argv)
+    return DemoRun(out, report, _digests(out))
 
 
 def test_demo_writes_a_complete_report(demo_run) -> None:
-    out, report = demo_run
+    out, report, _ = demo_run
     text = report.read_text()
     assert report == out / "report.md"
     assert "| `num_threads` | `1` |" in text  # the tiny stand-ins run on one thread
@@ -76,7 +84,7 @@ def test_demo_writes_a_complete_report(demo_run) -> None:
 
 
 def test_demo_runs_each_stage_for_real(demo_run) -> None:
-    out, _ = demo_run
+    out, _, _ = demo_run
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["samples"]) == 11  # 6 can + 5 dog photos
     assert {sample["object"] for sample in manifest["samples"]} == {"can", "dog"}
@@ -110,7 +118,7 @@ def test_demo_rejects_half_given_generator(tmp_path, tiny_models) -> None:
 
 def test_a_command_from_the_report_redoes_its_stage(demo_run) -> None:
     """The report's maps command, copied and run from the same folder, remakes the same quality maps."""
-    out, report = demo_run
+    out, report, _ = demo_run
     block = re.search(r"## Commands\n.*?```bash\n(.*?)```", report.read_text(), flags=re.S).group(1).splitlines()
     stages = dict(zip(block[::2], block[1::2]))
     assert [stage[2:] for stage in stages][:3] == ["construct training pairs", "self-supervised patch features", "patch quality maps"]
@@ -181,8 +189,7 @@ def _digests(out: Path) -> dict[str, object]:
 
 
 def test_a_second_demo_run_in_the_same_folder_remakes_the_same_files(demo_run, demo_argv, capsys) -> None:
-    out, _ = demo_run
-    before = _digests(out)
+    out, _, before = demo_run
     (out / "train" / "checkpoint-3" / "stale.txt").write_text("left over")  # a rerun starts from scratch, not on top
     demo.main(demo_argv)
     assert f"{out} holds an earlier demo run: remaking every stage" in capsys.readouterr().out
