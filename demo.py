@@ -7,14 +7,18 @@
 
 Every step calls the real scripts and package CLIs (their `main(argv)`), so the demo exercises
 exactly what a researcher runs. Models that are not passed are replaced by tiny random stand-ins
-saved in the real on-disk layouts; those draw noise, which the report says plainly.
+saved in the real on-disk layouts; those draw noise, which the report says plainly. A second run
+into the same --output_dir remakes every stage from scratch (the same command gives the same files).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +27,8 @@ from typing import TYPE_CHECKING
 import evaluate_dreambooth
 import inference_dreambooth
 import train_patchdpo
-from common.cli import ArgumentParser, quiet_libraries
+from common.cli import ArgumentParser, exit_on_reported_error, quiet_libraries
+from common.errors import BadInputError
 from common.io import atomic_save_image, atomic_write_json
 from dreambench.benchmark import get_subject, prompts_for
 from dreambench.data import load_conditioning_images
@@ -70,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--train_batch_size", type=int, default=2)
     sizes.add_argument("--learning_rate", type=float, default=3e-5)
     sizes.add_argument("--prompts_per_subject", type=int, default=None, help="fewer than 25 prompts: a smoke run")
+    sizes.add_argument(
+        "--num_threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: 1 with the tiny stand-in generator, whose ops are too small to share: on a core another "
+        "process keeps busy, a second thread made the demo 10x slower; torch's own choice with a real one)",
+    )
     return parser
 
 
@@ -93,6 +105,69 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             get_subject(name)
         except ValueError as error:
             parser.error(str(error))
+    if args.num_threads is not None and args.num_threads < 1:
+        parser.error(f"--num_threads must be >= 1, got {args.num_threads}")
+
+
+def check_models(args: argparse.Namespace) -> None:
+    """Every model the user passed, before the first stage: a bad --dino_model must not wait for training to finish."""
+    from common.hub import resolve_folder
+    from dreambench.metrics import resolve_clip_checkpoint
+    from ip_adapter.loading import check_generator_paths
+
+    if args.base_model_path is not None:
+        check_generator_paths(args)
+    for flag, value in (("--patch_backbone", args.patch_backbone), ("--dino_model", args.dino_model)):
+        if value is not None and not (resolve_folder(value, flag) / "config.json").is_file():
+            raise BadInputError(f"{flag} {value}: no config.json; expected a transformers model folder (save_pretrained layout)")
+    if args.clip_model is not None:
+        resolve_clip_checkpoint(args.clip_model)
+
+
+def use_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads (`--num_threads`, or the default for these models) and record the choice in `args`."""
+    import torch
+
+    if args.num_threads is None:
+        args.num_threads = 1 if args.base_model_path is None else torch.get_num_threads()
+    torch.set_num_threads(args.num_threads)
+
+
+MARKER_NAME = "demo_run.json"  # written first: marks a folder as the demo's own, which a rerun may remake
+DEMO_ENTRIES = (
+    "models",
+    "references",
+    "data",
+    "ssl_textures",
+    "ssl",
+    "overlays",
+    "train",
+    "dreambench_start",
+    "dreambench",
+    "figures",
+    "report.md",
+    MARKER_NAME,
+)
+
+
+def start_in(out: Path, argv: list[str]) -> None:
+    """Start in `out` (claimed by the caller): a folder of an earlier demo run is remade (its demo entries removed first),
+    any other non-empty folder refused, so a rerun never mixes two runs' files and never deletes what the demo did not make."""
+    from common.run_lock import LOCK_NAME
+
+    if (out / MARKER_NAME).is_file():
+        print(f"{out} holds an earlier demo run: remaking every stage (pass another --output_dir to keep it)", flush=True)
+        for name in DEMO_ENTRIES:
+            entry = out / name
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+    else:
+        others = sorted(entry.name for entry in out.iterdir() if entry.name != LOCK_NAME)
+        if others:
+            raise BadInputError(
+                f"--output_dir {out} holds files the demo did not make ({', '.join(others[:5])}"
+                f"{', ...' if len(others) > 5 else ''}): pass a new or empty folder"
+            )
+    (out / MARKER_NAME).write_text(json.dumps({"made_by": "demo.py", "argv": argv}, indent=2) + "\n")
 
 
 def prepare_models(args: argparse.Namespace, models_dir: Path) -> bool:
@@ -262,15 +337,22 @@ def run(args: argparse.Namespace) -> RunReport:
     return report
 
 
+@exit_on_reported_error("demo.py")
 def main(argv: list[str] | None = None) -> Path:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
     quiet_libraries()
-    start = time.perf_counter()
-    report = run(args)
-    path = report.write(args.output_dir, wall_seconds=time.perf_counter() - start)
-    print(f"\nDemo finished in {time.perf_counter() - start:.0f} s. Report: {path.resolve()}")
+    check_models(args)
+    use_threads(args)
+    from common.run_lock import holding_output_dir
+
+    with holding_output_dir(args.output_dir):
+        start_in(args.output_dir, list(sys.argv[1:] if argv is None else argv))
+        start = time.perf_counter()
+        report = run(args)
+        path = report.write(args.output_dir, wall_seconds=time.perf_counter() - start)
+    print(f"\nDemo finished in {time.perf_counter() - start:.0f} s with {args.num_threads} CPU thread(s). Report: {path.resolve()}")
     return path
 
 

@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     official.add_argument("--stop_step", type=int, default=30000, help="optimizer steps to train")
     official.add_argument("--save_steps", type=int, default=2000, help="write checkpoint-N/model.bin every N optimizer steps")
     official.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
-    official.add_argument("--report_to", default="tensorboard")
+    official.add_argument(
+        "--report_to", default="tensorboard", help="accelerate's experiment tracker (tensorboard, wandb, ... or all), installed"
+    )
     official.add_argument("--local_rank", type=int, default=-1, help="ignored: accelerate sets the rank")
     official.add_argument("--patch_quality_file", default=None, help="quality maps (needed by --loss patch_dpo)")
     official.add_argument(

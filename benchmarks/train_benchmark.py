@@ -103,9 +103,11 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", **local).requires_grad_(False)
     image_encoder = load_image_encoder(Path(args.models) / "image_encoder", device, weight_dtype)
     checkpoint = load_ip_adapter_checkpoint(Path(args.models) / "ip-adapter-plus.bin")
-    image_proj_model = Resampler.from_state_dict(checkpoint["image_proj"])  # requires_grad stays True, as there
+    image_proj_model = Resampler.from_state_dict(
+        checkpoint["image_proj"], Path(args.models) / "ip-adapter-plus.bin"
+    )  # requires_grad stays True, as there
     adapter_modules = install_ip_adapter(unet)
-    load_strict(adapter_modules, checkpoint["ip_adapter"], "ip_adapter")
+    load_strict(adapter_modules, checkpoint["ip_adapter"], "ip_adapter", Path(args.models) / "ip-adapter-plus.bin")
     vae.to(device)  # fp32
     text_encoder.to(device, dtype=weight_dtype)
     text_encoder_2.to(device, dtype=weight_dtype)

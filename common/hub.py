@@ -6,8 +6,11 @@ is used as is; anything else is read as `org/name[/path/in/repo]` and fetched wi
 into its cache (`HF_HOME`), which is also where it is found offline (`HF_HUB_OFFLINE=1`). The
 loaders then only ever see local files, so their checks and error messages stay the same for both.
 
-A failed lookup is one `BadInputError` line naming the flag, the id and where it was looked up
-(the local path, the cache folder, and huggingface.co unless offline).
+A value that looks like a path (`looks_local`) is never tried as an id: a mistyped
+`my_run/checkpoint-30/model.bin` is one "no such local path" line naming the nearest folder that exists
+and what it holds, not half a minute of network retries and a hub error. A failed hub lookup is one
+`BadInputError` line naming the flag, the id and where it was looked up (the local path, the cache
+folder, and huggingface.co unless offline).
 
 huggingface_hub is imported inside the functions: the command-line scripts import this module
 while building their parsers, and `--help` must not pay for it.
@@ -27,13 +30,40 @@ def is_local(value: str | os.PathLike) -> bool:
     return Path(value).expanduser().exists()
 
 
+WEIGHT_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".ckpt")
+SHOWN_ENTRIES = 8  # entries of the nearest existing folder named in a "no such local path" line
+
+
+def looks_local(value: str | os.PathLike) -> bool:
+    """True when `value` can only mean a path: it starts with / ./ ../ or ~, has a backslash, its first part
+    exists here, or it names a weights file in a folder that exists. Such a value is never tried as a hub id."""
+    text = str(value)
+    if text.startswith(("/", "~", ".")) or "\\" in text:
+        return True
+    path = Path(text)
+    return Path(path.parts[0]).exists() or (path.suffix in WEIGHT_SUFFIXES and path.parent.is_dir())
+
+
+def no_such_path(value: str | os.PathLike, flag: str) -> BadInputError:
+    """One line: `value` does not exist; the nearest folder that does, and what is in it (the likely typo is there)."""
+    path = Path(value).expanduser()
+    parent = next((folder for folder in path.parents if folder.is_dir()), Path("."))
+    try:
+        entries = sorted(entry.name + ("/" if entry.is_dir() else "") for entry in parent.iterdir())
+    except OSError as error:
+        return BadInputError(f"{flag} {value}: no such local path (and {parent} cannot be listed: {error.strerror})")
+    shown = ", ".join(entries[:SHOWN_ENTRIES]) + (f" and {len(entries) - SHOWN_ENTRIES} more" if len(entries) > SHOWN_ENTRIES else "")
+    where = "the current folder" if parent == Path(".") else parent
+    return BadInputError(f"{flag} {value}: no such local path; {where} holds {shown or 'nothing'}")
+
+
 def split_repo_path(value: str, flag: str) -> tuple[str, str]:
     """`org/name/sub/path` -> (`org/name`, `sub/path`); the repository id is the first two parts."""
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    if str(value).startswith(("/", "~", ".")) or "\\" in str(value):
-        raise BadInputError(f"{flag} {value}: no such local path")
+    if looks_local(value):
+        raise no_such_path(value, flag)
     parts = [part for part in str(value).split("/") if part]
     repo_id, subpath = "/".join(parts[:2]), "/".join(parts[2:])
     try:

@@ -19,7 +19,7 @@ from common.errors import BadInputError
 from common.flags import DEFAULT_NEGATIVE_PROMPT
 
 from .attention_processor import adapter_modules_of, install_ip_adapter, set_ip_adapter_scale
-from .checkpoint import Checkpoint, load_adapter_state, load_ip_adapter_checkpoint
+from .checkpoint import Checkpoint, load_adapter_state, load_ip_adapter_checkpoint, naming_file
 from .image_encoder import encode_image_features, load_image_encoder, preprocess_clip_images
 from .resampler import Resampler
 
@@ -49,20 +49,23 @@ class IPAdapterPlusXL:
         ip_ckpt: str | os.PathLike | Checkpoint,
         device: torch.device | str | None = None,
         num_tokens: int = 16,
+        checkpoint_file: str | os.PathLike | None = None,
     ) -> None:
-        """`ip_ckpt` is a checkpoint file, or its already-loaded sections (to validate it before SDXL loads)."""
+        """`ip_ckpt` is a checkpoint file, or its already-loaded sections (to validate it before SDXL loads), read from
+        `checkpoint_file` (named by every error about them)."""
         if not isinstance(pipe, StableDiffusionXLPipeline):
             raise TypeError(f"IPAdapterPlusXL needs a diffusers StableDiffusionXLPipeline, got {type(pipe).__name__}")
-        checkpoint = ip_ckpt if isinstance(ip_ckpt, dict) else load_ip_adapter_checkpoint(ip_ckpt)
+        checkpoint, source = self._read(ip_ckpt, checkpoint_file)
         self.device = torch.device(device) if device is not None else pipe.unet.device
         self.pipe = pipe.to(self.device)
         self.dtype = pipe.unet.dtype
         self.num_tokens = num_tokens
 
         self.image_encoder = load_image_encoder(image_encoder_path, self.device, self.dtype)
-        self.image_proj_model = Resampler(**self._resampler_config(checkpoint["image_proj"]))
+        with naming_file(source):
+            self.image_proj_model = Resampler(**self._resampler_config(checkpoint["image_proj"]))
         self.adapter_modules = install_ip_adapter(pipe.unet, num_tokens=num_tokens)
-        load_adapter_state(self.image_proj_model, self.adapter_modules, checkpoint)
+        load_adapter_state(self.image_proj_model, self.adapter_modules, checkpoint, source)
         self.image_proj_model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.adapter_modules.to(self.device, self.dtype)
 
@@ -78,10 +81,19 @@ class IPAdapterPlusXL:
         model.adapter_modules = adapter_modules_of(pipe.unet)
         return model
 
-    def load_checkpoint(self, ip_ckpt: str | os.PathLike | Checkpoint) -> None:
+    def load_checkpoint(self, ip_ckpt: str | os.PathLike | Checkpoint, checkpoint_file: str | os.PathLike | None = None) -> None:
         """Swap in another IP-Adapter(-Plus) checkpoint of the same shapes: the SDXL pipeline and encoder stay loaded."""
-        checkpoint = ip_ckpt if isinstance(ip_ckpt, dict) else load_ip_adapter_checkpoint(ip_ckpt)
-        load_adapter_state(self.image_proj_model, self.adapter_modules, checkpoint)
+        checkpoint, source = self._read(ip_ckpt, checkpoint_file)
+        load_adapter_state(self.image_proj_model, self.adapter_modules, checkpoint, source)
+
+    @staticmethod
+    def _read(
+        ip_ckpt: str | os.PathLike | Checkpoint, checkpoint_file: str | os.PathLike | None
+    ) -> tuple[Checkpoint, str | os.PathLike | None]:
+        """The sections and the file they come from."""
+        if isinstance(ip_ckpt, dict):
+            return ip_ckpt, checkpoint_file
+        return load_ip_adapter_checkpoint(ip_ckpt), ip_ckpt
 
     def _resampler_config(self, image_proj: dict[str, torch.Tensor]) -> dict[str, int]:
         config = Resampler.config_from_state_dict(image_proj)

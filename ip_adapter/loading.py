@@ -21,7 +21,7 @@ from common.errors import BadInputError
 from common.flags import DTYPE_NAMES
 from common.hub import resolve_file, resolve_folder
 from common.precision import mixed_precision_dtype
-from ip_adapter.checkpoint import load_ip_adapter_checkpoint
+from ip_adapter.checkpoint import load_ip_adapter_checkpoint, require_checkpoint_file
 from ip_adapter.ip_adapter import IPAdapterPlusXL
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -89,10 +89,7 @@ def check_image_encoder_dir(path: str | os.PathLike) -> Path:
 
 
 def check_ip_ckpt(path: str | os.PathLike) -> Path:
-    path = resolve_file(path, "--ip_ckpt")
-    if not path.is_file():
-        raise BadInputError(f"{path}: IP-Adapter checkpoint not found; expected a .bin or .safetensors file")
-    return path
+    return require_checkpoint_file(resolve_file(path, "--ip_ckpt"), "--ip_ckpt")
 
 
 def load_sdxl_pipeline(base_model_path: str | os.PathLike, dtype: torch.dtype) -> StableDiffusionXLPipeline:
@@ -124,9 +121,7 @@ def load_generation_model(
     checkpoint = load_ip_adapter_checkpoint(ip_ckpt)  # a bad checkpoint fails before SDXL spends minutes loading
     pipe = load_sdxl_pipeline(base_model_path, dtype)
     try:
-        ip_model = IPAdapterPlusXL(pipe, image_encoder_path, checkpoint, device=device)
-    except BadInputError as exc:  # the checkpoint's sections were checked without knowing their file
-        raise BadInputError(str(exc) if str(ip_ckpt) in str(exc) else f"{ip_ckpt}: {exc}") from None
+        ip_model = IPAdapterPlusXL(pipe, image_encoder_path, checkpoint, device=device, checkpoint_file=ip_ckpt)
     except OSError as exc:  # transformers' from_pretrained on a broken image encoder folder
         raise BadInputError(f"{image_encoder_path}: cannot load the image encoder ({_one_line(exc)})") from None
     return ip_model

@@ -8,6 +8,7 @@ load with `strict=True` and ours load in diffusers' `IPAdapterPlusImageProjectio
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from common.errors import BadInputError
 
-from .checkpoint import load_strict
+from .checkpoint import load_strict, naming_file
 
 #: Head width used by every published IP-Adapter-Plus resampler; diffusers hard-codes it too when
 #: it infers the head count from a checkpoint.
@@ -116,8 +117,9 @@ class Resampler(nn.Module):
         )
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor]) -> Resampler:
-        """Build a resampler shaped like `state_dict` and load it strictly."""
-        model = cls(**cls.config_from_state_dict(state_dict))
-        load_strict(model, state_dict, "image_proj")
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], source: str | os.PathLike | None = None) -> Resampler:
+        """Build a resampler shaped like `state_dict` and load it strictly; errors name `source`, the file it came from."""
+        with naming_file(source):
+            model = cls(**cls.config_from_state_dict(state_dict))
+        load_strict(model, state_dict, "image_proj", source)
         return model

@@ -354,7 +354,7 @@ def _make_generated(
 ) -> None:
     """IP-Adapter-Plus generations of the pending (sample, k), sharded over the processes."""
     # Installing the adapter changes the UNet's attention, so it happens after the references.
-    ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, ip_checkpoint, device=accelerator.device)
+    ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, ip_checkpoint, device=accelerator.device, checkpoint_file=args.ip_ckpt)
     apply_speed_args(args, ip_model.pipe.unet, accelerator.print)
     with accelerator.split_between_processes(pending) as shard:
         generate_pairs(

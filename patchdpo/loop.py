@@ -39,13 +39,14 @@ from common.launch import check_launch, check_mixed_precision
 from common.precision import mixed_precision_dtype
 from common.sampling import EpochSampler
 from common.stop_signals import STOPPED_EXIT_CODE, StopSignals, ignore_stop_signals_in_worker
+from common.trackers import check_report_to, logs_description
 from common.training_state import CheckedState, Resumable, load_training_state, save_training_state
 from ip_adapter.loading import vae_scale_factor
 from ip_adapter.speed import apply_speed_args
 from patch_quality.store import QualityMaps
 from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key
 from patchdpo.loss import LossOutput
-from patchdpo.optimization import StepPlan, adamw, check_8bit_adam, lr_scheduler
+from patchdpo.optimization import StepPlan, adamw, check_8bit_adam, lr_scheduler, require_one_step
 from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, PairSource, index_pairs
 from patchdpo.run_settings import apply_changed_settings, check_resume_settings, run_settings
 from patchdpo.step_guard import StepGuard
@@ -95,7 +96,8 @@ def run_training(args: argparse.Namespace, prog: str, make_validation: Validatio
         if run.last_saved != run.global_step and accelerator.is_main_process:
             save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
     output_dir = Path(args.output_dir).resolve()
-    accelerator.print(f"adapter checkpoints: {output_dir}/checkpoint-*/model.bin, TensorBoard logs: {output_dir / args.logging_dir}")
+    logs = logs_description([tracker.name for tracker in accelerator.trackers], output_dir / args.logging_dir, TRACKER_PROJECT)
+    accelerator.print(f"adapter checkpoints: {output_dir}/checkpoint-*/model.bin{logs}")
     accelerator.end_training()
     if not stopped:
         return 0
@@ -145,6 +147,7 @@ class TrainingRun:
 
 def create_accelerator(args: argparse.Namespace) -> Accelerator:
     output_dir = Path(args.output_dir)
+    check_report_to(args.report_to)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -186,6 +189,7 @@ def set_up(
     latent_size = args.resolution // factor
     quality_maps = QualityMaps.load(args.patch_quality_file) if args.loss == "patch_dpo" else None
     pairs = index_pairs(args.data_root_path, quality_maps, args.generated_per_sample, latent_size)
+    require_one_step(len(pairs), args.train_batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps)
     maps_sha256 = sha256_file(quality_maps.path) if quality_maps is not None else None  # checked inputs and run settings
     check_inputs_on_every_process(accelerator, pairs, quality_maps, maps_sha256, args.output_dir, args.dataloader_num_workers)
     dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
@@ -249,11 +253,13 @@ def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: Step
     """Say how many optimizer steps will run and why (and from where, on resume), and when a given flag will be ignored."""
     per_step = pairs_per_step(args, accelerator)
     epoch_cap = args.num_train_epochs * plan.steps_per_epoch
+    epochs_needed = -(-args.stop_step // plan.steps_per_epoch)
     why = (
         f"--stop_step {args.stop_step}"
         if plan.total_steps == args.stop_step
         else f"the epoch cap: --num_train_epochs {args.num_train_epochs} x {plan.steps_per_epoch} steps per epoch "
-        f"({num_pairs} pairs // {per_step} pairs per step) = {epoch_cap} < --stop_step {args.stop_step}"
+        f"({num_pairs} pairs // {per_step} pairs per step) = {epoch_cap} < --stop_step {args.stop_step}; the last checkpoint "
+        f"is checkpoint-{plan.total_steps}, pass --num_train_epochs {epochs_needed} to reach --stop_step"
     )
     resuming = f", resuming after step {resumed_after}: {plan.total_steps - resumed_after} to go" if resumed_after else ""
     accelerator.print(f"training {plan.total_steps} optimizer steps of {per_step} pairs ({why}){resuming}")

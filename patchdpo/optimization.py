@@ -47,6 +47,26 @@ def lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int,
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
+def require_one_step(num_pairs: int, train_batch_size: int, num_processes: int, accumulation: int) -> None:
+    """Every epoch drops the pairs that do not fill a whole optimizer step, so a set smaller than one step trains
+    nothing: one line naming the flag that makes it fit (a few photos of one subject give a handful of pairs)."""
+    per_step = train_batch_size * num_processes * accumulation
+    if num_pairs >= per_step:
+        return
+    processes = f"{num_processes} process{'es' if num_processes > 1 else ''}"
+    problem = (
+        f"{num_pairs} training pairs do not fill one optimizer step of {per_step} pairs "
+        f"(--train_batch_size {train_batch_size} x {processes} x --gradient_accumulation_steps {accumulation})"
+    )
+    if num_pairs >= num_processes * accumulation:
+        fix = f"pass --train_batch_size {num_pairs // (num_processes * accumulation)} or fewer"
+    elif num_pairs >= num_processes:
+        fix = f"pass --train_batch_size 1 --gradient_accumulation_steps {num_pairs // num_processes} or fewer"
+    else:
+        fix = f"launch at most {num_pairs} process(es) with --train_batch_size 1 --gradient_accumulation_steps 1"
+    raise BadInputError(f"{problem}: {fix}, or make more pairs (construct's --num_generated with --generated_per_sample)")
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Optimizer steps of a run over a loader that yields `micro_batches_per_epoch` per process."""

@@ -35,7 +35,7 @@ from common.errors import BadInputError
 from common.hub import resolve_file, resolve_folder
 from common.training_state import TrainedWeights
 from ip_adapter.attention_processor import adapter_modules_of, install_ip_adapter
-from ip_adapter.checkpoint import load_adapter_state, load_ip_adapter_checkpoint, load_strict, save_ip_adapter
+from ip_adapter.checkpoint import load_adapter_state, load_ip_adapter_checkpoint, load_strict, naming_file, save_ip_adapter
 from ip_adapter.image_encoder import encode_image_features, load_image_encoder
 from ip_adapter.loading import SDXL_COMPONENTS
 from ip_adapter.resampler import Resampler
@@ -175,11 +175,12 @@ def _build_resampler(ip_adapter_path: str | os.PathLike | None, embedding_dim: i
         )
         return Resampler(**FRESH_RESAMPLER_CONFIG, embedding_dim=embedding_dim, output_dim=output_dim), None
     checkpoint = load_ip_adapter_checkpoint(resolve_file(ip_adapter_path, "--pretrained_ip_adapter_path"))
-    config = Resampler.config_from_state_dict(checkpoint["image_proj"])
-    for key, expected in (("embedding_dim", embedding_dim), ("output_dim", output_dim)):
-        if config[key] != expected:
-            raise BadInputError(f"{ip_adapter_path}: image_proj has {key}={config[key]}, but the models here need {expected}")
-    return Resampler.from_state_dict(checkpoint["image_proj"]), checkpoint
+    with naming_file(ip_adapter_path):
+        config = Resampler.config_from_state_dict(checkpoint["image_proj"])
+        for key, expected in (("embedding_dim", embedding_dim), ("output_dim", output_dim)):
+            if config[key] != expected:
+                raise BadInputError(f"image_proj has {key}={config[key]}, but the models here need {expected}")
+    return Resampler.from_state_dict(checkpoint["image_proj"], ip_adapter_path), checkpoint
 
 
 def load_training_models(
@@ -217,7 +218,7 @@ def load_training_models(
     resampler, checkpoint = _build_resampler(ip_adapter_path, image_encoder.config.hidden_size, unet.config.cross_attention_dim)
     adapter_modules = install_ip_adapter(unet, num_tokens=resampler.num_queries)
     if checkpoint is not None:
-        load_strict(adapter_modules, checkpoint["ip_adapter"], "ip_adapter")
+        load_strict(adapter_modules, checkpoint["ip_adapter"], "ip_adapter", ip_adapter_path)
 
     for module in (unet, vae, text_encoder, text_encoder_2, resampler):
         module.eval().requires_grad_(False)
@@ -326,7 +327,7 @@ def adapter_weights(model: IPAdapterTrainingModel) -> TrainedWeights:
 
     def load(path: Path) -> None:
         checkpoint = load_ip_adapter_checkpoint(path)
-        load_adapter_state(model.image_proj_model, model.adapter_modules, checkpoint)
+        load_adapter_state(model.image_proj_model, model.adapter_modules, checkpoint, path)
         model.image_proj_state = {key: tensor.clone() for key, tensor in checkpoint["image_proj"].items()}
 
     return TrainedWeights(ADAPTER_STATE_NAME, save, load)

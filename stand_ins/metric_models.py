@@ -12,6 +12,7 @@ Used by the tests and by the offline demo, where no CLIP or DINO weights can be 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,16 @@ __all__ = ["save_tiny_clip_archive", "save_tiny_dino"]
 
 
 def save_tiny_clip_archive(path: Path, seed: int = 0) -> Path:
+    """Saved from one trace per seed and process: TorchScript renames the classes of a second trace
+    (`___torch_mangle_N`), so re-tracing gave a rebuilt stand-in other bytes than the first."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(_traced_tiny_clip(seed), str(path))
+    return path
+
+
+@functools.cache
+def _traced_tiny_clip(seed: int) -> torch.jit.ScriptModule:
     torch.manual_seed(seed)
     model = CLIP(
         embed_dim=32,
@@ -43,9 +54,7 @@ def save_tiny_clip_archive(path: Path, seed: int = 0) -> Path:
     example = (torch.randn(1, 3, 224, 224), clip.tokenize(["a photo"]))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, str(path))
-    return path
+        return torch.jit.trace(model, example, check_trace=False)
 
 
 def save_tiny_dino(path: Path, seed: int = 0) -> Path:

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -23,41 +24,51 @@ SHARED_DREAMBENCH = demo.DEFAULT_DATA_ROOT
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_out")
-    report = demo.main(
-        [
-            "--output_dir",
-            str(out),
-            "--data_root",
-            str(SHARED_DREAMBENCH),
-            "--subjects",
-            "backpack",
-            "cat",
-            "--train_subjects",
-            "can",
-            "dog",
-            "--train_steps",
-            "3",
-            "--ssl_steps",
-            "4",
-            "--prompts_per_subject",
-            "2",
-            "--num_inference_steps",
-            "2",
-            "--size",
-            "32",
-            "--resolution",
-            "32",
-        ]
-    )
-    return out, report
+def demo_argv(tmp_path_factory) -> list[str]:
+    return [
+        "--output_dir",
+        str(tmp_path_factory.mktemp("demo_out")),
+        "--data_root",
+        str(SHARED_DREAMBENCH),
+        "--subjects",
+        "backpack",
+        "cat",
+        "--train_subjects",
+        "can",
+        "dog",
+        "--train_steps",
+        "3",
+        "--ssl_steps",
+        "4",
+        "--prompts_per_subject",
+        "2",
+        "--num_inference_steps",
+        "2",
+        "--size",
+        "32",
+        "--resolution",
+        "32",
+    ]
+
+
+class DemoRun(NamedTuple):
+    out: Path
+    report: Path
+    files: dict[str, object]  # `_digests` right after the run, before any test touches the folder
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_argv) -> DemoRun:
+    out = Path(demo_argv[1])
+    report = demo.main(demo_argv)
+    return DemoRun(out, report, _digests(out))
 
 
 def test_demo_writes_a_complete_report(demo_run) -> None:
-    out, report = demo_run
+    out, report, _ = demo_run
     text = report.read_text()
     assert report == out / "report.md"
+    assert "| `num_threads` | `1` |" in text  # the tiny stand-ins run on one thread
     assert "tiny RANDOM models" in text and "--base_model_path" in text
     for figure in re.findall(r"\]\((figures/[^)]+)\)", text):
         assert (out / figure).is_file(), figure
@@ -73,7 +84,7 @@ def test_demo_writes_a_complete_report(demo_run) -> None:
 
 
 def test_demo_runs_each_stage_for_real(demo_run) -> None:
-    out, _ = demo_run
+    out, _, _ = demo_run
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert manifest["complete"] and len(manifest["samples"]) == 11  # 6 can + 5 dog photos
     assert {sample["object"] for sample in manifest["samples"]} == {"can", "dog"}
@@ -107,7 +118,7 @@ def test_demo_rejects_half_given_generator(tmp_path, tiny_models) -> None:
 
 def test_a_command_from_the_report_redoes_its_stage(demo_run) -> None:
     """The report's maps command, copied and run from the same folder, remakes the same quality maps."""
-    out, report = demo_run
+    out, report, _ = demo_run
     block = re.search(r"## Commands\n.*?```bash\n(.*?)```", report.read_text(), flags=re.S).group(1).splitlines()
     stages = dict(zip(block[::2], block[1::2]))
     assert [stage[2:] for stage in stages][:3] == ["construct training pairs", "self-supervised patch features", "patch quality maps"]
@@ -121,3 +132,67 @@ def test_a_command_from_the_report_redoes_its_stage(demo_run) -> None:
     assert before.keys() == after.keys() and all(
         torch.equal(a, b) for key in before.keys() for a, b in zip(before.get(*key), after.get(*key))
     )
+
+
+def test_the_demo_checks_every_model_it_was_given_before_the_first_stage(tmp_path, tiny_clip_path, capsys) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        demo.main(["--output_dir", str(out), "--clip_model", str(tiny_clip_path), "--dino_model", str(tmp_path / "no_dino")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [f"demo.py: error: --dino_model {tmp_path / 'no_dino'}: no such local path; {tmp_path} holds nothing"]
+    assert not out.exists()
+
+
+def test_the_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        demo.main(["--output_dir", str(tmp_path)])
+    assert f"--output_dir {tmp_path} holds files the demo did not make (notes.txt): pass a new or empty folder" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".run.lock", "notes.txt"]
+
+
+@pytest.mark.parametrize("generator, requested, expected", [(None, None, 1), ("sdxl", None, 2), (None, 3, 3)])
+def test_the_demo_runs_tiny_models_on_one_thread(generator, requested, expected) -> None:
+    """A second intra-op thread on a core another process keeps busy made the tiny-model demo 10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        args = demo.build_parser().parse_args([] if generator is None else ["--base_model_path", generator])
+        args.num_threads = requested
+        demo.use_threads(args)
+        assert torch.get_num_threads() == args.num_threads == expected
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _digests(out: Path) -> dict[str, object]:
+    """Every file's bytes, except what records when or by which process it was made: run locks, TensorBoard
+    event files, the input check's mtimes, the report's wall times. safetensors files count by tensors and
+    metadata: safetensors writes metadata in hash-map order, which differs between processes, so the SSL
+    backbone's bytes (and the maps file's record of them, `finetuned_sha256`) differ although nothing else does."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    digests: dict[str, object] = {}
+    for path in sorted(out.rglob("*")):
+        name = str(path.relative_to(out))
+        if not path.is_file() or path.name in (".run.lock", ".checked_inputs.json", "report.md") or "/logs/" in f"/{name}":
+            continue
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+            metadata.pop("finetuned_sha256", None)
+            digests[name] = (metadata, {key: tensor.tolist() for key, tensor in load_file(str(path)).items()})
+        else:
+            digests[name] = path.read_bytes()
+    return digests
+
+
+def test_a_second_demo_run_in_the_same_folder_remakes_the_same_files(demo_run, demo_argv, capsys) -> None:
+    out, _, before = demo_run
+    (out / "train" / "checkpoint-3" / "stale.txt").write_text("left over")  # a rerun starts from scratch, not on top
+    demo.main(demo_argv)
+    assert f"{out} holds an earlier demo run: remaking every stage" in capsys.readouterr().out
+    after = _digests(out)
+    assert before.keys() == after.keys() and len(after) > 100
+    assert [name for name in before if before[name] != after[name]] == []

@@ -69,8 +69,12 @@ def test_every_relative_link_resolves(page):
     assert [link for link in links if not (page.parent / link).exists()] == []
 
 
-def test_the_own_subject_walkthrough_runs_on_the_stand_in_models(tiny_models, tiny_dinov2_dir, tiny_clip_path, tiny_dino_dir, tmp_path):
-    """docs/your_subject.md's flow, photos -> construct -> maps -> train -> generate + scores, with tiny models and sizes."""
+MODEL_VARIABLES = {"SDXL", "ENC", "IPA", "BACKBONE", "CLIP", "DINO"}
+
+
+def test_the_own_subject_walkthrough_runs_as_written_on_four_photos(tiny_models, tiny_dinov2_dir, tiny_clip_path, tiny_dino_dir, tmp_path):
+    """docs/your_subject.md's flow, photos -> construct -> maps -> train -> generate + scores, with the page's step counts and
+    flags; only the model variables (tiny stand-ins) and the SIZE_* variables (small images) are replaced."""
     from PIL import Image
 
     block = next(
@@ -82,25 +86,29 @@ def test_the_own_subject_walkthrough_runs_on_the_stand_in_models(tiny_models, ti
     assert len(settings) == 3 and len(commands) == 4
     photos = tmp_path / "photos"
     photos.mkdir()
-    for index, color in enumerate(("red", "blue")):
+    for index, color in enumerate(("red", "blue", "green", "orange")):
         image = Image.new("RGB", (96, 80), "white")
         image.paste(Image.new("RGB", (40, 40), color), (20 + 10 * index, 20))
         image.save(photos / f"{index}.png")
     (tmp_path / "photos.json").write_text(json.dumps([{"image": str(path), "category": "toy"} for path in sorted(photos.iterdir())]))
     ours = {
         "SDXL": tiny_models.sdxl_dir, "ENC": tiny_models.image_encoder_dir, "IPA": tiny_models.ip_ckpt, "BACKBONE": tiny_dinov2_dir,
-        "CLIP": tiny_clip_path, "DINO": tiny_dino_dir, "PHOTOS": photos, "LIST": tmp_path / "photos.json", "STEPS": 2,
-        "SIZE_GEN": "--height 32 --width 32 --num_inference_steps 2", "SIZE_MAP": "--resolution 32",
-        "SIZE_TRAIN": "--save_steps 1 --resolution 32 --train_batch_size 1",
+        "CLIP": tiny_clip_path, "DINO": tiny_dino_dir, "PHOTOS": photos, "LIST": tmp_path / "photos.json",
+        "SIZE_GEN": "--height 32 --width 32 --num_inference_steps 2", "SIZE_MAP": "--resolution 32", "SIZE_TRAIN": "--resolution 32",
         "SIZE_OUT": "--height 32 --width 32 --num_inference_steps 2 --num_images 1",
     }  # fmt: skip
-    assert {name for line in settings for name in re.findall(r"([A-Z_]+)=", line)} == set(ours)
+    page = {name for line in settings for name in re.findall(r"([A-Z_]+)=", line)}
+    assert set(ours) == page - {"STEPS"} and set(ours) <= MODEL_VARIABLES | {"PHOTOS", "LIST"} | {n for n in page if n.startswith("SIZE_")}
     for script in ("train_patchdpo.py", "generate.py"):
         (tmp_path / script).symlink_to(ROOT / script)
-    script = "set -e\n" + "".join(f"{name}={shlex.quote(str(value))}\n" for name, value in ours.items()) + "\n".join(commands)
+    overrides = "".join(f"{name}={shlex.quote(str(value))}\n" for name, value in ours.items())
+    script = "set -e\n" + "\n".join(settings) + "\n" + overrides + "\n".join(commands)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    steps = int(re.search(r"STEPS=(\d+)", block).group(1))
+    assert f"training {steps} optimizer steps of 4 pairs (--stop_step {steps})" in result.stdout
+    assert (tmp_path / "my_run" / f"checkpoint-{steps}" / "model.bin").is_file()
     scores = json.loads((tmp_path / "my_dog" / "scores.json").read_text())
     assert len(scores) == 2 and all(set(row) == {"clipt_score", "clipi_score", "dino_score"} for row in scores.values())
     assert result.stdout.strip().splitlines()[-1].startswith("images in")

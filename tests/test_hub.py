@@ -149,3 +149,44 @@ def test_run_config_records_local_paths_absolute_and_ids_as_given(tmp_path, monk
     config = make_run_config(arguments)
     assert config["base_model_path"] == str(tmp_path / "sdxl") and config["dino_model"] == str(tmp_path / "dino")
     assert config["image_encoder_path"] == "h94/IP-Adapter/models/image_encoder" and config["clip_model"] == "ViT-B/32"
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Any attempt to reach the hub (even its offline cache) fails the test."""
+    import huggingface_hub
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"tried as a Hugging Face id: {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", refuse)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+
+
+@pytest.mark.parametrize(
+    "value, resolve, nearest",
+    [
+        ("my_run/checkpoint-30/model.bin", resolve_file, "my_run holds checkpoint-3/, logs/"),  # first part exists: a typo
+        ("my_run/checkpoint-30", resolve_folder, "my_run holds checkpoint-3/, logs/"),
+        ("./my_rnu/model.bin", resolve_file, "the current folder holds my_run/"),
+        ("../no_such_folder/x", resolve_folder, "holds"),
+        ("~/no_such_folder_for_patchdpo/sdxl", resolve_folder, "holds"),
+        ("model.bin", resolve_file, "the current folder holds my_run/"),  # a weights file in a folder that exists
+    ],
+)
+def test_a_value_that_looks_local_is_never_tried_as_a_hub_id(tmp_path, monkeypatch, no_hub, value, resolve, nearest):
+    (tmp_path / "my_run" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "my_run" / "logs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInputError) as info:
+        resolve(value, "--ip_ckpt")
+    message = str(info.value)
+    assert message.startswith(f"--ip_ckpt {value}: no such local path; ") and nearest in message and "\n" not in message
+
+
+def test_the_no_such_file_line_shortens_a_long_listing(tmp_path, monkeypatch, no_hub):
+    for index in range(12):
+        (tmp_path / "run" / f"checkpoint-{index:02d}").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInputError, match=r"run holds checkpoint-00/, .*, checkpoint-07/ and 4 more$"):
+        resolve_file("run/checkpoint-99/model.bin", "--ip_ckpt")

@@ -20,6 +20,7 @@ from ip_adapter import (
     save_ip_adapter,
 )
 from ip_adapter.image_encoder import encode_image_features, load_image_encoder, preprocess_clip_images
+from ip_adapter.loading import check_ip_ckpt, load_generation_model
 from stand_ins.sdxl import build_clip_tokenizer, build_resampler, build_sdxl_pipeline, load_pipeline
 
 SIZE = 32
@@ -155,11 +156,58 @@ def _pipeline_and_checkpoint(tiny_models, tmp_path, edit):
         (lambda c: c.pop("image_proj"), "'image_proj'"),
     ],
 )
-def test_bad_checkpoint_keys_are_one_line_errors(tiny_models, tmp_path, edit, fragment) -> None:
+def test_bad_checkpoint_keys_are_one_line_errors_naming_the_file(tiny_models, tmp_path, edit, fragment) -> None:
     pipe, path = _pipeline_and_checkpoint(tiny_models, tmp_path, edit)
-    with pytest.raises((KeyError, ValueError)) as error:
+    with pytest.raises(BadInputError) as error:
         IPAdapterPlusXL(pipe, tiny_models.image_encoder_dir, path, "cpu")
-    _assert_one_line(error.value.args[0] if isinstance(error.value, KeyError) else error.value, fragment)
+    _assert_one_line(error.value, fragment, str(path))
+    with pytest.raises(BadInputError) as error:  # loaded first (as the scripts do), then built: still the file's name
+        load_generation_model(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, path, "cpu", torch.float32)
+    _assert_one_line(error.value, fragment, str(path))
+    assert str(error.value).count(str(path)) == 1
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda c: c["ip_adapter"].pop("3.to_v_ip.weight"), "missing key '3.to_v_ip.weight'"),
+        (lambda c: c["image_proj"].__setitem__("proj_in.bias", torch.zeros(3)), "'proj_in.bias' has shape (3,)"),
+        (lambda c: c["image_proj"].pop("latents"), "lacks 'latents'"),
+    ],
+)
+def test_training_names_the_checkpoint_file_of_a_bad_key(tiny_models, tmp_path, edit, fragment) -> None:
+    from patchdpo.training import load_training_models
+
+    _, path = _pipeline_and_checkpoint(tiny_models, tmp_path, edit)
+    with pytest.raises(BadInputError) as error:
+        load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, path, "cpu", torch.float32)
+    _assert_one_line(error.value, fragment, str(path))
+
+
+def test_a_checkpoint_folder_names_the_file_to_pass(tiny_models, tmp_path) -> None:
+    folder = tmp_path / "my_run" / "checkpoint-300"
+    (folder / "training_state").mkdir(parents=True)
+    for name in ("model.bin", "model.safetensors"):
+        (folder / name).write_bytes(tiny_models.ip_ckpt.read_bytes())
+    for check in (check_ip_ckpt, load_ip_adapter_checkpoint):
+        with pytest.raises(BadInputError) as error:
+            check(folder)
+        _assert_one_line(error.value, f"{folder}: a folder, not a checkpoint file; pass the file in it: {folder / 'model.bin'}")
+        assert "(or model.safetensors)" in str(error.value)
+    assert str(error.value).startswith("IP-Adapter checkpoint ")
+    with pytest.raises(BadInputError, match=r"^--ip_ckpt .*checkpoint-300/training_state: a folder, .*holds no \.bin or \.safetensors"):
+        check_ip_ckpt(folder / "training_state")
+
+
+def test_a_bin_checkpoint_has_the_same_bytes_whatever_its_name_and_however_often_saved(tmp_path) -> None:
+    """Derived data records a checkpoint's digest: the same weights must give the same bytes (a rebuilt stand-in included)."""
+    unet = build_sdxl_pipeline().unet
+    install_ip_adapter(unet)
+    resampler = build_resampler()
+    first = save_ip_adapter(tmp_path / "model.bin", resampler, unet).read_bytes()
+    again = save_ip_adapter(tmp_path / "model.bin", resampler, unet).read_bytes()
+    renamed = save_ip_adapter(tmp_path / "other" / "ip-adapter.bin", resampler, unet).read_bytes()
+    assert first == again == renamed
 
 
 class _Payload:

@@ -248,3 +248,53 @@ def test_8bit_adam_without_cuda_is_one_line_before_any_model_loads(tiny_models, 
     monkeypatch.setattr("patchdpo.loop.load_training_models", lambda *a, **k: pytest.fail("models loaded before the optimizer check"))
     message = bad_input_message(train_patchdpo.main, train_args(tiny_models, tiny_pair_data, tmp_path / "out", "--use_8bit_adam"))
     assert "--use_8bit_adam needs a CUDA GPU" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# A data set smaller than one optimizer step, and an epoch cap below --stop_step: the line names the flag to pass
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ("--train_batch_size", "8"),
+            "5 training pairs do not fill one optimizer step of 8 pairs (--train_batch_size 8 x 1 process x "
+            "--gradient_accumulation_steps 1): pass --train_batch_size 5 or fewer",
+        ),
+        (("--train_batch_size", "4", "--gradient_accumulation_steps", "2"), "of 8 pairs (--train_batch_size 4 x 1 process x "),
+        (
+            ("--train_batch_size", "4", "--gradient_accumulation_steps", "2"),
+            "--gradient_accumulation_steps 2): pass --train_batch_size 2 or",
+        ),
+    ],
+)
+def test_too_few_pairs_for_one_step_names_the_batch_that_fits(tiny_models, tiny_pair_data, tmp_path, extra, message):
+    argv = train_args(tiny_models, tiny_pair_data, tmp_path / "out", *extra)
+    error = bad_input_message(train_patchdpo.main, argv)
+    assert message in error, error
+
+
+@pytest.mark.parametrize(
+    "pairs, processes, accumulation, fix",
+    [
+        (3, 2, 1, "pass --train_batch_size 1 or fewer"),
+        (3, 2, 4, "pass --train_batch_size 1 --gradient_accumulation_steps 1 or fewer"),
+        (5, 1, 8, "pass --train_batch_size 1 --gradient_accumulation_steps 5 or fewer"),
+        (3, 8, 1, "launch at most 3 process(es) with --train_batch_size 1 --gradient_accumulation_steps 1"),
+    ],
+)
+def test_the_fix_for_too_few_pairs_fits_the_layout(pairs, processes, accumulation, fix):
+    from patchdpo.optimization import require_one_step
+
+    with pytest.raises(BadInputError) as error:
+        require_one_step(pairs, 4, processes, accumulation)
+    assert f": {fix}, or make more pairs" in str(error.value)
+    require_one_step(pairs * 4 * processes * accumulation, 4, processes, accumulation)
+
+
+def test_an_epoch_cap_below_stop_step_names_the_last_checkpoint_and_the_epochs_to_pass(tiny_models, tiny_pair_data, tmp_path, capsys):
+    argv = train_args(tiny_models, tiny_pair_data, tmp_path / "out", "--num_train_epochs", "2", steps=3, batch=5)
+    train_patchdpo.main(argv)
+    assert "the last checkpoint is checkpoint-2, pass --num_train_epochs 3 to reach --stop_step" in capsys.readouterr().out
+    assert (tmp_path / "out" / "checkpoint-2" / "model.bin").is_file()
