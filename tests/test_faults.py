@@ -668,7 +668,7 @@ def test_start_up_says_how_many_steps_and_why_and_which_flag_is_ignored(tiny_mod
     train_patchdpo.main(argv)
     assert (
         "training 2 optimizer steps of 2 pairs (the epoch cap: --num_train_epochs 1 x 2 steps per epoch (5 pairs // 2 pairs per step) "
-        "= 2 < --stop_step 5)"
+        "= 2 < --stop_step 5; the last checkpoint is checkpoint-2, pass --num_train_epochs 3 to reach --stop_step)"
     ) in capsys.readouterr().out
     assert "--patch_quality_file is ignored: --loss mse does not use quality maps" in caplog.text
 

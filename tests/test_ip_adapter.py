@@ -154,6 +154,7 @@ def _pipeline_and_checkpoint(tiny_models, tmp_path, edit):
         (lambda c: c["ip_adapter"].__setitem__("2.to_k_ip.weight", c["ip_adapter"]["1.to_k_ip.weight"]), "'2.to_k_ip.weight'"),
         (lambda c: c["image_proj"].__setitem__("proj_in.bias", torch.zeros(3)), "'proj_in.bias'"),
         (lambda c: c.pop("image_proj"), "'image_proj'"),
+        (lambda c: c["image_proj"].__setitem__("latents", c["image_proj"]["latents"][:, :8]), "num_queries=8"),
     ],
 )
 def test_bad_checkpoint_keys_are_one_line_errors_naming_the_file(tiny_models, tmp_path, edit, fragment) -> None:
