@@ -88,7 +88,8 @@ def test_a_quality_map_file_is_safetensors_only(tmp_path, marker):
 
 def test_the_official_pickle_is_read_by_a_restricted_unpickler(tmp_path, marker):
     planted = plant_pickle(tmp_path / "patch_quality.pkl", marker, torch_archive=False)  # the official file is a bare pickle
-    message = bad_input_message(convert_pkl.main, [str(planted), str(tmp_path / "maps.safetensors")])
+    (tmp_path / "DATA").mkdir()
+    message = bad_input_message(convert_pkl.main, [str(planted), str(tmp_path / "maps.safetensors"), "--data_root", str(tmp_path / "DATA")])
     assert str(planted) in message and "refused to unpickle" in message
     assert not (tmp_path / "maps.safetensors").exists()
 
