@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.checks import require_flags_in_range, require_sampling_args
-from common.cli import ArgumentParser
+from common.cli import ArgumentParser, parse_config
 from common.flags import PAPER_CLIP_MODEL, PAPER_DINO_MODEL, add_ddp_timeout_arg, add_sampling_args, add_speed_args, sampling_settings
+from dreambench.config import GenerateConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -82,24 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(config: GenerateConfig) -> None:
     """Numbers, sizes and paths before any model loads."""
     from common.outputs import check_output_dir, check_output_file
     from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir
 
-    require_flags_in_range(args, ("num_images", "batch_size"), minimum=1)
-    require_flags_in_range(args, ("scale",), minimum=0)
-    require_sampling_args(args)
-    check_output_dir(args.output_dir)
-    check_sdxl_dir(args.base_model_path)
-    check_image_encoder_dir(args.image_encoder_path)
-    for checkpoint in args.ip_ckpt:
+    require_flags_in_range(config, ("num_images", "batch_size"), minimum=1)
+    require_flags_in_range(config, ("scale",), minimum=0)
+    require_sampling_args(config)
+    check_output_dir(config.output_dir)
+    check_sdxl_dir(config.base_model_path)
+    check_image_encoder_dir(config.image_encoder_path)
+    for checkpoint in config.ip_ckpt:
         check_ip_ckpt(checkpoint)
-    if args.clip_model is not None or args.dino_model is not None:
-        check_output_file(args.output_dir / SCORES_NAME, "--output_dir")
+    if config.scoring:
+        check_output_file(config.output_dir / SCORES_NAME, "--output_dir")
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+    from dataclasses import asdict
+
     from common.distributed import check_on_main
     from common.hub import resolve_file
     from common.io import sha256_file
@@ -123,19 +126,19 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     from ip_adapter.speed import apply_speed_args
 
     check_launch(accelerator.num_processes, "generate.py")
-    check_args(args)
-    check_on_main(accelerator, lambda: check_metric_models(args.clip_model, args.dino_model))  # only the main process scores
-    prompts = read_prompts(args.prompts, args.prompts_file)
-    photos = read_photos(args.reference_images, args.boxes)
+    check_args(config)
+    check_on_main(accelerator, lambda: check_metric_models(config.clip_model, config.dino_model))  # only the main process scores
+    prompts = read_prompts(config.prompts, config.prompts_file)
+    photos = read_photos(config.reference_images, config.boxes)
     references = conditioning_images(photos)  # every photo decoded: a bad one fails before the models
-    checkpoints = [resolve_file(path, "--ip_ckpt") for path in args.ip_ckpt]
+    checkpoints = [resolve_file(path, "--ip_ckpt") for path in config.ip_ckpt]
     for checkpoint in checkpoints:
         load_ip_adapter_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before SDXL loads
-    labels = checkpoint_labels(args.ip_ckpt)
-    jobs = build_jobs(labels, prompts, args.num_images, args.seed)
-    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
-    config = make_run_config(
-        {key: value for key, value in vars(args).items() if key not in ("reference_images", "ip_ckpt", "boxes")},
+    labels = checkpoint_labels(config.ip_ckpt)
+    jobs = build_jobs(labels, prompts, config.num_images, config.seed)
+    dtype = resolve_dtype(config.dtype, accelerator.mixed_precision, accelerator.device)
+    run_config = make_run_config(
+        {key: value for key, value in asdict(config).items() if key not in ("reference_images", "ip_ckpt", "boxes")},
         ip_ckpt_sha256=[sha256_file(path) for path in checkpoints],
         photos=[photo.record() for photo in photos],
         checkpoint_labels=labels,
@@ -144,44 +147,46 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
         dtype=dtype_name(dtype),
         num_processes=accelerator.num_processes,
     )
-    check_resumable(args.output_dir, config, (*GENERATION_KEYS, "checkpoint_labels"))  # the photos are compared below, not refused
-    recorded = read_run_config(args.output_dir)
+    check_resumable(config.output_dir, run_config, (*GENERATION_KEYS, "checkpoint_labels"))  # the photos are compared below, not refused
+    recorded = read_run_config(config.output_dir)
     changes = [] if recorded is None else subject_changes(recorded.get("photos"), photos)
-    pending = list(jobs) if changes else [job for job in jobs if not job.path(args.output_dir).is_file()]
+    pending = list(jobs) if changes else [job for job in jobs if not job.path(config.output_dir).is_file()]
     accelerator.wait_for_everyone()  # every process lists the same pending images before any is written
     accelerator.print(
-        f"{len(jobs) - len(pending)}/{len(jobs)} images exist: {len(prompts)} prompt(s) x {args.num_images} x "
+        f"{len(jobs) - len(pending)}/{len(jobs)} images exist: {len(prompts)} prompt(s) x {config.num_images} x "
         f"{len(labels)} checkpoint(s), {len(photos)} photo(s), {accelerator.num_processes} process(es), {dtype_name(dtype)}"
     )
     model = (
-        load_generation_model(args.base_model_path, args.image_encoder_path, checkpoints[0], accelerator.device, dtype) if pending else None
+        load_generation_model(config.base_model_path, config.image_encoder_path, checkpoints[0], accelerator.device, dtype)
+        if pending
+        else None
     )
-    drop_outdated = (lambda: start_afresh(args.output_dir, [*labels, SHEETS_DIR], changes, len(jobs))) if changes else None
-    start_in_output_dir(accelerator, held, args.output_dir, [*labels, SHEETS_DIR], config, drop_outdated)
+    drop_outdated = (lambda: start_afresh(config.output_dir, [*labels, SHEETS_DIR], changes, len(jobs))) if changes else None
+    start_in_output_dir(accelerator, held, config.output_dir, [*labels, SHEETS_DIR], run_config, drop_outdated)
     if model is not None:
-        apply_speed_args(args, model.pipe.unet, accelerator.print)
+        apply_speed_args(config, model.pipe.unet, accelerator.print)
         generate_jobs(
             model,
             checkpoints,
             labels,
             pending,
             references,
-            args.output_dir,
-            args.batch_size,
-            scale=args.scale,
+            config.output_dir,
+            config.batch_size,
+            scale=config.scale,
             share=accelerator.split_between_processes,
             position=accelerator.process_index,
-            **sampling_settings(args),
+            **sampling_settings(config),
         )
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    sheets = write_sheets(args.output_dir, labels, prompts, args.num_images)
-    if args.clip_model is not None or args.dino_model is not None:
+    sheets = write_sheets(config.output_dir, labels, prompts, config.num_images)
+    if config.scoring:
         write_scores(
-            args.output_dir, score_checkpoints(args.output_dir, jobs, photos, args.clip_model, args.dino_model, accelerator.device)
+            config.output_dir, score_checkpoints(config.output_dir, jobs, photos, config.clip_model, config.dino_model, accelerator.device)
         )
-    print(f"images in {args.output_dir.resolve()}/<checkpoint>/, side-by-side sheets in {sheets[0].parent}")
+    print(f"images in {config.output_dir.resolve()}/<checkpoint>/, side-by-side sheets in {sheets[0].parent}")
 
 
 def write_scores(output_dir: Path, scores: dict[str, dict[str, float]]) -> None:
@@ -209,10 +214,10 @@ def start_afresh(output_dir: Path, folders: list[str], changes: list[str], count
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    config = parse_config(build_parser(), GenerateConfig, argv)
     from common.distributed import launch_run
 
-    launch_run("generate.py", args, run)
+    launch_run("generate.py", config, run, config.ddp_timeout)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.checks import require_flags_in_range, require_sampling_args
-from common.cli import ArgumentParser, str2bool
+from common.cli import ArgumentParser, parse_config, str2bool
 from common.flags import (
     add_ddp_timeout_arg,
     add_generator_args,
@@ -27,14 +27,12 @@ from common.flags import (
     add_sampling_args,
     add_speed_args,
     sampling_settings,
-    scoring_requested,
 )
+from dreambench.config import InferenceConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from PIL import Image
-
-DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / Kosmos-G
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,24 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(config: InferenceConfig) -> None:
     """Numbers, sizes and paths before any model loads (the metric models are loaded by `run`, on the main process)."""
     from common.outputs import check_output_dir
     from dreambench.evaluation import check_scores_writable
-    from ip_adapter.loading import check_generator_paths
+    from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir
 
-    require_flags_in_range(args, ("batch_size", "prompts_per_subject"), minimum=1)
-    require_sampling_args(args)
-    require_flags_in_range(args, ("scale",), minimum=0)
-    check_output_dir(args.output_dir)
-    if scoring_requested(args):  # fail now rather than after hours of generation
-        check_scores_writable(args.output_dir, args.is_kosmosg)
-    check_generator_paths(args)
+    require_flags_in_range(config, ("batch_size", "prompts_per_subject"), minimum=1)
+    require_sampling_args(config)
+    require_flags_in_range(config, ("scale",), minimum=0)
+    check_output_dir(config.output_dir)
+    if config.scoring:  # fail now rather than after hours of generation
+        check_scores_writable(config.output_dir, config.is_kosmosg)
+    check_sdxl_dir(config.base_model_path)
+    check_image_encoder_dir(config.image_encoder_path)
+    check_ip_ckpt(config.ip_ckpt)
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
     """Generate and score; the output folder is claimed into `held` once inputs and models are checked (released when it closes)."""
     # Imported here, not at the top: --help must not wait for torch and diffusers.
+    from dataclasses import asdict
+
     from common.distributed import check_on_main
     from common.hub import resolve_file
     from common.io import sha256_file
@@ -106,40 +108,39 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     from ip_adapter.speed import apply_speed_args
 
     check_launch(accelerator.num_processes, "inference_dreambooth.py")
-    if args.scale is None:
-        args.scale = DEFAULT_SCALES[args.is_kosmosg]
-    check_args(args)
-    check_on_main(accelerator, lambda: check_metric_models(args.clip_model, args.dino_model))  # loaded once: a bad one fails now
-    subjects = [subject.name for subject in resolve_subjects(args.subjects)]
+    config = config.with_defaults()
+    check_args(config)
+    check_on_main(accelerator, lambda: check_metric_models(config.clip_model, config.dino_model))  # loaded once: a bad one fails now
+    subjects = [subject.name for subject in resolve_subjects(config.subjects)]
     for subject in subjects:  # a broken data root fails here, before any model is loaded
-        check_boxes_inside_photos(reference_photos(args.data_root, subject, args.is_kosmosg))
-    subject_prompts = {subject: prompts_for(subject)[: args.prompts_per_subject] for subject in subjects}
+        check_boxes_inside_photos(reference_photos(config.data_root, subject, config.is_kosmosg))
+    subject_prompts = {subject: prompts_for(subject)[: config.prompts_per_subject] for subject in subjects}
 
     def load_references(subject: str) -> list[Image.Image]:
-        return load_conditioning_images(args.data_root, subject, args.is_kosmosg)
+        return load_conditioning_images(config.data_root, subject, config.is_kosmosg)
 
-    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
-    config = make_run_config(
-        vars(args),
-        ip_ckpt_sha256=sha256_file(resolve_file(args.ip_ckpt, "--ip_ckpt")),
+    dtype = resolve_dtype(config.dtype, accelerator.mixed_precision, accelerator.device)
+    run_config = make_run_config(
+        asdict(config),
+        ip_ckpt_sha256=sha256_file(resolve_file(config.ip_ckpt, "--ip_ckpt")),
         dtype=dtype_name(dtype),
         num_processes=accelerator.num_processes,
     )
-    check_resumable(args.output_dir, config)  # every process checks, so all of them stop together
-    items = build_items(subject_prompts, args.seed)
-    pending = pending_items(items, args.output_dir)
+    check_resumable(config.output_dir, run_config)  # every process checks, so all of them stop together
+    items = build_items(subject_prompts, config.seed)
+    pending = pending_items(items, config.output_dir)
     # Every process must list the same pending images (or the contiguous shards would overlap or
     # leave gaps), so nothing is written before all of them have listed.
     accelerator.wait_for_everyone()
     accelerator.print(
         f"{len(items) - len(pending)}/{len(items)} images exist, generating {len(pending)} on "
-        f"{accelerator.num_processes} process(es) in {dtype_name(dtype)}, scale {args.scale}"
+        f"{accelerator.num_processes} process(es) in {dtype_name(dtype)}, scale {config.scale}"
     )
     ip_model = None
     if pending:
-        ip_model = load_generation_model(args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype)
-        apply_speed_args(args, ip_model.pipe.unet, accelerator.print)
-    start_in_output_dir(accelerator, held, args.output_dir, [*subjects, GRIDS_DIR], config)
+        ip_model = load_generation_model(config.base_model_path, config.image_encoder_path, config.ip_ckpt, accelerator.device, dtype)
+        apply_speed_args(config, ip_model.pipe.unet, accelerator.print)
+    start_in_output_dir(accelerator, held, config.output_dir, [*subjects, GRIDS_DIR], run_config)
 
     if ip_model is not None:
         tokens = SubjectTokens(ip_model, load_references)
@@ -148,38 +149,38 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
                 ip_model,
                 tokens,
                 shard,
-                args.output_dir,
-                args.batch_size,
-                scale=args.scale,
+                config.output_dir,
+                config.batch_size,
+                scale=config.scale,
                 progress_position=accelerator.process_index,
-                **sampling_settings(args),
+                **sampling_settings(config),
             )
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        write_contact_sheets(args.output_dir, subject_prompts, load_references)
-        accelerator.print(f"images in {args.output_dir.resolve()}, contact sheets in {(args.output_dir / GRIDS_DIR).resolve()}")
-        if args.clip_model is not None:
+        write_contact_sheets(config.output_dir, subject_prompts, load_references)
+        accelerator.print(f"images in {config.output_dir.resolve()}, contact sheets in {(config.output_dir / GRIDS_DIR).resolve()}")
+        if config.clip_model is not None:
             scores = score_generations(
-                args.output_dir,
-                args.data_root,
-                kosmosg=args.is_kosmosg,
-                clip_model=args.clip_model,
-                dino_model=args.dino_model,
+                config.output_dir,
+                config.data_root,
+                kosmosg=config.is_kosmosg,
+                clip_model=config.clip_model,
+                dino_model=config.dino_model,
                 device=accelerator.device,
-                allow_partial=args.prompts_per_subject is not None,
+                allow_partial=config.prompts_per_subject is not None,
                 subjects=subjects,
             )
             print(format_score_table(scores), flush=True)
-            write_scores(args.output_dir, scores)
-            print(f"scores written to {(args.output_dir / SCORE_FILE).resolve()}")
+            write_scores(config.output_dir, scores)
+            print(f"scores written to {(config.output_dir / SCORE_FILE).resolve()}")
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    config = parse_config(build_parser(), InferenceConfig, argv)
     from common.distributed import launch_run
 
-    launch_run(Path(__file__).name, args, run)
+    launch_run(Path(__file__).name, config, run, config.ddp_timeout)
 
 
 if __name__ == "__main__":
