@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.checks import require_flags_in_range, require_sampling_args
 from common.cli import ArgumentParser, parse_config
@@ -30,6 +30,8 @@ from dreambench.config import GenerateConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from dreambench.your_subject import ImageJob, Photo
 
 SCORES_NAME = "scores.json"
 
@@ -100,15 +102,33 @@ def check_args(config: GenerateConfig) -> None:
         check_output_file(config.output_dir / SCORES_NAME, "--output_dir")
 
 
-def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+def recorded_settings(
+    config: GenerateConfig, checkpoints: list[Path], photos: list[Photo], labels: list[str], dtype: str, num_processes: int
+) -> dict[str, Any]:
+    """What `run_config.json` records: the flags (the photos and checkpoints by content, not by path), dtype and process count."""
     from dataclasses import asdict
 
+    from common.io import sha256_file
+    from dreambench.run_config import make_run_config
+
+    return make_run_config(
+        {key: value for key, value in asdict(config).items() if key not in ("reference_images", "ip_ckpt", "boxes")},
+        ip_ckpt_sha256=[sha256_file(path) for path in checkpoints],
+        photos=[photo.record() for photo in photos],
+        checkpoint_labels=labels,
+        data_root=None,
+        is_kosmosg=False,
+        dtype=dtype,
+        num_processes=num_processes,
+    )
+
+
+def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
     from common.distributed import check_on_main
     from common.hub import resolve_file
-    from common.io import sha256_file
     from common.launch import check_launch
     from dreambench.metrics import check_metric_models
-    from dreambench.run_config import GENERATION_KEYS, check_resumable, make_run_config, read_run_config, start_in_output_dir
+    from dreambench.run_config import GENERATION_KEYS, check_resumable, read_run_config, start_in_output_dir
     from dreambench.your_subject import (
         SHEETS_DIR,
         build_jobs,
@@ -117,9 +137,7 @@ def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitS
         generate_jobs,
         read_photos,
         read_prompts,
-        score_checkpoints,
         subject_changes,
-        write_sheets,
     )
     from ip_adapter.checkpoint import load_ip_adapter_checkpoint
     from ip_adapter.loading import dtype_name, load_generation_model, resolve_dtype
@@ -137,16 +155,7 @@ def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitS
     labels = checkpoint_labels(config.ip_ckpt)
     jobs = build_jobs(labels, prompts, config.num_images, config.seed)
     dtype = resolve_dtype(config.dtype, accelerator.mixed_precision, accelerator.device)
-    run_config = make_run_config(
-        {key: value for key, value in asdict(config).items() if key not in ("reference_images", "ip_ckpt", "boxes")},
-        ip_ckpt_sha256=[sha256_file(path) for path in checkpoints],
-        photos=[photo.record() for photo in photos],
-        checkpoint_labels=labels,
-        data_root=None,
-        is_kosmosg=False,
-        dtype=dtype_name(dtype),
-        num_processes=accelerator.num_processes,
-    )
+    run_config = recorded_settings(config, checkpoints, photos, labels, dtype_name(dtype), accelerator.num_processes)
     check_resumable(config.output_dir, run_config, (*GENERATION_KEYS, "checkpoint_labels"))  # the photos are compared below, not refused
     recorded = read_run_config(config.output_dir)
     changes = [] if recorded is None else subject_changes(recorded.get("photos"), photos)
@@ -179,13 +188,17 @@ def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitS
             **sampling_settings(config),
         )
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
+    if accelerator.is_main_process:
+        finish(config, labels, prompts, jobs, photos, accelerator.device)
+
+
+def finish(config: GenerateConfig, labels: list[str], prompts: list[str], jobs: list[ImageJob], photos: list[Photo], device: Any) -> None:
+    """On the main process: the side-by-side sheets, and the scores when a metric model was given."""
+    from dreambench.your_subject import score_checkpoints, write_sheets
+
     sheets = write_sheets(config.output_dir, labels, prompts, config.num_images)
     if config.scoring:
-        write_scores(
-            config.output_dir, score_checkpoints(config.output_dir, jobs, photos, config.clip_model, config.dino_model, accelerator.device)
-        )
+        write_scores(config.output_dir, score_checkpoints(config.output_dir, jobs, photos, config.clip_model, config.dino_model, device))
     print(f"images in {config.output_dir.resolve()}/<checkpoint>/, side-by-side sheets in {sheets[0].parent}")
 
 

@@ -31,6 +31,8 @@ from common.flags import (
 from dreambench.config import InferenceConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from accelerate import Accelerator
     from PIL import Image
 
@@ -87,6 +89,45 @@ def check_args(config: InferenceConfig) -> None:
     check_ip_ckpt(config.ip_ckpt)
 
 
+def checked_subject_prompts(config: InferenceConfig) -> dict[str, list[str]]:
+    """Each subject's prompts (the first --prompts_per_subject); a broken data root fails here, before any model is loaded."""
+    from dreambench.benchmark import prompts_for, resolve_subjects
+    from dreambench.data import check_boxes_inside_photos, reference_photos
+
+    subjects = [subject.name for subject in resolve_subjects(config.subjects)]
+    for subject in subjects:
+        check_boxes_inside_photos(reference_photos(config.data_root, subject, config.is_kosmosg))
+    return {subject: prompts_for(subject)[: config.prompts_per_subject] for subject in subjects}
+
+
+def finish(
+    config: InferenceConfig,
+    accelerator: Accelerator,
+    subject_prompts: dict[str, list[str]],
+    load_references: Callable[[str], list[Image.Image]],
+) -> None:
+    """On the main process: the contact sheets, and the scores when a metric model was given."""
+    from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
+    from dreambench.evaluation import SCORE_FILE, format_score_table, score_generations, write_scores
+
+    write_contact_sheets(config.output_dir, subject_prompts, load_references)
+    accelerator.print(f"images in {config.output_dir.resolve()}, contact sheets in {(config.output_dir / GRIDS_DIR).resolve()}")
+    if config.clip_model is not None:
+        scores = score_generations(
+            config.output_dir,
+            config.data_root,
+            kosmosg=config.is_kosmosg,
+            clip_model=config.clip_model,
+            dino_model=config.dino_model,
+            device=accelerator.device,
+            allow_partial=config.prompts_per_subject is not None,
+            subjects=list(subject_prompts),
+        )
+        print(format_score_table(scores), flush=True)
+        write_scores(config.output_dir, scores)
+        print(f"scores written to {(config.output_dir / SCORE_FILE).resolve()}")
+
+
 def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
     """Generate and score; the output folder is claimed into `held` once inputs and models are checked (released when it closes)."""
     # Imported here, not at the top: --help must not wait for torch and diffusers.
@@ -96,10 +137,8 @@ def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.Exit
     from common.hub import resolve_file
     from common.io import sha256_file
     from common.launch import check_launch
-    from dreambench.benchmark import prompts_for, resolve_subjects
-    from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
-    from dreambench.data import check_boxes_inside_photos, load_conditioning_images, reference_photos
-    from dreambench.evaluation import SCORE_FILE, format_score_table, score_generations, write_scores
+    from dreambench.contact_sheet import GRIDS_DIR
+    from dreambench.data import load_conditioning_images
     from dreambench.generation import build_items, generate_items, pending_items
     from dreambench.metrics import check_metric_models
     from dreambench.run_config import check_resumable, make_run_config, start_in_output_dir
@@ -111,10 +150,8 @@ def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.Exit
     config = config.with_defaults()
     check_args(config)
     check_on_main(accelerator, lambda: check_metric_models(config.clip_model, config.dino_model))  # loaded once: a bad one fails now
-    subjects = [subject.name for subject in resolve_subjects(config.subjects)]
-    for subject in subjects:  # a broken data root fails here, before any model is loaded
-        check_boxes_inside_photos(reference_photos(config.data_root, subject, config.is_kosmosg))
-    subject_prompts = {subject: prompts_for(subject)[: config.prompts_per_subject] for subject in subjects}
+    subject_prompts = checked_subject_prompts(config)
+    subjects = list(subject_prompts)
 
     def load_references(subject: str) -> list[Image.Image]:
         return load_conditioning_images(config.data_root, subject, config.is_kosmosg)
@@ -158,22 +195,7 @@ def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.Exit
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        write_contact_sheets(config.output_dir, subject_prompts, load_references)
-        accelerator.print(f"images in {config.output_dir.resolve()}, contact sheets in {(config.output_dir / GRIDS_DIR).resolve()}")
-        if config.clip_model is not None:
-            scores = score_generations(
-                config.output_dir,
-                config.data_root,
-                kosmosg=config.is_kosmosg,
-                clip_model=config.clip_model,
-                dino_model=config.dino_model,
-                device=accelerator.device,
-                allow_partial=config.prompts_per_subject is not None,
-                subjects=subjects,
-            )
-            print(format_score_table(scores), flush=True)
-            write_scores(config.output_dir, scores)
-            print(f"scores written to {(config.output_dir / SCORE_FILE).resolve()}")
+        finish(config, accelerator, subject_prompts, load_references)
 
 
 def main(argv: list[str] | None = None) -> None:
