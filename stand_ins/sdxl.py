@@ -218,7 +218,7 @@ def save_sdxl_models(root: str | os.PathLike, shape: ModelShape = TINY) -> Model
 
 
 def save_model_configs(root: str | os.PathLike, shape: ModelShape = FULL) -> ModelPaths:
-    """Only the config.json files of an SDXL folder and an image-encoder folder (what `patchdpo.memory_plan` reads)."""
+    """Only the config.json files (and model_index.json) of an SDXL folder and an image-encoder folder: what `patchdpo.memory_plan` reads."""
     root = Path(root)
     configs = {
         root / "sdxl" / "unet": {"_class_name": "UNet2DConditionModel", **shape.unet},
@@ -230,6 +230,7 @@ def save_model_configs(root: str | os.PathLike, shape: ModelShape = FULL) -> Mod
     for folder, config in configs.items():
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    (root / "sdxl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
     return ModelPaths(sdxl_dir=root / "sdxl", image_encoder_dir=root / "image_encoder", ip_ckpt=root / "no-checkpoint")
 
 
