@@ -21,7 +21,8 @@ from ip_adapter import (
 )
 from ip_adapter.image_encoder import encode_image_features, load_image_encoder, preprocess_clip_images
 from ip_adapter.loading import check_ip_ckpt, load_generation_model
-from stand_ins.sdxl import build_clip_tokenizer, build_resampler, build_sdxl_pipeline, load_pipeline
+from stand_ins.components import build_clip_tokenizer, build_resampler
+from stand_ins.sdxl import TINY, build_sdxl_pipeline, load_pipeline
 
 SIZE = 32
 STEPS = 2
@@ -88,7 +89,7 @@ def test_resampler_has_public_sdxl_layout() -> None:
 
 
 def test_resampler_matches_diffusers_image_projection() -> None:
-    ours = build_resampler().eval()
+    ours = build_resampler(TINY).eval()
     unet = build_sdxl_pipeline().unet
     theirs = unet._convert_ip_adapter_image_proj_to_diffusers(ours.state_dict(), low_cpu_mem_usage=False).eval()
     features = torch.randn(3, 50, ours.proj_in.in_features)
@@ -131,7 +132,7 @@ def test_install_covers_cross_attention_with_public_keys() -> None:
 def test_checkpoint_round_trip(tmp_path, suffix) -> None:
     unet = build_sdxl_pipeline().unet
     modules = install_ip_adapter(unet)
-    resampler = build_resampler()
+    resampler = build_resampler(TINY)
     path = save_ip_adapter(tmp_path / f"model{suffix}", resampler, unet)
     loaded = load_ip_adapter_checkpoint(path)
     assert loaded["image_proj"].keys() == resampler.state_dict().keys()
@@ -204,7 +205,7 @@ def test_a_bin_checkpoint_has_the_same_bytes_whatever_its_name_and_however_often
     """Derived data records a checkpoint's digest: the same weights must give the same bytes (a rebuilt stand-in included)."""
     unet = build_sdxl_pipeline().unet
     install_ip_adapter(unet)
-    resampler = build_resampler()
+    resampler = build_resampler(TINY)
     first = save_ip_adapter(tmp_path / "model.bin", resampler, unet).read_bytes()
     again = save_ip_adapter(tmp_path / "model.bin", resampler, unet).read_bytes()
     renamed = save_ip_adapter(tmp_path / "other" / "ip-adapter.bin", resampler, unet).read_bytes()
