@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from ip_adapter import install_ip_adapter, load_ip_adapter_checkpoint
+from ip_adapter import IPAdapterPlus, IPAdapterPlusXL, install_ip_adapter, load_ip_adapter_checkpoint
 from stand_ins.components import build_resampler
 from stand_ins.sd15 import FULL, load_pipeline
 
@@ -41,3 +42,12 @@ def test_tiny_stand_in_is_an_sd15_folder_with_an_h94_layout_checkpoint(tiny_sd15
     assert unet.config.addition_embed_type is None
     assert checkpoint["ip_adapter"].keys() == install_ip_adapter(unet).state_dict().keys()
     assert checkpoint["image_proj"]["proj_out.weight"].shape[0] == unet.config.cross_attention_dim
+
+
+def test_each_wrapper_takes_its_own_pipeline_only(tiny_models, tiny_sd15_models) -> None:
+    from stand_ins.sdxl import load_pipeline as load_sdxl_pipeline
+
+    with pytest.raises(TypeError, match="IPAdapterPlus needs a diffusers StableDiffusionPipeline, got StableDiffusionXLPipeline"):
+        IPAdapterPlus(load_sdxl_pipeline(tiny_models.sdxl_dir), tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu")
+    with pytest.raises(TypeError, match="IPAdapterPlusXL needs a diffusers StableDiffusionXLPipeline, got StableDiffusionPipeline"):
+        IPAdapterPlusXL(load_pipeline(tiny_sd15_models.sd15_dir), tiny_sd15_models.image_encoder_dir, tiny_sd15_models.ip_ckpt, "cpu")
