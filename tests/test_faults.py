@@ -36,7 +36,7 @@ from common.stop_signals import STOPPED_EXIT_CODE
 from common.training_state import MANIFEST_NAME, SETTINGS_NAME, TENSORS_NAME, TRAINING_STATE_DIR, check_training_state
 from dreambench.data import load_conditioning_images
 from ip_adapter import load_ip_adapter_checkpoint
-from patch_quality import construct, convert_pkl, maps, ssl_train, visualize
+from patch_quality import convert_pkl, maps, ssl_train, visualize
 from patch_quality.store import FORMAT_KEY, FORMAT_VALUE, QualityMaps
 from patchdpo import method as method_module
 from patchdpo.models import ADAPTER_STATE_NAME, adapter_weights, load_training_models
@@ -44,6 +44,7 @@ from patchdpo.step_guard import TrainingDivergedError
 from stand_ins.pairs import save_pair_data
 from tests.kit.cli import bad_input_message
 from tests.test_train_patchdpo import LATENT, train_args
+from training_data import construct
 
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "dreambench"
@@ -356,7 +357,7 @@ def test_a_file_size_limit_in_construct_maps_inference_and_evaluate_is_one_line(
         command, failing = ["-m", "patch_quality.maps", "--data_root", str(data), "--backbone", str(tiny_dinov2_dir), "--cpu"], data
         command += ["--resolution", "32", "--vae_scale_factor", "8"]
     elif script == "construct":
-        command, failing = ["-m", "patch_quality.construct", *construct_argv(tiny_models, tmp_path / "data")], tmp_path / "data"
+        command, failing = ["-m", "training_data.construct", *construct_argv(tiny_models, tmp_path / "data")], tmp_path / "data"
     elif script == "inference":
         command, failing = [str(REPO / "inference_dreambooth.py"), *inference_argv(tiny_models, tmp_path / "gen")], tmp_path / "gen"
     else:
