@@ -127,11 +127,7 @@ def save_sdxl_models(root: str | os.PathLike, shape: ModelShape = TINY) -> Model
 
 
 def save_model_configs(root: str | os.PathLike, shape: ModelShape = FULL) -> ModelPaths:
-<<<<<<< HEAD
-    """Only the config.json files (and model_index.json) of an SDXL folder and an image-encoder folder: what `patchdpo.memory_plan` reads."""
-=======
     """Only the model_index.json and config.json files of an SDXL folder and an image-encoder folder (what `patchdpo.memory_plan` reads)."""
->>>>>>> i29-gen
     root = Path(root)
     configs = {
         root / "sdxl" / "model_index.json": {"_class_name": StableDiffusionXLPipeline.__name__},
@@ -141,14 +137,7 @@ def save_model_configs(root: str | os.PathLike, shape: ModelShape = FULL) -> Mod
         root / "sdxl" / "text_encoder_2": CLIPTextConfig(**shape.text_encoder_2).to_dict(),
         root / "image_encoder": CLIPVisionConfig(**shape.image_encoder).to_dict(),
     }
-<<<<<<< HEAD
-    for folder, config in configs.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
-    (root / "sdxl" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-=======
     save_configs(configs)
->>>>>>> i29-gen
     return ModelPaths(sdxl_dir=root / "sdxl", image_encoder_dir=root / "image_encoder", ip_ckpt=root / "no-checkpoint")
 
 
