@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -244,7 +244,8 @@ def set_up(
     if resume is not None:
         changed = check_resume_settings(resume.state_dir, settings, args.change_on_resume)
         run.global_step = load_training_state(resume, run.resumable)
-        apply_changed_settings(changed, args, optimizer, scheduler)
+        run.lr_scheduler = apply_changed_settings(changed, args, optimizer, scheduler, plan.total_steps)
+        run.resumable = replace(run.resumable, scheduler=run.lr_scheduler)
         logger.info(f"resumed from {resume.directory} at step {run.global_step}" + (f", changing {', '.join(changed)}" if changed else ""))
     if args.overwrite_output_dir and accelerator.is_main_process:  # last: a refused start above loses nothing
         remove_earlier_run(args.output_dir, [tracker_logs(args)])
