@@ -36,7 +36,7 @@ from common.stop_signals import StopSignals, ignore_stop_signals_in_worker
 from common.training_state import CheckedState, Resumable, load_training_state, save_training_state
 from ip_adapter.speed import apply_speed_args
 from patch_quality.store import QualityMaps
-from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key
+from patchdpo.feature_cache import CachedEncoderOutputs, FeatureCache, build_feature_cache, cache_key
 from patchdpo.method import EncodedPairs, LossOutput, Method, training_step
 from patchdpo.models import (
     FrozenEncoders,
@@ -47,7 +47,7 @@ from patchdpo.models import (
     save_adapter_checkpoint,
 )
 from patchdpo.optimization import StepPlan, adamw, check_8bit_adam, lr_scheduler, require_one_step
-from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, PairSource, TrainingPair, index_pairs
+from patchdpo.pair_dataset import DropoutRates, EncoderInputs, EncoderPayload, PairDataset, TrainingPair, index_pairs
 from patchdpo.resume import TRACKER_PROJECT, check_steps_left, tracker_logs
 from patchdpo.run_settings import apply_changed_settings, check_resume_settings, run_settings
 from patchdpo.step_guard import StepGuard
@@ -157,7 +157,7 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator, models: Traini
     return TrainingData(pairs, quality_maps, maps_sha256, latent_size, dropout)
 
 
-def data_loader(args: argparse.Namespace, accelerator: Accelerator, data: TrainingData, source: PairSource) -> DataLoader:
+def data_loader(args: argparse.Namespace, accelerator: Accelerator, data: TrainingData, source: EncoderPayload) -> DataLoader:
     """This process's micro-batches, each pair's draws keyed on (seed, epoch, index)."""
     dataset = PairDataset(data.pairs, data.latent_size, args.seed, source, data.quality_maps, data.dropout)
     return DataLoader(
@@ -257,11 +257,11 @@ def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: Step
 
 def pair_source(
     args: argparse.Namespace, accelerator: Accelerator, models: TrainingModels, pairs: list, weight_dtype: torch.dtype
-) -> tuple[PairSource, FrozenEncoders]:
+) -> tuple[EncoderPayload, FrozenEncoders]:
     """What items carry and which encoders the step runs: pixels for all of them, or (`--cache_dir`) their outputs,
     built once and shared, with per-step CLIP pixels where a non-square reference's crop is random."""
     if args.cache_dir is None:
-        return DecodedPairs(args.resolution, models.family, models.encoders.tokenizers), models.encoders
+        return EncoderInputs(args.resolution, models.family, models.encoders.tokenizers), models.encoders
     key = cache_key(args.resolution, args.pretrained_model_name_or_path, args.image_encoder_path, weight_dtype)
     cache = FeatureCache.for_key(args.cache_dir, key, models.family.prompt_fields)
     build_feature_cache(
@@ -283,7 +283,7 @@ def pair_source(
         ),
     )
     clip_per_step = cache.needs_clip_per_step(pairs)
-    return CachedPairs(cache, clip_per_step), models.encoders.kept_with_cache(clip_per_step)
+    return CachedEncoderOutputs(cache, clip_per_step), models.encoders.kept_with_cache(clip_per_step)
 
 
 def train(run: TrainingRun, signals: StopSignals) -> bool:

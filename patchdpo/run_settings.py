@@ -45,7 +45,7 @@ _CHANGED_BY = {"schedule_total_steps": "lr_scheduler"}
 
 
 def _pairs_digest(pairs: Sequence[TrainingPair]) -> str:
-    listing = "\n".join(f"{p.sample}\t{p.k}\t{p.prompt}\t{p.reference_path.name}\t{p.generated_path.name}" for p in pairs)
+    listing = "\n".join(f"{p.sample}\t{p.generated_index}\t{p.prompt}\t{p.reference_path.name}\t{p.generated_path.name}" for p in pairs)
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
