@@ -186,9 +186,8 @@ def test_training_forward_has_no_graph_breaks(training):
         latents,
         torch.tensor([10, 500, 10, 500]),
         cond.image_features,
-        cond.prompt_embeds,
-        cond.pooled_prompt_embeds,
-        torch.full((4, 6), float(SIZE)),
+        cond.prompt["prompt_embeds"],
+        {"text_embeds": cond.prompt["pooled_prompt_embeds"].repeat(2, 1), "time_ids": torch.full((4, 6), float(SIZE))},
     )
     with torch.enable_grad():
         explanation = torch._dynamo.explain(model.forward)(*inputs)
