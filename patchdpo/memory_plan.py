@@ -49,7 +49,9 @@ class PlanSettings:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m patchdpo.memory_plan", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--pretrained_model_name_or_path", required=True, help="SDXL: folder or Hugging Face id (only config.json files are read)"
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="SDXL or SD 1.5 pipeline: folder or Hugging Face id (only model_index.json and config.json files are read)",
     )
     parser.add_argument("--image_encoder_path", required=True, help="CLIP ViT-H vision encoder: folder or Hugging Face id (config.json)")
     parser.add_argument("--resolution", type=int, default=512)
