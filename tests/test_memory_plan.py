@@ -50,7 +50,7 @@ def test_checkpointing_a_smaller_batch_and_the_cache_lower_the_plan(tiny_configs
 
 def test_the_full_sdxl_configuration_is_planned_from_config_files_alone(tmp_path, capsys):
     paths = save_model_configs(tmp_path / "full", FULL)
-    assert sorted(p.name for p in paths.sdxl_dir.rglob("*") if p.is_file()) == ["config.json"] * 4  # no weights anywhere
+    assert sorted(p.name for p in paths.sdxl_dir.rglob("*") if p.is_file()) == ["config.json"] * 4 + ["model_index.json"]  # no weights
     result = memory_plan.main(
         [
             "--pretrained_model_name_or_path",
@@ -66,6 +66,16 @@ def test_the_full_sdxl_configuration_is_planned_from_config_files_alone(tmp_path
     assert stored["components"]["trainable adapter (fp32)"] == 340_787_200 * 4  # the IP-Adapter-Plus to_k_ip/to_v_ip of SDXL
     assert stored["components"]["frozen UNet weights"] == 2_567_463_684 * 2  # SDXL's UNet in fp16
     assert "fits a" in capsys.readouterr().out
+
+
+def test_the_full_sd15_configuration_is_planned_through_its_family(tmp_path):
+    from stand_ins import sd15
+
+    paths = sd15.save_model_configs(tmp_path / "full", sd15.FULL)
+    plan = memory_plan.main(["--pretrained_model_name_or_path", str(paths.sd15_dir), "--image_encoder_path", str(paths.image_encoder_dir)])
+    assert plan["components"]["frozen UNet weights"] == 859_520_964 * 2  # SD 1.5's UNet in fp16
+    assert plan["components"]["trainable adapter (fp32)"] == 19_169_280 * 4  # ip-adapter-plus_sd15's to_k_ip/to_v_ip: 16 layers to 768
+    assert plan["smallest_card_gib"] == 24  # 4 pairs of 512 px per GPU, as the paper's SDXL run
 
 
 def test_the_counter_sees_allocations_frees_and_autograds_saved_tensors():
