@@ -111,12 +111,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def check_models(args: argparse.Namespace) -> None:
     """Every model the user passed, before the first stage: a bad --dino_model must not wait for training to finish."""
+    from base_models.generation import check_generator_paths
     from common.hub import resolve_folder
     from dreambench.metrics import resolve_clip_checkpoint
-    from ip_adapter.loading import check_generator_paths
 
     if args.base_model_path is not None:
-        check_generator_paths(args)
+        check_generator_paths(args.base_model_path, args.image_encoder_path, args.ip_ckpt)
     for flag, value in (("--patch_backbone", args.patch_backbone), ("--dino_model", args.dino_model)):
         if value is not None and not (resolve_folder(value, flag) / "config.json").is_file():
             raise BadInputError(f"{flag} {value}: no config.json; expected a transformers model folder (save_pretrained layout)")

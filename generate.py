@@ -36,7 +36,7 @@ SCORES_NAME = "scores.json"
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="generate.py", description="Personalized images of your own subject from your photos.")
     models = parser.add_argument_group("models")
-    models.add_argument("--base_model_path", type=Path, required=True, help="SDXL pipeline: folder or Hugging Face id")
+    models.add_argument("--base_model_path", type=Path, required=True, help="SDXL or SD 1.5 pipeline: folder or Hugging Face id")
     models.add_argument("--image_encoder_path", type=Path, required=True, help="CLIP ViT-H vision encoder: folder or Hugging Face id")
     models.add_argument(
         "--ip_ckpt",
@@ -84,14 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Numbers, sizes and paths before any model loads."""
+    from base_models.generation import check_base_model, image_size
     from common.outputs import check_output_dir, check_output_file
-    from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir
+    from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt
 
     require_flags_in_range(args, ("num_images", "batch_size"), minimum=1)
     require_flags_in_range(args, ("scale",), minimum=0)
+    args.height, args.width = image_size(args.height, args.width, args.base_model_path)
     require_sampling_args(args)
     check_output_dir(args.output_dir)
-    check_sdxl_dir(args.base_model_path)
+    check_base_model(args.base_model_path)
     check_image_encoder_dir(args.image_encoder_path)
     for checkpoint in args.ip_ckpt:
         check_ip_ckpt(checkpoint)
@@ -100,6 +102,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+    from base_models.generation import load_generation_model
     from common.distributed import check_on_main
     from common.hub import resolve_file
     from common.io import sha256_file
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
         write_sheets,
     )
     from ip_adapter.checkpoint import load_ip_adapter_checkpoint
-    from ip_adapter.loading import dtype_name, load_generation_model, resolve_dtype
+    from ip_adapter.loading import dtype_name, resolve_dtype
     from ip_adapter.speed import apply_speed_args
 
     check_launch(accelerator.num_processes, "generate.py")
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     references = conditioning_images(photos)  # every photo decoded: a bad one fails before the models
     checkpoints = [resolve_file(path, "--ip_ckpt") for path in args.ip_ckpt]
     for checkpoint in checkpoints:
-        load_ip_adapter_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before SDXL loads
+        load_ip_adapter_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before the base model loads
     labels = checkpoint_labels(args.ip_ckpt)
     jobs = build_jobs(labels, prompts, args.num_images, args.seed)
     dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)

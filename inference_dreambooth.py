@@ -1,4 +1,4 @@
-"""Generate the DreamBench images (30 subjects x 25 prompts) with SDXL + IP-Adapter-Plus.
+"""Generate the DreamBench images (30 subjects x 25 prompts) with SDXL or SD 1.5 + IP-Adapter-Plus.
 
     accelerate launch --num_processes 2 --multi_gpu --mixed_precision fp16 inference_dreambooth.py \
         --base_model_path SDXL_DIR --image_encoder_path ENC_DIR --ip_ckpt model.bin \
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generator_args(
         parser,
-        "SDXL pipeline: folder or Hugging Face id (e.g. SG161222/RealVisXL_V1.0)",
+        "SDXL or SD 1.5 pipeline: folder or Hugging Face id (e.g. SG161222/RealVisXL_V1.0)",
         "IP-Adapter-Plus / PatchDPO checkpoint: .bin/.safetensors file or REPO_ID/path/in/repo.bin",
     )
     parser.add_argument("--data_root", type=Path, required=True, help="DreamBench folder with dataset/ and json_data/")
@@ -74,22 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Numbers, sizes and paths before any model loads (the metric models are loaded by `run`, on the main process)."""
+    from base_models.generation import check_generator_paths, image_size
     from common.outputs import check_output_dir
     from dreambench.evaluation import check_scores_writable
-    from ip_adapter.loading import check_generator_paths
 
     require_flags_in_range(args, ("batch_size", "prompts_per_subject"), minimum=1)
+    args.height, args.width = image_size(args.height, args.width, args.base_model_path)
     require_sampling_args(args)
     require_flags_in_range(args, ("scale",), minimum=0)
     check_output_dir(args.output_dir)
     if scoring_requested(args):  # fail now rather than after hours of generation
         check_scores_writable(args.output_dir, args.is_kosmosg)
-    check_generator_paths(args)
+    check_generator_paths(args.base_model_path, args.image_encoder_path, args.ip_ckpt)
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
     """Generate and score; the output folder is claimed into `held` once inputs and models are checked (released when it closes)."""
     # Imported here, not at the top: --help must not wait for torch and diffusers.
+    from base_models.generation import load_generation_model
     from common.distributed import check_on_main
     from common.hub import resolve_file
     from common.io import sha256_file
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     from dreambench.metrics import check_metric_models
     from dreambench.run_config import check_resumable, make_run_config, start_in_output_dir
     from ip_adapter.batch_generation import SubjectTokens
-    from ip_adapter.loading import dtype_name, load_generation_model, resolve_dtype
+    from ip_adapter.loading import dtype_name, resolve_dtype
     from ip_adapter.speed import apply_speed_args
 
     check_launch(accelerator.num_processes, "inference_dreambooth.py")

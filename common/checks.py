@@ -34,12 +34,12 @@ def require_flags_in_range(
 
 
 def require_sampling_args(args: argparse.Namespace) -> None:
-    """The flags of `common.flags.add_sampling_args`: steps and sizes >= 1, a finite guidance, sizes multiples of 8 (SDXL's VAE and UNet)."""
+    """The flags of `common.flags.add_sampling_args`: steps and sizes >= 1, a finite guidance, sizes multiples of 8 (the VAE and UNet)."""
     require_flags_in_range(args, ("num_inference_steps", "height", "width"), minimum=1)
     require_flags_in_range(args, ("guidance_scale",))
     for name in ("height", "width"):
         if getattr(args, name) % 8:
-            raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(args, name)}")
+            raise BadInputError(f"--{name} must be a multiple of 8 (the VAE and UNet need it), got {getattr(args, name)}")
 
 
 def require_template_fields(flag: str, template: str, fields: Iterable[str]) -> None:

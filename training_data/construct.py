@@ -1,6 +1,6 @@
 """Build PatchDPO training pairs: clean-background references and IP-Adapter-Plus generations.
 
-Following the paper, the base SDXL pipeline draws one object per reference image on a plain white
+Following the paper, the base pipeline (SDXL in the paper, or SD 1.5) draws one object per reference image on a plain white
 background ("a photo of {object}, plain white background"), so object and background are never
 confused; IP-Adapter-Plus, the model being improved, then generates `--num_generated` images from
 each reference. Our choices (see README.md): objects from `training_data.categories` (no DreamBench
@@ -39,9 +39,10 @@ if __name__ == "__main__":
 
 import torch
 from accelerate import Accelerator
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
+from base_models.generation import check_generator_paths, image_size, load_generation_pipeline, wrap_pipeline
 from common.batching import generate_and_save
 from common.checks import require_flags_in_range, require_sampling_args, require_template_fields
 from common.distributed import launch_run, owning_output_dir
@@ -56,8 +57,8 @@ from common.recorded_settings import read_recorded, refuse_other_settings
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.checkpoint import Checkpoint, load_ip_adapter_checkpoint
-from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
-from ip_adapter.loading import check_generator_paths, check_ip_ckpt, dtype_name, load_sdxl_pipeline, resolve_dtype
+from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlus
+from ip_adapter.loading import check_ip_ckpt, dtype_name, resolve_dtype
 from ip_adapter.speed import apply_speed_args
 from patch_quality import layout
 from training_data.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
@@ -205,7 +206,7 @@ def remove_samples_of_changed_photos(
 
 
 def generate_references(
-    pipe: StableDiffusionXLPipeline,
+    pipe: DiffusionPipeline,
     plans: Sequence[SamplePlan],
     output_dir: Path,
     batch_size: int,
@@ -231,7 +232,7 @@ def generate_references(
 
 
 def generate_pairs(
-    ip_model: IPAdapterPlusXL,
+    ip_model: IPAdapterPlus,
     plans: Sequence[SamplePlan],
     items: Sequence[tuple[int, int]],
     output_dir: Path,
@@ -294,9 +295,10 @@ def _given_references(args: argparse.Namespace) -> list[dict[str, str]] | None:
         raise BadInputError("--num_samples is required (or pass --reference_images)")
     require_flags_in_range(args, ("num_samples", "num_generated", "batch_size"), minimum=1)
     require_flags_in_range(args, ("scale",), minimum=0)
+    args.height, args.width = image_size(args.height, args.width, args.base_model_path)
     require_sampling_args(args)
     require_template_fields("--reference_template", args.reference_template, ["object"])
-    check_generator_paths(args)
+    check_generator_paths(args.base_model_path, args.image_encoder_path, args.ip_ckpt)
     check_output_dir(args.output_dir)
     return given
 
@@ -323,7 +325,7 @@ def _settings(args: argparse.Namespace, dtype: torch.dtype, given: list[dict[str
 def _make_references(
     args: argparse.Namespace,
     accelerator: Accelerator,
-    pipe: StableDiffusionXLPipeline | None,
+    pipe: DiffusionPipeline | None,
     pending: list[SamplePlan],
     given: list[dict[str, str]] | None,
 ) -> None:
@@ -347,14 +349,14 @@ def _make_references(
 def _make_generated(
     args: argparse.Namespace,
     accelerator: Accelerator,
-    pipe: StableDiffusionXLPipeline,
+    pipe: DiffusionPipeline,
     plans: list[SamplePlan],
     pending: list[tuple[int, int]],
     ip_checkpoint: Checkpoint,
 ) -> None:
     """IP-Adapter-Plus generations of the pending (sample, k), sharded over the processes."""
     # Installing the adapter changes the UNet's attention, so it happens after the references.
-    ip_model = IPAdapterPlusXL(pipe, args.image_encoder_path, ip_checkpoint, device=accelerator.device, checkpoint_file=args.ip_ckpt)
+    ip_model = wrap_pipeline(pipe, args.image_encoder_path, ip_checkpoint, args.ip_ckpt, accelerator.device)
     apply_speed_args(args, ip_model.pipe.unet, accelerator.print)
     with accelerator.split_between_processes(pending) as shard:
         generate_pairs(
@@ -398,7 +400,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
         f"{accelerator.num_processes} process(es), {dtype_name(dtype)}"
     )
     needs_pipe = (pending_references and given is None) or pending_generated
-    pipe = load_sdxl_pipeline(args.base_model_path, dtype).to(accelerator.device) if needs_pipe else None
+    pipe = load_generation_pipeline(args.base_model_path, dtype).to(accelerator.device) if needs_pipe else None
     if accelerator.is_main_process:
         remove_stale_temp_files(output_dir, [plan.folder for plan in plans])
         atomic_write_json(output_dir / layout.MANIFEST_NAME, manifest)
