@@ -21,14 +21,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.checks import require_flags_in_range, require_sampling_args
-from common.cli import ArgumentParser
+from common.cli import ArgumentParser, parse_config
 from common.flags import PAPER_CLIP_MODEL, PAPER_DINO_MODEL, add_ddp_timeout_arg, add_sampling_args, add_speed_args, sampling_settings
+from dreambench.config import GenerateConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from dreambench.your_subject import ImageJob, Photo
 
 SCORES_NAME = "scores.json"
 
@@ -82,33 +85,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(config: GenerateConfig) -> None:
     """Numbers, sizes and paths before any model loads."""
-    from base_models.generation import check_base_model, image_size
+    from base_models.generation import check_base_model
     from common.outputs import check_output_dir, check_output_file
     from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt
 
-    require_flags_in_range(args, ("num_images", "batch_size"), minimum=1)
-    require_flags_in_range(args, ("scale",), minimum=0)
-    args.height, args.width = image_size(args.height, args.width, args.base_model_path)
-    require_sampling_args(args)
-    check_output_dir(args.output_dir)
-    check_base_model(args.base_model_path)
-    check_image_encoder_dir(args.image_encoder_path)
-    for checkpoint in args.ip_ckpt:
+    require_flags_in_range(config, ("num_images", "batch_size"), minimum=1)
+    require_flags_in_range(config, ("scale",), minimum=0)
+    require_sampling_args(config)
+    check_output_dir(config.output_dir)
+    check_base_model(config.base_model_path)
+    check_image_encoder_dir(config.image_encoder_path)
+    for checkpoint in config.ip_ckpt:
         check_ip_ckpt(checkpoint)
-    if args.clip_model is not None or args.dino_model is not None:
-        check_output_file(args.output_dir / SCORES_NAME, "--output_dir")
+    if config.scoring:
+        check_output_file(config.output_dir / SCORES_NAME, "--output_dir")
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
-    from base_models.generation import load_generation_model
+def recorded_settings(
+    config: GenerateConfig, checkpoints: list[Path], photos: list[Photo], labels: list[str], dtype: str, num_processes: int
+) -> dict[str, Any]:
+    """What `run_config.json` records: the flags (the photos and checkpoints by content, not by path), dtype and process count."""
+    from dataclasses import asdict
+
+    from common.io import sha256_file
+    from dreambench.run_config import make_run_config
+
+    return make_run_config(
+        {key: value for key, value in asdict(config).items() if key not in ("reference_images", "ip_ckpt", "boxes")},
+        ip_ckpt_sha256=[sha256_file(path) for path in checkpoints],
+        photos=[photo.record() for photo in photos],
+        checkpoint_labels=labels,
+        data_root=None,
+        is_kosmosg=False,
+        dtype=dtype,
+        num_processes=num_processes,
+    )
+
+
+def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+    from base_models.generation import load_generation_model, with_native_size
     from common.distributed import check_on_main
     from common.hub import resolve_file
-    from common.io import sha256_file
     from common.launch import check_launch
     from dreambench.metrics import check_metric_models
-    from dreambench.run_config import GENERATION_KEYS, check_resumable, make_run_config, read_run_config, start_in_output_dir
+    from dreambench.run_config import GENERATION_KEYS, check_resumable, read_run_config, start_in_output_dir
     from dreambench.your_subject import (
         SHEETS_DIR,
         build_jobs,
@@ -117,74 +139,70 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
         generate_jobs,
         read_photos,
         read_prompts,
-        score_checkpoints,
         subject_changes,
-        write_sheets,
     )
     from ip_adapter.checkpoint import load_ip_adapter_checkpoint
     from ip_adapter.loading import dtype_name, resolve_dtype
     from ip_adapter.speed import apply_speed_args
 
     check_launch(accelerator.num_processes, "generate.py")
-    check_args(args)
-    check_on_main(accelerator, lambda: check_metric_models(args.clip_model, args.dino_model))  # only the main process scores
-    prompts = read_prompts(args.prompts, args.prompts_file)
-    photos = read_photos(args.reference_images, args.boxes)
+    config = with_native_size(config)
+    check_args(config)
+    check_on_main(accelerator, lambda: check_metric_models(config.clip_model, config.dino_model))  # only the main process scores
+    prompts = read_prompts(config.prompts, config.prompts_file)
+    photos = read_photos(config.reference_images, config.boxes)
     references = conditioning_images(photos)  # every photo decoded: a bad one fails before the models
-    checkpoints = [resolve_file(path, "--ip_ckpt") for path in args.ip_ckpt]
+    checkpoints = [resolve_file(path, "--ip_ckpt") for path in config.ip_ckpt]
     for checkpoint in checkpoints:
         load_ip_adapter_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before the base model loads
-    labels = checkpoint_labels(args.ip_ckpt)
-    jobs = build_jobs(labels, prompts, args.num_images, args.seed)
-    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
-    config = make_run_config(
-        {key: value for key, value in vars(args).items() if key not in ("reference_images", "ip_ckpt", "boxes")},
-        ip_ckpt_sha256=[sha256_file(path) for path in checkpoints],
-        photos=[photo.record() for photo in photos],
-        checkpoint_labels=labels,
-        data_root=None,
-        is_kosmosg=False,
-        dtype=dtype_name(dtype),
-        num_processes=accelerator.num_processes,
-    )
-    check_resumable(args.output_dir, config, (*GENERATION_KEYS, "checkpoint_labels"))  # the photos are compared below, not refused
-    recorded = read_run_config(args.output_dir)
+    labels = checkpoint_labels(config.ip_ckpt)
+    jobs = build_jobs(labels, prompts, config.num_images, config.seed)
+    dtype = resolve_dtype(config.dtype, accelerator.mixed_precision, accelerator.device)
+    run_config = recorded_settings(config, checkpoints, photos, labels, dtype_name(dtype), accelerator.num_processes)
+    check_resumable(config.output_dir, run_config, (*GENERATION_KEYS, "checkpoint_labels"))  # the photos are compared below, not refused
+    recorded = read_run_config(config.output_dir)
     changes = [] if recorded is None else subject_changes(recorded.get("photos"), photos)
-    pending = list(jobs) if changes else [job for job in jobs if not job.path(args.output_dir).is_file()]
+    pending = list(jobs) if changes else [job for job in jobs if not job.path(config.output_dir).is_file()]
     accelerator.wait_for_everyone()  # every process lists the same pending images before any is written
     accelerator.print(
-        f"{len(jobs) - len(pending)}/{len(jobs)} images exist: {len(prompts)} prompt(s) x {args.num_images} x "
+        f"{len(jobs) - len(pending)}/{len(jobs)} images exist: {len(prompts)} prompt(s) x {config.num_images} x "
         f"{len(labels)} checkpoint(s), {len(photos)} photo(s), {accelerator.num_processes} process(es), {dtype_name(dtype)}"
     )
     model = (
-        load_generation_model(args.base_model_path, args.image_encoder_path, checkpoints[0], accelerator.device, dtype) if pending else None
+        load_generation_model(config.base_model_path, config.image_encoder_path, checkpoints[0], accelerator.device, dtype)
+        if pending
+        else None
     )
-    drop_outdated = (lambda: start_afresh(args.output_dir, [*labels, SHEETS_DIR], changes, len(jobs))) if changes else None
-    start_in_output_dir(accelerator, held, args.output_dir, [*labels, SHEETS_DIR], config, drop_outdated)
+    drop_outdated = (lambda: start_afresh(config.output_dir, [*labels, SHEETS_DIR], changes, len(jobs))) if changes else None
+    start_in_output_dir(accelerator, held, config.output_dir, [*labels, SHEETS_DIR], run_config, drop_outdated)
     if model is not None:
-        apply_speed_args(args, model.pipe.unet, accelerator.print)
+        apply_speed_args(config, model.pipe.unet, accelerator.print)
         generate_jobs(
             model,
             checkpoints,
             labels,
             pending,
             references,
-            args.output_dir,
-            args.batch_size,
-            scale=args.scale,
+            config.output_dir,
+            config.batch_size,
+            scale=config.scale,
             share=accelerator.split_between_processes,
             position=accelerator.process_index,
-            **sampling_settings(args),
+            **sampling_settings(config),
         )
     accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    sheets = write_sheets(args.output_dir, labels, prompts, args.num_images)
-    if args.clip_model is not None or args.dino_model is not None:
-        write_scores(
-            args.output_dir, score_checkpoints(args.output_dir, jobs, photos, args.clip_model, args.dino_model, accelerator.device)
-        )
-    print(f"images in {args.output_dir.resolve()}/<checkpoint>/, side-by-side sheets in {sheets[0].parent}")
+    if accelerator.is_main_process:
+        finish(config, labels, prompts, jobs, photos, accelerator.device)
+
+
+def finish(config: GenerateConfig, labels: list[str], prompts: list[str], jobs: list[ImageJob], photos: list[Photo], device: Any) -> None:
+    """On the main process: the side-by-side sheets, and the scores when a metric model was given."""
+    from dreambench.your_subject import score_checkpoints, write_sheets
+
+    sheets = write_sheets(config.output_dir, labels, prompts, config.num_images)
+    if config.scoring:
+        write_scores(config.output_dir, score_checkpoints(config.output_dir, jobs, photos, config.clip_model, config.dino_model, device))
+    print(f"images in {config.output_dir.resolve()}/<checkpoint>/, side-by-side sheets in {sheets[0].parent}")
 
 
 def write_scores(output_dir: Path, scores: dict[str, dict[str, float]]) -> None:
@@ -212,10 +230,10 @@ def start_afresh(output_dir: Path, folders: list[str], changes: list[str], count
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    config = parse_config(build_parser(), GenerateConfig, argv)
     from common.distributed import launch_run
 
-    launch_run("generate.py", args, run)
+    launch_run("generate.py", config, run, config.ddp_timeout)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.checks import require_flags_in_range, require_sampling_args
-from common.cli import ArgumentParser, str2bool
+from common.cli import ArgumentParser, parse_config, str2bool
 from common.flags import (
     add_ddp_timeout_arg,
     add_generator_args,
@@ -27,14 +27,14 @@ from common.flags import (
     add_sampling_args,
     add_speed_args,
     sampling_settings,
-    scoring_requested,
 )
+from dreambench.config import InferenceConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from accelerate import Accelerator
     from PIL import Image
-
-DEFAULT_SCALES = {False: 0.78, True: 0.65}  # the README's settings: original / Kosmos-G
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,34 +72,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(config: InferenceConfig) -> None:
     """Numbers, sizes and paths before any model loads (the metric models are loaded by `run`, on the main process)."""
-    from base_models.generation import check_generator_paths, image_size
+    from base_models.generation import check_generator_paths
     from common.outputs import check_output_dir
     from dreambench.evaluation import check_scores_writable
 
-    require_flags_in_range(args, ("batch_size", "prompts_per_subject"), minimum=1)
-    args.height, args.width = image_size(args.height, args.width, args.base_model_path)
-    require_sampling_args(args)
-    require_flags_in_range(args, ("scale",), minimum=0)
-    check_output_dir(args.output_dir)
-    if scoring_requested(args):  # fail now rather than after hours of generation
-        check_scores_writable(args.output_dir, args.is_kosmosg)
-    check_generator_paths(args.base_model_path, args.image_encoder_path, args.ip_ckpt)
+    require_flags_in_range(config, ("batch_size", "prompts_per_subject"), minimum=1)
+    require_sampling_args(config)
+    require_flags_in_range(config, ("scale",), minimum=0)
+    check_output_dir(config.output_dir)
+    if config.scoring:  # fail now rather than after hours of generation
+        check_scores_writable(config.output_dir, config.is_kosmosg)
+    check_generator_paths(config.base_model_path, config.image_encoder_path, config.ip_ckpt)
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+def checked_subject_prompts(config: InferenceConfig) -> dict[str, list[str]]:
+    """Each subject's prompts (the first --prompts_per_subject); a broken data root fails here, before any model is loaded."""
+    from dreambench.benchmark import prompts_for, resolve_subjects
+    from dreambench.data import check_boxes_inside_photos, reference_photos
+
+    subjects = [subject.name for subject in resolve_subjects(config.subjects)]
+    for subject in subjects:
+        check_boxes_inside_photos(reference_photos(config.data_root, subject, config.is_kosmosg))
+    return {subject: prompts_for(subject)[: config.prompts_per_subject] for subject in subjects}
+
+
+def finish(
+    config: InferenceConfig,
+    accelerator: Accelerator,
+    subject_prompts: dict[str, list[str]],
+    load_references: Callable[[str], list[Image.Image]],
+) -> None:
+    """On the main process: the contact sheets, and the scores when a metric model was given."""
+    from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
+    from dreambench.evaluation import SCORE_FILE, format_score_table, score_generations, write_scores
+
+    write_contact_sheets(config.output_dir, subject_prompts, load_references)
+    accelerator.print(f"images in {config.output_dir.resolve()}, contact sheets in {(config.output_dir / GRIDS_DIR).resolve()}")
+    if config.clip_model is not None:
+        scores = score_generations(
+            config.output_dir,
+            config.data_root,
+            kosmosg=config.is_kosmosg,
+            clip_model=config.clip_model,
+            dino_model=config.dino_model,
+            device=accelerator.device,
+            allow_partial=config.prompts_per_subject is not None,
+            subjects=list(subject_prompts),
+        )
+        print(format_score_table(scores), flush=True)
+        write_scores(config.output_dir, scores)
+        print(f"scores written to {(config.output_dir / SCORE_FILE).resolve()}")
+
+
+def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
     """Generate and score; the output folder is claimed into `held` once inputs and models are checked (released when it closes)."""
     # Imported here, not at the top: --help must not wait for torch and diffusers.
-    from base_models.generation import load_generation_model
+    from dataclasses import asdict
+
+    from base_models.generation import load_generation_model, with_native_size
     from common.distributed import check_on_main
     from common.hub import resolve_file
     from common.io import sha256_file
     from common.launch import check_launch
-    from dreambench.benchmark import prompts_for, resolve_subjects
-    from dreambench.contact_sheet import GRIDS_DIR, write_contact_sheets
-    from dreambench.data import check_boxes_inside_photos, load_conditioning_images, reference_photos
-    from dreambench.evaluation import SCORE_FILE, format_score_table, score_generations, write_scores
+    from dreambench.contact_sheet import GRIDS_DIR
+    from dreambench.data import load_conditioning_images
     from dreambench.generation import build_items, generate_items, pending_items
     from dreambench.metrics import check_metric_models
     from dreambench.run_config import check_resumable, make_run_config, start_in_output_dir
@@ -108,40 +146,37 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
     from ip_adapter.speed import apply_speed_args
 
     check_launch(accelerator.num_processes, "inference_dreambooth.py")
-    if args.scale is None:
-        args.scale = DEFAULT_SCALES[args.is_kosmosg]
-    check_args(args)
-    check_on_main(accelerator, lambda: check_metric_models(args.clip_model, args.dino_model))  # loaded once: a bad one fails now
-    subjects = [subject.name for subject in resolve_subjects(args.subjects)]
-    for subject in subjects:  # a broken data root fails here, before any model is loaded
-        check_boxes_inside_photos(reference_photos(args.data_root, subject, args.is_kosmosg))
-    subject_prompts = {subject: prompts_for(subject)[: args.prompts_per_subject] for subject in subjects}
+    config = with_native_size(config.with_defaults())
+    check_args(config)
+    check_on_main(accelerator, lambda: check_metric_models(config.clip_model, config.dino_model))  # loaded once: a bad one fails now
+    subject_prompts = checked_subject_prompts(config)
+    subjects = list(subject_prompts)
 
     def load_references(subject: str) -> list[Image.Image]:
-        return load_conditioning_images(args.data_root, subject, args.is_kosmosg)
+        return load_conditioning_images(config.data_root, subject, config.is_kosmosg)
 
-    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
-    config = make_run_config(
-        vars(args),
-        ip_ckpt_sha256=sha256_file(resolve_file(args.ip_ckpt, "--ip_ckpt")),
+    dtype = resolve_dtype(config.dtype, accelerator.mixed_precision, accelerator.device)
+    run_config = make_run_config(
+        asdict(config),
+        ip_ckpt_sha256=sha256_file(resolve_file(config.ip_ckpt, "--ip_ckpt")),
         dtype=dtype_name(dtype),
         num_processes=accelerator.num_processes,
     )
-    check_resumable(args.output_dir, config)  # every process checks, so all of them stop together
-    items = build_items(subject_prompts, args.seed)
-    pending = pending_items(items, args.output_dir)
+    check_resumable(config.output_dir, run_config)  # every process checks, so all of them stop together
+    items = build_items(subject_prompts, config.seed)
+    pending = pending_items(items, config.output_dir)
     # Every process must list the same pending images (or the contiguous shards would overlap or
     # leave gaps), so nothing is written before all of them have listed.
     accelerator.wait_for_everyone()
     accelerator.print(
         f"{len(items) - len(pending)}/{len(items)} images exist, generating {len(pending)} on "
-        f"{accelerator.num_processes} process(es) in {dtype_name(dtype)}, scale {args.scale}"
+        f"{accelerator.num_processes} process(es) in {dtype_name(dtype)}, scale {config.scale}"
     )
     ip_model = None
     if pending:
-        ip_model = load_generation_model(args.base_model_path, args.image_encoder_path, args.ip_ckpt, accelerator.device, dtype)
-        apply_speed_args(args, ip_model.pipe.unet, accelerator.print)
-    start_in_output_dir(accelerator, held, args.output_dir, [*subjects, GRIDS_DIR], config)
+        ip_model = load_generation_model(config.base_model_path, config.image_encoder_path, config.ip_ckpt, accelerator.device, dtype)
+        apply_speed_args(config, ip_model.pipe.unet, accelerator.print)
+    start_in_output_dir(accelerator, held, config.output_dir, [*subjects, GRIDS_DIR], run_config)
 
     if ip_model is not None:
         tokens = SubjectTokens(ip_model, load_references)
@@ -150,38 +185,23 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
                 ip_model,
                 tokens,
                 shard,
-                args.output_dir,
-                args.batch_size,
-                scale=args.scale,
+                config.output_dir,
+                config.batch_size,
+                scale=config.scale,
                 progress_position=accelerator.process_index,
-                **sampling_settings(args),
+                **sampling_settings(config),
             )
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
-        write_contact_sheets(args.output_dir, subject_prompts, load_references)
-        accelerator.print(f"images in {args.output_dir.resolve()}, contact sheets in {(args.output_dir / GRIDS_DIR).resolve()}")
-        if args.clip_model is not None:
-            scores = score_generations(
-                args.output_dir,
-                args.data_root,
-                kosmosg=args.is_kosmosg,
-                clip_model=args.clip_model,
-                dino_model=args.dino_model,
-                device=accelerator.device,
-                allow_partial=args.prompts_per_subject is not None,
-                subjects=subjects,
-            )
-            print(format_score_table(scores), flush=True)
-            write_scores(args.output_dir, scores)
-            print(f"scores written to {(args.output_dir / SCORE_FILE).resolve()}")
+        finish(config, accelerator, subject_prompts, load_references)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    config = parse_config(build_parser(), InferenceConfig, argv)
     from common.distributed import launch_run
 
-    launch_run(Path(__file__).name, args, run)
+    launch_run(Path(__file__).name, config, run, config.ddp_timeout)
 
 
 if __name__ == "__main__":

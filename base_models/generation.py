@@ -12,8 +12,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers import DiffusionPipeline
@@ -129,3 +130,13 @@ def image_size(height: int | None, width: int | None, base_model_path: str | os.
         return height, width
     native = native_image_size(base_model_path)
     return height or native, width or native
+
+
+Sized = TypeVar("Sized")
+
+
+def with_native_size(config: Sized) -> Sized:
+    """A script's typed settings (a dataclass with `base_model_path`, `height`, `width`) with an unset height or width
+    set to the base model's native size."""
+    height, width = image_size(config.height, config.width, config.base_model_path)
+    return replace(config, height=height, width=width)

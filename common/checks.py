@@ -7,7 +7,6 @@ traceback deep inside a library, or worse, as a finished run of black images. Ea
 
 from __future__ import annotations
 
-import argparse
 import math
 import string
 from collections.abc import Iterable
@@ -25,21 +24,22 @@ def require_in_range(flag: str, value: float | None, minimum: float | None = Non
         raise BadInputError(f"{flag} must be {expected}, got {value}")
 
 
-def require_flags_in_range(
-    args: argparse.Namespace, names: Iterable[str], minimum: float | None = None, maximum: float | None = None
-) -> None:
-    """`require_in_range` for each `--name` of `args` (e.g. every batch size and resolution >= 1)."""
+def require_flags_in_range(config: object, names: Iterable[str], minimum: float | None = None, maximum: float | None = None) -> None:
+    """`require_in_range` for each field `name` of a script's typed `config`, reported as its flag `--name`.
+
+    A config's fields are named after the flags they come from (e.g. every batch size and resolution >= 1).
+    """
     for name in names:
-        require_in_range(f"--{name}", getattr(args, name), minimum, maximum)
+        require_in_range(f"--{name}", getattr(config, name), minimum, maximum)
 
 
-def require_sampling_args(args: argparse.Namespace) -> None:
-    """The flags of `common.flags.add_sampling_args`: steps and sizes >= 1, a finite guidance, sizes multiples of 8 (the VAE and UNet)."""
-    require_flags_in_range(args, ("num_inference_steps", "height", "width"), minimum=1)
-    require_flags_in_range(args, ("guidance_scale",))
+def require_sampling_args(config: object) -> None:
+    """The fields of `common.flags.add_sampling_args`' flags: steps and sizes >= 1, a finite guidance, sizes multiples of 8 (the VAE and UNet)."""
+    require_flags_in_range(config, ("num_inference_steps", "height", "width"), minimum=1)
+    require_flags_in_range(config, ("guidance_scale",))
     for name in ("height", "width"):
-        if getattr(args, name) % 8:
-            raise BadInputError(f"--{name} must be a multiple of 8 (the VAE and UNet need it), got {getattr(args, name)}")
+        if getattr(config, name) % 8:
+            raise BadInputError(f"--{name} must be a multiple of 8 (the VAE and UNet need it), got {getattr(config, name)}")
 
 
 def require_template_fields(flag: str, template: str, fields: Iterable[str]) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import sys
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn, TypeVar
 
 from common.errors import ReportedError
+
+Config = TypeVar("Config")
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -39,12 +42,26 @@ class ArgumentParser(argparse.ArgumentParser):
     what a user needs, and the usage is one `--help` away.
     """
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
+    def __init__(self, *positional: Any, **options: Any) -> None:
+        options.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*positional, **options)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_config(parser: argparse.ArgumentParser, config_type: type[Config], argv: Sequence[str] | None = None) -> Config:
+    """Parse `argv` into the script's typed settings, built once: one field per flag, named as its destination.
+
+    The Namespace ends here; the packages get the config. A flag without a field, a field without a
+    flag or another order (what `run_config.json` records follows it) is a TypeError: a bug in the
+    script, not the user's input.
+    """
+    flags = vars(parser.parse_args(argv))
+    names = [field.name for field in dataclasses.fields(config_type)]
+    if list(flags) != names:
+        raise TypeError(f"{config_type.__name__} fields {names} are not the flags of {parser.prog}, in order: {list(flags)}")
+    return config_type(**flags)
 
 
 def quiet_libraries() -> None:

@@ -10,13 +10,12 @@ makes the others fail in their next collective, bounded by the process-group tim
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from common.cli import exit_on_reported_error, quiet_libraries
 from common.errors import BadInputError, ReportedError
@@ -27,6 +26,8 @@ if TYPE_CHECKING:
     from accelerate.utils import InitProcessGroupKwargs
 
     Processes = Accelerator | PartialState  # either: both know their rank, gather and wait
+
+Config = TypeVar("Config")  # a script's typed settings (e.g. `dreambench.config.InferenceConfig`)
 
 SHARED_STORAGE_FIX = "put it on storage every node shares (NFS, Lustre, a bucket mount) and pass the same absolute path on every node"
 
@@ -111,14 +112,14 @@ def check_on_main(accelerator: Processes, check: Callable[[], object]) -> None:
 
 
 def launch_run(
-    program: str, args: argparse.Namespace, run: Callable[[argparse.Namespace, Accelerator, contextlib.ExitStack], Any]
+    program: str, config: Config, run: Callable[[Config, Accelerator, contextlib.ExitStack], Any], ddp_timeout: float
 ) -> Accelerator:
     """The `main` of a script that generates on every process: quiet libraries, an Accelerator with `--ddp_timeout`,
     a reported error as one line, and what `run` claims into the stack (its output folder) held until it returns."""
     from accelerate import Accelerator
 
     quiet_libraries()
-    accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(args.ddp_timeout)])
+    accelerator = Accelerator(kwargs_handlers=[process_group_kwargs(ddp_timeout)])
     with exit_on_reported_error(program), contextlib.ExitStack() as held:
-        run(args, accelerator, held)
+        run(config, accelerator, held)
     return accelerator

@@ -71,13 +71,17 @@ def add_metric_model_args(group: argparse._ArgumentGroup, optional_use: str | No
     )
 
 
-def scoring_requested(args: argparse.Namespace) -> bool:
+def metric_models(clip_model: str | None, dino_model: str | None) -> tuple[str | None, str | None]:
     """Optional scoring (`add_metric_model_args(optional_use=...)`) is on when either model is given; the other is then the paper's."""
-    if args.clip_model is None and args.dino_model is None:
-        return False
-    args.clip_model = args.clip_model or PAPER_CLIP_MODEL
-    args.dino_model = args.dino_model or PAPER_DINO_MODEL
-    return True
+    if clip_model is None and dino_model is None:
+        return None, None
+    return clip_model or PAPER_CLIP_MODEL, dino_model or PAPER_DINO_MODEL
+
+
+def scoring_requested(args: argparse.Namespace) -> bool:
+    """`metric_models` applied to the flags in place (training's validation); True when scoring is on."""
+    args.clip_model, args.dino_model = metric_models(args.clip_model, args.dino_model)
+    return args.clip_model is not None
 
 
 def add_evaluation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -121,9 +125,9 @@ def add_sampling_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup)
     parser.add_argument("--width", type=int, default=None, help=native)
 
 
-def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The values of `add_sampling_args`' flags, named as the pipelines' keyword arguments."""
-    return {name: getattr(args, name) for name in ("num_inference_steps", "guidance_scale", "height", "width")}
+def sampling_settings(config: object) -> dict[str, Any]:
+    """The values of `add_sampling_args`' flags in a script's typed config, named as the pipelines' keyword arguments."""
+    return {name: getattr(config, name) for name in ("num_inference_steps", "guidance_scale", "height", "width")}
 
 
 def add_speed_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:

@@ -1,25 +1,32 @@
-"""The command lines of `python -m patch_quality.{maps,visualize,ssl_train}`, built without torch.
+"""The command lines of `python -m patch_quality.{maps,visualize,ssl_train,convert_pkl}`, built without torch.
 
 Those modules are library code as well as scripts, so they import torch, accelerate and the models at
 their top. Run as scripts, they parse their flags with these parsers before those imports, so `--help`
-(and a mistyped flag) answers at once; the libraries load only for a real run.
+(and a mistyped flag) answers at once; the libraries load only for a real run. Each `*_config`
+function parses a command line into its typed settings (`patch_quality.config`): the Namespace ends here.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import ArgumentParser, str2bool
+from common.cli import ArgumentParser, parse_config, str2bool
 from common.flags import add_ddp_timeout_arg
+from patch_quality.config import ConvertConfig, MapsConfig, SslTrainConfig, VisualizeConfig
 
 TRANSFORMS = ("raw", "minmax", "threshold")
 FINETUNED_NAME = "ssl_backbone.safetensors"
+MAPS_PROG = "python -m patch_quality.maps"
+VISUALIZE_PROG = "python -m patch_quality.visualize"
+SSL_TRAIN_PROG = "python -m patch_quality.ssl_train"
+CONVERT_PROG = "python -m patch_quality.convert_pkl"
 
 
 def maps_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m patch_quality.maps",
+        prog=MAPS_PROG,
         description="Estimate patch-quality maps for DATA/sample*/ and write DATA/patch_quality.safetensors.",
     )
     parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs (training_data.construct layout)")
@@ -86,7 +93,7 @@ def maps_parser() -> argparse.ArgumentParser:
 
 def visualize_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m patch_quality.visualize",
+        prog=VISUALIZE_PROG,
         description="Overlay quality maps on their images (PNG strips).",
     )
     parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs")
@@ -101,7 +108,7 @@ def visualize_parser() -> argparse.ArgumentParser:
 
 def ssl_train_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m patch_quality.ssl_train",
+        prog=SSL_TRAIN_PROG,
         description="Patch-correspondence self-supervised finetuning of a ViT backbone.",
     )
     parser.add_argument(
@@ -140,3 +147,35 @@ def ssl_train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--cpu", action="store_true", help="train on CPU even if an accelerator is available")
     return parser
+
+
+def convert_pkl_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog=CONVERT_PROG,
+        description="Convert the official patch_quality.pkl to patch_quality.safetensors with a restricted unpickler.",
+    )
+    parser.add_argument("input", type=Path, help="official patch_quality.pkl")
+    parser.add_argument("output", type=Path, help="patch_quality.safetensors to write (atomically)")
+    parser.add_argument(
+        "--data_root",
+        type=Path,
+        required=True,
+        help="the DATA folder (sample{i}/) the maps were computed for: the output is bound to its images",
+    )
+    return parser
+
+
+def maps_config(argv: Sequence[str] | None = None) -> MapsConfig:
+    return parse_config(maps_parser(), MapsConfig, argv)
+
+
+def visualize_config(argv: Sequence[str] | None = None) -> VisualizeConfig:
+    return parse_config(visualize_parser(), VisualizeConfig, argv)
+
+
+def ssl_train_config(argv: Sequence[str] | None = None) -> SslTrainConfig:
+    return parse_config(ssl_train_parser(), SslTrainConfig, argv)
+
+
+def convert_pkl_config(argv: Sequence[str] | None = None) -> ConvertConfig:
+    return parse_config(convert_pkl_parser(), ConvertConfig, argv)

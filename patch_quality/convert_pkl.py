@@ -26,7 +26,6 @@ here can check that the maps describe those images.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import pickle
@@ -35,10 +34,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from common.cli import ArgumentParser
+from common.cli import exit_on_reported_error
 from common.errors import BadInputError
 from common.io import sha256_file
 from common.outputs import check_output_file
+from patch_quality.cli import CONVERT_PROG, convert_pkl_config
 
 if TYPE_CHECKING:
     import torch
@@ -156,36 +156,17 @@ def convert_pkl(input_path: str | os.PathLike, output_path: str | os.PathLike, d
     return len(maps)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m patch_quality.convert_pkl",
-        description="Convert the official patch_quality.pkl to patch_quality.safetensors with a restricted unpickler.",
-    )
-    parser.add_argument("input", type=Path, help="official patch_quality.pkl")
-    parser.add_argument("output", type=Path, help="patch_quality.safetensors to write (atomically)")
-    parser.add_argument(
-        "--data_root",
-        type=Path,
-        required=True,
-        help="the DATA folder (sample{i}/) the maps were computed for: the output is bound to its images",
-    )
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    config = convert_pkl_config(argv)
     from accelerate import PartialState
 
     # One file, one writer: under `accelerate launch` the other processes have nothing to do.
     if not PartialState(cpu=True).is_main_process:
         return
-    try:
-        check_output_file(args.output, "output")
-        count = convert_pkl(args.input, args.output, args.data_root)
-    except BadInputError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    print(f"wrote {count} map pairs to {args.output}")
+    with exit_on_reported_error(CONVERT_PROG):
+        check_output_file(config.output, "output")
+        count = convert_pkl(config.input, config.output, config.data_root)
+    print(f"wrote {count} map pairs to {config.output}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Our additions, each a flag (see README.md):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -29,10 +28,10 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from patch_quality.cli import maps_parser as build_parser
+from patch_quality.cli import maps_config
 
 if __name__ == "__main__":
-    build_parser().parse_args()  # --help and a wrong flag answer before the imports below load torch
+    maps_config()  # --help and a wrong flag answer before the imports below load torch
 
 import numpy as np
 import torch
@@ -45,13 +44,14 @@ from common.batching import batched
 from common.checks import require_flags_in_range
 from common.cli import exit_on_reported_error, quiet_libraries
 from common.distributed import owning_output_dir
-from common.errors import BadInputError, ReportedError
+from common.errors import BadInputError
 from common.images import load_rgb_image_and_sha256
 from common.io import remove_stale_temp_files
 from common.launch import check_launch
 from common.outputs import check_output_dir, check_output_file
 from patch_quality import layout
-from patch_quality.cli import TRANSFORMS
+from patch_quality.cli import MAPS_PROG, TRANSFORMS
+from patch_quality.config import MapsConfig
 from patch_quality.features import PatchFeatureExtractor, center_square, describe
 from patch_quality.latent_grid import latent_grid
 from patch_quality.store import QualityMaps, SampleImages, hash_sample_images, save_quality_maps
@@ -276,51 +276,53 @@ def _merge_parts(samples: list[Path], parts_dir: Path, run_tag: str, output: Pat
     shutil.rmtree(parts_dir)
 
 
-def check_map_args(args: argparse.Namespace) -> None:
+def check_map_args(config: MapsConfig) -> None:
     """Sizes >= 1, fractions in [0, 1], and writable outputs, before the backbone loads."""
-    require_flags_in_range(args, ("resolution", "vae_scale_factor", "batch_size", "image_size"), minimum=1)
-    require_flags_in_range(args, ("foreground_fraction",), minimum=0, maximum=1)
-    require_flags_in_range(args, ("good_threshold",))
-    check_output_file(args.output or args.data_root / layout.QUALITY_MAPS_NAME)
-    check_output_dir(args.data_root / PARTS_DIR_NAME, "--data_root")
+    require_flags_in_range(config, ("resolution", "vae_scale_factor", "batch_size", "image_size"), minimum=1)
+    require_flags_in_range(config, ("foreground_fraction",), minimum=0, maximum=1)
+    require_flags_in_range(config, ("good_threshold",))
+    check_output_file(config.output or config.data_root / layout.QUALITY_MAPS_NAME)
+    check_output_dir(config.data_root / PARTS_DIR_NAME, "--data_root")
+
+
+def run(config: MapsConfig, state: PartialState) -> Path:
+    """Load the backbone and estimate the maps of `config.data_root`; returns the written file."""
+    check_launch(state.num_processes, "-m patch_quality.maps")
+    latent_size, vae_factor = latent_grid(config.resolution, config.base_model_path, config.vae_scale_factor)
+    settings = MapSettings(
+        transform=config.transform,
+        good_threshold=config.good_threshold,
+        signed=config.signed,
+        foreground_mask=config.foreground_mask,
+        background_level=config.background_level,
+        foreground_fraction=config.foreground_fraction,
+        mask_reference_background=config.mask_reference_background,
+        latent_size=latent_size,
+    )
+    extractor = PatchFeatureExtractor.from_pretrained(
+        config.backbone,
+        layer=config.layer,
+        image_size=config.image_size,
+        finetuned=config.finetuned,
+        device=state.device,
+        dtype=getattr(torch, config.dtype),
+    )
+    feature_metadata = {
+        **describe(extractor, config.backbone, config.finetuned),
+        "resolution": str(config.resolution),
+        "vae_scale_factor": str(vae_factor),
+    }
+    return estimate_quality_maps(config.data_root, extractor, settings, feature_metadata, config.output, config.batch_size, state)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    config = maps_config(argv)
     quiet_libraries()
-    with exit_on_reported_error(parser.prog):
-        check_map_args(args)
-    state = PartialState(cpu=args.cpu, timeout=timedelta(seconds=args.ddp_timeout))  # init_process_group's timeout
-    try:
-        check_launch(state.num_processes, "-m patch_quality.maps")
-        latent_size, vae_factor = latent_grid(args.resolution, args.base_model_path, args.vae_scale_factor)
-        settings = MapSettings(
-            transform=args.transform,
-            good_threshold=args.good_threshold,
-            signed=args.signed,
-            foreground_mask=args.foreground_mask,
-            background_level=args.background_level,
-            foreground_fraction=args.foreground_fraction,
-            mask_reference_background=args.mask_reference_background,
-            latent_size=latent_size,
-        )
-        extractor = PatchFeatureExtractor.from_pretrained(
-            args.backbone,
-            layer=args.layer,
-            image_size=args.image_size,
-            finetuned=args.finetuned,
-            device=state.device,
-            dtype=getattr(torch, args.dtype),
-        )
-        feature_metadata = {
-            **describe(extractor, args.backbone, args.finetuned),
-            "resolution": str(args.resolution),
-            "vae_scale_factor": str(vae_factor),
-        }
-        output = estimate_quality_maps(args.data_root, extractor, settings, feature_metadata, args.output, args.batch_size, state)
-    except ReportedError as error:
-        parser.exit(error.exit_code, f"{parser.prog}: error: {error}\n")
+    with exit_on_reported_error(MAPS_PROG):
+        check_map_args(config)
+    state = PartialState(cpu=config.cpu, timeout=timedelta(seconds=config.ddp_timeout))  # init_process_group's timeout
+    with exit_on_reported_error(MAPS_PROG):
+        output = run(config, state)
     if state.is_main_process:
         print(f"wrote {output}")
 

@@ -18,16 +18,15 @@ at every validation, so the gain is measured, not assumed.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from patch_quality.cli import ssl_train_parser as build_parser
+from patch_quality.cli import ssl_train_config
 
 if __name__ == "__main__":
-    build_parser().parse_args()  # --help and a wrong flag answer before the imports below load torch
+    ssl_train_config()  # --help and a wrong flag answer before the imports below load torch
 
 import numpy as np
 import torch
@@ -50,7 +49,8 @@ from common.outputs import check_output_dir
 from common.sampling import EpochSampler
 from common.seeds import stable_seed
 from common.training_state import Resumable, TrainedWeights, load_training_state, save_training_state
-from patch_quality.cli import FINETUNED_NAME
+from patch_quality.cli import FINETUNED_NAME, SSL_TRAIN_PROG
+from patch_quality.config import SslTrainConfig
 from patch_quality.features import PatchFeatureExtractor, center_square, load_finetuned, save_finetuned, transformer_blocks
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -448,32 +448,32 @@ def _save_results(
     accelerator.wait_for_everyone()
 
 
-def _settings(args: argparse.Namespace) -> tuple[TrainSettings, AugmentSettings]:
+def _settings(config: SslTrainConfig) -> tuple[TrainSettings, AugmentSettings]:
     train_settings = TrainSettings(
-        trainable_blocks=args.trainable_blocks,
-        temperature=args.temperature,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        batch_size=args.train_batch_size,
-        max_steps=args.max_train_steps,
-        seed=args.seed,
+        trainable_blocks=config.trainable_blocks,
+        temperature=config.temperature,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        batch_size=config.train_batch_size,
+        max_steps=config.max_train_steps,
+        seed=config.seed,
     )
-    return train_settings, AugmentSettings(tuple(args.crop_scale), tuple(args.crop_ratio), args.flip_prob, args.color_jitter)
+    return train_settings, AugmentSettings(tuple(config.crop_scale), tuple(config.crop_ratio), config.flip_prob, config.color_jitter)
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, float]:
+def run(config: SslTrainConfig, accelerator: Accelerator) -> dict[str, float]:
     """Load the backbone and the images, hold some out, train, write the results."""
     extractor = PatchFeatureExtractor.from_pretrained(
-        args.backbone, layer=args.layer, image_size=args.image_size, device=accelerator.device
+        config.backbone, layer=config.layer, image_size=config.image_size, device=accelerator.device
     )
-    train_paths, validation_paths = split_paths(find_images(args.train_data), args.validation_fraction, args.seed)
+    train_paths, validation_paths = split_paths(find_images(config.train_data), config.validation_fraction, config.seed)
     if not validation_paths:
         raise BadInputError("--validation_fraction must hold out at least one image to measure the matching accuracy")
-    source_size = args.source_size or 2 * extractor.image_size
+    source_size = config.source_size or 2 * extractor.image_size
     held_out = torch.stack([SourceImages(validation_paths, source_size)[i] for i in range(len(validation_paths))])
-    settings, augment = _settings(args)
+    settings, augment = _settings(config)
     if accelerator.is_main_process:
-        accelerator.init_trackers("patch_quality_ssl", config={k: str(v) for k, v in vars(args).items()})
+        accelerator.init_trackers("patch_quality_ssl", config={field.name: str(getattr(config, field.name)) for field in fields(config)})
     return train(
         accelerator,
         extractor,
@@ -481,37 +481,36 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, float]:
         held_out,
         settings,
         augment,
-        args.output_dir,
-        args.backbone,
-        args.validation_pairs_per_image,
-        args.validation_steps,
-        args.checkpointing_steps,
-        args.resume_from_checkpoint,
-        args.dataloader_num_workers,
+        config.output_dir,
+        config.backbone,
+        config.validation_pairs_per_image,
+        config.validation_steps,
+        config.checkpointing_steps,
+        config.resume_from_checkpoint,
+        config.dataloader_num_workers,
     )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    config = ssl_train_config(argv)
     quiet_libraries()
-    with exit_on_reported_error(parser.prog):
-        require_flags_in_range(args, ("train_batch_size", "image_size", "source_size"), minimum=1)
-        check_output_dir(args.output_dir)
+    with exit_on_reported_error(SSL_TRAIN_PROG):
+        require_flags_in_range(config, ("train_batch_size", "image_size", "source_size"), minimum=1)
+        check_output_dir(config.output_dir)
     accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        cpu=args.cpu,
-        log_with=args.report_to or None,
-        project_config=ProjectConfiguration(project_dir=str(args.output_dir), logging_dir=str(args.output_dir / "logs")),
+        mixed_precision=config.mixed_precision,
+        cpu=config.cpu,
+        log_with=config.report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(config.output_dir), logging_dir=str(config.output_dir / "logs")),
     )
-    set_seed(args.seed)
-    with exit_on_reported_error(parser.prog):
+    set_seed(config.seed)
+    with exit_on_reported_error(SSL_TRAIN_PROG):
         check_launch(accelerator.num_processes, "-m patch_quality.ssl_train")
-        metrics = run(args, accelerator)
+        metrics = run(config, accelerator)
     accelerator.end_training()
     if accelerator.is_main_process:
         print(
-            f"patch-matching top-1: {metrics['accuracy_before']:.4f} -> {metrics['accuracy_after']:.4f}; wrote {args.output_dir / FINETUNED_NAME}"
+            f"patch-matching top-1: {metrics['accuracy_before']:.4f} -> {metrics['accuracy_after']:.4f}; wrote {config.output_dir / FINETUNED_NAME}"
         )
     return metrics
 

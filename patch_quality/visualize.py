@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from patch_quality.cli import visualize_parser as build_parser
+from patch_quality.cli import visualize_config
 
 if __name__ == "__main__":
-    build_parser().parse_args()  # --help and a wrong flag answer before the imports below load torch
+    visualize_config()  # --help and a wrong flag answer before the imports below load torch
 
 import numpy as np
 import torch
@@ -25,12 +25,12 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from common.checks import require_flags_in_range
-from common.cli import quiet_libraries
-from common.errors import BadInputError
+from common.cli import exit_on_reported_error, quiet_libraries
 from common.images import load_rgb_image
 from common.io import atomic_save_image
 from common.outputs import check_output_dir
 from patch_quality import layout
+from patch_quality.cli import VISUALIZE_PROG
 from patch_quality.features import center_square
 from patch_quality.store import QualityMaps
 
@@ -114,17 +114,16 @@ def visualize(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    config = visualize_config(argv)
     quiet_libraries()
-    try:
-        require_flags_in_range(args, ("size",), minimum=1)
-        require_flags_in_range(args, ("alpha",), minimum=0, maximum=1)
-        check_output_dir(args.output_dir)
-        written = visualize(args.data_root, args.output_dir, args.maps, args.max_samples, args.size, args.alpha, args.overwrite)
-    except BadInputError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    print(f"wrote {len(written)} panels to {args.output_dir}")
+    with exit_on_reported_error(VISUALIZE_PROG):
+        require_flags_in_range(config, ("size",), minimum=1)
+        require_flags_in_range(config, ("alpha",), minimum=0, maximum=1)
+        check_output_dir(config.output_dir)
+        written = visualize(
+            config.data_root, config.output_dir, config.maps, config.max_samples, config.size, config.alpha, config.overwrite
+        )
+    print(f"wrote {len(written)} panels to {config.output_dir}")
 
 
 if __name__ == "__main__":

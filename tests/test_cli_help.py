@@ -80,3 +80,58 @@ def test_defaults_shown_also_without_help_text_but_not_for_required_or_unset():
     parser.add_argument("--optional", default=None, help="unset by default")
     text = parser.format_help()
     assert "(default: 30)" in text and "a rate (default: 0.5)" in text and "(default: None)" not in text
+
+
+def _configs():
+    import evaluate_dreambooth
+    import generate
+    import inference_dreambooth
+    from dreambench.config import EvaluateConfig, GenerateConfig, InferenceConfig
+    from patch_quality import cli as patch_quality_cli
+    from patch_quality.config import ConvertConfig, MapsConfig, SslTrainConfig, VisualizeConfig
+    from training_data.cli import construct_parser
+    from training_data.config import ConstructConfig
+
+    return [
+        (inference_dreambooth.build_parser, InferenceConfig),
+        (generate.build_parser, GenerateConfig),
+        (evaluate_dreambooth.build_parser, EvaluateConfig),
+        (construct_parser, ConstructConfig),
+        (patch_quality_cli.maps_parser, MapsConfig),
+        (patch_quality_cli.visualize_parser, VisualizeConfig),
+        (patch_quality_cli.ssl_train_parser, SslTrainConfig),
+        (patch_quality_cli.convert_pkl_parser, ConvertConfig),
+    ]
+
+
+def test_each_script_config_has_one_field_per_flag_in_the_parser_order():
+    """`run_config.json` records a config's fields in order, as it recorded the Namespace before."""
+    import dataclasses
+
+    for build_parser, config_type in _configs():
+        dests = [action.dest for action in build_parser()._actions if action.dest != "help"]
+        assert [field.name for field in dataclasses.fields(config_type)] == dests, config_type.__name__
+
+
+def test_parse_config_refuses_a_config_that_is_not_the_flags_in_order():
+    import dataclasses
+
+    from common.cli import ArgumentParser, parse_config
+
+    parser = ArgumentParser(prog="x")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rate", type=float, default=0.5)
+
+    @dataclasses.dataclass(frozen=True)
+    class InOrder:
+        steps: int
+        rate: float
+
+    @dataclasses.dataclass(frozen=True)
+    class Swapped:
+        rate: float
+        steps: int
+
+    assert parse_config(parser, InOrder, ["--rate", "2"]) == InOrder(30, 2.0)
+    with pytest.raises(TypeError, match="not the flags of x, in order"):
+        parse_config(parser, Swapped, [])

@@ -3,21 +3,26 @@
 `training_data.construct` is library code as well as a script, so it imports torch, accelerate and
 the models at its top. Run as a script, it parses its flags with this parser before those imports,
 so `--help` (and a mistyped flag) answers at once; the libraries load only for a real run.
+`construct_config` parses a command line into its typed settings: the Namespace ends here.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
-from common.cli import ArgumentParser
+from common.cli import ArgumentParser, parse_config
 from common.flags import DEFAULT_NEGATIVE_PROMPT, add_ddp_timeout_arg, add_generator_args, add_sampling_args, add_speed_args
 from training_data.categories import REFERENCE_TEMPLATE
+from training_data.config import ConstructConfig
+
+CONSTRUCT_PROG = "python -m training_data.construct"
 
 
 def construct_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m training_data.construct",
+        prog=CONSTRUCT_PROG,
         description="Build PatchDPO training pairs (references + IP-Adapter-Plus generations).",
     )
     add_generator_args(
@@ -46,3 +51,7 @@ def construct_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42, help="base seed; every image's seed is sha256-derived from (seed, role, sample, k)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per denoising batch (does not change the images)")
     return parser
+
+
+def construct_config(argv: Sequence[str] | None = None) -> ConstructConfig:
+    return parse_config(construct_parser(), ConstructConfig, argv)

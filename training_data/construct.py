@@ -24,25 +24,24 @@ atomically) and refuses to mix settings with a folder made differently.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from training_data.cli import construct_parser as build_parser
+from training_data.cli import construct_config
 
 if __name__ == "__main__":
-    build_parser().parse_args()  # --help and a wrong flag answer before the imports below load torch
+    construct_config()  # --help and a wrong flag answer before the imports below load torch
 
 import torch
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from base_models.generation import check_generator_paths, image_size, load_generation_pipeline, wrap_pipeline
+from base_models.generation import check_generator_paths, load_generation_pipeline, with_native_size, wrap_pipeline
 from common.batching import generate_and_save
 from common.checks import require_flags_in_range, require_sampling_args, require_template_fields
 from common.distributed import launch_run, owning_output_dir
@@ -62,6 +61,8 @@ from ip_adapter.loading import check_ip_ckpt, dtype_name, resolve_dtype
 from ip_adapter.speed import apply_speed_args
 from patch_quality import layout
 from training_data.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
+from training_data.cli import CONSTRUCT_PROG
+from training_data.config import ConstructConfig
 
 MANIFEST_FORMAT = "patchdpo-training-pairs/1"
 
@@ -284,46 +285,46 @@ def load_reference_images(path: Path) -> list[dict[str, str]]:
     return entries
 
 
-def _given_references(args: argparse.Namespace) -> list[dict[str, str]] | None:
-    """The --reference_images entries (which also fix --num_samples), or None when references are drawn."""
-    given = load_reference_images(args.reference_images) if args.reference_images is not None else None
+def _with_references(config: ConstructConfig) -> tuple[ConstructConfig, list[dict[str, str]] | None]:
+    """The checked settings, with --num_samples fixed by the --reference_images entries, and those entries (None when references are drawn)."""
+    given = load_reference_images(config.reference_images) if config.reference_images is not None else None
     if given is not None:
-        if args.num_samples not in (None, len(given)):
-            raise BadInputError(f"--num_samples {args.num_samples} disagrees with the {len(given)} images of --reference_images")
-        args.num_samples = len(given)
-    elif args.num_samples is None:
+        if config.num_samples not in (None, len(given)):
+            raise BadInputError(f"--num_samples {config.num_samples} disagrees with the {len(given)} images of --reference_images")
+        config = replace(config, num_samples=len(given))
+    elif config.num_samples is None:
         raise BadInputError("--num_samples is required (or pass --reference_images)")
-    require_flags_in_range(args, ("num_samples", "num_generated", "batch_size"), minimum=1)
-    require_flags_in_range(args, ("scale",), minimum=0)
-    args.height, args.width = image_size(args.height, args.width, args.base_model_path)
-    require_sampling_args(args)
-    require_template_fields("--reference_template", args.reference_template, ["object"])
-    check_generator_paths(args.base_model_path, args.image_encoder_path, args.ip_ckpt)
-    check_output_dir(args.output_dir)
-    return given
+    require_flags_in_range(config, ("num_samples", "num_generated", "batch_size"), minimum=1)
+    require_flags_in_range(config, ("scale",), minimum=0)
+    config = with_native_size(config)
+    require_sampling_args(config)
+    require_template_fields("--reference_template", config.reference_template, ["object"])
+    check_generator_paths(config.base_model_path, config.image_encoder_path, config.ip_ckpt)
+    check_output_dir(config.output_dir)
+    return config, given
 
 
-def _settings(args: argparse.Namespace, dtype: torch.dtype, given: list[dict[str, str]] | None) -> dict[str, Any]:
+def _settings(config: ConstructConfig, dtype: torch.dtype, given: list[dict[str, str]] | None) -> dict[str, Any]:
     """Everything the images depend on, as recorded in the manifest."""
     return {
-        "base_model_path": recorded_name(args.base_model_path),
-        "image_encoder_path": recorded_name(args.image_encoder_path),
-        "ip_ckpt": recorded_name(args.ip_ckpt),
-        "ip_ckpt_sha256": sha256_file(check_ip_ckpt(args.ip_ckpt)),
-        "scale": args.scale,
-        **sampling_settings(args),
-        "seed": args.seed,
-        "negative_prompt_reference": args.negative_prompt,
+        "base_model_path": recorded_name(config.base_model_path),
+        "image_encoder_path": recorded_name(config.image_encoder_path),
+        "ip_ckpt": recorded_name(config.ip_ckpt),
+        "ip_ckpt_sha256": sha256_file(check_ip_ckpt(config.ip_ckpt)),
+        "scale": config.scale,
+        **sampling_settings(config),
+        "seed": config.seed,
+        "negative_prompt_reference": config.negative_prompt,
         "negative_prompt_generated": DEFAULT_NEGATIVE_PROMPT,
         "dtype": dtype_name(dtype),
         "reference_images": None
         if given is None
-        else {"list": str(args.reference_images.resolve()), "sha256": sha256_file(args.reference_images)},
+        else {"list": str(config.reference_images.resolve()), "sha256": sha256_file(config.reference_images)},
     }
 
 
 def _make_references(
-    args: argparse.Namespace,
+    config: ConstructConfig,
     accelerator: Accelerator,
     pipe: DiffusionPipeline | None,
     pending: list[SamplePlan],
@@ -333,21 +334,21 @@ def _make_references(
     with accelerator.split_between_processes(pending) as shard:
         if given is not None:
             for plan in shard:
-                atomic_save_image(load_photo(given[plan.index]["image"]), plan.reference_path(args.output_dir))
+                atomic_save_image(load_photo(given[plan.index]["image"]), plan.reference_path(config.output_dir))
         elif shard:
             generate_references(
                 pipe,
                 shard,
-                args.output_dir,
-                args.batch_size,
-                negative_prompt=args.negative_prompt,
+                config.output_dir,
+                config.batch_size,
+                negative_prompt=config.negative_prompt,
                 position=accelerator.process_index,
-                **sampling_settings(args),
+                **sampling_settings(config),
             )
 
 
 def _make_generated(
-    args: argparse.Namespace,
+    config: ConstructConfig,
     accelerator: Accelerator,
     pipe: DiffusionPipeline,
     plans: list[SamplePlan],
@@ -356,32 +357,32 @@ def _make_generated(
 ) -> None:
     """IP-Adapter-Plus generations of the pending (sample, k), sharded over the processes."""
     # Installing the adapter changes the UNet's attention, so it happens after the references.
-    ip_model = wrap_pipeline(pipe, args.image_encoder_path, ip_checkpoint, args.ip_ckpt, accelerator.device)
-    apply_speed_args(args, ip_model.pipe.unet, accelerator.print)
+    ip_model = wrap_pipeline(pipe, config.image_encoder_path, ip_checkpoint, config.ip_ckpt, accelerator.device)
+    apply_speed_args(config, ip_model.pipe.unet, accelerator.print)
     with accelerator.split_between_processes(pending) as shard:
         generate_pairs(
             ip_model,
             plans,
             shard,
-            args.output_dir,
-            args.batch_size,
+            config.output_dir,
+            config.batch_size,
             position=accelerator.process_index,
-            scale=args.scale,
-            **sampling_settings(args),
+            scale=config.scale,
+            **sampling_settings(config),
         )
 
 
-def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> list[SamplePlan]:
+def run(config: ConstructConfig, accelerator: Accelerator, held: contextlib.ExitStack) -> list[SamplePlan]:
     """Build the pairs; the output folder is claimed into `held` once the inputs are checked (released when `held` closes)."""
     check_launch(accelerator.num_processes, "-m training_data.construct")
-    given = _given_references(args)
-    ip_checkpoint = load_ip_adapter_checkpoint(check_ip_ckpt(args.ip_ckpt))  # a NaN or wiped checkpoint fails before any image is drawn
-    categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
-    output_dir = args.output_dir
-    plans = plan_samples(args.num_samples, args.num_generated, args.seed, categories, reference_template=args.reference_template)
+    config, given = _with_references(config)
+    ip_checkpoint = load_ip_adapter_checkpoint(check_ip_ckpt(config.ip_ckpt))  # a NaN or wiped checkpoint fails before any image is drawn
+    categories = [entry["category"] for entry in given] if given is not None else load_categories(config.categories)
+    output_dir = config.output_dir
+    plans = plan_samples(config.num_samples, config.num_generated, config.seed, categories, reference_template=config.reference_template)
     held.enter_context(owning_output_dir(accelerator, output_dir))
-    dtype = resolve_dtype(args.dtype, accelerator.mixed_precision, accelerator.device)
-    settings = _settings(args, dtype, given)
+    dtype = resolve_dtype(config.dtype, accelerator.mixed_precision, accelerator.device)
+    settings = _settings(config, dtype, given)
     photo_digests = None if given is None else {plan.folder: sha256_file(given[plan.index]["image"]) for plan in plans}
     manifest = build_manifest(settings, plans, complete=False, photo_digests=photo_digests)
     check_manifest(output_dir, manifest)  # every process checks, so all of them stop together
@@ -391,26 +392,26 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
 
     pending_references = [plan for plan in plans if not plan.reference_path(output_dir).is_file()]
     pending_generated = [
-        (plan.index, k) for plan in plans for k in range(args.num_generated) if not plan.generated_path(output_dir, k).is_file()
+        (plan.index, k) for plan in plans for k in range(config.num_generated) if not plan.generated_path(output_dir, k).is_file()
     ]
     accelerator.wait_for_everyone()  # all processes list the same pending work before anything is written
     accelerator.print(
         f"{len(plans) - len(pending_references)}/{len(plans)} references and "
-        f"{len(plans) * args.num_generated - len(pending_generated)}/{len(plans) * args.num_generated} generated images exist; "
+        f"{len(plans) * config.num_generated - len(pending_generated)}/{len(plans) * config.num_generated} generated images exist; "
         f"{accelerator.num_processes} process(es), {dtype_name(dtype)}"
     )
     needs_pipe = (pending_references and given is None) or pending_generated
-    pipe = load_generation_pipeline(args.base_model_path, dtype).to(accelerator.device) if needs_pipe else None
+    pipe = load_generation_pipeline(config.base_model_path, dtype).to(accelerator.device) if needs_pipe else None
     if accelerator.is_main_process:
         remove_stale_temp_files(output_dir, [plan.folder for plan in plans])
         atomic_write_json(output_dir / layout.MANIFEST_NAME, manifest)
     accelerator.wait_for_everyone()
 
     if pending_references:
-        _make_references(args, accelerator, pipe, pending_references, given)
+        _make_references(config, accelerator, pipe, pending_references, given)
     accelerator.wait_for_everyone()  # every reference exists before any generation reads one
     if pending_generated:
-        _make_generated(args, accelerator, pipe, plans, pending_generated, ip_checkpoint)
+        _make_generated(config, accelerator, pipe, plans, pending_generated, ip_checkpoint)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(output_dir / layout.MANIFEST_NAME, build_manifest(settings, plans, complete=True, photo_digests=photo_digests))
@@ -418,9 +419,9 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    accelerator = launch_run("python -m training_data.construct", args, run)
-    accelerator.print(f"training pairs in {Path(args.output_dir).resolve()}/sample*/")
+    config = construct_config(argv)
+    accelerator = launch_run(CONSTRUCT_PROG, config, run, config.ddp_timeout)
+    accelerator.print(f"training pairs in {Path(config.output_dir).resolve()}/sample*/")
 
 
 if __name__ == "__main__":
