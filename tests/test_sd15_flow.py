@@ -17,6 +17,7 @@ import generate
 import inference_dreambooth
 from base_models.generation import load_generation_model, native_image_size
 from dreambench.benchmark import prompts_for
+from dreambench.config import DEFAULT_SCALES
 from dreambench.data import load_conditioning_images
 from dreambench.generation import build_items, image_path
 from ip_adapter.batch_generation import SubjectTokens, generate_batch
@@ -86,7 +87,7 @@ def test_dreambench_inference_and_evaluation(tiny_sd15_models, tiny_clip_path, t
         tiny_sd15_models.sd15_dir, tiny_sd15_models.image_encoder_dir, tiny_sd15_models.ip_ckpt, "cpu", torch.float32
     )
     tokens = SubjectTokens(model, lambda subject: load_conditioning_images(DREAMBENCH_ROOT, subject, kosmosg))
-    scale = inference_dreambooth.DEFAULT_SCALES[kosmosg]
+    scale = DEFAULT_SCALES[kosmosg]
     direct = generate_batch(model, tokens, build_items({SUBJECT: prompts}, 42), 2, scale=scale, guidance_scale=5.0)
     assert max(int(np.abs(np.asarray(image, dtype=np.int16) - pixels).max()) for image, pixels in zip(direct, written)) <= 2
 
