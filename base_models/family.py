@@ -20,7 +20,7 @@ from common.errors import BadInputError
 
 
 class Objective(ABC):
-    """The diffusion training objective: each pair's noise and timestep, the noisy input, the target, per-row loss weights.
+    """The diffusion training objective: each pair's noise and timestep, the noisy input, the target (flow matching fits too).
 
     `draw` is keyed on the pair's `noise_seed`, so a pair's draw never depends on where it is trained.
     """
@@ -36,10 +36,6 @@ class Objective(ABC):
 
     @abstractmethod
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
-
-    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        """Per-row weights of the regression (None: all rows weigh 1, as DDPM training does)."""
-        return None
 
 
 #: Conditioning tensors by name (e.g. "prompt_embeds", "pooled_prompt_embeds"): what a cache stores and a batch carries.
@@ -119,8 +115,16 @@ class BaseModelFamily(ABC):
         """The denoiser's prediction for `noisy` given cross-attention `hidden_states` and `added` conditioning."""
 
     @abstractmethod
+    def text_components(self, tokenizers: tuple, text_encoders: tuple[nn.Module, ...]) -> dict[str, Any]:
+        """The pipeline's text components by their `model_index.json` names, to build a pipeline around loaded modules."""
+
+    @abstractmethod
     def pipeline_class(self) -> type:
         """The diffusers pipeline that generates with this family."""
+
+    @abstractmethod
+    def ip_adapter_class(self) -> type:
+        """The `ip_adapter` wrapper that generates with this family's pipeline and IP-Adapter-Plus."""
 
     @abstractmethod
     def plan_models(self, read_config: Callable[[str], dict[str, Any]]) -> tuple[nn.Module, nn.Module, list[nn.Module]]:

@@ -81,6 +81,9 @@ class UNetFamily(BaseModelFamily):
             for field, tokenizer in zip(self.token_fields, tokenizers)
         }
 
+    def text_components(self, tokenizers: tuple, text_encoders: tuple[nn.Module, ...]) -> dict[str, Any]:
+        return {**dict(zip(self.text_encoders, text_encoders)), **dict(zip(self.tokenizer_folders, tokenizers))}
+
     def latent_scale(self, vae_config: Mapping[str, Any]) -> int:
         return 2 ** (len(vae_config["block_out_channels"]) - 1)
 

@@ -6,9 +6,9 @@ it is now, logs one grid per validation to TensorBoard (rows: reference | starti
 current adapter) and, with `--clip_model/--dino_model`, the CLIP-T / CLIP-I / DINO of those
 images as curves; the other processes wait at a barrier.
 
-It samples with the model being trained: an SDXL pipeline built around the training UNet (whose
+It samples with the model being trained: the family's pipeline (SDXL, SD 1.5) built around the training UNet (whose
 IP-Adapter layers are the current adapter), its frozen VAE and text encoders, and the training
-CLIP image encoder and Resampler; no second SDXL is loaded and nothing moves between devices
+CLIP image encoder and Resampler; no second base model is loaded and nothing moves between devices
 (`docs/memory.md`). The pipeline denoises under the run's autocast and returns latents; the fp32
 VAE decodes them with autocast off, because under `--mixed_precision fp16` autocast would run its
 convolutions in fp16, where SDXL's VAE overflows into NaN (black) images. An image that still has
@@ -29,21 +29,19 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 
 from common.errors import BadInputError
 from common.flags import scoring_requested
-from common.hub import resolve_folder
 from common.seeds import stable_seed
 from dreambench.benchmark import prompts_for, resolve_subjects
 from dreambench.data import load_conditioning_images, load_reference_images
 from dreambench.generation import build_items
 from ip_adapter.attention_processor import set_ip_adapter_scale
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from ip_adapter.ip_adapter import IPAdapterPlusXL
-from ip_adapter.loading import SDXL_COMPONENTS
+from ip_adapter.ip_adapter import IPAdapterPlus
 
 TILE = 128
 NON_FINITE = "non-finite"  # the label of a tile whose image had a NaN or inf pixel
@@ -82,7 +80,7 @@ def _label(image: Image.Image | None, text: str) -> Image.Image:
 
 
 @torch.no_grad()
-def decode_in_float32(pipe: StableDiffusionXLPipeline, latents: torch.Tensor) -> list[Image.Image | None]:
+def decode_in_float32(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image | None]:
     """The pipeline's scaled latents as images, decoded by its VAE in its own dtype (fp32) with autocast off.
 
     One image at a time, so the decoder's activations are those of one image whatever the number of
@@ -99,21 +97,18 @@ def decode_in_float32(pipe: StableDiffusionXLPipeline, latents: torch.Tensor) ->
 TRAINING_SCALE = 1.0  # the IP-Adapter scale training runs at (the processors' default)
 
 
-def _around_training_models(args: argparse.Namespace, models: Any) -> IPAdapterPlusXL:
+def _around_training_models(models: Any) -> IPAdapterPlus:
     """An IP-Adapter-Plus pipeline made of the training run's own modules; only the scheduler and tokenizer files are read."""
     encoders = models.encoders
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        resolve_folder(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", args.revision, SDXL_COMPONENTS, args.variant),
+    pipe = models.family.pipeline_class().from_pretrained(
+        models.model_dir,
         unet=models.model.unet,
         vae=encoders.vae,
-        text_encoder=encoders.text_encoders[0],
-        text_encoder_2=encoders.text_encoders[1],
-        tokenizer=encoders.tokenizers[0],
-        tokenizer_2=encoders.tokenizers[1],
+        **models.family.text_components(encoders.tokenizers, encoders.text_encoders),
         local_files_only=True,
     )
     pipe.set_progress_bar_config(disable=True)
-    return IPAdapterPlusXL.around(pipe, encoders.image_encoder, models.model.image_proj_model)
+    return models.family.ip_adapter_class().around(pipe, encoders.image_encoder, models.model.image_proj_model)
 
 
 def validation_grid(
@@ -132,7 +127,7 @@ class TrainingValidation:
     """Set up on every process (cheap); the model and the images exist on the main process only."""
 
     def __init__(self, args: argparse.Namespace, accelerator: Accelerator, seed: int, models: Any) -> None:
-        """`models`: the run's `patchdpo.training.TrainingModels`, encoders included (the pipeline is built from them)."""
+        """`models`: the run's `patchdpo.models.TrainingModels`, encoders included (the pipeline is built from them)."""
         self.accelerator = accelerator
         self.every = args.validation_steps or args.save_steps
         self.data_root = args.validation_data_root
@@ -145,12 +140,12 @@ class TrainingValidation:
         self.items = build_items({s: prompts_for(s)[: args.validation_prompts] for s in subjects}, stable_seed(seed, "validation"))
         for subject in subjects:  # a bad folder fails at start-up, not at the first validation
             load_conditioning_images(self.data_root, subject, kosmosg=False)
-        self.model: IPAdapterPlusXL | None = None
+        self.model: IPAdapterPlus | None = None
         self.scale = args.validation_scale
         self.scorer: _Scorer | None = None
         self.start_images: list[Image.Image | None] = []
         if accelerator.is_main_process:
-            self.model = _around_training_models(args, models)
+            self.model = _around_training_models(models)
             self.tokens = SubjectTokens(self.model, lambda subject: load_conditioning_images(self.data_root, subject, kosmosg=False))
             if args.clip_model is not None:
                 from dreambench.metrics import load_clip, load_dino

@@ -181,7 +181,7 @@ def test_bad_checkpoint_keys_are_one_line_errors_naming_the_file(tiny_models, tm
     ],
 )
 def test_training_names_the_checkpoint_file_of_a_bad_key(tiny_models, tmp_path, edit, fragment) -> None:
-    from patchdpo.training import load_training_models
+    from patchdpo.models import load_training_models
 
     _, path = _pipeline_and_checkpoint(tiny_models, tmp_path, edit)
     with pytest.raises(BadInputError) as error:
