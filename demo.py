@@ -61,9 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="1-3 DreamBench subjects whose box-cropped photos are the training references (disjoint from --subjects)",
     )
     models = parser.add_argument_group("real models (tiny random stand-ins where absent)")
-    models.add_argument(
-        "--base_model_path", type=Path, help="SDXL or SD 1.5 pipeline folder (with --image_encoder_path and --ip_ckpt)"
-    )
+    models.add_argument("--base_model_path", type=Path, help="SDXL or SD 1.5 pipeline folder (with --image_encoder_path and --ip_ckpt)")
     models.add_argument(
         "--base_model",
         choices=STAND_IN_FAMILIES,

@@ -30,7 +30,11 @@ PROG = "train_patchdpo.py"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     official = parser.add_argument_group("official flags (train_patchdpo.py of hqhQAQ/PatchDPO)")
-    official.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL or SD 1.5 pipeline: folder or Hugging Face id (the family is read from its model_index.json)")
+    official.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="SDXL or SD 1.5 pipeline: folder or Hugging Face id (the family is read from its model_index.json)",
+    )
     official.add_argument(
         "--pretrained_ip_adapter_path",
         default=None,

@@ -22,7 +22,7 @@ from diffusers import DiffusionPipeline
 from common.errors import BadInputError
 from common.hub import resolve_file, resolve_folder
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
-from ip_adapter.ip_adapter import IPAdapterPlus, adapter_class_for
+from ip_adapter.ip_adapter import IPAdapterPlus
 from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, one_line
 
 from . import family_of
@@ -107,19 +107,20 @@ def load_generation_model(
     ip_ckpt = check_ip_ckpt(ip_ckpt)
     checkpoint = load_ip_adapter_checkpoint(ip_ckpt)  # a bad checkpoint fails before the base model spends minutes loading
     pipe = load_generation_pipeline(base_model_path, dtype)
-    return wrap_pipeline(pipe, image_encoder_path, checkpoint, ip_ckpt, device)
+    return wrap_pipeline(pipe, family_of(base_model_path, FLAG), image_encoder_path, checkpoint, ip_ckpt, device)
 
 
 def wrap_pipeline(
     pipe: DiffusionPipeline,
+    family: BaseModelFamily,
     image_encoder_path: str | os.PathLike,
     checkpoint: dict[str, dict[str, torch.Tensor]],
     ip_ckpt: str | os.PathLike,
     device: torch.device | str,
 ) -> IPAdapterPlus:
-    """`pipe` with IP-Adapter-Plus from `checkpoint` (read from the file `ip_ckpt`) installed, on `device`."""
+    """`pipe` (of `family`) with IP-Adapter-Plus from `checkpoint` (read from the file `ip_ckpt`) installed, on `device`."""
     try:
-        return adapter_class_for(pipe)(pipe, image_encoder_path, checkpoint, device=device, checkpoint_file=ip_ckpt)
+        return family.ip_adapter_class()(pipe, image_encoder_path, checkpoint, device=device, checkpoint_file=ip_ckpt)
     except OSError as exc:  # transformers' from_pretrained on a broken image encoder folder
         raise BadInputError(f"{image_encoder_path}: cannot load the image encoder ({one_line(exc)})") from None
 

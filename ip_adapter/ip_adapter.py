@@ -222,11 +222,3 @@ class IPAdapterPlusXL(IPAdapterPlus):
     def _prompt_inputs(encoded: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         prompt_embeds, negative_embeds, pooled, negative_pooled = encoded
         return prompt_embeds, negative_embeds, {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}
-
-
-def adapter_class_for(pipe: DiffusionPipeline) -> type[IPAdapterPlus]:
-    """The wrapper that drives `pipe`'s class (the most derived one whose `pipeline_class` it is)."""
-    for wrapper in (IPAdapterPlusXL, IPAdapterPlus):
-        if isinstance(pipe, wrapper.pipeline_class):
-            return wrapper
-    raise TypeError(f"no IP-Adapter-Plus wrapper drives a {type(pipe).__name__}")

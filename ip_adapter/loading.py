@@ -19,7 +19,6 @@ from common.precision import mixed_precision_dtype
 from ip_adapter.checkpoint import require_checkpoint_file
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 def resolve_dtype(override: str | None, mixed_precision: str, device: torch.device | str) -> torch.dtype:

@@ -41,6 +41,7 @@ from accelerate import Accelerator
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from base_models import family_of
 from base_models.generation import check_generator_paths, load_generation_pipeline, with_native_size, wrap_pipeline
 from common.batching import generate_and_save
 from common.checks import require_flags_in_range, require_sampling_args, require_template_fields
@@ -357,7 +358,8 @@ def _make_generated(
 ) -> None:
     """IP-Adapter-Plus generations of the pending (sample, k), sharded over the processes."""
     # Installing the adapter changes the UNet's attention, so it happens after the references.
-    ip_model = wrap_pipeline(pipe, config.image_encoder_path, ip_checkpoint, config.ip_ckpt, accelerator.device)
+    family = family_of(config.base_model_path, "--base_model_path")
+    ip_model = wrap_pipeline(pipe, family, config.image_encoder_path, ip_checkpoint, config.ip_ckpt, accelerator.device)
     apply_speed_args(config, ip_model.pipe.unet, accelerator.print)
     with accelerator.split_between_processes(pending) as shard:
         generate_pairs(
