@@ -1,6 +1,7 @@
 """The whole PatchDPO flow in one offline command: data -> patch quality -> training -> DreamBench.
 
     python demo.py                      # tiny random models; trains on 2 DreamBench subjects, evaluates 2 others
+    python demo.py --base_model sd15    # the same on tiny SD 1.5 + IP-Adapter-Plus stand-ins
     python demo.py --base_model_path SDXL_DIR --image_encoder_path ENC_DIR --ip_ckpt ip-adapter-plus_sdxl_vit-h.bin \
         --patch_backbone dinov2-base/ --clip_model ViT-B-32.pt --dino_model dino-vits16/ \
         --resolution 512 --size 1024 --num_inference_steps 30 --train_steps 200
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "dreambench"
+STAND_IN_FAMILIES = ("sdxl", "sd15")  # --base_model: the tiny generators `prepare_models` can save, the default first
 TINY_NOTE = (
     "These results come from tiny RANDOM models (no pretrained weights were given), so every image is "
     "noise and the metric values mean nothing: the demo shows that the flow runs end to end. For real "
@@ -59,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="1-3 DreamBench subjects whose box-cropped photos are the training references (disjoint from --subjects)",
     )
     models = parser.add_argument_group("real models (tiny random stand-ins where absent)")
-    models.add_argument("--base_model_path", type=Path, help="SDXL pipeline folder (with --image_encoder_path and --ip_ckpt)")
+    models.add_argument("--base_model_path", type=Path, help="SDXL or SD 1.5 pipeline folder (with --image_encoder_path and --ip_ckpt)")
+    models.add_argument(
+        "--base_model",
+        choices=STAND_IN_FAMILIES,
+        default=None,
+        help="without --base_model_path: the family of the tiny stand-in generator (default sdxl, the paper's model)",
+    )
     models.add_argument("--image_encoder_path", type=Path, help="CLIP ViT-H vision encoder folder")
     models.add_argument("--ip_ckpt", type=Path, help="IP-Adapter-Plus checkpoint to start from")
     models.add_argument("--patch_backbone", type=Path, help="ViT-family folder for patch quality (DINOv2, DINO, CLIP, ViT)")
@@ -89,6 +97,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     generator_paths = [args.base_model_path, args.image_encoder_path, args.ip_ckpt]
     if any(path is not None for path in generator_paths) and None in generator_paths:
         parser.error("--base_model_path, --image_encoder_path and --ip_ckpt go together (a checkpoint fits one model)")
+    if args.base_model is not None and args.base_model_path is not None:
+        parser.error("--base_model picks a stand-in; the family of --base_model_path is read from its model_index.json: drop one")
     if (args.clip_model is None) != (args.dino_model is None):
         parser.error("--clip_model and --dino_model go together")
     if not (args.data_root / "dataset").is_dir():
@@ -111,12 +121,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 def check_models(args: argparse.Namespace) -> None:
     """Every model the user passed, before the first stage: a bad --dino_model must not wait for training to finish."""
+    from base_models.generation import check_generator_paths
     from common.hub import resolve_folder
     from dreambench.metrics import resolve_clip_checkpoint
-    from ip_adapter.loading import check_generator_paths
 
     if args.base_model_path is not None:
-        check_generator_paths(args)
+        check_generator_paths(args.base_model_path, args.image_encoder_path, args.ip_ckpt)
     for flag, value in (("--patch_backbone", args.patch_backbone), ("--dino_model", args.dino_model)):
         if value is not None and not (resolve_folder(value, flag) / "config.json").is_file():
             raise BadInputError(f"{flag} {value}: no config.json; expected a transformers model folder (save_pretrained layout)")
@@ -172,14 +182,15 @@ def start_in(out: Path, argv: list[str]) -> None:
 
 def prepare_models(args: argparse.Namespace, models_dir: Path) -> bool:
     """Fill every model path the user left out with a tiny random stand-in; True if any was needed."""
+    from stand_ins import sd15, sdxl
     from stand_ins.metric_models import save_tiny_clip_archive, save_tiny_dino
-    from stand_ins.sdxl import save_sdxl_models
     from stand_ins.vit_models import save_tiny_dinov2
 
     tiny = False
     if args.base_model_path is None:
-        paths = save_sdxl_models(models_dir / "generator")
-        args.base_model_path, args.image_encoder_path, args.ip_ckpt = paths.sdxl_dir, paths.image_encoder_dir, paths.ip_ckpt
+        save_generator = {"sdxl": sdxl.save_sdxl_models, "sd15": sd15.save_sd15_models}[args.base_model or STAND_IN_FAMILIES[0]]
+        paths = save_generator(models_dir / "generator")
+        args.base_model_path, args.image_encoder_path, args.ip_ckpt = paths.base_model_dir, paths.image_encoder_dir, paths.ip_ckpt
         tiny = True
     if args.patch_backbone is None:
         args.patch_backbone = save_tiny_dinov2(models_dir / "patch_backbone")

@@ -39,7 +39,7 @@ SCORES_NAME = "scores.json"
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="generate.py", description="Personalized images of your own subject from your photos.")
     models = parser.add_argument_group("models")
-    models.add_argument("--base_model_path", type=Path, required=True, help="SDXL pipeline: folder or Hugging Face id")
+    models.add_argument("--base_model_path", type=Path, required=True, help="SDXL or SD 1.5 pipeline: folder or Hugging Face id")
     models.add_argument("--image_encoder_path", type=Path, required=True, help="CLIP ViT-H vision encoder: folder or Hugging Face id")
     models.add_argument(
         "--ip_ckpt",
@@ -87,14 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(config: GenerateConfig) -> None:
     """Numbers, sizes and paths before any model loads."""
+    from base_models.generation import check_base_model
     from common.outputs import check_output_dir, check_output_file
-    from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir
+    from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt
 
     require_flags_in_range(config, ("num_images", "batch_size"), minimum=1)
     require_flags_in_range(config, ("scale",), minimum=0)
     require_sampling_args(config)
     check_output_dir(config.output_dir)
-    check_sdxl_dir(config.base_model_path)
+    check_base_model(config.base_model_path)
     check_image_encoder_dir(config.image_encoder_path)
     for checkpoint in config.ip_ckpt:
         check_ip_ckpt(checkpoint)
@@ -124,6 +125,7 @@ def recorded_settings(
 
 
 def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
+    from base_models.generation import load_generation_model, with_native_size
     from common.distributed import check_on_main
     from common.hub import resolve_file
     from common.launch import check_launch
@@ -140,10 +142,11 @@ def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitS
         subject_changes,
     )
     from ip_adapter.checkpoint import load_ip_adapter_checkpoint
-    from ip_adapter.loading import dtype_name, load_generation_model, resolve_dtype
+    from ip_adapter.loading import dtype_name, resolve_dtype
     from ip_adapter.speed import apply_speed_args
 
     check_launch(accelerator.num_processes, "generate.py")
+    config = with_native_size(config)
     check_args(config)
     check_on_main(accelerator, lambda: check_metric_models(config.clip_model, config.dino_model))  # only the main process scores
     prompts = read_prompts(config.prompts, config.prompts_file)
@@ -151,7 +154,7 @@ def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitS
     references = conditioning_images(photos)  # every photo decoded: a bad one fails before the models
     checkpoints = [resolve_file(path, "--ip_ckpt") for path in config.ip_ckpt]
     for checkpoint in checkpoints:
-        load_ip_adapter_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before SDXL loads
+        load_ip_adapter_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before the base model loads
     labels = checkpoint_labels(config.ip_ckpt)
     jobs = build_jobs(labels, prompts, config.num_images, config.seed)
     dtype = resolve_dtype(config.dtype, accelerator.mixed_precision, accelerator.device)

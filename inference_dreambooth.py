@@ -1,4 +1,4 @@
-"""Generate the DreamBench images (30 subjects x 25 prompts) with SDXL + IP-Adapter-Plus.
+"""Generate the DreamBench images (30 subjects x 25 prompts) with SDXL or SD 1.5 + IP-Adapter-Plus.
 
     accelerate launch --num_processes 2 --multi_gpu --mixed_precision fp16 inference_dreambooth.py \
         --base_model_path SDXL_DIR --image_encoder_path ENC_DIR --ip_ckpt model.bin \
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_generator_args(
         parser,
-        "SDXL pipeline: folder or Hugging Face id (e.g. SG161222/RealVisXL_V1.0)",
+        "SDXL or SD 1.5 pipeline: folder or Hugging Face id (e.g. SG161222/RealVisXL_V1.0)",
         "IP-Adapter-Plus / PatchDPO checkpoint: .bin/.safetensors file or REPO_ID/path/in/repo.bin",
     )
     parser.add_argument("--data_root", type=Path, required=True, help="DreamBench folder with dataset/ and json_data/")
@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(config: InferenceConfig) -> None:
     """Numbers, sizes and paths before any model loads (the metric models are loaded by `run`, on the main process)."""
+    from base_models.generation import check_generator_paths
     from common.outputs import check_output_dir
     from dreambench.evaluation import check_scores_writable
-    from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir
 
     require_flags_in_range(config, ("batch_size", "prompts_per_subject"), minimum=1)
     require_sampling_args(config)
@@ -84,9 +84,7 @@ def check_args(config: InferenceConfig) -> None:
     check_output_dir(config.output_dir)
     if config.scoring:  # fail now rather than after hours of generation
         check_scores_writable(config.output_dir, config.is_kosmosg)
-    check_sdxl_dir(config.base_model_path)
-    check_image_encoder_dir(config.image_encoder_path)
-    check_ip_ckpt(config.ip_ckpt)
+    check_generator_paths(config.base_model_path, config.image_encoder_path, config.ip_ckpt)
 
 
 def checked_subject_prompts(config: InferenceConfig) -> dict[str, list[str]]:
@@ -133,6 +131,7 @@ def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.Exit
     # Imported here, not at the top: --help must not wait for torch and diffusers.
     from dataclasses import asdict
 
+    from base_models.generation import load_generation_model, with_native_size
     from common.distributed import check_on_main
     from common.hub import resolve_file
     from common.io import sha256_file
@@ -143,11 +142,11 @@ def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.Exit
     from dreambench.metrics import check_metric_models
     from dreambench.run_config import check_resumable, make_run_config, start_in_output_dir
     from ip_adapter.batch_generation import SubjectTokens
-    from ip_adapter.loading import dtype_name, load_generation_model, resolve_dtype
+    from ip_adapter.loading import dtype_name, resolve_dtype
     from ip_adapter.speed import apply_speed_args
 
     check_launch(accelerator.num_processes, "inference_dreambooth.py")
-    config = config.with_defaults()
+    config = with_native_size(config.with_defaults())
     check_args(config)
     check_on_main(accelerator, lambda: check_metric_models(config.clip_model, config.dino_model))  # loaded once: a bad one fails now
     subject_prompts = checked_subject_prompts(config)

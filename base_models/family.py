@@ -87,6 +87,10 @@ class BaseModelFamily(ABC):
         """The prompt tensors per `prompt_fields` name; `prompt_embeds` (N, L, D) is what cross-attention reads."""
 
     @abstractmethod
+    def native_image_size(self, read_config: Callable[[str], dict[str, Any]]) -> int:
+        """The image edge the family's pipeline generates at by default, from the folder's configs (`read_config("unet/config.json")`)."""
+
+    @abstractmethod
     def latent_scale(self, vae_config: Mapping[str, Any]) -> int:
         """Pixels per latent cell: the quality maps of a `resolution` image are `resolution // latent_scale` square."""
 

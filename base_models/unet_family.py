@@ -87,6 +87,10 @@ class UNetFamily(BaseModelFamily):
     def latent_scale(self, vae_config: Mapping[str, Any]) -> int:
         return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
+    def native_image_size(self, read_config: Callable[[str], dict[str, Any]]) -> int:
+        """The UNet's sample size in pixels, the size diffusers' pipelines generate at when given none."""
+        return read_config("unet/config.json")["sample_size"] * self.latent_scale(read_config("vae/config.json"))
+
     @torch.no_grad()
     def encode_latents(self, vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(vae.device, torch.float32)

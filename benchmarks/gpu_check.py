@@ -64,11 +64,12 @@ from accelerate.state import AcceleratorState  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
+from base_models.generation import load_generation_pipeline  # noqa: E402
 from common.io import atomic_write, atomic_write_json  # noqa: E402
 from dreambench.benchmark import prompts_for  # noqa: E402
 from ip_adapter import IPAdapterPlusXL  # noqa: E402
 from ip_adapter.batch_generation import GenerationItem  # noqa: E402
-from ip_adapter.loading import load_sdxl_pipeline, vae_scale_factor  # noqa: E402
+from ip_adapter.loading import vae_scale_factor  # noqa: E402
 from ip_adapter.speed import speed_up_unet  # noqa: E402
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, ModelPaths, save_sdxl_models  # noqa: E402
@@ -381,7 +382,7 @@ def _generation(run: Run) -> tuple[IPAdapterPlusXL, list[GenerationItem], dict[s
     channels-last once ours runs, compiled by the last of them)."""
     if run.generation is None:
         dtype = torch.float16 if run.device.type == "cuda" else torch.float32
-        pipe = load_sdxl_pipeline(run.models.sdxl_dir, dtype)
+        pipe = load_generation_pipeline(run.models.sdxl_dir, dtype)
         ip_model = IPAdapterPlusXL(pipe, run.models.image_encoder_dir, run.models.ip_ckpt, run.device)
         rng = np.random.default_rng(0)
         subjects = ("backpack", "dog")

@@ -41,13 +41,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from base_models.generation import load_generation_pipeline  # noqa: E402
 from common.batching import batched  # noqa: E402
 from common.io import atomic_write_json  # noqa: E402
 from dreambench.benchmark import prompts_for  # noqa: E402
 from dreambench.data import load_conditioning_images  # noqa: E402
 from ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL  # noqa: E402
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch  # noqa: E402
-from ip_adapter.loading import load_sdxl_pipeline  # noqa: E402
 from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
 
 REFERENCE_SEED = 42
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     with tempfile.TemporaryDirectory() as folder:
         paths = save_sdxl_models(folder, SHAPES[args.shape])
-        ip_model = IPAdapterPlusXL(load_sdxl_pipeline(paths.sdxl_dir, dtype), paths.image_encoder_dir, paths.ip_ckpt, device)
+        ip_model = IPAdapterPlusXL(load_generation_pipeline(paths.sdxl_dir, dtype), paths.image_encoder_dir, paths.ip_ckpt, device)
     common = dict(num_inference_steps=args.num_inference_steps, scale=args.scale, height=args.size, width=args.size)
     warmup = dict(common, num_inference_steps=1)
     reference_loop(ip_model, items[:REFERENCE_BATCH], references, **warmup)

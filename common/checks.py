@@ -34,12 +34,12 @@ def require_flags_in_range(config: object, names: Iterable[str], minimum: float 
 
 
 def require_sampling_args(config: object) -> None:
-    """The fields of `common.flags.add_sampling_args`' flags: steps and sizes >= 1, a finite guidance, sizes multiples of 8 (SDXL's VAE and UNet)."""
+    """The fields of `common.flags.add_sampling_args`' flags: steps and sizes >= 1, a finite guidance, sizes multiples of 8 (the VAE and UNet)."""
     require_flags_in_range(config, ("num_inference_steps", "height", "width"), minimum=1)
     require_flags_in_range(config, ("guidance_scale",))
     for name in ("height", "width"):
         if getattr(config, name) % 8:
-            raise BadInputError(f"--{name} must be a multiple of 8 (SDXL's requirement), got {getattr(config, name)}")
+            raise BadInputError(f"--{name} must be a multiple of 8 (the VAE and UNet need it), got {getattr(config, name)}")
 
 
 def require_template_fields(flag: str, template: str, fields: Iterable[str]) -> None:

@@ -34,7 +34,7 @@ DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low q
 
 
 def add_generator_args(parser: argparse.ArgumentParser, base_model_help: str, ip_ckpt_help: str) -> None:
-    """The model flags of every script that generates with SDXL + IP-Adapter-Plus."""
+    """The model flags of every script that generates with a base model + IP-Adapter-Plus."""
     parser.add_argument("--base_model_path", type=Path, required=True, help=base_model_help)
     parser.add_argument(
         "--image_encoder_path",
@@ -117,15 +117,16 @@ def add_validation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """The SDXL sampling flags of every script that generates: steps, guidance and image size (the paper's values)."""
+    """The sampling flags of every script that generates: steps, guidance (the paper's values) and image size."""
     parser.add_argument("--num_inference_steps", type=int, default=30)
     parser.add_argument("--guidance_scale", type=float, default=5.0)
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
+    native = "default: the base model's native size (1024 for SDXL, 512 for SD 1.5)"
+    parser.add_argument("--height", type=int, default=None, help=native)
+    parser.add_argument("--width", type=int, default=None, help=native)
 
 
 def sampling_settings(config: object) -> dict[str, Any]:
-    """The values of `add_sampling_args`' flags in a script's typed config, named as the SDXL pipeline's keyword arguments."""
+    """The values of `add_sampling_args`' flags in a script's typed config, named as the pipelines' keyword arguments."""
     return {name: getattr(config, name) for name in ("num_inference_steps", "guidance_scale", "height", "width")}
 
 

@@ -30,8 +30,8 @@ class InferenceConfig:
     is_kosmosg: bool
     num_inference_steps: int
     guidance_scale: float
-    height: int
-    width: int
+    height: int | None  # None: the base model's native size (`base_models.generation.with_native_size`)
+    width: int | None
     seed: int
     batch_size: int
     subjects: list[str] | None
@@ -70,8 +70,8 @@ class GenerateConfig:
     scale: float
     num_inference_steps: int
     guidance_scale: float
-    height: int
-    width: int
+    height: int | None  # None: the base model's native size (`base_models.generation.with_native_size`)
+    width: int | None
     batch_size: int
     output_dir: Path
     compile: bool

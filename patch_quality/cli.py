@@ -73,7 +73,7 @@ def maps_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base_model_path",
         default=None,
-        help="SDXL model training uses (folder or Hugging Face id): maps are resolution / its VAE factor square",
+        help="base model training uses (SDXL or SD 1.5; folder or Hugging Face id): maps are resolution / its latent scale square",
     )
     parser.add_argument(
         "--vae_scale_factor", type=int, default=None, help="VAE downsampling factor; checked against --base_model_path, or used alone"

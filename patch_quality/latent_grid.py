@@ -1,8 +1,8 @@
-"""The latent grid quality maps are made at: training resolution / the SDXL VAE's downsampling factor.
+"""The latent grid quality maps are made at: training resolution / the base model's latent scale.
 
-The maps must match the latents training computes, so the factor is read from the same place
-training reads it, the VAE config of the SDXL model (`<model>/vae/config.json`, a folder or a
-Hugging Face id), instead of being typed by hand.
+The maps must match the latents training computes, so the scale is asked of the model's family
+(`base_models`: the VAE's downsampling, and any packing of latent cells), from the model's
+configs (`<model>/vae/config.json`, a folder or a Hugging Face id), instead of being typed by hand.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ VAE_CONFIG = "vae/config.json"
 
 
 def model_vae_scale_factor(base_model: str | os.PathLike, revision: str | None = None) -> int:
-    """The VAE factor of an SDXL model (folder or id); only its VAE config is read (or fetched)."""
-    from ip_adapter.loading import vae_scale_factor  # imported here: it loads diffusers, which --help does not need
+    """Pixels per latent cell of a base model (folder or id), from its family; only configs are read (or fetched)."""
+    from base_models import family_of  # imported here: it loads diffusers, which --help does not need
 
+    family = family_of(base_model, "--base_model_path", revision)
     config_path = resolve_file(f"{str(base_model).rstrip('/')}/{VAE_CONFIG}", "--base_model_path", revision)
     try:
-        return vae_scale_factor(json.loads(config_path.read_text()))
+        return family.latent_scale(json.loads(config_path.read_text()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BadInputError(f"{config_path}: not a diffusers VAE config with block_out_channels ({type(exc).__name__})") from None
 
@@ -33,7 +34,7 @@ def latent_grid(resolution: int, base_model: str | os.PathLike | None, vae_scale
     Without a model the factor is taken as given (for a VAE that is not at hand).
     """
     if base_model is None and vae_scale_factor is None:
-        raise BadInputError("pass --base_model_path (the SDXL model training uses) so the maps match its latent grid")
+        raise BadInputError("pass --base_model_path (the base model training uses) so the maps match its latent grid")
     factor = vae_scale_factor
     if base_model is not None:
         factor = model_vae_scale_factor(base_model)

@@ -100,6 +100,11 @@ class SD15Paths:
     image_encoder_dir: Path
     ip_ckpt: Path
 
+    @property
+    def base_model_dir(self) -> Path:
+        """The pipeline folder, under the name every family's stand-in paths share."""
+        return self.sd15_dir
+
 
 def _paths(root: Path) -> SD15Paths:
     return SD15Paths(sd15_dir=root / "sd15", image_encoder_dir=root / "models" / "image_encoder", ip_ckpt=root / "models" / IP_CKPT_NAME)

@@ -115,6 +115,11 @@ class ModelPaths:
     image_encoder_dir: Path
     ip_ckpt: Path
 
+    @property
+    def base_model_dir(self) -> Path:
+        """The pipeline folder, under the name every family's stand-in paths share."""
+        return self.sdxl_dir
+
 
 def save_sdxl_models(root: str | os.PathLike, shape: ModelShape = TINY) -> ModelPaths:
     """SDXL pipeline folder, CLIP vision folder and IP-Adapter-Plus `.bin` under `root`."""

@@ -196,3 +196,32 @@ def test_a_second_demo_run_in_the_same_folder_remakes_the_same_files(demo_run, d
     after = _digests(out)
     assert before.keys() == after.keys() and len(after) > 100
     assert [name for name in before if before[name] != after[name]] == []
+
+
+def test_the_demo_runs_on_sd15_stand_ins(tmp_path) -> None:
+    """`--base_model sd15`: every stage on the tiny SD 1.5 stand-ins (`python demo.py` itself stays on SDXL)."""
+    out = tmp_path / "demo_sd15"
+    demo.main(
+        ["--base_model", "sd15", "--output_dir", str(out), "--data_root", str(SHARED_DREAMBENCH), "--subjects", "backpack"]
+        + ["--train_subjects", "can", "--train_steps", "2", "--ssl_steps", "0", "--prompts_per_subject", "1"]
+        + ["--num_inference_steps", "2", "--size", "32", "--resolution", "32"]
+    )
+    generator = out / "models" / "generator"
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["settings"]["base_model_path"] == str((generator / "sd15").resolve())
+    assert QualityMaps.load(out / "data" / "patch_quality.safetensors").metadata["vae_scale_factor"] == "4"  # SD 1.5 stand-in's grid
+    trained = load_ip_adapter_checkpoint(out / "train" / "checkpoint-2" / "model.bin")
+    initial = load_ip_adapter_checkpoint(generator / "models" / "ip-adapter-plus_sd15.bin")
+    assert trained["ip_adapter"].keys() == initial["ip_adapter"].keys()
+    assert any(not trained["ip_adapter"][k].float().equal(initial["ip_adapter"][k].half().float()) for k in trained["ip_adapter"])
+    for folder in ("dreambench_start", "dreambench"):
+        assert json.loads((out / folder / "all_score.json").read_text())["subjects"]["backpack"]["num_images"] == 1
+
+
+def test_the_stand_in_family_goes_with_no_model_path(tmp_path, tiny_sd15_models, capsys) -> None:
+    with pytest.raises(SystemExit):
+        demo.main(
+            ["--output_dir", str(tmp_path), "--base_model", "sd15", "--base_model_path", str(tiny_sd15_models.sd15_dir)]
+            + ["--image_encoder_path", str(tiny_sd15_models.image_encoder_dir), "--ip_ckpt", str(tiny_sd15_models.ip_ckpt)]
+        )
+    assert "--base_model picks a stand-in" in capsys.readouterr().err and not any(tmp_path.iterdir())

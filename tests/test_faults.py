@@ -461,7 +461,9 @@ def test_bad_flags_are_one_line_errors(tiny_models, tiny_pair_data, tiny_dinov2_
 def test_a_category_that_cannot_name_a_file_is_refused_before_any_model_loads(tiny_models, tmp_path, monkeypatch, category, problem):
     categories = tmp_path / "categories.txt"
     categories.write_text(category + "\n")
-    monkeypatch.setattr(construct, "load_sdxl_pipeline", lambda *args: pytest.fail("the model loaded before the categories were checked"))
+    monkeypatch.setattr(
+        construct, "load_generation_pipeline", lambda *args: pytest.fail("the model loaded before the categories were checked")
+    )
     message = bad_input_message(construct.main, construct_argv(tiny_models, tmp_path / "out", "--categories", str(categories)))
     assert "cannot name a data file" in message and problem in message
     assert not (tmp_path / "out").exists()

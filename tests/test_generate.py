@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 import generate
+from base_models.generation import load_generation_model
 from common.run_lock import LOCK_NAME
 from dreambench.your_subject import SHEETS_DIR, conditioning_images, prompt_stem, read_photos
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
-from ip_adapter.loading import load_generation_model
 from tests.kit.cli import bad_input_message
 
 SIZE = 32

@@ -11,11 +11,11 @@ import torch._dynamo.testing
 from PIL import Image
 
 import inference_dreambooth
+from base_models.generation import load_generation_model
 from dreambench.data import load_conditioning_images
 from dreambench.generation import build_items
 from ip_adapter import IPAdapterPlusXL, IPAttnProcessor, set_ip_adapter_scale
 from ip_adapter.batch_generation import SubjectTokens, generate_batch
-from ip_adapter.loading import load_generation_model
 from stand_ins.sdxl import load_pipeline
 from tests.kit.dreambench import DREAMBENCH_ROOT
 

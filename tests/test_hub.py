@@ -29,11 +29,12 @@ from common.errors import BadInputError
 from dreambench.metrics import load_dino
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from ip_adapter.image_encoder import load_image_encoder
-from ip_adapter.loading import check_ip_ckpt, load_sdxl_pipeline
+from base_models.generation import load_generation_pipeline
+from ip_adapter.loading import check_ip_ckpt
 from patch_quality.features import load_backbone
 from patchdpo.models import load_training_models
 
-pipe = load_sdxl_pipeline("tiny-org/sdxl", torch.float32)
+pipe = load_generation_pipeline("tiny-org/sdxl", torch.float32)
 encoder = load_image_encoder("tiny-org/ip-adapter/models/image_encoder")
 checkpoint = load_ip_adapter_checkpoint(check_ip_ckpt("tiny-org/ip-adapter/sdxl_models/ip-adapter-plus.bin"))
 backbone = load_backbone("tiny-org/dinov2")
@@ -42,7 +43,7 @@ training = load_training_models(
     "tiny-org/sdxl", "tiny-org/ip-adapter/models/image_encoder", "tiny-org/ip-adapter/sdxl_models/ip-adapter-plus.bin", "cpu", torch.float32
 )
 errors = []
-for load in (lambda: load_sdxl_pipeline("tiny-org/no-such-model", torch.float32), lambda: check_ip_ckpt("tiny-org/ip-adapter/missing.bin")):
+for load in (lambda: load_generation_pipeline("tiny-org/no-such-model", torch.float32), lambda: check_ip_ckpt("tiny-org/ip-adapter/missing.bin")):
     try:
         load()
     except BadInputError as error:

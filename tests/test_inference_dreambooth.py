@@ -23,6 +23,7 @@ from PIL import Image
 
 import common.batching
 import inference_dreambooth
+from base_models.generation import load_generation_model
 from common.io import sha256_file
 from common.run_lock import LOCK_NAME
 from dreambench.benchmark import prompts_for
@@ -31,7 +32,6 @@ from dreambench.data import load_conditioning_images
 from dreambench.generation import build_items, image_path
 from dreambench.run_config import GENERATION_KEYS, RUN_CONFIG_NAME
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from ip_adapter.loading import load_generation_model
 from tests.kit.cli import bad_input_message
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from PIL import Image
 
+from base_models.generation import load_generation_model
 from common.errors import BadInputError
 from ip_adapter import (
     IPAdapterPlus,
@@ -21,7 +22,7 @@ from ip_adapter import (
     save_ip_adapter,
 )
 from ip_adapter.image_encoder import encode_image_features, load_image_encoder, preprocess_clip_images
-from ip_adapter.loading import check_ip_ckpt, load_generation_model
+from ip_adapter.loading import check_ip_ckpt
 from stand_ins.components import build_clip_tokenizer, build_resampler
 from stand_ins.sd15 import load_pipeline as load_sd15_pipeline
 from stand_ins.sdxl import TINY, build_sdxl_pipeline, load_pipeline

@@ -51,3 +51,22 @@ def test_each_wrapper_takes_its_own_pipeline_only(tiny_models, tiny_sd15_models)
         IPAdapterPlus(load_sdxl_pipeline(tiny_models.sdxl_dir), tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu")
     with pytest.raises(TypeError, match="IPAdapterPlusXL needs a diffusers StableDiffusionXLPipeline, got StableDiffusionPipeline"):
         IPAdapterPlusXL(load_pipeline(tiny_sd15_models.sd15_dir), tiny_sd15_models.image_encoder_dir, tiny_sd15_models.ip_ckpt, "cpu")
+
+
+def test_generation_loads_a_real_sd15_folder_without_its_safety_checker(tiny_sd15_models, tmp_path) -> None:
+    """stable-diffusion-v1-5 ships a safety checker that blacks out images it flags: generation leaves it out (as the
+    official IP-Adapter SD 1.5 demos do), so every image is scored as the model drew it."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from base_models.generation import load_generation_pipeline
+
+    tiny = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=tiny, vision_config=dict(tiny, patch_size=32), projection_dim=32))
+    pipe = load_pipeline(tiny_sd15_models.sd15_dir)
+    pipe.register_modules(safety_checker=checker, feature_extractor=CLIPImageProcessor())
+    pipe.register_to_config(requires_safety_checker=True)
+    pipe.save_pretrained(tmp_path / "sd15")
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "sd15").safety_checker is not None  # the folder has one
+    assert load_generation_pipeline(tmp_path / "sd15", torch.float32).safety_checker is None

@@ -112,7 +112,6 @@ FLAG_MODULES = {"common/cli.py", "common/flags.py", "patch_quality/cli.py", "tra
 # this list as each one stops; a listed module that no longer takes one fails below, so it cannot go stale.
 STILL_TAKING_FLAGS = {
     "dreambench/validation.py",  # Validator(args, ...): the trainer's flags (--validation_*)
-    "ip_adapter/loading.py",  # check_generator_paths(args)
     "ip_adapter/speed.py",  # apply_speed_args(args, ...)
     "patchdpo/loop.py",
     "patchdpo/memory_plan.py",  # its own parser (python -m patchdpo.memory_plan)

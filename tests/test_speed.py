@@ -21,9 +21,9 @@ from torch.utils.data import default_collate
 
 import inference_dreambooth
 import train_patchdpo
+from base_models.generation import load_generation_model
 from ip_adapter import IPAttnProcessor, attention_processor, resampler, set_ip_adapter_scale
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from ip_adapter.loading import load_generation_model
 from ip_adapter.speed import apply_speed_args, speed_up_unet
 from patch_quality.store import QualityMaps
 from patchdpo.method import EncodedPairs, Method, training_step

@@ -31,7 +31,7 @@ class ConstructConfig:
     scale: float
     num_inference_steps: int
     guidance_scale: float
-    height: int
-    width: int
+    height: int | None  # None: the base model's native size (`base_models.generation.with_native_size`)
+    width: int | None
     seed: int
     batch_size: int

@@ -1,6 +1,6 @@
 """Build PatchDPO training pairs: clean-background references and IP-Adapter-Plus generations.
 
-Following the paper, the base SDXL pipeline draws one object per reference image on a plain white
+Following the paper, the base pipeline (SDXL in the paper, or SD 1.5) draws one object per reference image on a plain white
 background ("a photo of {object}, plain white background"), so object and background are never
 confused; IP-Adapter-Plus, the model being improved, then generates `--num_generated` images from
 each reference. Our choices (see README.md): objects from `training_data.categories` (no DreamBench
@@ -38,9 +38,11 @@ if __name__ == "__main__":
 
 import torch
 from accelerate import Accelerator
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
+from base_models import family_of
+from base_models.generation import check_generator_paths, load_generation_pipeline, with_native_size, wrap_pipeline
 from common.batching import generate_and_save
 from common.checks import require_flags_in_range, require_sampling_args, require_template_fields
 from common.distributed import launch_run, owning_output_dir
@@ -55,8 +57,8 @@ from common.recorded_settings import read_recorded, refuse_other_settings
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.checkpoint import Checkpoint, load_ip_adapter_checkpoint
-from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
-from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, check_sdxl_dir, dtype_name, load_sdxl_pipeline, resolve_dtype
+from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlus
+from ip_adapter.loading import check_ip_ckpt, dtype_name, resolve_dtype
 from ip_adapter.speed import apply_speed_args
 from patch_quality import layout
 from training_data.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
@@ -206,7 +208,7 @@ def remove_samples_of_changed_photos(
 
 
 def generate_references(
-    pipe: StableDiffusionXLPipeline,
+    pipe: DiffusionPipeline,
     plans: Sequence[SamplePlan],
     output_dir: Path,
     batch_size: int,
@@ -232,7 +234,7 @@ def generate_references(
 
 
 def generate_pairs(
-    ip_model: IPAdapterPlusXL,
+    ip_model: IPAdapterPlus,
     plans: Sequence[SamplePlan],
     items: Sequence[tuple[int, int]],
     output_dir: Path,
@@ -295,11 +297,10 @@ def _with_references(config: ConstructConfig) -> tuple[ConstructConfig, list[dic
         raise BadInputError("--num_samples is required (or pass --reference_images)")
     require_flags_in_range(config, ("num_samples", "num_generated", "batch_size"), minimum=1)
     require_flags_in_range(config, ("scale",), minimum=0)
+    config = with_native_size(config)
     require_sampling_args(config)
     require_template_fields("--reference_template", config.reference_template, ["object"])
-    check_sdxl_dir(config.base_model_path)
-    check_image_encoder_dir(config.image_encoder_path)
-    check_ip_ckpt(config.ip_ckpt)
+    check_generator_paths(config.base_model_path, config.image_encoder_path, config.ip_ckpt)
     check_output_dir(config.output_dir)
     return config, given
 
@@ -326,7 +327,7 @@ def _settings(config: ConstructConfig, dtype: torch.dtype, given: list[dict[str,
 def _make_references(
     config: ConstructConfig,
     accelerator: Accelerator,
-    pipe: StableDiffusionXLPipeline | None,
+    pipe: DiffusionPipeline | None,
     pending: list[SamplePlan],
     given: list[dict[str, str]] | None,
 ) -> None:
@@ -350,14 +351,15 @@ def _make_references(
 def _make_generated(
     config: ConstructConfig,
     accelerator: Accelerator,
-    pipe: StableDiffusionXLPipeline,
+    pipe: DiffusionPipeline,
     plans: list[SamplePlan],
     pending: list[tuple[int, int]],
     ip_checkpoint: Checkpoint,
 ) -> None:
     """IP-Adapter-Plus generations of the pending (sample, k), sharded over the processes."""
     # Installing the adapter changes the UNet's attention, so it happens after the references.
-    ip_model = IPAdapterPlusXL(pipe, config.image_encoder_path, ip_checkpoint, device=accelerator.device, checkpoint_file=config.ip_ckpt)
+    family = family_of(config.base_model_path, "--base_model_path")
+    ip_model = wrap_pipeline(pipe, family, config.image_encoder_path, ip_checkpoint, config.ip_ckpt, accelerator.device)
     apply_speed_args(config, ip_model.pipe.unet, accelerator.print)
     with accelerator.split_between_processes(pending) as shard:
         generate_pairs(
@@ -401,7 +403,7 @@ def run(config: ConstructConfig, accelerator: Accelerator, held: contextlib.Exit
         f"{accelerator.num_processes} process(es), {dtype_name(dtype)}"
     )
     needs_pipe = (pending_references and given is None) or pending_generated
-    pipe = load_sdxl_pipeline(config.base_model_path, dtype).to(accelerator.device) if needs_pipe else None
+    pipe = load_generation_pipeline(config.base_model_path, dtype).to(accelerator.device) if needs_pipe else None
     if accelerator.is_main_process:
         remove_stale_temp_files(output_dir, [plan.folder for plan in plans])
         atomic_write_json(output_dir / layout.MANIFEST_NAME, manifest)
