@@ -249,16 +249,21 @@ def frozen_adapter_copy(model: IPAdapterTrainingModel) -> dict[str, torch.Tensor
 def pair_noise(
     noise_seeds: torch.Tensor, latent_shape: torch.Size, num_timesteps: int, noise_offset: float | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise (B, *latent_shape), timesteps (B,)): pair i's from a generator seeded with `noise_seeds[i]`."""
+    """(noise (B, *latent_shape), timesteps (B,)) on `device`: pair i's from a CPU generator seeded with `noise_seeds[i]`.
+
+    Drawn on the CPU and then moved, so a pair's noise is the same on every device type and needs no
+    CUDA generator (which needs a driver, so the fake-CUDA rehearsal could not run it): a few latents'
+    worth of numbers per step, negligible next to the UNet.
+    """
     noises, timesteps = [], []
     for seed in noise_seeds.tolist():
-        generator = torch.Generator(device).manual_seed(seed)
-        noise = torch.randn(latent_shape, generator=generator, device=device)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(latent_shape, generator=generator)
         if noise_offset:
-            noise += noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator, device=device)
+            noise += noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator)
         noises.append(noise)
-        timesteps.append(torch.randint(0, num_timesteps, (), generator=generator, device=device))
-    return torch.stack(noises), torch.stack(timesteps)
+        timesteps.append(torch.randint(0, num_timesteps, (), generator=generator))
+    return torch.stack(noises).to(device), torch.stack(timesteps).to(device)
 
 
 def training_step(

@@ -1,0 +1,104 @@
+"""A CUDA rehearsal on a machine without a GPU: the real code on fake tensors placed on device `cuda`.
+
+Under torch's `FakeTensorMode` a tensor has a shape, dtype and device but no data, and no driver is
+needed for device `cuda`. Code run there on modules and inputs placed on `cuda` fails where a first
+GPU run would: an op mixing a CPU tensor with a CUDA one (a mask or index built without a device)
+raises `FakeTensorDeviceMismatchError`. The memory plan counts its bytes this way, and the tests
+rehearse the training step, validation sampling and generation with it.
+
+Three things the mode alone does not give:
+
+* autocast: `torch.autocast("cuda")` switches itself off without a driver, so `cuda_autocast` sets
+  the CUDA autocast state directly (the same state the real context manager sets on a GPU);
+* modules: `module.to("cuda")` cannot swap a real CPU weight for a fake CUDA one, so `place`
+  replaces a module's tensors instead (build under `with torch.device(CUDA)` to create them there);
+* data: a fake tensor has no values, so code that reads one (`.item()`, `.tolist()`, `nonzero`)
+  cannot run in the mode: a rehearsal stops where tensors become numbers or images.
+
+Not caught: a CPU `torch.Generator` drawing directly on a CUDA device (a GPU refuses it); CUDA
+generators need a driver, which is why noise is drawn on the CPU and then moved (`patchdpo.training.pair_noise`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+CUDA = torch.device("cuda")
+
+
+def fake_mode() -> FakeTensorMode:
+    """A fake-tensor mode in which real tensors (read from disk, made before the mode) take part as fake ones on their own device."""
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@contextlib.contextmanager
+def cuda_autocast(dtype: torch.dtype | None) -> Iterator[None]:
+    """CUDA autocast to `dtype` (None or float32: off), also where no driver is present; nestable like `torch.autocast`."""
+    enabled = dtype is not None and dtype != torch.float32
+    previous = torch.is_autocast_enabled(CUDA.type), torch.get_autocast_dtype(CUDA.type)
+    torch.set_autocast_enabled(CUDA.type, enabled)
+    if enabled:
+        torch.set_autocast_dtype(CUDA.type, dtype)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+        torch.set_autocast_enabled(CUDA.type, previous[0])
+        torch.set_autocast_dtype(CUDA.type, previous[1])
+
+
+def place(
+    module: torch.nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None, skip: frozenset[int] = frozenset()
+) -> torch.nn.Module:
+    """`module.to(device, dtype)` by replacing its tensors, which works on fake tensors (and real ones turned fake in the mode).
+
+    `dtype` applies to floating tensors only, as in `nn.Module.to`; tensors whose `id` is in `skip` keep their dtype.
+    """
+    for owner in module.modules():
+        for table in (owner._parameters, owner._buffers):
+            for name, tensor in table.items():
+                if tensor is None:
+                    continue
+                cast = dtype if dtype is not None and tensor.is_floating_point() and id(tensor) not in skip else None
+                moved = tensor.detach().to(device=device, dtype=cast)
+                table[name] = torch.nn.Parameter(moved, requires_grad=tensor.requires_grad) if table is owner._parameters else moved
+    return module
+
+
+@contextlib.contextmanager
+def scheduler_on_host(scheduler: object) -> Iterator[None]:
+    """Run a diffusers scheduler's own bookkeeping on real CPU numbers while the samples it steps stay fake.
+
+    A scheduler computes its sigma table with numpy, compares sigmas in Python and indexes them by
+    step: host-side work a fake tensor cannot do (it has no values). Its `set_timesteps`,
+    `scale_model_input` and `step` therefore run with the fake mode suspended, on the real tables it
+    keeps on the CPU; the samples and noise predictions they receive are fake CUDA tensors whatever
+    the mode. Like the scheduler itself, only `timesteps` goes to the requested device.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    def on_host(method):
+        def call(*args, **kwargs):
+            device = kwargs.pop("device", None)
+            with unset_fake_temporarily():
+                result = method(*args, **kwargs)
+            if device is not None:  # a fake tensor has no values: shape and dtype are all the move carries
+                scheduler.timesteps = torch.empty_like(scheduler.timesteps, device=device)
+            return result
+
+        return call
+
+    names = ("set_timesteps", "scale_model_input", "step")
+    for name in names:
+        setattr(scheduler, name, on_host(getattr(scheduler, name)))
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(scheduler, name)

@@ -1,0 +1,149 @@
+"""A first GPU run rehearsed on the CPU: the training step, validation sampling and generation on fake CUDA tensors.
+
+Every module is loaded as a run loads it, then placed on device `cuda` under `FakeTensorMode`
+(`common.fake_cuda`); the code under test runs unchanged, so a tensor it creates on the CPU next to
+a CUDA one raises the device-mismatch error a GPU would. What stays off the device, and why:
+
+* `noise_seed`: accelerate moves it to the GPU too, where `.tolist()` reads it back; a fake tensor has
+  no values to read, so the rehearsal keeps the real seeds on the CPU;
+* the backward pass: torch's autograd engine asks the CUDA driver for its streams before running a
+  fake CUDA graph, so only the forward pass and the loss are rehearsed (backward ops run on the
+  devices of the forward's tensors).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+from torch.utils.data import default_collate
+
+import patchdpo.training
+import train_patchdpo
+from common.fake_cuda import CUDA, cuda_autocast, fake_mode, place, scheduler_on_host
+from dreambench.data import load_conditioning_images
+from dreambench.generation import build_items
+from dreambench.validation import TrainingValidation
+from ip_adapter.batch_generation import SubjectTokens, generate_batch
+from ip_adapter.ip_adapter import IPAdapterPlusXL
+from patch_quality.store import QualityMaps
+from patchdpo.pair_dataset import DecodedPairs, PairDataset, index_pairs
+from patchdpo.training import PairConditioning, TrainingModels, frozen_adapter_copy, load_training_models, training_step
+from stand_ins.sdxl import load_pipeline
+from tests.test_train_patchdpo import train_args
+from tests.test_validation import DREAMBENCH, validation_args
+
+RESOLUTION, LATENT = 32, 16
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def place_on_fake_cuda(models: TrainingModels) -> TrainingModels:
+    """The training models, loaded as a run loads them, placed on fake CUDA (call in the mode)."""
+    encoders = models.encoders
+    for module in (models.model, encoders.vae, encoders.image_encoder, *encoders.text_encoders):
+        place(module, CUDA)
+    return models
+
+
+def loader_batch(models: TrainingModels, tiny_pair_data, size: int = 2) -> dict[str, torch.Tensor]:
+    """A batch of `size` pairs as the run's dataset and loader give it (on the CPU)."""
+    maps = QualityMaps.load(tiny_pair_data.quality_file)
+    pairs = index_pairs(tiny_pair_data.root, maps, 1, LATENT)
+    dataset = PairDataset(pairs, LATENT, 0, DecodedPairs(RESOLUTION, models.encoders.tokenizers), maps)
+    return default_collate([dataset[index, 0] for index in range(size)])
+
+
+def rehearse_training_step(tiny_models, tiny_pair_data, loss: str, dtype: torch.dtype) -> torch.Tensor:
+    models = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", dtype)
+    batch = loader_batch(models, tiny_pair_data)
+    with fake_mode():
+        place_on_fake_cuda(models)
+        batch = {key: value if key == "noise_seed" else value.to(CUDA) for key, value in batch.items()}  # as accelerate moves it
+        reference = frozen_adapter_copy(models.model) if loss == "image_dpo" else None
+        with cuda_autocast(dtype):  # what accelerate's prepared model and accelerator.autocast() run under on a GPU
+            cond = PairConditioning.from_batch(batch, models.encoders)
+            output = training_step(
+                Accelerator(cpu=True),
+                models.model,
+                cond,
+                models.scheduler,
+                loss_mode=loss,
+                resolution=RESOLUTION,
+                noise_offset=0.05,
+                reference_params=reference,
+                dpo_beta=5000.0,
+            )
+    return output.loss
+
+
+@pytest.mark.parametrize("precision", sorted(HALF))
+@pytest.mark.parametrize("loss", ["patch_dpo", "mse", "image_dpo"])
+def test_the_training_step_runs_on_cuda(tiny_models, tiny_pair_data, loss, precision):
+    started = time.perf_counter()
+    result = rehearse_training_step(tiny_models, tiny_pair_data, loss, HALF[precision])
+    assert result.device.type == "cuda" and result.dtype == torch.float32 and result.shape == () and result.requires_grad
+    assert time.perf_counter() - started < 120
+
+
+def test_a_cpu_tensor_made_inside_the_step_fails_the_rehearsal(tiny_models, tiny_pair_data, monkeypatch):
+    """A mask made with `torch.zeros(n)` (no device) next to the CUDA latents: a GPU would refuse it, and so does the rehearsal."""
+    real = patchdpo.training.pair_noise
+
+    def with_a_cpu_mask(*args, **kwargs):
+        noise, timesteps = real(*args, **kwargs)
+        return noise + torch.zeros(noise.shape[-1]), timesteps
+
+    monkeypatch.setattr(patchdpo.training, "pair_noise", with_a_cpu_mask)
+    with pytest.raises(FakeTensorDeviceMismatchError):
+        rehearse_training_step(tiny_models, tiny_pair_data, "patch_dpo", torch.float16)
+
+
+def test_pair_noise_is_drawn_on_the_cpu_and_moved():
+    """Each pair's noise and timestep come from a CPU generator keyed on its seed: the same numbers on any device, no CUDA generator."""
+    seeds = torch.tensor([3, 11])
+    noise, timesteps = patchdpo.training.pair_noise(seeds, torch.Size((4, 8, 8)), 1000, 0.1, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(11)
+    expected = torch.randn((4, 8, 8), generator=generator)
+    expected += 0.1 * torch.randn((4, 1, 1), generator=generator)
+    assert torch.equal(noise[1], expected) and timesteps[1] == torch.randint(0, 1000, (), generator=generator)
+    with fake_mode():
+        on_cuda, steps_on_cuda = patchdpo.training.pair_noise(seeds, torch.Size((4, 8, 8)), 1000, None, CUDA)
+    assert on_cuda.device.type == steps_on_cuda.device.type == "cuda"
+
+
+@pytest.mark.parametrize("precision", sorted(HALF))
+def test_generation_runs_on_cuda(tiny_models, precision):
+    """One DreamBench/pair-construction generation batch (`generate_batch`): image tokens, prompts, denoising, on the device."""
+    dtype = HALF[precision]
+    pipe = load_pipeline(tiny_models.sdxl_dir, dtype)
+    loaded = IPAdapterPlusXL(pipe, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, device="cpu")
+    with fake_mode():
+        for module in (*(c for c in pipe.components.values() if isinstance(c, torch.nn.Module)), loaded.image_encoder):
+            place(module, CUDA)
+        place(loaded.image_proj_model, CUDA)
+        model = IPAdapterPlusXL.around(pipe, loaded.image_encoder, loaded.image_proj_model)
+        tokens = SubjectTokens(model, lambda subject: load_conditioning_images(DREAMBENCH, subject, kosmosg=False))
+        items = build_items({"dog": ["a dog", "a dog on the beach"]}, 0)
+        with scheduler_on_host(pipe.scheduler):
+            latents = generate_batch(model, tokens, items, 2, scale=0.6, height=RESOLUTION, width=RESOLUTION, output_type="latent")
+    assert latents.device.type == "cuda" and latents.shape == (2, 4, LATENT, LATENT)
+
+
+@pytest.mark.parametrize("precision", sorted(HALF))
+def test_validation_sampling_runs_on_cuda(tiny_models, tiny_pair_data, tmp_path, precision):
+    """`TrainingValidation` around the training models: sampling under the run's autocast and the VAE decode outside it."""
+    dtype = HALF[precision]
+    argv = train_args(tiny_models, tiny_pair_data, tmp_path, *validation_args(None, None))
+    args = train_patchdpo.parse_args(argv[: argv.index("--clip_model")])
+    accelerator = Accelerator(cpu=True)
+    accelerator.autocast = lambda: cuda_autocast(dtype)  # what accelerator.autocast() is in a half-precision run on a GPU
+    models = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", dtype)
+    with fake_mode():
+        place_on_fake_cuda(models)
+    validation = TrainingValidation(args, accelerator, args.seed, models)
+    with fake_mode(), scheduler_on_host(validation.model.pipe.scheduler):
+        pixels = validation._pixels()
+    assert pixels.device.type == "cuda" and pixels.dtype == torch.float32 and pixels.shape == (2, 3, RESOLUTION, RESOLUTION)
