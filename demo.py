@@ -223,7 +223,8 @@ def write_textures(folder: Path, count: int) -> Path:
 def run(args: argparse.Namespace) -> RunReport:
     # Imported here: --help must not wait for torch and diffusers.
     from dreambench.report import RunReport, read_scalar
-    from patch_quality import construct, maps, ssl_train, visualize
+    from patch_quality import maps, ssl_train, visualize
+    from training_data import construct
 
     out = args.output_dir
     report = RunReport(title="PatchDPO demo: data -> patch quality -> training -> DreamBench")
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> RunReport:
     references = step("references", lambda: write_reference_list(args, out / "references"))
     script(
         "construct training pairs",
-        "python -m patch_quality.construct",
+        "python -m training_data.construct",
         construct.main,
         [*generator, "--ip_ckpt", str(args.ip_ckpt), "--output_dir", str(data), "--reference_images", str(references)]
         + ["--num_generated", "1", *sizes],

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from patch_quality.features import PatchFeatureExtractor  # noqa: E402
 from patch_quality.maps import MapSettings, foreground_patch_mask, quality_maps  # noqa: E402
-from patchdpo.loss import patch_dpo_loss, patch_weights  # noqa: E402
+from patchdpo.method import patch_dpo_loss, patch_weights  # noqa: E402
 from stand_ins.vit_models import save_tiny_dinov2, save_tiny_vit  # noqa: E402
 
 LATENT = 64

@@ -16,7 +16,7 @@ reference: the official `train_patchdpo.py` step: every step encodes the pixels 
   Resampler runs inside autograd (its weights require grad though the optimizer never sees
   them); the loss is gathered and synchronised every step. Its noise and timesteps are drawn as
   ours draws them (one generator per pair, seeded by the dataset), which costs the same and makes the losses comparable.
-ours: `patchdpo.training` as `train_patchdpo.py --cache_dir` runs it: the frozen encoders' outputs
+ours: `patchdpo.method` as `train_patchdpo.py --cache_dir` runs it: the frozen encoders' outputs
   are read from the feature cache (built once before timing; its build time is reported), the
   UNet's frozen weights are held in the compute dtype, the Resampler runs without autograd.
 ours_no_cache: the same step with the frozen encoders run every step (what non-square
@@ -55,6 +55,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
+from base_models import SDXL  # noqa: E402
+from base_models.unet_family import DDPMObjective  # noqa: E402
 from common.precision import mixed_precision_dtype  # noqa: E402
 from common.sampling import EpochSampler  # noqa: E402
 from ip_adapter.attention_processor import install_ip_adapter  # noqa: E402
@@ -65,8 +67,9 @@ from ip_adapter.resampler import Resampler  # noqa: E402
 from ip_adapter.speed import channels_last_helps, speed_up_unet  # noqa: E402
 from patch_quality.store import QualityMaps  # noqa: E402
 from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key  # noqa: E402
+from patchdpo.method import EncodedPairs, Method, training_step  # noqa: E402
+from patchdpo.models import load_training_models  # noqa: E402
 from patchdpo.pair_dataset import DecodedPairs, PairDataset, index_pairs  # noqa: E402
-from patchdpo.training import PairConditioning, load_training_models, pair_noise, training_step  # noqa: E402
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
 
@@ -113,7 +116,7 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
     text_encoder_2.to(device, dtype=weight_dtype)
     ip_adapter = ReferenceIPAdapter(unet, image_proj_model)  # the UNet keeps fp32 weights
     optimizer = torch.optim.AdamW(adapter_modules.parameters(), lr=3e-5, weight_decay=0.01)
-    dataset = PairDataset(source=DecodedPairs(args.resolution, tokenizers), **dataset_kwargs)
+    dataset = PairDataset(source=DecodedPairs(args.resolution, SDXL(), tokenizers), **dataset_kwargs)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
     ip_adapter, optimizer, loader = accelerator.prepare(ip_adapter, optimizer, loader)
 
@@ -122,7 +125,7 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
             images = torch.cat([batch["reference_pixels"], batch["generated_pixels"]]).to(device, torch.float32)
             latents = (vae.encode(images).latent_dist.mean * vae.config.scaling_factor).to(weight_dtype)
         b = batch["reference_size"].shape[0]
-        noise, timesteps = pair_noise(batch["noise_seed"], latents.shape[1:], scheduler.config.num_train_timesteps, None, device)
+        noise, timesteps = DDPMObjective(scheduler, model_dir).draw(batch["noise_seed"], latents.shape[1:], device, None)
         noise = noise.to(weight_dtype)
         timesteps, noise = timesteps.repeat(2), noise.repeat(2, 1, 1, 1)
         noisy_latents = scheduler.add_noise(latents, noise, timesteps)
@@ -156,13 +159,14 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
         Path(args.models) / "ip-adapter-plus.bin",
         accelerator.device,
         weight_dtype,
+        family=SDXL(official_time_ids=True),  # what the reference loop feeds; the same cost as per-image ids
     )
     encoders, tokenizers, cache, extras = models.encoders, models.encoders.tokenizers, None, {}
     if args.variant == "ours":
         key = cache_key(args.resolution, Path(args.models) / "sdxl", Path(args.models) / "image_encoder", weight_dtype)
         cache_dir = Path(args.work_dir) / "cache"
         shutil.rmtree(cache_dir, ignore_errors=True)  # time a cold build
-        cache = FeatureCache.for_key(cache_dir, key)
+        cache = FeatureCache.for_key(cache_dir, key, models.family.prompt_fields)
         started = time.perf_counter()
         build_feature_cache(cache, dataset_kwargs["pairs"], encoders, args.resolution, show_progress=False)
         extras["cache_build_s"] = time.perf_counter() - started
@@ -170,7 +174,7 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
         models.encoders = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    source = DecodedPairs(args.resolution, tokenizers) if cache is None else CachedPairs(cache, clip_per_step=False)
+    source = DecodedPairs(args.resolution, models.family, tokenizers) if cache is None else CachedPairs(cache, clip_per_step=False)
     dataset = PairDataset(source=source, **dataset_kwargs)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
     model = models.model
@@ -183,16 +187,8 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
 
     def step(batch) -> torch.Tensor:
         counter["step"] += 1
-        cond = PairConditioning.from_batch(batch, encoders)
-        output = training_step(
-            accelerator,
-            prepared,
-            cond,
-            models.scheduler,
-            loss_mode="patch_dpo",
-            resolution=args.resolution,
-            official_time_ids=True,  # what the reference loop feeds; the same cost as per-image ids
-        )
+        cond = EncodedPairs.from_batch(batch, encoders)
+        output = training_step(prepared, cond, Method("patch_dpo", models.objective, args.resolution))
         accelerator.backward(output.loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

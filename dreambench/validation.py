@@ -35,7 +35,6 @@ from PIL import Image, ImageDraw
 
 from common.errors import BadInputError
 from common.flags import scoring_requested
-from common.hub import resolve_folder
 from common.seeds import stable_seed
 from dreambench.benchmark import prompts_for, resolve_subjects
 from dreambench.data import load_conditioning_images, load_reference_images
@@ -43,7 +42,6 @@ from dreambench.generation import build_items
 from ip_adapter.attention_processor import set_ip_adapter_scale
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
 from ip_adapter.ip_adapter import IPAdapterPlusXL
-from ip_adapter.loading import SDXL_COMPONENTS
 
 TILE = 128
 NON_FINITE = "non-finite"  # the label of a tile whose image had a NaN or inf pixel
@@ -105,14 +103,11 @@ TRAINING_SCALE = 1.0  # the IP-Adapter scale training runs at (the processors' d
 def _around_training_models(args: argparse.Namespace, models: Any) -> IPAdapterPlusXL:
     """An IP-Adapter-Plus pipeline made of the training run's own modules; only the scheduler and tokenizer files are read."""
     encoders = models.encoders
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        resolve_folder(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", args.revision, SDXL_COMPONENTS, args.variant),
+    pipe = models.family.pipeline_class().from_pretrained(
+        models.model_dir,
         unet=models.model.unet,
         vae=encoders.vae,
-        text_encoder=encoders.text_encoders[0],
-        text_encoder_2=encoders.text_encoders[1],
-        tokenizer=encoders.tokenizers[0],
-        tokenizer_2=encoders.tokenizers[1],
+        **models.family.text_components(encoders.tokenizers, encoders.text_encoders),
         local_files_only=True,
     )
     pipe.set_progress_bar_config(disable=True)

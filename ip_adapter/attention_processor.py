@@ -1,4 +1,4 @@
-"""Decoupled cross-attention of IP-Adapter, installed into any SDXL UNet.
+"""Decoupled cross-attention of IP-Adapter, installed into any UNet2DConditionModel (SDXL, SD 1.5).
 
 Image tokens ride along with the text tokens: the UNet's `encoder_hidden_states` is
 `cat([text_tokens, image_tokens], dim=1)` and the processor splits off the last `num_tokens`.
@@ -120,8 +120,8 @@ def install_ip_adapter(unet: nn.Module, num_tokens: int = 16) -> nn.ModuleDict:
     `state_dict()` is exactly the public checkpoints' "ip_adapter" section
     (`"1.to_k_ip.weight"`, `"1.to_v_ip.weight"`, `"3.to_k_ip.weight"`, ...).
     """
-    if not hasattr(unet, "attn_processors") or getattr(unet.config, "addition_embed_type", None) != "text_time":
-        raise TypeError(f"expected an SDXL UNet2DConditionModel (addition_embed_type='text_time'), got {type(unet).__name__}")
+    if not hasattr(unet, "attn_processors"):
+        raise TypeError(f"expected a UNet2DConditionModel (SDXL or SD 1.5), got {type(unet).__name__}")
     attention_layers = dict(unet.named_modules())
     processors: dict[str, object] = {}
     for name, processor in unet.attn_processors.items():

@@ -1,17 +1,20 @@
-"""`IPAdapterPlusXL`: an SDXL pipeline conditioned on reference images through IP-Adapter-Plus.
+"""`IPAdapterPlus` (SD 1.5) and `IPAdapterPlusXL` (SDXL): a diffusers pipeline conditioned on
+reference images through IP-Adapter-Plus, named as in the official IP-Adapter code.
 
 The wrapper installs our decoupled cross-attention into the pipeline's UNet and feeds image tokens
 by appending them to the prompt embeddings, so the stock diffusers denoising loop, schedulers and
-guidance run unchanged and one batch may hold rows of different subjects.
+guidance run unchanged and one batch may hold rows of different subjects. The families differ only
+in the pipeline class and what its prompt encoder returns (SDXL adds pooled embeddings).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from torch import nn
 
@@ -39,22 +42,28 @@ def _as_groups(images: ImageInput) -> list[list[Image.Image]]:
     return groups
 
 
-class IPAdapterPlusXL:
-    """SDXL + IP-Adapter-Plus (CLIP ViT-H penultimate features -> Resampler -> image tokens)."""
+class IPAdapterPlus:
+    """A UNet pipeline + IP-Adapter-Plus (CLIP ViT-H penultimate features -> Resampler -> image tokens).
+
+    This class drives SD 1.5 (`StableDiffusionPipeline`); a family whose pipeline encodes prompts
+    differently overrides `pipeline_class` and `_prompt_inputs`.
+    """
+
+    pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionPipeline
 
     def __init__(
         self,
-        pipe: StableDiffusionXLPipeline,
+        pipe: DiffusionPipeline,
         image_encoder_path: str | os.PathLike,
         ip_ckpt: str | os.PathLike | Checkpoint,
         device: torch.device | str | None = None,
         num_tokens: int = 16,
         checkpoint_file: str | os.PathLike | None = None,
     ) -> None:
-        """`ip_ckpt` is a checkpoint file, or its already-loaded sections (to validate it before SDXL loads), read from
+        """`ip_ckpt` is a checkpoint file, or its already-loaded sections (to validate it before the pipeline loads), read from
         `checkpoint_file` (named by every error about them)."""
-        if not isinstance(pipe, StableDiffusionXLPipeline):
-            raise TypeError(f"IPAdapterPlusXL needs a diffusers StableDiffusionXLPipeline, got {type(pipe).__name__}")
+        if not isinstance(pipe, self.pipeline_class):
+            raise TypeError(f"{type(self).__name__} needs a diffusers {self.pipeline_class.__name__}, got {type(pipe).__name__}")
         checkpoint, source = self._read(ip_ckpt, checkpoint_file)
         self.device = torch.device(device) if device is not None else pipe.unet.device
         self.pipe = pipe.to(self.device)
@@ -70,9 +79,7 @@ class IPAdapterPlusXL:
         self.adapter_modules.to(self.device, self.dtype)
 
     @classmethod
-    def around(
-        cls, pipe: StableDiffusionXLPipeline, image_encoder: nn.Module, image_proj_model: nn.Module, num_tokens: int = 16
-    ) -> IPAdapterPlusXL:
+    def around(cls, pipe: DiffusionPipeline, image_encoder: nn.Module, image_proj_model: nn.Module, num_tokens: int = 16) -> IPAdapterPlus:
         """Wrap a pipeline whose UNet already holds the IP-Adapter layers (e.g. the UNet being trained): nothing is loaded or copied."""
         model = cls.__new__(cls)
         model.pipe, model.device, model.num_tokens = pipe, pipe.unet.device, num_tokens
@@ -82,7 +89,7 @@ class IPAdapterPlusXL:
         return model
 
     def load_checkpoint(self, ip_ckpt: str | os.PathLike | Checkpoint, checkpoint_file: str | os.PathLike | None = None) -> None:
-        """Swap in another IP-Adapter(-Plus) checkpoint of the same shapes: the SDXL pipeline and encoder stay loaded."""
+        """Swap in another IP-Adapter(-Plus) checkpoint of the same shapes: the pipeline and encoder stay loaded."""
         checkpoint, source = self._read(ip_ckpt, checkpoint_file)
         load_adapter_state(self.image_proj_model, self.adapter_modules, checkpoint, source)
 
@@ -145,25 +152,32 @@ class IPAdapterPlusXL:
                 f"batch rows disagree: {cond_tokens.shape[0]} image tokens, {uncond_tokens.shape[0]} unconditional "
                 f"tokens, {rows} prompts, {len(negative_prompts)} negative prompts"
             )
-        prompt_embeds, negative_embeds, pooled, negative_pooled = self.pipe.encode_prompt(
+        encoded = self.pipe.encode_prompt(
             list(prompts),
             device=self.device,
             num_images_per_prompt=1,
             do_classifier_free_guidance=True,
             negative_prompt=list(negative_prompts),
         )
+        prompt_embeds, negative_embeds, prompt_kwargs = self._prompt_inputs(encoded)
         set_ip_adapter_scale(self.pipe.unet, scale)
         cond_tokens = cond_tokens.to(self.device, prompt_embeds.dtype)
         uncond_tokens = uncond_tokens.to(self.device, prompt_embeds.dtype)
         return self.pipe(
             prompt_embeds=torch.cat([prompt_embeds, cond_tokens], dim=1),
             negative_prompt_embeds=torch.cat([negative_embeds, uncond_tokens], dim=1),
-            pooled_prompt_embeds=pooled,
-            negative_pooled_prompt_embeds=negative_pooled,
             num_inference_steps=num_inference_steps,
             generator=list(generators) if isinstance(generators, Sequence) else generators,
+            **prompt_kwargs,
             **pipeline_kwargs,
         ).images
+
+    @staticmethod
+    def _prompt_inputs(encoded: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The text tokens of the prompts and negative prompts from `pipe.encode_prompt`'s outputs, and any further
+        pipeline inputs those outputs hold."""
+        prompt_embeds, negative_embeds = encoded
+        return prompt_embeds, negative_embeds, {}
 
     def generate(
         self,
@@ -197,3 +211,14 @@ class IPAdapterPlusXL:
             scale=scale,
             **pipeline_kwargs,
         )
+
+
+class IPAdapterPlusXL(IPAdapterPlus):
+    """SDXL + IP-Adapter-Plus: the prompt encoder also gives pooled embeddings, passed through to the pipeline."""
+
+    pipeline_class = StableDiffusionXLPipeline
+
+    @staticmethod
+    def _prompt_inputs(encoded: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        prompt_embeds, negative_embeds, pooled, negative_pooled = encoded
+        return prompt_embeds, negative_embeds, {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds": negative_pooled}

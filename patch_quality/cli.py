@@ -1,4 +1,4 @@
-"""The command lines of `python -m patch_quality.{construct,maps,visualize,ssl_train}`, built without torch.
+"""The command lines of `python -m patch_quality.{maps,visualize,ssl_train}`, built without torch.
 
 Those modules are library code as well as scripts, so they import torch, accelerate and the models at
 their top. Run as scripts, they parse their flags with these parsers before those imports, so `--help`
@@ -11,44 +11,10 @@ import argparse
 from pathlib import Path
 
 from common.cli import ArgumentParser, str2bool
-from common.flags import DEFAULT_NEGATIVE_PROMPT, add_ddp_timeout_arg, add_generator_args, add_sampling_args, add_speed_args
-from patch_quality.categories import REFERENCE_TEMPLATE
+from common.flags import add_ddp_timeout_arg
 
 TRANSFORMS = ("raw", "minmax", "threshold")
 FINETUNED_NAME = "ssl_backbone.safetensors"
-
-
-def construct_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="python -m patch_quality.construct",
-        description="Build PatchDPO training pairs (references + IP-Adapter-Plus generations).",
-    )
-    add_generator_args(
-        parser,
-        "SDXL pipeline (references and the generator's base): folder or Hugging Face id (e.g. SG161222/RealVisXL_V1.0)",
-        "IP-Adapter-Plus checkpoint to generate with: .bin/.safetensors file or REPO_ID/path/in/repo.bin",
-    )
-    parser.add_argument("--output_dir", type=Path, required=True, help="DATA folder to create or resume")
-    add_speed_args(parser)  # applied to the generator (the UNet with the adapter installed)
-    add_ddp_timeout_arg(parser)
-    parser.add_argument("--num_samples", type=int, default=None, help="number of sample{i}/ folders (required unless --reference_images)")
-    parser.add_argument(
-        "--reference_images",
-        type=Path,
-        default=None,
-        help='JSON list of {"image": path, "category": word}: use these images as the references (one sample each) instead of drawing them',
-    )
-    parser.add_argument("--num_generated", type=int, default=1, help="generated images per reference (K); training uses gen_0 by default")
-    parser.add_argument("--categories", type=Path, default=None, help="text file, one object category per line (default: the shipped list)")
-    parser.add_argument(
-        "--reference_template", default=REFERENCE_TEMPLATE, help="reference prompt; {object} is the category with its article"
-    )
-    parser.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT, help="negative prompt of the reference images")
-    parser.add_argument("--scale", type=float, default=0.78, help="IP-Adapter scale of the generated images (the inference setting)")
-    add_sampling_args(parser)
-    parser.add_argument("--seed", type=int, default=42, help="base seed; every image's seed is sha256-derived from (seed, role, sample, k)")
-    parser.add_argument("--batch_size", type=int, default=4, help="images per denoising batch (does not change the images)")
-    return parser
 
 
 def maps_parser() -> argparse.ArgumentParser:
@@ -56,7 +22,7 @@ def maps_parser() -> argparse.ArgumentParser:
         prog="python -m patch_quality.maps",
         description="Estimate patch-quality maps for DATA/sample*/ and write DATA/patch_quality.safetensors.",
     )
-    parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs (patch_quality.construct layout)")
+    parser.add_argument("--data_root", type=Path, required=True, help="folder of sample{i}/ pairs (training_data.construct layout)")
     parser.add_argument(
         "--backbone",
         type=Path,
@@ -145,7 +111,7 @@ def ssl_train_parser() -> argparse.ArgumentParser:
         help="DINOv2 / DINO (ViT) / CLIP-vision model: folder or Hugging Face id (e.g. facebook/dinov2-base)",
     )
     parser.add_argument(
-        "--train_data", type=Path, required=True, help="folder searched recursively for images (e.g. DATA from patch_quality.construct)"
+        "--train_data", type=Path, required=True, help="folder searched recursively for images (e.g. DATA from training_data.construct)"
     )
     parser.add_argument("--output_dir", type=Path, required=True, help=f"gets {FINETUNED_NAME}, metrics.json, checkpoint-N/, logs/")
     parser.add_argument("--layer", type=int, default=-1, help="hidden_states index whose patch tokens are trained (use the same for maps)")

@@ -1,9 +1,9 @@
 """Precomputed outputs of the frozen encoders (`--cache_dir`), computed once instead of every step.
 
-The VAE, the CLIP image encoder and both text encoders are frozen, so their outputs for a sample
+The VAE, the CLIP image encoder and the text encoders are frozen, so their outputs for a sample
 never change: per sample folder we store the reference latents (posterior mean x scaling
 factor, float32), the latents of each generated image, the CLIP penultimate features of the
-reference and the prompt embeddings (both in the encoders' dtype, as the uncached loop would
+reference and the family's prompt tensors (both in the encoders' dtype, as the uncached loop would
 produce them), plus the original image sizes. `null.safetensors` holds the features of the
 all-zero CLIP input and of the empty prompt, so the per-step CFG dropout still happens with a
 cache.
@@ -39,10 +39,9 @@ from common.errors import BadInputError
 from common.io import atomic_write, sha256_file
 
 from .pair_dataset import CLIP_SIZE, TrainingPair, clip_input, clip_training_pixels, load_training_image
-from .sdxl_conditioning import tokenize_prompts
 
 if TYPE_CHECKING:
-    from .training import FrozenEncoders
+    from .models import FrozenEncoders
 
 CACHE_FORMAT = "patchdpo-feature-cache/1"
 NULL_NAME = "null.safetensors"
@@ -76,13 +75,14 @@ def _sources(pairs: Iterable[TrainingPair]) -> dict[str, str]:
 class FeatureCache:
     """One cache folder (`cache_dir/<key>`): per-sample files plus the null entry."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, prompt_fields: tuple[str, ...]) -> None:
         self.root = Path(root)
+        self.prompt_fields = prompt_fields  # the family's prompt tensors (base_models)
         self._null: dict[str, torch.Tensor] | None = None
 
     @classmethod
-    def for_key(cls, cache_dir: str | os.PathLike, key: str) -> FeatureCache:
-        return cls(Path(cache_dir) / key)
+    def for_key(cls, cache_dir: str | os.PathLike, key: str, prompt_fields: tuple[str, ...]) -> FeatureCache:
+        return cls(Path(cache_dir) / key, prompt_fields)
 
     def sample_path(self, sample: str) -> Path:
         return self.root / f"{sample}.safetensors"
@@ -110,7 +110,7 @@ class FeatureCache:
         tensors = _read(path)
         if f"generated_latents.{k}" not in tensors:
             raise BadInputError(f"feature cache file {path} has no generated image k={k}; rebuild the cache")
-        names = ["reference_latents", "reference_size", "prompt_embeds", "pooled_prompt_embeds"]
+        names = ["reference_latents", "reference_size", *self.prompt_fields]
         entry = {name: tensors[name] for name in names}
         entry.update(generated_latents=tensors[f"generated_latents.{k}"], generated_size=tensors[f"generated_size.{k}"])
         if image_features:
@@ -142,7 +142,7 @@ class FeatureCache:
         return not all(self.has_clip_features(sample) for sample in {pair.sample for pair in pairs})
 
     def __getstate__(self) -> dict:
-        return {"root": self.root, "_null": None}
+        return {"root": self.root, "prompt_fields": self.prompt_fields, "_null": None}
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
@@ -171,8 +171,7 @@ class CachedPairs:
         elif drop_image:
             entry["image_features"] = null["image_features"]
         if drop_text:
-            entry["prompt_embeds"] = null["prompt_embeds"]
-            entry["pooled_prompt_embeds"] = null["pooled_prompt_embeds"]
+            entry.update({name: null[name] for name in self.cache.prompt_fields})
         return entry
 
 
@@ -186,13 +185,8 @@ def _encode_sample(encoders: FrozenEncoders, pairs: list[TrainingPair], resoluti
     images = [load_training_image(reference.reference_path, resolution)]
     images += [load_training_image(pair.generated_path, resolution) for pair in pairs]
     latents = encoders.latents(torch.stack([pixels for pixels, _ in images]))
-    prompt_embeds, pooled = encoders.prompt_embeds(tokenize_prompts(encoders.tokenizers, [reference.prompt]))
-    tensors = {
-        "reference_latents": latents[0],
-        "reference_size": images[0][1],
-        "prompt_embeds": prompt_embeds[0],
-        "pooled_prompt_embeds": pooled[0],
-    }
+    prompt = encoders.encode_text([reference.prompt])
+    tensors = {"reference_latents": latents[0], "reference_size": images[0][1], **{name: value[0] for name, value in prompt.items()}}
     if clip_pixels is not None:
         tensors["image_features"] = encoders.image_features(clip_pixels[None])[0]
     for pair, latent, (_, size) in zip(pairs, latents[1:], images[1:]):
@@ -228,12 +222,8 @@ def build_feature_cache(
         written += 1
     null_path = cache.root / NULL_NAME
     if process_index == 0 and not null_path.is_file():
-        prompt_embeds, pooled = encoders.prompt_embeds(tokenize_prompts(encoders.tokenizers, [""]))
-        null = {
-            "image_features": encoders.image_features(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE))[0],
-            "prompt_embeds": prompt_embeds[0],
-            "pooled_prompt_embeds": pooled[0],
-        }
+        null = {name: value[0] for name, value in encoders.encode_text([""]).items()}
+        null["image_features"] = encoders.image_features(torch.zeros(1, 3, CLIP_SIZE, CLIP_SIZE))[0]
         null = {name: tensor.detach().cpu().contiguous() for name, tensor in null.items()}
         atomic_write(null_path, lambda tmp: save_file(null, str(tmp), metadata={"format": CACHE_FORMAT}))
     return written

@@ -21,6 +21,7 @@ from accelerate.utils import ProjectConfiguration, release_memory, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from base_models import family_of
 from common.checkpoints import (
     checkpoint_dirs,
     checkpoint_step,
@@ -41,26 +42,23 @@ from common.sampling import EpochSampler
 from common.stop_signals import STOPPED_EXIT_CODE, StopSignals, ignore_stop_signals_in_worker
 from common.trackers import check_report_to, logs_description
 from common.training_state import CheckedState, Resumable, load_training_state, save_training_state
-from ip_adapter.loading import vae_scale_factor
 from ip_adapter.speed import apply_speed_args
 from patch_quality.store import QualityMaps
 from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key
-from patchdpo.loss import LossOutput
-from patchdpo.optimization import StepPlan, adamw, check_8bit_adam, lr_scheduler, require_one_step
-from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, PairSource, index_pairs
-from patchdpo.run_settings import apply_changed_settings, check_resume_settings, run_settings
-from patchdpo.step_guard import StepGuard
-from patchdpo.step_metrics import StepMeter
-from patchdpo.training import (
+from patchdpo.method import EncodedPairs, LossOutput, Method, training_step
+from patchdpo.models import (
     FrozenEncoders,
-    PairConditioning,
     TrainingModels,
     adapter_weights,
     frozen_adapter_copy,
     load_training_models,
     save_adapter_checkpoint,
-    training_step,
 )
+from patchdpo.optimization import StepPlan, adamw, check_8bit_adam, lr_scheduler, require_one_step
+from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, PairSource, index_pairs
+from patchdpo.run_settings import apply_changed_settings, check_resume_settings, run_settings
+from patchdpo.step_guard import StepGuard
+from patchdpo.step_metrics import StepMeter
 from patchdpo.validate_inputs import check_inputs_on_every_process, check_training_args
 
 logger = get_logger(__name__)
@@ -121,7 +119,7 @@ class TrainingRun:
     resumable: Resumable  # what a training state saves and restores (common.training_state)
     loader: DataLoader
     plan: StepPlan
-    reference_params: dict[str, torch.Tensor] | None
+    method: Method
     encoders: FrozenEncoders  # the frozen encoders the step still runs (with --cache_dir: at most the image encoder)
     guard: StepGuard
     settings: dict  # recorded with every training state and compared on resume (patchdpo.run_settings)
@@ -173,6 +171,7 @@ def set_up(
     if args.use_8bit_adam:
         check_8bit_adam(accelerator.device)
     weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
+    family = family_of(args.pretrained_model_name_or_path, revision=args.revision, official_time_ids=args.official_time_ids)
     models = load_training_models(
         args.pretrained_model_name_or_path,
         args.image_encoder_path,
@@ -182,8 +181,9 @@ def set_up(
         revision=args.revision,
         variant=args.variant,
         unet_dtype=torch.float32 if args.fp32_unet else weight_dtype,
+        family=family,
     )
-    factor = vae_scale_factor(models.encoders.vae.config)
+    factor = family.latent_scale(models.encoders.vae.config)
     if args.resolution % factor:
         raise BadInputError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
     latent_size = args.resolution // factor
@@ -214,13 +214,15 @@ def set_up(
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     apply_speed_args(args, model.unet, accelerator.print)
-    reference_params = frozen_adapter_copy(model) if args.loss == "image_dpo" else None
+    reference_params = frozen_adapter_copy(model) if args.loss == "image_dpo" else None  # taken before prepare, as loaded
     optimizer = adamw(model.adapter_modules.parameters(), args.learning_rate, args.weight_decay, args.fused_adamw, args.use_8bit_adam)
     prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = StepPlan.create(len(loader), accelerator.gradient_accumulation_steps, args.stop_step, args.num_train_epochs)
     check_steps_left(args, plan, resume)
     announce_plan(args, accelerator, plan, len(pairs), resume.step if resume else 0)
     scheduler = lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, plan.total_steps)
+    reference_forward = frozen_forward(accelerator, prepared_model, reference_params) if reference_params is not None else None
+    method = Method(args.loss, models.objective, args.resolution, args.noise_offset, args.dpo_beta, reference_forward)
     settings = run_settings(args, pairs, pairs_per_step(args, accelerator), accelerator.mixed_precision, plan.total_steps, maps_sha256)
     run = TrainingRun(
         args,
@@ -232,7 +234,7 @@ def set_up(
         Resumable(adapter_weights(model), optimizer, scheduler, accelerator.scaler),
         loader,
         plan,
-        reference_params,
+        method,
         step_encoders,
         StepGuard(accelerator, pairs),
         settings,
@@ -247,6 +249,16 @@ def set_up(
         remove_earlier_run(args.output_dir, [tracker_logs(args)])
     accelerator.wait_for_everyone()
     return run
+
+
+def frozen_forward(accelerator: Accelerator, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> Callable[[tuple], torch.Tensor]:
+    """The training model's forward with the frozen initial adapter `params`: image_dpo's reference policy."""
+
+    def forward(inputs: tuple) -> torch.Tensor:
+        with accelerator.autocast():
+            return torch.func.functional_call(accelerator.unwrap_model(model), params, inputs)
+
+    return forward
 
 
 def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: StepPlan, num_pairs: int, resumed_after: int = 0) -> None:
@@ -276,9 +288,9 @@ def pair_source(
     """What items carry and which encoders the step runs: pixels for all of them, or (`--cache_dir`) their outputs,
     built once and shared, with per-step CLIP pixels where a non-square reference's crop is random."""
     if args.cache_dir is None:
-        return DecodedPairs(args.resolution, models.encoders.tokenizers), models.encoders
+        return DecodedPairs(args.resolution, models.family, models.encoders.tokenizers), models.encoders
     key = cache_key(args.resolution, args.pretrained_model_name_or_path, args.image_encoder_path, weight_dtype)
-    cache = FeatureCache.for_key(args.cache_dir, key)
+    cache = FeatureCache.for_key(args.cache_dir, key, models.family.prompt_fields)
     build_feature_cache(
         cache,
         pairs,
@@ -403,19 +415,7 @@ def micro_step(run: TrainingRun, batch: dict[str, torch.Tensor], signals: StopSi
     """Forward and backward on one micro-batch; on the last of an optimizer step also agree, clip and step."""
     accelerator, args = run.accelerator, run.args
     with accelerator.accumulate(run.prepared_model):
-        cond = PairConditioning.from_batch(batch, run.encoders)
-        output = training_step(
-            accelerator,
-            run.prepared_model,
-            cond,
-            run.models.scheduler,
-            loss_mode=args.loss,
-            resolution=args.resolution,
-            official_time_ids=args.official_time_ids,
-            noise_offset=args.noise_offset,
-            reference_params=run.reference_params,
-            dpo_beta=args.dpo_beta,
-        )
+        output = training_step(run.prepared_model, EncodedPairs.from_batch(batch, run.encoders), run.method)
         accelerator.backward(output.loss)
         run.guard.watch(output.loss, batch)
         if accelerator.sync_gradients:

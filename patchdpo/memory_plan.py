@@ -78,7 +78,7 @@ def read_config(model: str, sub: str, flag: str) -> dict[str, Any]:
         raise BadInputError(f"{flag} {model}: cannot read {sub} ({type(error).__name__})") from None
 
 
-def cast(module: Any, dtype: Any, skip: set[int] = frozenset()) -> None:
+def cast_floating_tensors(module: Any, dtype: Any, skip: set[int] = frozenset()) -> None:
     """`module.to(dtype)` for floating tensors, by replacing them (nn.Module.to cannot swap fake tensors in place)."""
     import torch
 
@@ -100,24 +100,18 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
     import contextlib
 
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    from base_models import family_of
     from common.live_memory import LiveStorageCounter
-    from ip_adapter.attention_processor import install_ip_adapter
     from ip_adapter.resampler import Resampler
-    from patchdpo.loss import patch_dpo_loss
-    from patchdpo.training import FRESH_RESAMPLER_CONFIG, IPAdapterTrainingModel
+    from patchdpo.method import patch_dpo_loss
+    from patchdpo.models import IPAdapterTrainingModel
 
     weight_dtype = getattr(torch, PRECISIONS[settings.mixed_precision])
-    unet_config = read_config(model, "unet/config.json", "--pretrained_model_name_or_path")
-    vae_config = read_config(model, "vae/config.json", "--pretrained_model_name_or_path")
-    text_configs = [
-        read_config(model, f"{sub}/config.json", "--pretrained_model_name_or_path") for sub in ("text_encoder", "text_encoder_2")
-    ]
+    family = family_of(model)
     vision_config = read_config(image_encoder, "config.json", "--image_encoder_path")
-    batch, latent = settings.train_batch_size, settings.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
 
     def nbytes(module: torch.nn.Module, only=None) -> int:
         return sum(p.numel() * p.element_size() for p in module.parameters() if only is None or only(p))
@@ -129,25 +123,24 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
         return counter.peak
 
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-        unet = UNet2DConditionModel.from_config(unet_config)
-        vae = AutoencoderKL.from_config(vae_config)
-        text_encoders = [CLIPTextModel(CLIPTextConfig(**text_configs[0])), CLIPTextModelWithProjection(CLIPTextConfig(**text_configs[1]))]
+        unet, vae, text_encoders = family.plan_models(lambda sub: read_config(model, sub, "--pretrained_model_name_or_path"))
+        batch, latent = settings.train_batch_size, settings.resolution // family.latent_scale(vae.config)
         image_encoder_model = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config))
         resampler = Resampler(
-            **FRESH_RESAMPLER_CONFIG, embedding_dim=vision_config["hidden_size"], output_dim=unet.config.cross_attention_dim
+            **family.fresh_resampler, embedding_dim=vision_config["hidden_size"], output_dim=unet.config.cross_attention_dim
         )
-        adapter = install_ip_adapter(unet, num_tokens=resampler.num_queries)
+        adapter = family.install_adapter(unet, resampler.num_queries)
         for module in (unet, vae, *text_encoders, image_encoder_model, resampler):
             module.requires_grad_(False)
-        # placed as patchdpo.training.load_training_models places them
+        # placed as patchdpo.models.load_training_models places them
         adapter_params = {id(p) for p in adapter.parameters()}
-        cast(unet, torch.float32 if settings.fp32_unet else weight_dtype, skip=adapter_params)
+        cast_floating_tensors(unet, torch.float32 if settings.fp32_unet else weight_dtype, skip=adapter_params)
         adapter.requires_grad_(True)
         for module in (resampler, *text_encoders, image_encoder_model):
-            cast(module, weight_dtype)
+            cast_floating_tensors(module, weight_dtype)
         if settings.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        training_model = IPAdapterTrainingModel(unet, resampler, weight_dtype, image_proj_state={})
+        training_model = IPAdapterTrainingModel(family, unet, resampler, weight_dtype, image_proj_state={})
         adapter_bytes = nbytes(adapter)
         components = {
             "frozen UNet weights": nbytes(unet, lambda p: not p.requires_grad),
@@ -162,7 +155,6 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
             else sum(map(nbytes, (vae, *text_encoders, image_encoder_model))),
         }
         autocast = torch.autocast("cpu", dtype=weight_dtype, enabled=settings.mixed_precision != "no")
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
         tokens = (vision_config["image_size"] // vision_config["patch_size"]) ** 2 + 1
 
         def step() -> None:
@@ -171,8 +163,7 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
                 torch.randint(0, 1000, (2 * batch,)),
                 torch.randn(batch, tokens, vision_config["hidden_size"], dtype=weight_dtype),
                 torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=weight_dtype),
-                torch.randn(batch, pooled, dtype=weight_dtype),
-                torch.randn(2 * batch, 6),
+                family.example_added_conditioning(unet, 2 * batch, weight_dtype),
             )
             maps = torch.rand(batch, latent, latent)
             with autocast:
@@ -193,10 +184,7 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
                     torch.randn(2, unet.config.in_channels, size // 8, size // 8, dtype=weight_dtype),
                     torch.tensor([999, 999]),
                     torch.randn(2, 77 + resampler.num_queries, unet.config.cross_attention_dim, dtype=weight_dtype),
-                    added_cond_kwargs={
-                        "text_embeds": torch.randn(2, pooled, dtype=weight_dtype),
-                        "time_ids": torch.randn(2, 6, dtype=weight_dtype),
-                    },
+                    added_cond_kwargs=family.example_added_conditioning(unet, 2, weight_dtype),
                 )
                 vae.decode(torch.randn(1, vae.config.latent_channels, size // 8, size // 8))
 

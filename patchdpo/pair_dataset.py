@@ -18,15 +18,13 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset
-from transformers import CLIPTokenizer
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from base_models import BaseModelFamily
 from common.errors import BadInputError
 from common.seeds import stable_seed
 from patch_quality.layout import list_samples, sample_files
 from patch_quality.store import QualityMaps
-
-from .sdxl_conditioning import tokenize_prompts
 
 CLIP_SIZE = 224
 
@@ -148,21 +146,21 @@ class DecodedPairs:
     """Pixels and token ids, for the frozen encoders to run on each step."""
 
     resolution: int
-    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]
+    family: BaseModelFamily
+    tokenizers: tuple
 
     def __call__(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
         reference_pixels, reference_size = load_training_image(pair.reference_path, self.resolution)
         generated_pixels, generated_size = load_training_image(pair.generated_path, self.resolution)
         clip_pixels = clip_input(pair, drop_image, generator)
-        input_ids, input_ids_2 = tokenize_prompts(self.tokenizers, ["" if drop_text else pair.prompt])
+        token_ids = self.family.tokenize(self.tokenizers, ["" if drop_text else pair.prompt])
         return {
             "reference_pixels": reference_pixels,
             "generated_pixels": generated_pixels,
             "reference_size": reference_size,
             "generated_size": generated_size,
             "clip_pixels": clip_pixels,
-            "input_ids": input_ids[0],
-            "input_ids_2": input_ids_2[0],
+            **{name: ids[0] for name, ids in token_ids.items()},
         }
 
 

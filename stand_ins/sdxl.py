@@ -5,35 +5,33 @@ demo and the speed benchmarks build models from configs and run every script thr
 `from_pretrained` / checkpoint-file paths a user takes with the real weights. Three shapes:
 `TINY` (~2M-parameter UNet with SDXL's structure, for tests), `MID` (a CPU benchmark proxy) and
 `FULL` (the published SDXL / CLIP ViT-H / IP-Adapter-Plus configs, for GPU benchmarks). The
-tokenizers are the real CLIP BPE shipped with openai-clip.
+tokenizers are the real CLIP BPE shipped with openai-clip. The parts SD 1.5 shares live in
+`stand_ins.components`.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import clip
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig
+
+from stand_ins.components import (
+    FULL_VIT_H,
+    SD_NOISE_SCHEDULE,
+    TINY_VIT_H,
+    build_clip_tokenizer,
+    build_image_encoder,
+    save_configs,
+    save_ip_checkpoint,
+    text_config,
+    vae_config,
+    vision_config,
 )
-
-from ip_adapter.attention_processor import install_ip_adapter
-from ip_adapter.checkpoint import save_ip_adapter
-from ip_adapter.resampler import Resampler
-
-NUM_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -69,99 +67,37 @@ def _unet(channels, heads, layers, cross_dim, time_dim, pooled_dim, groups=32, *
     )
 
 
-def _vae(channels, **extra) -> dict[str, Any]:
-    return dict(
-        block_out_channels=channels,
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels),
-        **extra,
-    )
-
-
-def _text(hidden, layers, heads, act="gelu") -> dict[str, Any]:
-    return dict(
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden if hidden > 32 else 37,
-        num_attention_heads=heads,
-        num_hidden_layers=layers,
-        projection_dim=hidden,
-        max_position_embeddings=77,
-        hidden_act=act,
-    )
-
-
-def _vision(hidden, layers, heads, patch, projection) -> dict[str, Any]:
-    return dict(
-        hidden_size=hidden,
-        intermediate_size=4 * hidden if hidden > 32 else 37,
-        num_attention_heads=heads,
-        num_hidden_layers=layers,
-        image_size=224,
-        patch_size=patch,
-        projection_dim=projection,
-    )
-
-
 TINY = ModelShape(
     unet=_unet((32, 64), (2, 4), (1, 2), cross_dim=64, time_dim=8, pooled_dim=32, groups=1, sample_size=32),
-    vae=_vae((32, 64), sample_size=128),
-    text_encoder=_text(32, 3, 4),
-    text_encoder_2=_text(32, 3, 4),
-    image_encoder=_vision(32, 3, 4, patch=32, projection=32),
+    vae=vae_config((32, 64), sample_size=128),
+    text_encoder=text_config(32, 3, 4),
+    text_encoder_2=text_config(32, 3, 4),
+    image_encoder=TINY_VIT_H,
     # Depth 4, ff_mult 4 and 64-wide heads as the public file, so diffusers' converter accepts it.
     resampler=dict(dim=64, depth=4, heads=1),
 )
 MID = ModelShape(
     unet=_unet((64, 128, 256), (1, 2, 4), (1, 1, 2), cross_dim=256, time_dim=32, pooled_dim=128, sample_size=32),
-    vae=_vae((32, 64, 64, 64), sample_size=256),
-    text_encoder=_text(128, 4, 2, act="quick_gelu"),
-    text_encoder_2=_text(128, 4, 2),
-    image_encoder=_vision(256, 6, 4, patch=14, projection=256),
+    vae=vae_config((32, 64, 64, 64), sample_size=256),
+    text_encoder=text_config(128, 4, 2, act="quick_gelu"),
+    text_encoder_2=text_config(128, 4, 2),
+    image_encoder=vision_config(256, 6, 4, patch=14, projection=256),
     resampler=dict(dim=256, depth=4, heads=4),
 )
 FULL = ModelShape(
     unet=_unet((320, 640, 1280), (5, 10, 20), (1, 2, 10), cross_dim=2048, time_dim=256, pooled_dim=1280, sample_size=128),
-    vae=_vae((128, 256, 512, 512), sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-    text_encoder=_text(768, 12, 12, act="quick_gelu"),
-    text_encoder_2=_text(1280, 32, 20),
-    image_encoder=_vision(1280, 32, 16, patch=14, projection=1024),
+    vae=vae_config((128, 256, 512, 512), sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+    text_encoder=text_config(768, 12, 12, act="quick_gelu"),
+    text_encoder_2=text_config(1280, 32, 20),
+    image_encoder=FULL_VIT_H,
     resampler=dict(dim=1280, depth=4, heads=20),
 )
 SHAPES = {"tiny": TINY, "mid": MID, "full": FULL}
 
 
-def build_clip_tokenizer(pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
-    """A real CLIP BPE tokenizer from the vocabulary openai-clip ships (no download).
-
-    `vocab`/`merges` are passed as Python objects: building it from file paths can silently
-    produce a 3-token vocabulary with current transformers.
-    """
-    bpe_path = Path(clip.__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(line.split()) for line in lines]
-    byte_symbols = list(clip.simple_tokenizer.bytes_to_unicode().values())
-    tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols] + ["".join(pair) for pair in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: index for index, token in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad_token, model_max_length=77)
-
-
 def build_sdxl_pipeline(shape: ModelShape = TINY, seed: int = 0) -> StableDiffusionXLPipeline:
     torch.manual_seed(seed)
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    scheduler = EulerDiscreteScheduler(**SD_NOISE_SCHEDULE, timestep_spacing="leading")
     return StableDiffusionXLPipeline(
         vae=AutoencoderKL(**shape.vae),
         text_encoder=CLIPTextModel(CLIPTextConfig(**shape.text_encoder)),
@@ -171,33 +107,6 @@ def build_sdxl_pipeline(shape: ModelShape = TINY, seed: int = 0) -> StableDiffus
         unet=UNet2DConditionModel(**shape.unet),
         scheduler=scheduler,
     )
-
-
-def build_image_encoder(shape: ModelShape = TINY, seed: int = 1) -> CLIPVisionModelWithProjection:
-    torch.manual_seed(seed)
-    return CLIPVisionModelWithProjection(CLIPVisionConfig(**shape.image_encoder)).eval()
-
-
-def build_resampler(shape: ModelShape = TINY, seed: int = 2) -> Resampler:
-    torch.manual_seed(seed)
-    return Resampler(
-        dim_head=64,
-        num_queries=NUM_TOKENS,
-        embedding_dim=shape.image_encoder["hidden_size"],
-        output_dim=shape.unet["cross_attention_dim"],
-        ff_mult=4,
-        **shape.resampler,
-    )
-
-
-def save_ip_checkpoint(path: str | os.PathLike, unet: UNet2DConditionModel, shape: ModelShape = TINY, seed: int = 3) -> Path:
-    """An IP-Adapter-Plus checkpoint in the public layout whose image branch is far from identity."""
-    adapter_modules = install_ip_adapter(unet, num_tokens=NUM_TOKENS)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in adapter_modules.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return save_ip_adapter(path, build_resampler(shape), adapter_modules, dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -218,18 +127,17 @@ def save_sdxl_models(root: str | os.PathLike, shape: ModelShape = TINY) -> Model
 
 
 def save_model_configs(root: str | os.PathLike, shape: ModelShape = FULL) -> ModelPaths:
-    """Only the config.json files of an SDXL folder and an image-encoder folder (what `patchdpo.memory_plan` reads)."""
+    """Only the model_index.json and config.json files of an SDXL folder and an image-encoder folder (what `patchdpo.memory_plan` reads)."""
     root = Path(root)
     configs = {
+        root / "sdxl" / "model_index.json": {"_class_name": StableDiffusionXLPipeline.__name__},
         root / "sdxl" / "unet": {"_class_name": "UNet2DConditionModel", **shape.unet},
         root / "sdxl" / "vae": {"_class_name": "AutoencoderKL", **shape.vae},
         root / "sdxl" / "text_encoder": CLIPTextConfig(**shape.text_encoder).to_dict(),
         root / "sdxl" / "text_encoder_2": CLIPTextConfig(**shape.text_encoder_2).to_dict(),
         root / "image_encoder": CLIPVisionConfig(**shape.image_encoder).to_dict(),
     }
-    for folder, config in configs.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(config, indent=2, default=list))
+    save_configs(configs)
     return ModelPaths(sdxl_dir=root / "sdxl", image_encoder_dir=root / "image_encoder", ip_ckpt=root / "no-checkpoint")
 
 

@@ -11,6 +11,7 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
 from tests.kit.metric_models import *  # noqa: E402,F401,F403
 from tests.kit.pairs import *  # noqa: E402,F401,F403
+from tests.kit.sd15 import *  # noqa: E402,F401,F403
 from tests.kit.sdxl import *  # noqa: E402,F401,F403
 from tests.kit.vit_models import *  # noqa: E402,F401,F403
 

@@ -42,7 +42,7 @@ FAST = [
     "generate.py",
     "demo.py",
     "patch_quality.convert_pkl",
-    "patch_quality.construct",
+    "training_data.construct",
     "patch_quality.maps",
     "patch_quality.visualize",
     "patch_quality.ssl_train",

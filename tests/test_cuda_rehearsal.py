@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 from torch.utils.data import default_collate
 
-import patchdpo.training
+import base_models.unet_family
 import train_patchdpo
 from common.fake_cuda import CUDA, cuda_autocast, fake_mode, place, scheduler_on_host
 from dreambench.data import load_conditioning_images
@@ -30,13 +30,17 @@ from dreambench.validation import TrainingValidation
 from ip_adapter.batch_generation import SubjectTokens, generate_batch
 from ip_adapter.ip_adapter import IPAdapterPlusXL
 from patch_quality.store import QualityMaps
+from patchdpo.loop import frozen_forward
+from patchdpo.method import EncodedPairs, Method, training_step
+from patchdpo.models import TrainingModels, frozen_adapter_copy, load_training_models
 from patchdpo.pair_dataset import DecodedPairs, PairDataset, index_pairs
-from patchdpo.training import PairConditioning, TrainingModels, frozen_adapter_copy, load_training_models, training_step
 from stand_ins.sdxl import load_pipeline
 from tests.test_train_patchdpo import train_args
 from tests.test_validation import DREAMBENCH, validation_args
 
-RESOLUTION, LATENT = 32, 16
+LATENT = 16  # the tiny pair data's quality maps
+#: Every family the trainer supports: its tiny stand-in fixture, its folder, and the resolution whose latents are 16 x 16.
+FAMILIES = {"sdxl": ("tiny_models", "sdxl_dir", 32), "sd15": ("tiny_sd15_models", "sd15_dir", 64)}
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -48,69 +52,65 @@ def place_on_fake_cuda(models: TrainingModels) -> TrainingModels:
     return models
 
 
-def loader_batch(models: TrainingModels, tiny_pair_data, size: int = 2) -> dict[str, torch.Tensor]:
+def loader_batch(models: TrainingModels, tiny_pair_data, resolution: int, size: int = 2) -> dict[str, torch.Tensor]:
     """A batch of `size` pairs as the run's dataset and loader give it (on the CPU)."""
     maps = QualityMaps.load(tiny_pair_data.quality_file)
     pairs = index_pairs(tiny_pair_data.root, maps, 1, LATENT)
-    dataset = PairDataset(pairs, LATENT, 0, DecodedPairs(RESOLUTION, models.encoders.tokenizers), maps)
+    dataset = PairDataset(pairs, LATENT, 0, DecodedPairs(resolution, models.family, models.encoders.tokenizers), maps)
     return default_collate([dataset[index, 0] for index in range(size)])
 
 
-def rehearse_training_step(tiny_models, tiny_pair_data, loss: str, dtype: torch.dtype) -> torch.Tensor:
-    models = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", dtype)
-    batch = loader_batch(models, tiny_pair_data)
+def rehearse_training_step(request, family: str, tiny_pair_data, loss: str, dtype: torch.dtype) -> torch.Tensor:
+    """One training step of `family` in a `dtype` run, on fake CUDA; returns the loss."""
+    fixture, folder, resolution = FAMILIES[family]
+    paths = request.getfixturevalue(fixture)
+    models = load_training_models(getattr(paths, folder), paths.image_encoder_dir, paths.ip_ckpt, "cpu", dtype)
+    batch = loader_batch(models, tiny_pair_data, resolution)
     with fake_mode():
         place_on_fake_cuda(models)
         batch = {key: value if key == "noise_seed" else value.to(CUDA) for key, value in batch.items()}  # as accelerate moves it
-        reference = frozen_adapter_copy(models.model) if loss == "image_dpo" else None
+        reference = frozen_forward(Accelerator(cpu=True), models.model, frozen_adapter_copy(models.model)) if loss == "image_dpo" else None
+        method = Method(loss, models.objective, resolution, noise_offset=0.05, dpo_beta=5000.0, reference_forward=reference)
         with cuda_autocast(dtype):  # what accelerate's prepared model and accelerator.autocast() run under on a GPU
-            cond = PairConditioning.from_batch(batch, models.encoders)
-            output = training_step(
-                Accelerator(cpu=True),
-                models.model,
-                cond,
-                models.scheduler,
-                loss_mode=loss,
-                resolution=RESOLUTION,
-                noise_offset=0.05,
-                reference_params=reference,
-                dpo_beta=5000.0,
-            )
+            output = training_step(models.model, EncodedPairs.from_batch(batch, models.encoders), method)
     return output.loss
 
 
 @pytest.mark.parametrize("precision", sorted(HALF))
 @pytest.mark.parametrize("loss", ["patch_dpo", "mse", "image_dpo"])
-def test_the_training_step_runs_on_cuda(tiny_models, tiny_pair_data, loss, precision):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_training_step_runs_on_cuda(request, tiny_pair_data, family, loss, precision):
     started = time.perf_counter()
-    result = rehearse_training_step(tiny_models, tiny_pair_data, loss, HALF[precision])
+    result = rehearse_training_step(request, family, tiny_pair_data, loss, HALF[precision])
     assert result.device.type == "cuda" and result.dtype == torch.float32 and result.shape == () and result.requires_grad
     assert time.perf_counter() - started < 120
 
 
-def test_a_cpu_tensor_made_inside_the_step_fails_the_rehearsal(tiny_models, tiny_pair_data, monkeypatch):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_cpu_tensor_made_inside_the_step_fails_the_rehearsal(request, tiny_pair_data, family, monkeypatch):
     """A mask made with `torch.zeros(n)` (no device) next to the CUDA latents: a GPU would refuse it, and so does the rehearsal."""
-    real = patchdpo.training.pair_noise
+    real = base_models.unet_family.DDPMObjective.noisy
 
-    def with_a_cpu_mask(*args, **kwargs):
-        noise, timesteps = real(*args, **kwargs)
-        return noise + torch.zeros(noise.shape[-1]), timesteps
+    def with_a_cpu_mask(self, latents, noise, timesteps):
+        return real(self, latents, noise, timesteps) + torch.zeros(latents.shape[-1])
 
-    monkeypatch.setattr(patchdpo.training, "pair_noise", with_a_cpu_mask)
+    monkeypatch.setattr(base_models.unet_family.DDPMObjective, "noisy", with_a_cpu_mask)
     with pytest.raises(FakeTensorDeviceMismatchError):
-        rehearse_training_step(tiny_models, tiny_pair_data, "patch_dpo", torch.float16)
+        rehearse_training_step(request, family, tiny_pair_data, "patch_dpo", torch.float16)
 
 
-def test_pair_noise_is_drawn_on_the_cpu_and_moved():
+def test_pair_noise_is_drawn_on_the_cpu_and_moved(tiny_models):
     """Each pair's noise and timestep come from a CPU generator keyed on its seed: the same numbers on any device, no CUDA generator."""
-    seeds = torch.tensor([3, 11])
-    noise, timesteps = patchdpo.training.pair_noise(seeds, torch.Size((4, 8, 8)), 1000, 0.1, torch.device("cpu"))
+    objective = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, None, "cpu", torch.float32).objective
+    seeds, shape = torch.tensor([3, 11]), torch.Size((4, 8, 8))
+    noise, timesteps = objective.draw(seeds, shape, torch.device("cpu"), 0.1)
     generator = torch.Generator().manual_seed(11)
-    expected = torch.randn((4, 8, 8), generator=generator)
+    expected = torch.randn(shape, generator=generator)
     expected += 0.1 * torch.randn((4, 1, 1), generator=generator)
-    assert torch.equal(noise[1], expected) and timesteps[1] == torch.randint(0, 1000, (), generator=generator)
+    steps = objective.scheduler.config.num_train_timesteps
+    assert torch.equal(noise[1], expected) and timesteps[1] == torch.randint(0, steps, (), generator=generator)
     with fake_mode():
-        on_cuda, steps_on_cuda = patchdpo.training.pair_noise(seeds, torch.Size((4, 8, 8)), 1000, None, CUDA)
+        on_cuda, steps_on_cuda = objective.draw(seeds, shape, CUDA, None)
     assert on_cuda.device.type == steps_on_cuda.device.type == "cuda"
 
 
@@ -128,8 +128,8 @@ def test_generation_runs_on_cuda(tiny_models, precision):
         tokens = SubjectTokens(model, lambda subject: load_conditioning_images(DREAMBENCH, subject, kosmosg=False))
         items = build_items({"dog": ["a dog", "a dog on the beach"]}, 0)
         with scheduler_on_host(pipe.scheduler):
-            latents = generate_batch(model, tokens, items, 2, scale=0.6, height=RESOLUTION, width=RESOLUTION, output_type="latent")
-    assert latents.device.type == "cuda" and latents.shape == (2, 4, LATENT, LATENT)
+            latents = generate_batch(model, tokens, items, 2, scale=0.6, height=32, width=32, output_type="latent")
+    assert latents.device.type == "cuda" and latents.shape == (2, 4, 16, 16)
 
 
 @pytest.mark.parametrize("precision", sorted(HALF))
@@ -146,4 +146,4 @@ def test_validation_sampling_runs_on_cuda(tiny_models, tiny_pair_data, tmp_path,
     validation = TrainingValidation(args, accelerator, args.seed, models)
     with fake_mode(), scheduler_on_host(validation.model.pipe.scheduler):
         pixels = validation._pixels()
-    assert pixels.device.type == "cuda" and pixels.dtype == torch.float32 and pixels.shape == (2, 3, RESOLUTION, RESOLUTION)
+    assert pixels.device.type == "cuda" and pixels.dtype == torch.float32 and pixels.shape == (2, 3, 32, 32)

@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", ROOT / "patch_quality" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [
+    ROOT / "README.md",
+    ROOT / "ARCHITECTURE.md",
+    ROOT / "patch_quality" / "README.md",
+    ROOT / "training_data" / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+]
 SCRIPTS = ("train_patchdpo.py", "inference_dreambooth.py", "evaluate_dreambooth.py", "generate.py", "demo.py")
 LAUNCHER_FLAGS = {"-m"}  # accelerate / torchrun flags come before the script and are not checked
 
@@ -36,7 +42,7 @@ def script_call(command: str) -> tuple[str, list[str]] | None:
     for index, word in enumerate(words):
         if word in SCRIPTS:
             return word, [w.split("=")[0] for w in words[index + 1 :] if w.startswith("--")]
-        if word == "-m" and index + 1 < len(words) and words[index + 1].startswith(("patch_quality.", "patchdpo.")):
+        if word == "-m" and index + 1 < len(words) and words[index + 1].startswith(("patch_quality.", "training_data.", "patchdpo.")):
             return words[index + 1], [w.split("=")[0] for w in words[index + 2 :] if w.startswith("--")]
     return None
 
@@ -53,7 +59,7 @@ CALLS = [(page.name, command, call) for page in PAGES for command in command_lin
 
 
 def test_the_pages_show_commands_of_every_script():
-    assert {call[0] for _, _, call in CALLS} >= {*SCRIPTS[:4], "patch_quality.construct", "patch_quality.maps"}
+    assert {call[0] for _, _, call in CALLS} >= {*SCRIPTS[:4], "training_data.construct", "patch_quality.maps"}
 
 
 @pytest.mark.parametrize("page, command, call", CALLS, ids=[f"{page}:{call[0]}:{i}" for i, (page, _, call) in enumerate(CALLS)])

@@ -36,14 +36,15 @@ from common.stop_signals import STOPPED_EXIT_CODE
 from common.training_state import MANIFEST_NAME, SETTINGS_NAME, TENSORS_NAME, TRAINING_STATE_DIR, check_training_state
 from dreambench.data import load_conditioning_images
 from ip_adapter import load_ip_adapter_checkpoint
-from patch_quality import construct, convert_pkl, maps, ssl_train, visualize
+from patch_quality import convert_pkl, maps, ssl_train, visualize
 from patch_quality.store import FORMAT_KEY, FORMAT_VALUE, QualityMaps
-from patchdpo import training as training_module
+from patchdpo import method as method_module
+from patchdpo.models import ADAPTER_STATE_NAME, adapter_weights, load_training_models
 from patchdpo.step_guard import TrainingDivergedError
-from patchdpo.training import ADAPTER_STATE_NAME, adapter_weights, load_training_models
 from stand_ins.pairs import save_pair_data
 from tests.kit.cli import bad_input_message
 from tests.test_train_patchdpo import LATENT, train_args
+from training_data import construct
 
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "dreambench"
@@ -128,7 +129,7 @@ def test_non_finite_step_stops_before_the_optimizer_step_and_any_checkpoint(
     tiny_models, tiny_pair_data, tmp_path, monkeypatch, fault, accumulation
 ):
     """Checked once per optimizer step: a NaN in the first of two accumulated micro-batches is still caught before the step."""
-    real = training_module.compute_loss
+    real = method_module.compute_loss
     calls = []
 
     def faulty(*args, **kwargs):
@@ -138,7 +139,7 @@ def test_non_finite_step_stops_before_the_optimizer_step_and_any_checkpoint(
             output = output._replace(loss=output.loss * math.nan if fault == "loss" else _NaNGradient.apply(output.loss))
         return output
 
-    monkeypatch.setattr(training_module, "compute_loss", faulty)
+    monkeypatch.setattr(method_module, "compute_loss", faulty)
     out = tmp_path / "out"
     # --logging_steps 10: the old check ran only when logging, after checkpoint-2 was saved.
     extra = ("--use_dpo_loss", "True", "--save_steps", "1", "--logging_steps", "10", "--gradient_accumulation_steps", str(accumulation))
@@ -356,7 +357,7 @@ def test_a_file_size_limit_in_construct_maps_inference_and_evaluate_is_one_line(
         command, failing = ["-m", "patch_quality.maps", "--data_root", str(data), "--backbone", str(tiny_dinov2_dir), "--cpu"], data
         command += ["--resolution", "32", "--vae_scale_factor", "8"]
     elif script == "construct":
-        command, failing = ["-m", "patch_quality.construct", *construct_argv(tiny_models, tmp_path / "data")], tmp_path / "data"
+        command, failing = ["-m", "training_data.construct", *construct_argv(tiny_models, tmp_path / "data")], tmp_path / "data"
     elif script == "inference":
         command, failing = [str(REPO / "inference_dreambooth.py"), *inference_argv(tiny_models, tmp_path / "gen")], tmp_path / "gen"
     else:
@@ -635,7 +636,7 @@ def test_sigterm_mid_step_saves_and_the_resumed_run_equals_an_uninterrupted_one(
     straight = tmp_path / "straight"
     base = ("--use_dpo_loss", "True", "--save_steps", "10")
     train_patchdpo.main(train_args(tiny_models, tiny_pair_data, straight, *base, steps=4))
-    real, calls = training_module.compute_loss, []
+    real, calls = method_module.compute_loss, []
 
     def signalled(*args, **kwargs):  # SIGTERM arrives in the middle of step 2 (between forward and backward)
         calls.append(1)
@@ -644,7 +645,7 @@ def test_sigterm_mid_step_saves_and_the_resumed_run_equals_an_uninterrupted_one(
         return real(*args, **kwargs)
 
     stopped = tmp_path / "stopped"
-    monkeypatch.setattr(training_module, "compute_loss", signalled)
+    monkeypatch.setattr(method_module, "compute_loss", signalled)
     stderr = io.StringIO()
     with pytest.raises(SystemExit) as raised, contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stderr):
         train_patchdpo.main(train_args(tiny_models, tiny_pair_data, stopped, *base, steps=4))
@@ -653,7 +654,7 @@ def test_sigterm_mid_step_saves_and_the_resumed_run_equals_an_uninterrupted_one(
     assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-2"]
     check_training_state(stopped / "checkpoint-2" / TRAINING_STATE_DIR)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone after the run
-    monkeypatch.setattr(training_module, "compute_loss", real)
+    monkeypatch.setattr(method_module, "compute_loss", real)
     train_patchdpo.main([*train_args(tiny_models, tiny_pair_data, stopped, *base, steps=4), "--resume_from_checkpoint", "latest"])
     final, expected = (load_ip_adapter_checkpoint(out / "checkpoint-4" / "model.bin") for out in (stopped, straight))
     assert all(torch.equal(final["ip_adapter"][k], expected["ip_adapter"][k]) for k in expected["ip_adapter"])

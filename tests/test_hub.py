@@ -31,7 +31,7 @@ from ip_adapter.checkpoint import load_ip_adapter_checkpoint
 from ip_adapter.image_encoder import load_image_encoder
 from ip_adapter.loading import check_ip_ckpt, load_sdxl_pipeline
 from patch_quality.features import load_backbone
-from patchdpo.training import load_training_models
+from patchdpo.models import load_training_models
 
 pipe = load_sdxl_pipeline("tiny-org/sdxl", torch.float32)
 encoder = load_image_encoder("tiny-org/ip-adapter/models/image_encoder")

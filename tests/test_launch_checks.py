@@ -14,8 +14,9 @@ import inference_dreambooth
 import train_patchdpo
 from common.errors import BadInputError
 from common.launch import check_launch
-from patch_quality import construct, maps, ssl_train
+from patch_quality import maps, ssl_train
 from tests.kit.cli import bad_input_message
+from training_data import construct
 
 
 def generator_paths(tmp_path) -> list[str]:
@@ -41,7 +42,7 @@ SCRIPTS = {
         inference_dreambooth.main,
         [*generator_paths(tmp), "--data_root", str(tmp / "dreambench"), "--output_dir", str(tmp / "out")],
     ),
-    "-m patch_quality.construct": lambda tmp: (
+    "-m training_data.construct": lambda tmp: (
         construct.main,
         [*generator_paths(tmp), "--num_samples", "2", "--output_dir", str(tmp / "out")],
     ),

@@ -10,15 +10,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "ip_adapter", "patchdpo", "dreambench", "patch_quality", "stand_ins")
+PACKAGES = ("common", "ip_adapter", "base_models", "patchdpo", "dreambench", "patch_quality", "training_data", "stand_ins")
 # What each package may import of the others; anything else is an upward or sideways import.
 ALLOWED = {
     "common": set(),
     "ip_adapter": {"common"},
-    "patchdpo": {"common", "ip_adapter", "patch_quality"},
-    "dreambench": {"common", "ip_adapter"},
-    "patch_quality": {"common", "ip_adapter"},
-    "stand_ins": {"common", "ip_adapter", "patch_quality"},
+    "base_models": {"common", "ip_adapter"},
+    "patchdpo": {"common", "ip_adapter", "base_models", "patch_quality"},
+    "dreambench": {"common", "ip_adapter", "base_models"},
+    "patch_quality": {"common", "ip_adapter", "base_models"},
+    "training_data": {"common", "ip_adapter", "base_models", "patch_quality"},
+    "stand_ins": {"common", "ip_adapter", "base_models", "patch_quality"},
 }
 
 

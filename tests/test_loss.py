@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from patchdpo.loss import compute_loss, image_dpo_loss, mse_loss, patch_dpo_loss, patch_weights
+from patchdpo.method import compute_loss, image_dpo_loss, mse_loss, patch_dpo_loss, patch_weights
 
 B, C, H, W = 2, 4, 3, 5
 

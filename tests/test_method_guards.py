@@ -11,19 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
-import patchdpo.training
+import patchdpo.method
 import train_patchdpo
+from base_models.unet_family import DDPMObjective
 from common.training_state import TRAINING_STATE_DIR
 from patch_quality.ssl_train import FINETUNED_NAME
 from patch_quality.ssl_train import main as ssl_main
 from patch_quality.store import QualityMaps
+from patchdpo.method import EncodedPairs, Method, training_step
+from patchdpo.models import ADAPTER_STATE_NAME, IPAdapterTrainingModel, load_training_models
 from patchdpo.pair_dataset import DecodedPairs, PairDataset, index_pairs
-from patchdpo.training import ADAPTER_STATE_NAME, IPAdapterTrainingModel, PairConditioning, load_training_models, training_step
 from tests.test_patch_quality_ssl_train import ssl_cli_args, texture_folder
 from tests.test_train_patchdpo import LATENT, RESOLUTION, train_args
 
@@ -40,13 +41,13 @@ def loaded(tiny_models):
 def loss_inputs(monkeypatch) -> list[dict]:
     """Every call of the training step's `compute_loss`: its prediction, target and quality maps."""
     calls: list[dict] = []
-    real = patchdpo.training.compute_loss
+    real = patchdpo.method.compute_loss
 
     def spy(mode, pred, target, **kwargs):
         calls.append({"pred": pred.detach().clone(), "target": target.detach().clone(), **kwargs})
         return real(mode, pred, target, **kwargs)
 
-    monkeypatch.setattr(patchdpo.training, "compute_loss", spy)
+    monkeypatch.setattr(patchdpo.method, "compute_loss", spy)
     return calls
 
 
@@ -56,9 +57,9 @@ def unet_time_ids(monkeypatch) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     real = IPAdapterTrainingModel.forward
 
-    def spy(self, noisy_latents, timesteps, image_features, prompt_embeds, pooled_prompt_embeds, time_ids):
-        seen.append(time_ids.detach().clone())
-        return real(self, noisy_latents, timesteps, image_features, prompt_embeds, pooled_prompt_embeds, time_ids)
+    def spy(self, noisy_latents, timesteps, image_features, prompt_embeds, added):
+        seen.append(added["time_ids"].detach().clone())
+        return real(self, noisy_latents, timesteps, image_features, prompt_embeds, added)
 
     monkeypatch.setattr(IPAdapterTrainingModel, "forward", spy)
     return seen
@@ -82,17 +83,17 @@ def test_asymmetric_quality_maps_reach_the_loss_in_their_roles(loaded, tiny_pair
     """Real dataset -> real step: `1 - M_ref` weighs the reference half, `M_gen` the generated half."""
     maps = QualityMaps.load(tiny_pair_data.quality_file)
     pairs = index_pairs(tiny_pair_data.root, maps, 1, LATENT)
-    dataset = PairDataset(pairs, LATENT, 42, DecodedPairs(RESOLUTION, loaded.encoders.tokenizers), maps)
+    dataset = PairDataset(pairs, LATENT, 42, DecodedPairs(RESOLUTION, loaded.family, loaded.encoders.tokenizers), maps)
     rows = (3, 1)
     batch = default_collate([dataset[(index, 0)] for index in rows])
-    cond = PairConditioning.from_batch(batch, loaded.encoders)
+    cond = EncodedPairs.from_batch(batch, loaded.encoders)
     # The latent batch is [references; generated]: the first half is the reference images.
     torch.testing.assert_close(cond.latents[: len(rows)], loaded.encoders.latents(batch["reference_pixels"]))
 
     # A nearly noise-free schedule: the two halves' errors then differ clearly (at SDXL's noise levels the
     # tiny UNet barely sees the image, and giving a half the other half's weights would hide in rounding).
-    scheduler = DDPMScheduler.from_config(loaded.scheduler.config, beta_start=1e-5, beta_end=1e-4, beta_schedule="linear")
-    output = training_step(Accelerator(cpu=True), loaded.model, cond, scheduler, loss_mode="patch_dpo", resolution=RESOLUTION)
+    scheduler = DDPMScheduler.from_config(loaded.objective.scheduler.config, beta_start=1e-5, beta_end=1e-4, beta_schedule="linear")
+    output = training_step(loaded.model, cond, Method("patch_dpo", DDPMObjective(scheduler, loaded.model_dir), RESOLUTION))
 
     (seen,) = loss_inputs
     expected_ref = torch.stack([maps.get(pairs[index].sample, 0)[0] for index in rows])
@@ -144,11 +145,11 @@ def test_noise_offset_shifts_each_channel_of_the_noise(tiny_models, tiny_pair_da
 def test_v_prediction_targets_the_velocity(loaded, tiny_pair_data, loss_inputs):
     """With a v-prediction scheduler the target is sqrt(a_t) * noise - sqrt(1 - a_t) * latents, per pair."""
     pairs = index_pairs(tiny_pair_data.root, None, 1, LATENT)
-    dataset = PairDataset(pairs, LATENT, 42, DecodedPairs(RESOLUTION, loaded.encoders.tokenizers))
-    cond = PairConditioning.from_batch(default_collate([dataset[(index, 0)] for index in (0, 1)]), loaded.encoders)
-    v_scheduler = DDPMScheduler.from_config(loaded.scheduler.config, prediction_type="v_prediction")
-    for scheduler in (loaded.scheduler, v_scheduler):  # the epsilon run gives the step's noise
-        training_step(Accelerator(cpu=True), loaded.model, cond, scheduler, loss_mode="mse", resolution=RESOLUTION)
+    dataset = PairDataset(pairs, LATENT, 42, DecodedPairs(RESOLUTION, loaded.family, loaded.encoders.tokenizers))
+    cond = EncodedPairs.from_batch(default_collate([dataset[(index, 0)] for index in (0, 1)]), loaded.encoders)
+    v_scheduler = DDPMScheduler.from_config(loaded.objective.scheduler.config, prediction_type="v_prediction")
+    for scheduler in (loaded.objective.scheduler, v_scheduler):  # the epsilon run gives the step's noise
+        training_step(loaded.model, cond, Method("mse", DDPMObjective(scheduler, loaded.model_dir), RESOLUTION))
     noise, velocity = (call["target"] for call in loss_inputs)
     alphas = v_scheduler.alphas_cumprod
     coefficients = []

@@ -18,6 +18,7 @@ from accelerate import Accelerator
 from diffusers import UNet2DConditionModel
 
 import train_patchdpo
+from base_models import SDXL
 from common.checkpoints import find_resume_checkpoint
 from common.errors import BadInputError
 from common.recorded_settings import read_recorded
@@ -95,7 +96,7 @@ def test_the_official_pickle_is_read_by_a_restricted_unpickler(tmp_path, marker)
 
 
 def test_a_feature_cache_file_is_safetensors_only_and_rebuilt_when_unreadable(tmp_path, marker):
-    cache = FeatureCache.for_key(tmp_path / "cache", "key")
+    cache = FeatureCache.for_key(tmp_path / "cache", "key", SDXL.prompt_fields)
     planted = plant_pickle(cache.sample_path("sample0"), marker)
     assert not cache.is_fresh("sample0", {})  # rebuilt by the next start, never read
     with pytest.raises(BadInputError) as raised:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import train_patchdpo
 from common.training_state import TRAINING_STATE_DIR
 from patchdpo import loop
-from patchdpo.training import ADAPTER_STATE_NAME
+from patchdpo.models import ADAPTER_STATE_NAME
 from tests.kit.cli import bad_input_message
 from tests.kit.planted import plant_pickle
 from tests.test_train_patchdpo import train_args

@@ -14,7 +14,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 from torch._dynamo.utils import counters
@@ -27,8 +26,9 @@ from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_
 from ip_adapter.loading import load_generation_model
 from ip_adapter.speed import apply_speed_args, speed_up_unet
 from patch_quality.store import QualityMaps
+from patchdpo.method import EncodedPairs, Method, training_step
+from patchdpo.models import load_training_models
 from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, index_pairs
-from patchdpo.training import PairConditioning, load_training_models, training_step
 from tests.test_inference_dreambooth import script_args as inference_args
 from tests.test_train_patchdpo import train_args
 
@@ -164,15 +164,14 @@ def test_scale_is_a_tensor_outside_the_checkpoint():
 def training(tiny_models, tiny_pair_data):
     loaded = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", torch.float32)
     maps = QualityMaps.load(tiny_pair_data.quality_file)
-    source = DecodedPairs(SIZE, loaded.encoders.tokenizers)
+    source = DecodedPairs(SIZE, loaded.family, loaded.encoders.tokenizers)
     dataset = PairDataset(index_pairs(tiny_pair_data.root, maps, 1, 16), 16, 42, source, maps, DropoutRates())
-    batches = [PairConditioning.from_batch(default_collate([dataset[(i, 0)] for i in pair]), loaded.encoders) for pair in ([0, 1], [2, 3])]
-    accelerator = Accelerator(cpu=True)
+    batches = [EncodedPairs.from_batch(default_collate([dataset[(i, 0)] for i in pair]), loaded.encoders) for pair in ([0, 1], [2, 3])]
 
     def step(batch: int) -> tuple[float, list[torch.Tensor]]:
         """Each batch carries its pairs' noise seeds, so a batch's step is the same every time."""
         loaded.model.zero_grad(set_to_none=True)
-        output = training_step(accelerator, loaded.model, batches[batch], loaded.scheduler, loss_mode="patch_dpo", resolution=SIZE)
+        output = training_step(loaded.model, batches[batch], Method("patch_dpo", loaded.objective, SIZE))
         output.loss.backward()
         return output.loss.item(), [p.grad.clone() for p in loaded.model.adapter_modules.parameters()]
 

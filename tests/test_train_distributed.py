@@ -29,7 +29,7 @@ from common.run_lock import LOCK_NAME
 from common.stop_signals import STOPPED_EXIT_CODE
 from common.training_state import MANIFEST_NAME, SETTINGS_NAME, TENSORS_NAME, TRAINING_STATE_DIR
 from ip_adapter import load_ip_adapter_checkpoint
-from patchdpo.training import ADAPTER_STATE_NAME
+from patchdpo.models import ADAPTER_STATE_NAME
 from patchdpo.validate_inputs import CHECKED_NAME
 from stand_ins.pairs import save_pair_data
 from tests.kit.torchrun_train import replaced

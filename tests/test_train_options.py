@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -18,8 +17,9 @@ from common.errors import BadInputError
 from common.sampling import EpochSampler
 from common.training_state import SETTINGS_NAME, TRAINING_STATE_DIR
 from patch_quality.store import QualityMaps
+from patchdpo.method import EncodedPairs, Method, training_step
+from patchdpo.models import ADAPTER_STATE_NAME, load_training_models
 from patchdpo.optimization import StepPlan, adamw
-from patchdpo.training import ADAPTER_STATE_NAME, PairConditioning, load_training_models, training_step
 from tests.kit.cli import bad_input_message
 from tests.test_train_patchdpo import LR, RESOLUTION, collate, logged, make_dataset, train_args
 
@@ -173,10 +173,10 @@ def test_fp16_step_as_on_cuda_autocast_and_grad_scaler(tiny_models, tiny_pair_da
     dtypes = {}
     model.unet.conv_in.register_forward_hook(lambda module, inputs, output: dtypes.update(unet=output.dtype))
     for step in range(2):
-        cond = PairConditioning.from_batch(collate(dataset, [2 * step, 2 * step + 1]), models.encoders)
+        cond = EncodedPairs.from_batch(collate(dataset, [2 * step, 2 * step + 1]), models.encoders)
         assert cond.latents.dtype == torch.float32  # the VAE encodes in fp32
         with torch.autocast("cpu", dtype=torch.float16):
-            output = training_step(Accelerator(cpu=True), model, cond, models.scheduler, loss_mode="patch_dpo", resolution=RESOLUTION)
+            output = training_step(model, cond, Method("patch_dpo", models.objective, RESOLUTION))
         assert output.loss.dtype == torch.float32 and math.isfinite(output.loss.item())
         scaler.scale(output.loss).backward()
         scaler.unscale_(optimizer)

@@ -16,20 +16,16 @@ from safetensors.torch import load_file
 from torch.utils.data import default_collate
 
 import train_patchdpo
+from base_models import SDXL
+from base_models.sdxl import pair_time_ids
 from common.training_state import TRAINING_STATE_DIR
 from ip_adapter import IPAdapterPlusXL, IPAttnProcessor, load_ip_adapter_checkpoint
 from patch_quality.store import QualityMaps, save_quality_maps
 from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key
+from patchdpo.loop import frozen_forward
+from patchdpo.method import EncodedPairs, Method, training_step
+from patchdpo.models import ADAPTER_STATE_NAME, frozen_adapter_copy, load_training_models
 from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, clip_training_pixels, index_pairs
-from patchdpo.sdxl_conditioning import pair_time_ids
-from patchdpo.training import (
-    ADAPTER_STATE_NAME,
-    FRESH_RESAMPLER_CONFIG,
-    PairConditioning,
-    frozen_adapter_copy,
-    load_training_models,
-    training_step,
-)
 from stand_ins.pairs import PairData, save_pair_data
 from stand_ins.sdxl import load_pipeline
 from tests.kit.cli import bad_input_message
@@ -79,7 +75,7 @@ def logged(out: Path, tag: str) -> list[float]:
 
 def make_dataset(models, data, quality_maps=None, cache=None, dropout=DropoutRates(), clip_per_step=False) -> PairDataset:
     pairs = index_pairs(data.root, quality_maps, 1, LATENT)
-    source = DecodedPairs(RESOLUTION, models.encoders.tokenizers) if cache is None else CachedPairs(cache, clip_per_step)
+    source = DecodedPairs(RESOLUTION, models.family, models.encoders.tokenizers) if cache is None else CachedPairs(cache, clip_per_step)
     return PairDataset(pairs, LATENT, 42, source, quality_maps, dropout)
 
 
@@ -113,8 +109,8 @@ def test_training_changes_only_to_k_ip_and_to_v_ip(loaded, tiny_pair_data):
     maps = QualityMaps.load(tiny_pair_data.quality_file)
     dataset = make_dataset(loaded, tiny_pair_data, maps)
     for step in range(2):
-        cond = PairConditioning.from_batch(collate(dataset, [2 * step, 2 * step + 1]), loaded.encoders)
-        output = training_step(accelerator, prepared, cond, loaded.scheduler, loss_mode="patch_dpo", resolution=RESOLUTION)
+        cond = EncodedPairs.from_batch(collate(dataset, [2 * step, 2 * step + 1]), loaded.encoders)
+        output = training_step(prepared, cond, Method("patch_dpo", loaded.objective, RESOLUTION))
         assert math.isfinite(output.loss.item()) and output.loss.item() > 0
         accelerator.backward(output.loss)
         optimizer.step()
@@ -139,14 +135,16 @@ def test_image_dpo_starts_at_log2_against_the_frozen_initial_adapter(loaded, tin
     assert reference and all(name.endswith(("to_k_ip.weight", "to_v_ip.weight")) for name in reference)
     optimizer = torch.optim.AdamW(model.adapter_modules.parameters(), lr=LR)
     prepared, optimizer = accelerator.prepare(model, optimizer)
-    cond = PairConditioning.from_batch(collate(make_dataset(loaded, tiny_pair_data), [0, 1]), loaded.encoders)
-    kwargs = dict(loss_mode="image_dpo", resolution=RESOLUTION, reference_params=reference, dpo_beta=5000.0)
+    cond = EncodedPairs.from_batch(collate(make_dataset(loaded, tiny_pair_data), [0, 1]), loaded.encoders)
+    method = Method(
+        "image_dpo", loaded.objective, RESOLUTION, dpo_beta=5000.0, reference_forward=frozen_forward(accelerator, prepared, reference)
+    )
 
-    first = training_step(accelerator, prepared, cond, loaded.scheduler, **kwargs)
+    first = training_step(prepared, cond, method)
     assert first.loss.item() == pytest.approx(math.log(2), abs=1e-6)  # trained == reference at step 0
     accelerator.backward(first.loss)
     optimizer.step()
-    second = training_step(accelerator, prepared, cond, loaded.scheduler, **kwargs)
+    second = training_step(prepared, cond, method)
     assert math.isfinite(second.loss.item()) and second.loss.item() != pytest.approx(math.log(2), abs=1e-6)
     # The reference branch still predicts with the initial weights after the update.
     assert second.logs["reference_mse"].item() == pytest.approx(first.logs["reference_mse"].item(), rel=1e-6)
@@ -154,13 +152,12 @@ def test_image_dpo_starts_at_log2_against_the_frozen_initial_adapter(loaded, tin
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(loaded, tiny_pair_data):
-    accelerator = Accelerator(cpu=True)
     model = loaded.model
-    cond = PairConditioning.from_batch(collate(make_dataset(loaded, tiny_pair_data), [0, 1]), loaded.encoders)
+    cond = EncodedPairs.from_batch(collate(make_dataset(loaded, tiny_pair_data), [0, 1]), loaded.encoders)
 
     def loss_and_grads():
         model.zero_grad(set_to_none=True)
-        output = training_step(accelerator, model, cond, loaded.scheduler, loss_mode="mse", resolution=RESOLUTION)
+        output = training_step(model, cond, Method("mse", loaded.objective, RESOLUTION))
         output.loss.backward()
         return output.loss.item(), [p.grad.clone() for p in model.adapter_modules.parameters()]
 
@@ -177,7 +174,7 @@ def test_training_from_scratch_copies_to_k_to_v_and_builds_a_fresh_resampler(tin
         models = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, None, "cpu", torch.float32)
     assert "no --pretrained_ip_adapter_path" in caplog.text
     resampler = models.model.image_proj_model
-    assert resampler.latents.shape == (1, FRESH_RESAMPLER_CONFIG["num_queries"], FRESH_RESAMPLER_CONFIG["dim"])
+    assert resampler.latents.shape == (1, SDXL.fresh_resampler["num_queries"], SDXL.fresh_resampler["dim"])
     assert not any(p.requires_grad for p in resampler.parameters())
     layers = dict(models.model.unet.named_modules())
     for name, processor in models.model.unet.attn_processors.items():
@@ -246,11 +243,15 @@ def test_official_time_ids_feed_the_unet_exactly_what_the_reference_code_fed(tin
 # Data: dropout, CLIP crop, feature cache
 
 
+def field_of(pairs: EncodedPairs, name: str) -> torch.Tensor:
+    return pairs.prompt[name] if name in pairs.prompt else getattr(pairs, name)
+
+
 def test_cached_features_equal_the_encoders_on_the_fly_including_dropout(loaded, tiny_models, tmp_path):
     data = save_pair_data(tmp_path / "data", 4, 32, LATENT)
     pairs = index_pairs(data.root, None, 1, LATENT)
     key = cache_key(RESOLUTION, tiny_models.sdxl_dir, tiny_models.image_encoder_dir, torch.float32)
-    cache = FeatureCache.for_key(tmp_path / "cache", key)
+    cache = FeatureCache.for_key(tmp_path / "cache", key, loaded.family.prompt_fields)
     assert build_feature_cache(cache, pairs, loaded.encoders, RESOLUTION, show_progress=False) == len(pairs)
     assert build_feature_cache(cache, pairs, loaded.encoders, RESOLUTION, show_progress=False) == 0  # resumable
 
@@ -260,12 +261,12 @@ def test_cached_features_equal_the_encoders_on_the_fly_including_dropout(loaded,
     seen = set()
     for epoch in range(3):
         for index in range(len(pairs)):
-            a = PairConditioning.from_batch(collate(live, [index], epoch), loaded.encoders)
+            a = EncodedPairs.from_batch(collate(live, [index], epoch), loaded.encoders)
             b_batch = collate(cached, [index], epoch)
-            b = PairConditioning.from_batch(b_batch, loaded.encoders.kept_with_cache(clip_per_step=False))
+            b = EncodedPairs.from_batch(b_batch, loaded.encoders.kept_with_cache(clip_per_step=False))
             seen.add((bool(b_batch["drop_image"]), bool(b_batch["drop_text"])))
             for field in ("latents", "image_features", "prompt_embeds", "pooled_prompt_embeds", "reference_size", "generated_size"):
-                torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(field_of(a, field), field_of(b, field), atol=1e-5, rtol=1e-5)
     assert {(True, False), (False, True), (True, True), (False, False)} <= seen
 
     Image.new("RGB", (32, 32), "white").save(pairs[0].reference_path)  # a changed source is rebuilt
@@ -275,7 +276,7 @@ def test_cached_features_equal_the_encoders_on_the_fly_including_dropout(loaded,
 def test_cache_with_non_square_references_draws_the_same_clip_crops(loaded, tiny_models, tmp_path):
     data = save_pair_data(tmp_path / "data", 3, 32, LATENT, reference_sizes={1: (48, 32), 2: (32, 40)})
     pairs = index_pairs(data.root, None, 1, LATENT)
-    cache = FeatureCache.for_key(tmp_path / "cache", "key")
+    cache = FeatureCache.for_key(tmp_path / "cache", "key", SDXL.prompt_fields)
     build_feature_cache(cache, pairs, loaded.encoders, RESOLUTION, show_progress=False)
     assert [cache.has_clip_features(p.sample) for p in pairs] == [True, False, False]
     assert cache.needs_clip_per_step(pairs) and not cache.needs_clip_per_step(pairs[:1])
@@ -285,11 +286,11 @@ def test_cache_with_non_square_references_draws_the_same_clip_crops(loaded, tiny
     crops = set()
     for epoch in range(4):
         batch = collate(cached, [0, 1, 2], epoch)
-        a = PairConditioning.from_batch(collate(live, [0, 1, 2], epoch), loaded.encoders)
-        b = PairConditioning.from_batch(batch, loaded.encoders.kept_with_cache(clip_per_step=True))
+        a = EncodedPairs.from_batch(collate(live, [0, 1, 2], epoch), loaded.encoders)
+        b = EncodedPairs.from_batch(batch, loaded.encoders.kept_with_cache(clip_per_step=True))
         crops.add(batch["clip_pixels"][1, 0, 0, :8].sum().item())
         for field in ("latents", "image_features", "prompt_embeds", "pooled_prompt_embeds"):
-            torch.testing.assert_close(getattr(a, field), getattr(b, field), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(field_of(a, field), field_of(b, field), atol=1e-5, rtol=1e-5)
     assert len(crops) > 1  # the wide reference's crop does move between epochs
 
 

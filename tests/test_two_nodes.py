@@ -26,7 +26,7 @@ from PIL import Image
 
 import inference_dreambooth
 import train_patchdpo
-from patch_quality import construct, maps
+from patch_quality import maps
 from patch_quality.maps import PARTS_DIR_NAME
 from patch_quality.store import QualityMaps
 from stand_ins.pairs import save_pair_data
@@ -41,6 +41,7 @@ from tests.test_train_distributed import (
     deviation_figures,
     train_argv,
 )
+from training_data import construct
 
 ROOT = Path(__file__).resolve().parents[1]
 DDP_TIMEOUT = 60  # seconds: a process whose peer died must be gone well within it
@@ -128,7 +129,7 @@ def two_nodes(tiny_models, tiny_dinov2_dir, pair_data, tmp_path_factory) -> dict
         return {"name": name, "argv": argv, **options}
 
     launch_a = [
-        {"name": "construct", "script": "patch_quality.construct", "argv": construct_argv(tiny_models, out / "DATA")},
+        {"name": "construct", "script": "training_data.construct", "argv": construct_argv(tiny_models, out / "DATA")},
         {"name": "maps", "script": "patch_quality.maps", "argv": maps_argv(out / "DATA", tiny_dinov2_dir)},
         train("trained", "--cache_dir", str(root / "cache")),
         {"name": "inference", "script": "inference_dreambooth", "argv": script_args(tiny_models, out / "inference", "--batch_size", "2")},

@@ -20,7 +20,7 @@ import dreambench.validation
 import train_patchdpo
 from dreambench.validation import TILE, TrainingValidation
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
-from patchdpo.training import TrainingModels, load_training_models
+from patchdpo.models import TrainingModels, load_training_models
 from tests.kit.cli import bad_input_message
 from tests.test_train_patchdpo import adapter_state, train_args
 

@@ -3,7 +3,7 @@
 The categories are everyday objects and animals chosen to stay clear of DreamBench: none is a
 DreamBench subject or class word (backpack, stuffed animal, bowl, can, candle, clock, sneaker, toy,
 boot, glasses, cartoon, teapot, vase, cat, dog, ...), so the finetuned model never trains on the
-benchmark's subjects. `tests/test_patch_quality_construct.py` checks this against the DreamBench
+benchmark's subjects. `tests/test_training_data_construct.py` checks this against the DreamBench
 folder. Every prompt built from them is a valid file-name prompt (no `_` or `/`).
 """
 

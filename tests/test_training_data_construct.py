@@ -12,10 +12,10 @@ from PIL import Image
 
 from common.run_lock import LOCK_NAME
 from patch_quality import layout
-from patch_quality.categories import OBJECT_CATEGORIES, SCENE_TEMPLATES, load_categories, with_article
-from patch_quality.construct import main, plan_samples
 from tests.kit.cli import bad_input_message
 from tests.kit.dreambench import dreambench_dataset
+from training_data.categories import OBJECT_CATEGORIES, SCENE_TEMPLATES, load_categories, with_article
+from training_data.construct import main, plan_samples
 
 # Class words the official evaluation fills into DreamBench prompts.
 DREAMBENCH_CLASSES = {

@@ -1,9 +1,16 @@
-"""Training objectives on a pair batch `[reference images; generated images]`.
+"""PatchDPO's method in one file: the patch weights, the three objectives and the training step.
 
-Every loss below sees a noise prediction `pred` (2B, C, h, w) whose first B rows are the
-reference ("winner") images and whose last B rows are the generated ("loser") images of the same
-B pairs; a pair shares its noise `eps` and timestep, so `target` is `eps` repeated (or the
-v-prediction target). All arithmetic is done in float32 whatever the autocast dtype.
+One step on B pairs (reference image, generated image):
+
+* latents `[reference; generated]` (2B) from the VAE (`base_models` family: scale, shift);
+* one noise and one timestep per pair, shared by its two halves, drawn by the family's objective
+  from a generator seeded with the pair's `noise_seed`, a function of `(seed, epoch, dataset
+  index)`: neither the process a pair lands on, nor its micro-batch, nor a resume, nor the cache
+  changes how it is trained;
+* image tokens from the frozen Resampler on the reference's CLIP penultimate features, and the
+  prompt conditioning, both used for the two halves;
+* the prediction `pred` (2B, C, h, w) and the objective's `target`, and one of the losses below,
+  all in float32 whatever the autocast dtype.
 
 patch_dpo (PatchDPO, the reference code's `--use_dpo_loss True`)::
 
@@ -20,8 +27,7 @@ mse (`--use_dpo_loss False`)::
 
     L = mean (pred - target)^2
 
-image_dpo (Diffusion-DPO, Wallace et al. 2023; the image-level ablation the paper argues
-against)::
+image_dpo (Diffusion-DPO, Wallace et al. 2023; the image-level ablation the paper argues against)::
 
     e(x)  = mean_{c,y,x} (pred(x) - target)^2            per image, trained adapter
     r(x)  = mean_{c,y,x} (ref_pred(x) - target)^2         per image, frozen initial adapter
@@ -34,12 +40,19 @@ against)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from base_models import Objective
+from base_models.family import Tensors
 from common.flags import LOSS_MODES  # defined with the flags, so --help needs no torch
+
+from .models import FrozenEncoders
 
 
 class LossOutput(NamedTuple):
@@ -124,3 +137,91 @@ def compute_loss(
             raise ValueError("loss 'image_dpo' needs reference_pred (frozen adapter) and beta")
         return image_dpo_loss(pred, reference_pred, target, beta)
     raise ValueError(f"unknown loss mode {mode!r}, expected one of {LOSS_MODES}")
+
+
+@dataclass
+class EncodedPairs:
+    """Everything a step needs for B pairs, whether encoded now or read from the cache."""
+
+    latents: torch.Tensor  # (2B, C, h, w) float32, [references; generated]
+    image_features: torch.Tensor  # (B, L, D) CLIP penultimate features of the references
+    prompt: Tensors  # the family's prompt tensors (B, ...); "prompt_embeds" is what cross-attention reads
+    reference_size: torch.Tensor  # (B, 2) original (H, W)
+    generated_size: torch.Tensor
+    reference_map: torch.Tensor  # (B, h, w)
+    generated_map: torch.Tensor
+    noise_seeds: torch.Tensor  # (B,) int64, each pair's noise and timestep seed
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, torch.Tensor], encoders: FrozenEncoders) -> EncodedPairs:
+        """What the batch carries as encoder outputs (from the cache) is used as it is; the frozen `encoders` run on what
+        it carries as their inputs (pixels, token ids, CLIP pixels)."""
+        family = encoders.family
+        if "reference_latents" in batch:
+            latents = torch.cat([batch["reference_latents"], batch["generated_latents"]]).float()
+        else:
+            latents = encoders.latents(torch.cat([batch["reference_pixels"], batch["generated_pixels"]]))
+        if all(name in batch for name in family.prompt_fields):
+            prompt = {name: batch[name] for name in family.prompt_fields}
+        else:
+            prompt = encoders.prompts({name: batch[name] for name in family.token_fields})
+        image_features = batch["image_features"] if "image_features" in batch else encoders.image_features(batch["clip_pixels"])
+        return cls(
+            latents=latents,
+            image_features=image_features,
+            prompt=prompt,
+            reference_size=batch["reference_size"],
+            generated_size=batch["generated_size"],
+            reference_map=batch["reference_map"],
+            generated_map=batch["generated_map"],
+            noise_seeds=batch["noise_seed"],
+        )
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a step is asked to do: the loss and its settings, the objective, and (image_dpo) the frozen adapter's forward."""
+
+    loss: str
+    objective: Objective
+    resolution: int
+    noise_offset: float | None = None
+    dpo_beta: float | None = None
+    #: image_dpo's reference policy: the model's forward with the frozen initial adapter (`models.frozen_adapter_copy`).
+    reference_forward: Callable[..., torch.Tensor] | None = None
+
+
+def training_step(model: nn.Module, pairs: EncodedPairs, method: Method) -> LossOutput:
+    """Forward pass and loss for one batch of pairs; `pairs.noise_seeds` fix their noise and timesteps."""
+    latents = pairs.latents
+    device = latents.device
+    noise, timesteps = method.objective.draw(pairs.noise_seeds, latents.shape[1:], device, method.noise_offset)
+    noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
+    noisy = method.objective.noisy(latents, noise, timesteps)
+    target = method.objective.target(latents, noise, timesteps)
+    family = _unwrapped(model).family
+    added = family.added_conditioning(pairs.prompt, pairs.reference_size, pairs.generated_size, method.resolution)
+    inputs = (noisy, timesteps, pairs.image_features, pairs.prompt["prompt_embeds"], added)
+    pred = model(*inputs)
+    reference_pred = None
+    if method.loss == "image_dpo":
+        if method.reference_forward is None:
+            raise ValueError("loss 'image_dpo' needs the frozen reference adapter's forward (Method.reference_forward)")
+        with torch.no_grad():
+            reference_pred = method.reference_forward(inputs)
+    return compute_loss(
+        method.loss,
+        pred,
+        target,
+        reference_map=pairs.reference_map.to(device),
+        generated_map=pairs.generated_map.to(device),
+        reference_pred=reference_pred,
+        beta=method.dpo_beta,
+    )
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The training model under a DDP (or compile) wrapper, which hides its attributes."""
+    while not hasattr(model, "family") and hasattr(model, "module"):
+        model = model.module
+    return model

@@ -3,7 +3,7 @@
 Following the paper, the base SDXL pipeline draws one object per reference image on a plain white
 background ("a photo of {object}, plain white background"), so object and background are never
 confused; IP-Adapter-Plus, the model being improved, then generates `--num_generated` images from
-each reference. Our choices (see README.md): objects from `patch_quality.categories` (no DreamBench
+each reference. Our choices (see README.md): objects from `training_data.categories` (no DreamBench
 subject), sample i takes category i mod C and a scene/style template drawn by a sha256 hash, and
 the K generated images of a sample share its prompt (the official layout names a folder's files
 by one prompt) and differ by seed.
@@ -17,7 +17,7 @@ the data does not depend on the number of processes or the batch size. Work is s
 the accelerate processes; rerunning the same command skips the images on disk (written
 atomically) and refuses to mix settings with a folder made differently.
 
-    accelerate launch -m patch_quality.construct --base_model_path SDXL_DIR \
+    accelerate launch -m training_data.construct --base_model_path SDXL_DIR \
         --image_encoder_path ENC_DIR --ip_ckpt ip-adapter-plus_sdxl_vit-h.bin --output_dir DATA \
         --num_samples 30000 --num_generated 1
 """
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from patch_quality.cli import construct_parser as build_parser
+from training_data.cli import construct_parser as build_parser
 
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and a wrong flag answer before the imports below load torch
@@ -60,7 +60,7 @@ from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlusXL
 from ip_adapter.loading import check_generator_paths, check_ip_ckpt, dtype_name, load_sdxl_pipeline, resolve_dtype
 from ip_adapter.speed import apply_speed_args
 from patch_quality import layout
-from patch_quality.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
+from training_data.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
 
 MANIFEST_FORMAT = "patchdpo-training-pairs/1"
 
@@ -371,7 +371,7 @@ def _make_generated(
 
 def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.ExitStack) -> list[SamplePlan]:
     """Build the pairs; the output folder is claimed into `held` once the inputs are checked (released when `held` closes)."""
-    check_launch(accelerator.num_processes, "-m patch_quality.construct")
+    check_launch(accelerator.num_processes, "-m training_data.construct")
     given = _given_references(args)
     ip_checkpoint = load_ip_adapter_checkpoint(check_ip_ckpt(args.ip_ckpt))  # a NaN or wiped checkpoint fails before any image is drawn
     categories = [entry["category"] for entry in given] if given is not None else load_categories(args.categories)
@@ -417,7 +417,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator, held: contextlib.Exi
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    accelerator = launch_run("python -m patch_quality.construct", args, run)
+    accelerator = launch_run("python -m training_data.construct", args, run)
     accelerator.print(f"training pairs in {Path(args.output_dir).resolve()}/sample*/")
 
 

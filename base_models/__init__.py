@@ -1,0 +1,49 @@
+"""Base-model families: the one place that knows SDXL from SD 1.5 (see `family.BaseModelFamily`).
+
+`family_of(model)` reads the `_class_name` of the pipeline folder's (or Hugging Face id's)
+`model_index.json`, so every script takes the same flags whatever the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from common.errors import BadInputError
+from common.hub import is_local, resolve_file
+
+from .family import BaseModelFamily, Objective
+from .sd15 import SD15
+from .sdxl import SDXL
+
+#: `model_index.json` `_class_name` -> family.
+FAMILIES: dict[str, type[BaseModelFamily]] = {family.pipeline_class_name: family for family in (SDXL, SD15)}
+
+
+def supported() -> str:
+    return ", ".join(f"{cls.name} ({name})" for name, cls in FAMILIES.items())
+
+
+def family_of(
+    model: str | os.PathLike, flag: str = "--pretrained_model_name_or_path", revision: str | None = None, official_time_ids: bool = False
+) -> BaseModelFamily:
+    """The family of a diffusers pipeline folder or Hugging Face id, from its model_index.json."""
+    index = Path(model) / "model_index.json" if is_local(model) else resolve_file(f"{model}/model_index.json", flag, revision)
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except FileNotFoundError:
+        raise BadInputError(
+            f"{flag} {model}: no model_index.json; expected a diffusers pipeline folder (save_pretrained) of {supported()}"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise BadInputError(
+            f"{flag} {model}: model_index.json is unreadable ({type(error).__name__}); expected a diffusers pipeline's"
+        ) from None
+    if class_name not in FAMILIES:
+        raise BadInputError(f"{flag} {model}: a {class_name} pipeline is not supported; supported: {supported()}")
+    family = FAMILIES[class_name]()
+    return family.with_official_time_ids() if official_time_ids else family
+
+
+__all__ = ["FAMILIES", "SD15", "SDXL", "BaseModelFamily", "Objective", "family_of"]
