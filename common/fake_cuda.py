@@ -75,30 +75,40 @@ def place(
 def scheduler_on_host(scheduler: object) -> Iterator[None]:
     """Run a diffusers scheduler's own bookkeeping on real CPU numbers while the samples it steps stay fake.
 
-    A scheduler computes its sigma table with numpy, compares sigmas in Python and indexes them by
-    step: host-side work a fake tensor cannot do (it has no values). Its `set_timesteps`,
-    `scale_model_input` and `step` therefore run with the fake mode suspended, on the real tables it
-    keeps on the CPU; the samples and noise predictions they receive are fake CUDA tensors whatever
-    the mode. Like the scheduler itself, only `timesteps` goes to the requested device.
+    A scheduler computes its tables with numpy, compares sigmas in Python and indexes its tables by
+    timestep: host-side work a fake tensor cannot do (it has no values). Its `set_timesteps`,
+    `scale_model_input` and `step` therefore run with the fake mode suspended, and its timesteps stay
+    real on the CPU (`set_timesteps`' device is dropped; a 0-dim timestep reaches the UNet, which
+    moves it to the sample's device itself). The denoising loop iterates the timesteps inside the
+    mode, which makes each a fake tensor without its value, so `scale_model_input` and `step` are
+    given the real one back by position: diffusers' loops step once per timestep, in order. The
+    samples and noise predictions the scheduler receives are fake CUDA tensors whatever the mode.
     """
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    def on_host(method):
-        def call(*args, **kwargs):
-            device = kwargs.pop("device", None)
-            with unset_fake_temporarily():
-                result = method(*args, **kwargs)
-            if device is not None:  # a fake tensor has no values: shape and dtype are all the move carries
-                scheduler.timesteps = torch.empty_like(scheduler.timesteps, device=device)
-            return result
+    position = [0]
 
-        return call
+    def set_timesteps(*args, **kwargs):
+        kwargs.pop("device", None)
+        position[0] = 0
+        with unset_fake_temporarily():
+            return original["set_timesteps"](*args, **kwargs)
 
-    names = ("set_timesteps", "scale_model_input", "step")
-    for name in names:
-        setattr(scheduler, name, on_host(getattr(scheduler, name)))
+    def scale_model_input(sample, timestep, *args, **kwargs):
+        with unset_fake_temporarily():
+            return original["scale_model_input"](sample, scheduler.timesteps[position[0]], *args, **kwargs)
+
+    def step(model_output, timestep, *args, **kwargs):
+        with unset_fake_temporarily():
+            result = original["step"](model_output, scheduler.timesteps[position[0]], *args, **kwargs)
+        position[0] += 1
+        return result
+
+    original = {name: getattr(scheduler, name) for name in ("set_timesteps", "scale_model_input", "step")}
+    for name, method in (("set_timesteps", set_timesteps), ("scale_model_input", scale_model_input), ("step", step)):
+        setattr(scheduler, name, method)
     try:
         yield
     finally:
-        for name in names:
+        for name in original:
             delattr(scheduler, name)

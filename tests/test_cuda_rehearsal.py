@@ -28,14 +28,12 @@ from dreambench.data import load_conditioning_images
 from dreambench.generation import build_items
 from dreambench.validation import TrainingValidation
 from ip_adapter.batch_generation import SubjectTokens, generate_batch
-from ip_adapter.ip_adapter import IPAdapterPlusXL
+from ip_adapter.ip_adapter import IPAdapterPlus, IPAdapterPlusXL
 from patch_quality.store import QualityMaps
 from patchdpo.loop import frozen_forward
 from patchdpo.method import EncodedPairs, Method, training_step
 from patchdpo.models import TrainingModels, frozen_adapter_copy, load_training_models
 from patchdpo.pair_dataset import DecodedPairs, PairDataset, index_pairs
-from stand_ins.sdxl import load_pipeline
-from tests.test_train_patchdpo import train_args
 from tests.test_validation import DREAMBENCH, validation_args
 
 LATENT = 16  # the tiny pair data's quality maps
@@ -115,35 +113,48 @@ def test_pair_noise_is_drawn_on_the_cpu_and_moved(tiny_models):
 
 
 @pytest.mark.parametrize("precision", sorted(HALF))
-def test_generation_runs_on_cuda(tiny_models, precision):
-    """One DreamBench/pair-construction generation batch (`generate_batch`): image tokens, prompts, denoising, on the device."""
-    dtype = HALF[precision]
-    pipe = load_pipeline(tiny_models.sdxl_dir, dtype)
-    loaded = IPAdapterPlusXL(pipe, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, device="cpu")
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generation_runs_on_cuda(request, family, precision):
+    """One DreamBench / pair-construction generation batch (`generate_batch`): image tokens, prompts, denoising, on the device."""
+    fixture, folder, resolution = FAMILIES[family]
+    paths, dtype = request.getfixturevalue(fixture), HALF[precision]
+    wrapper = {"sdxl": IPAdapterPlusXL, "sd15": IPAdapterPlus}[family]
+    pipe = wrapper.pipeline_class.from_pretrained(getattr(paths, folder), dtype=dtype, local_files_only=True)
+    loaded = wrapper(pipe, paths.image_encoder_dir, paths.ip_ckpt, device="cpu")
     with fake_mode():
-        for module in (*(c for c in pipe.components.values() if isinstance(c, torch.nn.Module)), loaded.image_encoder):
+        for module in (*(c for c in pipe.components.values() if isinstance(c, torch.nn.Module)), loaded.image_proj_model):
             place(module, CUDA)
-        place(loaded.image_proj_model, CUDA)
-        model = IPAdapterPlusXL.around(pipe, loaded.image_encoder, loaded.image_proj_model)
+        model = wrapper.around(pipe, place(loaded.image_encoder, CUDA), loaded.image_proj_model)
         tokens = SubjectTokens(model, lambda subject: load_conditioning_images(DREAMBENCH, subject, kosmosg=False))
         items = build_items({"dog": ["a dog", "a dog on the beach"]}, 0)
         with scheduler_on_host(pipe.scheduler):
-            latents = generate_batch(model, tokens, items, 2, scale=0.6, height=32, width=32, output_type="latent")
-    assert latents.device.type == "cuda" and latents.shape == (2, 4, 16, 16)
+            sampling = dict(scale=0.6, height=resolution, width=resolution, output_type="latent")
+            latents = generate_batch(model, tokens, items, 2, **sampling)
+    assert latents.device.type == "cuda" and latents.shape == (2, 4, LATENT, LATENT)
 
 
 @pytest.mark.parametrize("precision", sorted(HALF))
-def test_validation_sampling_runs_on_cuda(tiny_models, tiny_pair_data, tmp_path, precision):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_validation_sampling_runs_on_cuda(request, tiny_pair_data, tmp_path, family, precision):
     """`TrainingValidation` around the training models: sampling under the run's autocast and the VAE decode outside it."""
-    dtype = HALF[precision]
-    argv = train_args(tiny_models, tiny_pair_data, tmp_path, *validation_args(None, None))
-    args = train_patchdpo.parse_args(argv[: argv.index("--clip_model")])
+    fixture, folder, resolution = FAMILIES[family]
+    paths, dtype = request.getfixturevalue(fixture), HALF[precision]
+    model_dir, flags = getattr(paths, folder), validation_args(None, None)
+    args = train_patchdpo.parse_args(
+        [
+            *("--pretrained_model_name_or_path", str(model_dir), "--image_encoder_path", str(paths.image_encoder_dir)),
+            *("--pretrained_ip_adapter_path", str(paths.ip_ckpt), "--data_root_path", str(tiny_pair_data.root)),
+            *("--output_dir", str(tmp_path), "--resolution", str(resolution)),
+            *flags[: flags.index("--clip_model")],
+            *("--validation_size", str(resolution)),
+        ]
+    )
     accelerator = Accelerator(cpu=True)
     accelerator.autocast = lambda: cuda_autocast(dtype)  # what accelerator.autocast() is in a half-precision run on a GPU
-    models = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", dtype)
+    models = load_training_models(model_dir, paths.image_encoder_dir, paths.ip_ckpt, "cpu", dtype)
     with fake_mode():
         place_on_fake_cuda(models)
     validation = TrainingValidation(args, accelerator, args.seed, models)
     with fake_mode(), scheduler_on_host(validation.model.pipe.scheduler):
         pixels = validation._pixels()
-    assert pixels.device.type == "cuda" and pixels.dtype == torch.float32 and pixels.shape == (2, 3, 32, 32)
+    assert pixels.device.type == "cuda" and pixels.dtype == torch.float32 and pixels.shape == (2, 3, resolution, resolution)
