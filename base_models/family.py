@@ -119,6 +119,10 @@ class BaseModelFamily(ABC):
         """The diffusers pipeline that generates with this family."""
 
     @abstractmethod
+    def ip_adapter_class(self) -> type:
+        """The `ip_adapter` wrapper that generates with this family's pipeline and IP-Adapter-Plus."""
+
+    @abstractmethod
     def plan_models(self, read_config: Callable[[str], dict[str, Any]]) -> tuple[nn.Module, nn.Module, list[nn.Module]]:
         """(denoiser, VAE, text encoders) built from the folder's configs alone, for `patchdpo.memory_plan`."""
 

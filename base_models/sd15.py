@@ -10,6 +10,8 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 from transformers import CLIPTextModel
 
+from ip_adapter.ip_adapter import IPAdapterPlus
+
 from .family import Tensors
 from .unet_family import UNetFamily
 
@@ -35,6 +37,9 @@ class SD15(UNetFamily):
         self, prompt: Mapping[str, torch.Tensor], reference_size: torch.Tensor, generated_size: torch.Tensor, resolution: int
     ) -> None:
         return None
+
+    def ip_adapter_class(self) -> type:
+        return IPAdapterPlus
 
     def pipeline_class(self) -> type:
         return StableDiffusionPipeline

@@ -32,6 +32,8 @@ from diffusers import StableDiffusionXLPipeline
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from ip_adapter.ip_adapter import IPAdapterPlusXL
+
 from .family import Tensors
 from .unet_family import UNetFamily
 
@@ -89,6 +91,9 @@ class SDXL(UNetFamily):
         pooled = prompt["pooled_prompt_embeds"]
         time_ids = pair_time_ids(reference_size, generated_size, resolution, self.official_time_ids).to(pooled.device)
         return {"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids}
+
+    def ip_adapter_class(self) -> type:
+        return IPAdapterPlusXL
 
     def pipeline_class(self) -> type:
         return StableDiffusionXLPipeline

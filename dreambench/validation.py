@@ -6,9 +6,9 @@ it is now, logs one grid per validation to TensorBoard (rows: reference | starti
 current adapter) and, with `--clip_model/--dino_model`, the CLIP-T / CLIP-I / DINO of those
 images as curves; the other processes wait at a barrier.
 
-It samples with the model being trained: an SDXL pipeline built around the training UNet (whose
+It samples with the model being trained: the family's pipeline (SDXL, SD 1.5) built around the training UNet (whose
 IP-Adapter layers are the current adapter), its frozen VAE and text encoders, and the training
-CLIP image encoder and Resampler; no second SDXL is loaded and nothing moves between devices
+CLIP image encoder and Resampler; no second base model is loaded and nothing moves between devices
 (`docs/memory.md`). The pipeline denoises under the run's autocast and returns latents; the fp32
 VAE decodes them with autocast off, because under `--mixed_precision fp16` autocast would run its
 convolutions in fp16, where SDXL's VAE overflows into NaN (black) images. An image that still has
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 
@@ -41,7 +41,7 @@ from dreambench.data import load_conditioning_images, load_reference_images
 from dreambench.generation import build_items
 from ip_adapter.attention_processor import set_ip_adapter_scale
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from ip_adapter.ip_adapter import IPAdapterPlusXL
+from ip_adapter.ip_adapter import IPAdapterPlus
 
 TILE = 128
 NON_FINITE = "non-finite"  # the label of a tile whose image had a NaN or inf pixel
@@ -90,7 +90,7 @@ def decode_in_float32(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tens
         return torch.cat([vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor).sample for latent in latents])
 
 
-def as_images(pipe: StableDiffusionXLPipeline, pixels: torch.Tensor) -> list[Image.Image | None]:
+def as_images(pipe: DiffusionPipeline, pixels: torch.Tensor) -> list[Image.Image | None]:
     """PIL images of decoded pixels; an image with a NaN or inf pixel comes back as None."""
     finite = pixels.flatten(1).isfinite().all(dim=1).tolist()
     images = pipe.image_processor.postprocess(pixels.nan_to_num(), output_type="pil")
@@ -100,7 +100,7 @@ def as_images(pipe: StableDiffusionXLPipeline, pixels: torch.Tensor) -> list[Ima
 TRAINING_SCALE = 1.0  # the IP-Adapter scale training runs at (the processors' default)
 
 
-def _around_training_models(args: argparse.Namespace, models: Any) -> IPAdapterPlusXL:
+def _around_training_models(models: Any) -> IPAdapterPlus:
     """An IP-Adapter-Plus pipeline made of the training run's own modules; only the scheduler and tokenizer files are read."""
     encoders = models.encoders
     pipe = models.family.pipeline_class().from_pretrained(
@@ -111,7 +111,7 @@ def _around_training_models(args: argparse.Namespace, models: Any) -> IPAdapterP
         local_files_only=True,
     )
     pipe.set_progress_bar_config(disable=True)
-    return IPAdapterPlusXL.around(pipe, encoders.image_encoder, models.model.image_proj_model)
+    return models.family.ip_adapter_class().around(pipe, encoders.image_encoder, models.model.image_proj_model)
 
 
 def validation_grid(
@@ -143,12 +143,12 @@ class TrainingValidation:
         self.items = build_items({s: prompts_for(s)[: args.validation_prompts] for s in subjects}, stable_seed(seed, "validation"))
         for subject in subjects:  # a bad folder fails at start-up, not at the first validation
             load_conditioning_images(self.data_root, subject, kosmosg=False)
-        self.model: IPAdapterPlusXL | None = None
+        self.model: IPAdapterPlus | None = None
         self.scale = args.validation_scale
         self.scorer: _Scorer | None = None
         self.start_images: list[Image.Image | None] = []
         if accelerator.is_main_process:
-            self.model = _around_training_models(args, models)
+            self.model = _around_training_models(models)
             self.tokens = SubjectTokens(self.model, lambda subject: load_conditioning_images(self.data_root, subject, kosmosg=False))
             if args.clip_model is not None:
                 from dreambench.metrics import load_clip, load_dino

@@ -166,12 +166,13 @@ def set_up(
     args: argparse.Namespace, accelerator: Accelerator, resume: CheckedState | None, make_validation: ValidationFactory | None = None
 ) -> TrainingRun:
     """Load the models and data, build the cache, optimizer and schedule, prepare them, resume from `resume` (`resolve_start`)."""
-    logger.info(f"loss={args.loss} time_ids={'official' if args.official_time_ids else 'per-image'}", main_process_only=True)
     set_seed(args.seed)
     if args.use_8bit_adam:
         check_8bit_adam(accelerator.device)
     weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
     family = family_of(args.pretrained_model_name_or_path, revision=args.revision, official_time_ids=args.official_time_ids)
+    time_ids = " (the reference training's time ids)" if args.official_time_ids else ""
+    logger.info(f"{family.name} + IP-Adapter-Plus, loss={args.loss}{time_ids}", main_process_only=True)
     models = load_training_models(
         args.pretrained_model_name_or_path,
         args.image_encoder_path,

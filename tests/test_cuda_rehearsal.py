@@ -23,12 +23,12 @@ from torch.utils.data import default_collate
 
 import base_models.unet_family
 import train_patchdpo
+from base_models import family_of
 from common.fake_cuda import CUDA, cuda_autocast, fake_mode, place, scheduler_on_host
 from dreambench.data import load_conditioning_images
 from dreambench.generation import build_items
 from dreambench.validation import TrainingValidation
 from ip_adapter.batch_generation import SubjectTokens, generate_batch
-from ip_adapter.ip_adapter import IPAdapterPlus, IPAdapterPlusXL
 from patch_quality.store import QualityMaps
 from patchdpo.loop import frozen_forward
 from patchdpo.method import EncodedPairs, Method, training_step
@@ -118,7 +118,7 @@ def test_generation_runs_on_cuda(request, family, precision):
     """One DreamBench / pair-construction generation batch (`generate_batch`): image tokens, prompts, denoising, on the device."""
     fixture, folder, resolution = FAMILIES[family]
     paths, dtype = request.getfixturevalue(fixture), HALF[precision]
-    wrapper = {"sdxl": IPAdapterPlusXL, "sd15": IPAdapterPlus}[family]
+    wrapper = family_of(getattr(paths, folder)).ip_adapter_class()
     pipe = wrapper.pipeline_class.from_pretrained(getattr(paths, folder), dtype=dtype, local_files_only=True)
     loaded = wrapper(pipe, paths.image_encoder_dir, paths.ip_ckpt, device="cpu")
     with fake_mode():
