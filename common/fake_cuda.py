@@ -25,7 +25,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 CUDA = torch.device("cuda")
 
@@ -60,13 +60,19 @@ def place(
 
     `dtype` applies to floating tensors only, as in `nn.Module.to`; tensors whose `id` is in `skip` keep their dtype.
     """
+    from torch._guards import detect_fake_mode
+
+    faking = detect_fake_mode() is not None
     for owner in module.modules():
         for table in (owner._parameters, owner._buffers):
             for name, tensor in table.items():
                 if tensor is None:
                     continue
                 cast = dtype if dtype is not None and tensor.is_floating_point() and id(tensor) not in skip else None
-                moved = tensor.detach().to(device=device, dtype=cast)
+                if faking and not isinstance(tensor, FakeTensor):  # a fake copy keeps no values: skip converting the real ones
+                    moved = torch.empty(tensor.shape, dtype=cast or tensor.dtype, device=device or tensor.device)
+                else:
+                    moved = tensor.detach().to(device=device, dtype=cast)
                 table[name] = torch.nn.Parameter(moved, requires_grad=tensor.requires_grad) if table is owner._parameters else moved
     return module
 

@@ -25,6 +25,7 @@ import base_models.unet_family
 import train_patchdpo
 from base_models import family_of
 from common.fake_cuda import CUDA, cuda_autocast, fake_mode, place, scheduler_on_host
+from common.flags import LOSS_MODES
 from dreambench.data import load_conditioning_images
 from dreambench.generation import build_items
 from dreambench.validation import TrainingValidation
@@ -58,29 +59,33 @@ def loader_batch(models: TrainingModels, tiny_pair_data, resolution: int, size: 
     return default_collate([dataset[index, 0] for index in range(size)])
 
 
-def rehearse_training_step(request, family: str, tiny_pair_data, loss: str, dtype: torch.dtype) -> torch.Tensor:
-    """One training step of `family` in a `dtype` run, on fake CUDA; returns the loss."""
+def rehearse_training_steps(request, family: str, tiny_pair_data, losses: tuple[str, ...], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One training step of `family` per loss in a `dtype` run, on fake CUDA; returns the losses."""
     fixture, folder, resolution = FAMILIES[family]
     paths = request.getfixturevalue(fixture)
     models = load_training_models(getattr(paths, folder), paths.image_encoder_dir, paths.ip_ckpt, "cpu", dtype)
     batch = loader_batch(models, tiny_pair_data, resolution)
+    results = {}
     with fake_mode():
         place_on_fake_cuda(models)
         batch = {key: value if key == "noise_seed" else value.to(CUDA) for key, value in batch.items()}  # as accelerate moves it
-        reference = frozen_forward(Accelerator(cpu=True), models.model, frozen_adapter_copy(models.model)) if loss == "image_dpo" else None
-        method = Method(loss, models.objective, resolution, noise_offset=0.05, dpo_beta=5000.0, reference_forward=reference)
-        with cuda_autocast(dtype):  # what accelerate's prepared model and accelerator.autocast() run under on a GPU
-            output = training_step(models.model, EncodedPairs.from_batch(batch, models.encoders), method)
-    return output.loss
+        reference = frozen_forward(Accelerator(cpu=True), models.model, frozen_adapter_copy(models.model))
+        for loss in losses:
+            method = Method(loss, models.objective, resolution, noise_offset=0.05, dpo_beta=5000.0, reference_forward=reference)
+            with cuda_autocast(dtype):  # what accelerate's prepared model and accelerator.autocast() run under on a GPU
+                results[loss] = training_step(models.model, EncodedPairs.from_batch(batch, models.encoders), method).loss
+    return results
 
 
 @pytest.mark.parametrize("precision", sorted(HALF))
-@pytest.mark.parametrize("loss", ["patch_dpo", "mse", "image_dpo"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_the_training_step_runs_on_cuda(request, tiny_pair_data, family, loss, precision):
+def test_the_training_step_runs_on_cuda(request, tiny_pair_data, family, precision):
+    """Encoding the batch, the pair noise, the family's conditioning, the forward and each of the three losses, on the device."""
     started = time.perf_counter()
-    result = rehearse_training_step(request, family, tiny_pair_data, loss, HALF[precision])
-    assert result.device.type == "cuda" and result.dtype == torch.float32 and result.shape == () and result.requires_grad
+    results = rehearse_training_steps(request, family, tiny_pair_data, LOSS_MODES, HALF[precision])
+    assert sorted(results) == sorted(LOSS_MODES)
+    for loss in results.values():
+        assert loss.device.type == "cuda" and loss.dtype == torch.float32 and loss.shape == () and loss.requires_grad
     assert time.perf_counter() - started < 120
 
 
@@ -94,7 +99,7 @@ def test_a_cpu_tensor_made_inside_the_step_fails_the_rehearsal(request, tiny_pai
 
     monkeypatch.setattr(base_models.unet_family.DDPMObjective, "noisy", with_a_cpu_mask)
     with pytest.raises(FakeTensorDeviceMismatchError):
-        rehearse_training_step(request, family, tiny_pair_data, "patch_dpo", torch.float16)
+        rehearse_training_steps(request, family, tiny_pair_data, ("patch_dpo",), torch.float16)
 
 
 def test_pair_noise_is_drawn_on_the_cpu_and_moved(tiny_models):
