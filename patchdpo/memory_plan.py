@@ -8,7 +8,8 @@ code (diffusers' UNet with our IP-Adapter layers, the frozen Resampler, the enco
 loss) runs under `FakeTensorMode`, and `common.live_memory` counts the storages alive at each op: the
 weights and optimizer state as the trainer places them, plus the peak of one micro-step's forward and
 backward (activations and gradients), of the per-step encoding (without `--cache_dir`) and of
-validation. Not counted: the CUDA context and kernels' workspaces (about 0.5-1 GB), allocator
+validation. The same phases then run once more on fake CUDA tensors (`common.fake_cuda`, forward
+passes only): a tensor the code makes on the CPU fails there as it would on a first GPU run. Not counted: the CUDA context and kernels' workspaces (about 0.5-1 GB), allocator
 fragmentation, and CUDA-only kernel choices (activations are counted with CPU kernels; SDPA saves
 the same tensors on both); the plan keeps 10 % + 1 GiB of every card free for them.
 """
@@ -78,24 +79,15 @@ def read_config(model: str, sub: str, flag: str) -> dict[str, Any]:
         raise BadInputError(f"{flag} {model}: cannot read {sub} ({type(error).__name__})") from None
 
 
-def cast_floating_tensors(module: Any, dtype: Any, skip: set[int] = frozenset()) -> None:
-    """`module.to(dtype)` for floating tensors, by replacing them (nn.Module.to cannot swap fake tensors in place)."""
-    import torch
-
-    for owner in module.modules():
-        for table in (owner._parameters, owner._buffers):
-            for name, tensor in table.items():
-                if tensor is None or not tensor.is_floating_point() or id(tensor) in skip:
-                    continue
-                converted = tensor.detach().to(dtype)
-                table[name] = torch.nn.Parameter(converted, requires_grad=tensor.requires_grad) if table is owner._parameters else converted
-
-
-def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings, fake: bool = True) -> dict[str, Any]:
+def plan_training_memory(
+    model: str, image_encoder: str, settings: PlanSettings, fake: bool = True, rehearse: bool = False
+) -> dict[str, Any]:
     """Bytes per component and the peak of one training process (see the module docstring).
 
     `fake=False` runs the same code on real tensors (small models only): what the plan counts is then
-    what is really allocated, which is how the plan is tested.
+    what is really allocated, which is how the plan is tested. `rehearse` then runs the phases' forward
+    passes again on fake CUDA tensors (`common.fake_cuda`), failing where a first GPU run would on a
+    tensor made on the CPU; the bytes are counted on the CPU, where the backward pass runs.
     """
     import contextlib
 
@@ -104,6 +96,7 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from base_models import family_of
+    from common.fake_cuda import CUDA, cuda_autocast, place
     from common.live_memory import LiveStorageCounter
     from ip_adapter.resampler import Resampler
     from patchdpo.method import patch_dpo_loss
@@ -134,10 +127,10 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
             module.requires_grad_(False)
         # placed as patchdpo.models.load_training_models places them
         adapter_params = {id(p) for p in adapter.parameters()}
-        cast_floating_tensors(unet, torch.float32 if settings.fp32_unet else weight_dtype, skip=adapter_params)
+        place(unet, dtype=torch.float32 if settings.fp32_unet else weight_dtype, skip=frozenset(adapter_params))
         adapter.requires_grad_(True)
         for module in (resampler, *text_encoders, image_encoder_model):
-            cast_floating_tensors(module, weight_dtype)
+            place(module, dtype=weight_dtype)
         if settings.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         training_model = IPAdapterTrainingModel(family, unet, resampler, weight_dtype, image_proj_state={})
@@ -154,39 +147,45 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
             if settings.cache_dir and not settings.validation_size
             else sum(map(nbytes, (vae, *text_encoders, image_encoder_model))),
         }
-        autocast = torch.autocast("cpu", dtype=weight_dtype, enabled=settings.mixed_precision != "no")
+        half = weight_dtype if settings.mixed_precision != "no" else None
         tokens = (vision_config["image_size"] // vision_config["patch_size"]) ** 2 + 1
 
-        def step() -> None:
-            inputs = (
-                torch.randn(2 * batch, unet.config.in_channels, latent, latent),
-                torch.randint(0, 1000, (2 * batch,)),
-                torch.randn(batch, tokens, vision_config["hidden_size"], dtype=weight_dtype),
-                torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=weight_dtype),
-                family.example_added_conditioning(unet, 2 * batch, weight_dtype),
-            )
-            maps = torch.rand(batch, latent, latent)
-            with autocast:
-                pred = training_model(*inputs)
-            patch_dpo_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32), maps, maps).backward()
+        def autocast(device: torch.device):
+            return cuda_autocast(half) if device.type == "cuda" else torch.autocast("cpu", dtype=weight_dtype, enabled=bool(half))
 
-        def encode() -> None:
+        def step(device: torch.device = torch.device("cpu")) -> None:
+            """One micro-step; on fake CUDA without the backward pass (autograd asks the CUDA driver for its streams)."""
+            inputs = (
+                torch.randn(2 * batch, unet.config.in_channels, latent, latent, device=device),
+                torch.randint(0, 1000, (2 * batch,), device=device),
+                torch.randn(batch, tokens, vision_config["hidden_size"], dtype=weight_dtype, device=device),
+                torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=weight_dtype, device=device),
+                family.example_added_conditioning(unet, 2 * batch, weight_dtype, device),
+            )
+            maps = torch.rand(batch, latent, latent, device=device)
+            with autocast(device):
+                pred = training_model(*inputs)
+            loss = patch_dpo_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32), maps, maps)
+            if device.type == "cpu":
+                loss.backward()
+
+        def encode(device: torch.device = torch.device("cpu")) -> None:
             with torch.no_grad():
-                vae.encode(torch.randn(2 * batch, 3, settings.resolution, settings.resolution))
-                ids = torch.randint(0, 49407, (batch, 77))
+                vae.encode(torch.randn(2 * batch, 3, settings.resolution, settings.resolution, device=device))
+                ids = torch.randint(0, 49407, (batch, 77), device=device)
                 for encoder in text_encoders:
                     encoder(ids, output_hidden_states=True)
-                image_encoder_model(torch.randn(batch, 3, 224, 224, dtype=weight_dtype), output_hidden_states=True)
+                image_encoder_model(torch.randn(batch, 3, 224, 224, dtype=weight_dtype, device=device), output_hidden_states=True)
 
-        def sample(size: int) -> None:
-            with torch.no_grad(), autocast:
+        def sample(size: int, device: torch.device = torch.device("cpu")) -> None:
+            with torch.no_grad(), autocast(device):
                 unet(
-                    torch.randn(2, unet.config.in_channels, size // 8, size // 8, dtype=weight_dtype),
-                    torch.tensor([999, 999]),
-                    torch.randn(2, 77 + resampler.num_queries, unet.config.cross_attention_dim, dtype=weight_dtype),
-                    added_cond_kwargs=family.example_added_conditioning(unet, 2, weight_dtype),
+                    torch.randn(2, unet.config.in_channels, size // 8, size // 8, dtype=weight_dtype, device=device),
+                    torch.tensor([999, 999], device=device),
+                    torch.randn(2, 77 + resampler.num_queries, unet.config.cross_attention_dim, dtype=weight_dtype, device=device),
+                    added_cond_kwargs=family.example_added_conditioning(unet, 2, weight_dtype, device),
                 )
-                vae.decode(torch.randn(1, vae.config.latent_channels, size // 8, size // 8))
+                vae.decode(torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=device))
 
         models = (unet, resampler, vae, *text_encoders, image_encoder_model)
         phases = {"training step (activations + gradients)": peak(step, *models)}
@@ -194,6 +193,12 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
             phases["per-step encoding (VAE, text, CLIP image)"] = peak(encode, *models)
         if settings.validation_size:  # dreambench.validation samples with the training models: activations only
             phases["validation sampling"] = peak(lambda: sample(settings.validation_size), *models)
+        if fake and rehearse:  # the same phases on fake CUDA: a tensor they make on the CPU fails as on a first GPU run
+            for module in models:
+                place(module, CUDA)
+            step(CUDA), encode(CUDA)
+            if settings.validation_size:
+                sample(settings.validation_size, CUDA)
 
     static = sum(components.values())
     peak_phase = max(phases, key=phases.get)
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **{name: getattr(args, name) for name in PlanSettings.__dataclass_fields__},
     )
     with exit_on_reported_error(parser.prog):
-        plan = plan_training_memory(args.pretrained_model_name_or_path, args.image_encoder_path, settings)
+        plan = plan_training_memory(args.pretrained_model_name_or_path, args.image_encoder_path, settings, rehearse=True)
         if args.json is not None:
             from common.io import atomic_write_json
 
