@@ -1,4 +1,4 @@
-"""PatchDPO training: finetune IP-Adapter-Plus (SDXL) on (reference, generated) pairs.
+"""PatchDPO training: finetune IP-Adapter-Plus (SDXL or SD 1.5, read from the model folder) on (reference, generated) pairs.
 
     accelerate launch --num_processes 8 --multi_gpu --mixed_precision fp16 train_patchdpo.py \
       --pretrained_model_name_or_path SDXL_DIR --image_encoder_path ENC_DIR \
@@ -8,8 +8,8 @@
       --stop_step 30000 --output_dir output/exp1/ --use_dpo_loss True
 
 Flag names and defaults are the official script's; where the behaviour differs, and the switch back
-(`--official_time_ids`, `--fp32_unet`), see docs/differences.md. The step itself lives in `patchdpo.training`,
-the objectives in `patchdpo.loss`, the step arithmetic and optimizer in `patchdpo.optimization`.
+(`--official_time_ids`, `--fp32_unet`), see docs/differences.md. The method (patch weights, objectives,
+the step) lives in `patchdpo.method`, the run in `patchdpo.loop`, the step arithmetic and optimizer in `patchdpo.optimization`.
 Any layout of processes x `--train_batch_size` x `--gradient_accumulation_steps` with the same
 product trains the same global batches with the same randomness (README "Training").
 """
@@ -30,7 +30,11 @@ PROG = "train_patchdpo.py"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     official = parser.add_argument_group("official flags (train_patchdpo.py of hqhQAQ/PatchDPO)")
-    official.add_argument("--pretrained_model_name_or_path", required=True, help="SDXL pipeline: folder or Hugging Face id")
+    official.add_argument(
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="SDXL or SD 1.5 pipeline: folder or Hugging Face id (the family is read from its model_index.json)",
+    )
     official.add_argument(
         "--pretrained_ip_adapter_path",
         default=None,
@@ -70,12 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     extra.add_argument(
         "--variant", default=None, help="weight variant of the SDXL files to load, e.g. fp16 (as diffusers' from_pretrained)"
     )
-    extra.add_argument("--loss", choices=LOSS_MODES, default=None, help="objective (see patchdpo/loss.py)")
+    extra.add_argument("--loss", choices=LOSS_MODES, default=None, help="objective (see patchdpo/method.py)")
     extra.add_argument("--dpo_beta", type=float, default=5000.0, help="beta of --loss image_dpo")
     extra.add_argument(
         "--official_time_ids",
         action="store_true",
-        help="feed the reference code's scrambled SDXL time ids (see patchdpo/sdxl_conditioning.py)",
+        help="feed the reference code's scrambled SDXL time ids (see base_models/sdxl.py)",
     )
     extra.add_argument("--seed", type=int, default=42)
     extra.add_argument("--generated_per_sample", type=int, default=1, help="use gen_0..gen_{n-1} of each sample")

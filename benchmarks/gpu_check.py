@@ -9,7 +9,7 @@ encoders, VAE, CLIP ViT-H/14 vision, IP-Adapter-Plus; `stand_ins.sdxl.FULL`), bu
 `--work_dir` and reused by later runs. Stages, most important first, each with its own time budget
 (cut by what is left of `--budget_s`):
 
-- train_<precision>: one training step of 4 pairs at 512 px, ours (`patchdpo.training` as
+- train_<precision>: one training step of 4 pairs at 512 px, ours (`patchdpo.method` as
   `train_patchdpo.py --cache_dir` runs it) against the reference loop of `train_benchmark.py`:
   steady-state pairs/s, peak `torch.cuda.max_memory_allocated` of the timed steps, and model-FLOP
   utilisation (the FLOPs of one step counted by `torch.utils.flop_counter`, over the card's dense

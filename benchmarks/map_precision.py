@@ -5,7 +5,7 @@
 Maps: the stand-in maps (uniform in [0, 1], `stand_ins.pairs`) and maps from `patch_quality.maps` on
 DreamBench photos (reference: a subject's first photo; generated: each of its other photos) with the
 tiny random ViT and DINOv2 backbones, `--transform raw` and `minmax`, at the 64x64 latent grid of
-512 px. Weights are what `patchdpo.loss.patch_weights` makes of them: `1 - reference_map` and
+512 px. Weights are what `patchdpo.method.patch_weights` makes of them: `1 - reference_map` and
 `generated_map`. Reported: the relative weight error |w16 - w32| / w32 over weights > 0 (max, mean,
 and sum |w16 - w32| / sum w32), and the relative change of `patch_dpo_loss` and of its gradient on
 batches of 4 pairs whose prediction error is standard normal.

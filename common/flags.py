@@ -3,7 +3,7 @@
 `--help` must answer at once, so the parsers are built from this module alone; the libraries are
 imported only once the arguments are parsed. The code these flags configure lives in
 `ip_adapter.loading` (generator), `dreambench.evaluation` (metrics), `dreambench.validation`
-(validation during training) and `patchdpo.loss` (objectives).
+(validation during training) and `patchdpo.method` (objectives).
 """
 
 from __future__ import annotations

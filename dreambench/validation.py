@@ -130,7 +130,7 @@ class TrainingValidation:
     """Set up on every process (cheap); the model and the images exist on the main process only."""
 
     def __init__(self, args: argparse.Namespace, accelerator: Accelerator, seed: int, models: Any) -> None:
-        """`models`: the run's `patchdpo.training.TrainingModels`, encoders included (the pipeline is built from them)."""
+        """`models`: the run's `patchdpo.models.TrainingModels`, encoders included (the pipeline is built from them)."""
         self.accelerator = accelerator
         self.every = args.validation_steps or args.save_steps
         self.data_root = args.validation_data_root

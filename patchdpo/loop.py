@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -55,7 +55,7 @@ from patchdpo.models import (
     save_adapter_checkpoint,
 )
 from patchdpo.optimization import StepPlan, adamw, check_8bit_adam, lr_scheduler, require_one_step
-from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, PairSource, index_pairs
+from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, PairSource, TrainingPair, index_pairs
 from patchdpo.run_settings import apply_changed_settings, check_resume_settings, run_settings
 from patchdpo.step_guard import StepGuard
 from patchdpo.step_metrics import StepMeter
@@ -162,18 +162,24 @@ def pairs_per_step(args: argparse.Namespace, accelerator: Accelerator) -> int:
     return args.train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
 
 
-def set_up(
-    args: argparse.Namespace, accelerator: Accelerator, resume: CheckedState | None, make_validation: ValidationFactory | None = None
-) -> TrainingRun:
-    """Load the models and data, build the cache, optimizer and schedule, prepare them, resume from `resume` (`resolve_start`)."""
-    set_seed(args.seed)
-    if args.use_8bit_adam:
-        check_8bit_adam(accelerator.device)
+@dataclass
+class TrainingData:
+    """The checked pairs of `--data_root_path` with their quality maps (None unless --loss patch_dpo), on the family's latent grid."""
+
+    pairs: list[TrainingPair]
+    quality_maps: QualityMaps | None
+    maps_sha256: str | None  # hashed once per start: checked inputs and run settings
+    latent_size: int
+    dropout: DropoutRates
+
+
+def load_models(args: argparse.Namespace, accelerator: Accelerator) -> TrainingModels:
+    """The base-model family (read from the folder's model_index.json) and its models, placed as training holds them."""
     weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
     family = family_of(args.pretrained_model_name_or_path, revision=args.revision, official_time_ids=args.official_time_ids)
     time_ids = " (the reference training's time ids)" if args.official_time_ids else ""
     logger.info(f"{family.name} + IP-Adapter-Plus, loss={args.loss}{time_ids}", main_process_only=True)
-    models = load_training_models(
+    return load_training_models(
         args.pretrained_model_name_or_path,
         args.image_encoder_path,
         args.pretrained_ip_adapter_path,
@@ -184,33 +190,52 @@ def set_up(
         unet_dtype=torch.float32 if args.fp32_unet else weight_dtype,
         family=family,
     )
-    factor = family.latent_scale(models.encoders.vae.config)
+
+
+def load_data(args: argparse.Namespace, accelerator: Accelerator, models: TrainingModels) -> TrainingData:
+    """Index and check every pair (split over the processes) before anything is built from them."""
+    dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
+    factor = models.family.latent_scale(models.encoders.vae.config)
     if args.resolution % factor:
         raise BadInputError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
     latent_size = args.resolution // factor
     quality_maps = QualityMaps.load(args.patch_quality_file) if args.loss == "patch_dpo" else None
     pairs = index_pairs(args.data_root_path, quality_maps, args.generated_per_sample, latent_size)
     require_one_step(len(pairs), args.train_batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps)
-    maps_sha256 = sha256_file(quality_maps.path) if quality_maps is not None else None  # checked inputs and run settings
+    maps_sha256 = sha256_file(quality_maps.path) if quality_maps is not None else None
     check_inputs_on_every_process(accelerator, pairs, quality_maps, maps_sha256, args.output_dir, args.dataloader_num_workers)
-    dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
+    return TrainingData(pairs, quality_maps, maps_sha256, latent_size, dropout)
+
+
+def data_loader(args: argparse.Namespace, accelerator: Accelerator, data: TrainingData, source: PairSource) -> DataLoader:
+    """This process's micro-batches, each pair's draws keyed on (seed, epoch, index)."""
+    dataset = PairDataset(data.pairs, data.latent_size, args.seed, source, data.quality_maps, data.dropout)
+    return DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=EpochSampler(len(dataset), args.seed, pairs_per_step(args, accelerator)),
+        num_workers=args.dataloader_num_workers,
+        worker_init_fn=ignore_stop_signals_in_worker,
+    )
+
+
+def set_up(
+    args: argparse.Namespace, accelerator: Accelerator, resume: CheckedState | None, make_validation: ValidationFactory | None = None
+) -> TrainingRun:
+    """Load the models and data, build the cache, optimizer and schedule, prepare them, resume from `resume` (`resolve_start`)."""
+    set_seed(args.seed)
+    if args.use_8bit_adam:
+        check_8bit_adam(accelerator.device)
+    models = load_models(args, accelerator)
+    data = load_data(args, accelerator, models)
     if accelerator.is_main_process:
         remove_orphan_checkpoint_files(args.output_dir)
-    source, step_encoders = pair_source(args, accelerator, models, pairs, weight_dtype)
+    source, step_encoders = pair_source(args, accelerator, models, data.pairs, models.model.compute_dtype)
     if step_encoders is not models.encoders and make_validation is None:  # validation samples with them; else they are done
         models.encoders = None
         release_memory()
     validation = make_validation(args, accelerator, args.seed, models) if make_validation is not None else None
-
-    dataset = PairDataset(pairs, latent_size, args.seed, source, quality_maps, dropout)
-    sampler = EpochSampler(len(dataset), args.seed, pairs_per_step(args, accelerator))
-    loader = DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        sampler=sampler,
-        num_workers=args.dataloader_num_workers,
-        worker_init_fn=ignore_stop_signals_in_worker,
-    )
+    loader = data_loader(args, accelerator, data, source)
     model = models.model
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -220,36 +245,33 @@ def set_up(
     prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = StepPlan.create(len(loader), accelerator.gradient_accumulation_steps, args.stop_step, args.num_train_epochs)
     check_steps_left(args, plan, resume)
-    announce_plan(args, accelerator, plan, len(pairs), resume.step if resume else 0)
+    announce_plan(args, accelerator, plan, len(data.pairs), resume.step if resume else 0)
     scheduler = lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, plan.total_steps)
     reference_forward = frozen_forward(accelerator, prepared_model, reference_params) if reference_params is not None else None
     method = Method(args.loss, models.objective, args.resolution, args.noise_offset, args.dpo_beta, reference_forward)
-    settings = run_settings(args, pairs, pairs_per_step(args, accelerator), accelerator.mixed_precision, plan.total_steps, maps_sha256)
+    per_step = pairs_per_step(args, accelerator)
+    settings = run_settings(args, data.pairs, per_step, accelerator.mixed_precision, plan.total_steps, data.maps_sha256)
+    resumable = Resumable(adapter_weights(model), optimizer, scheduler, accelerator.scaler)
+    guard = StepGuard(accelerator, data.pairs)
     run = TrainingRun(
-        args,
-        accelerator,
-        models,
-        prepared_model,
-        optimizer,
-        scheduler,
-        Resumable(adapter_weights(model), optimizer, scheduler, accelerator.scaler),
-        loader,
-        plan,
-        method,
-        step_encoders,
-        StepGuard(accelerator, pairs),
-        settings,
-        validation,
-    )
+        args, accelerator, models, prepared_model, optimizer, scheduler, resumable, loader, plan, method, step_encoders, guard, settings, validation
+    )  # fmt: skip
     if resume is not None:
-        changed = check_resume_settings(resume.state_dir, settings, args.change_on_resume)
-        run.global_step = load_training_state(resume, run.resumable)
-        apply_changed_settings(changed, args, optimizer, scheduler)
-        logger.info(f"resumed from {resume.directory} at step {run.global_step}" + (f", changing {', '.join(changed)}" if changed else ""))
+        resume_run(run, resume)
     if args.overwrite_output_dir and accelerator.is_main_process:  # last: a refused start above loses nothing
         remove_earlier_run(args.output_dir, [tracker_logs(args)])
     accelerator.wait_for_everyone()
     return run
+
+
+def resume_run(run: TrainingRun, resume: CheckedState) -> None:
+    """Restore the checked state into `run` once its settings agree with the recorded ones (or were allowed to change)."""
+    args = run.args
+    changed = check_resume_settings(resume.state_dir, run.settings, args.change_on_resume)
+    run.global_step = load_training_state(resume, run.resumable)
+    run.lr_scheduler = apply_changed_settings(changed, args, run.optimizer, run.lr_scheduler, run.plan.total_steps)
+    run.resumable = replace(run.resumable, scheduler=run.lr_scheduler)
+    logger.info(f"resumed from {resume.directory} at step {run.global_step}" + (f", changing {', '.join(changed)}" if changed else ""))
 
 
 def frozen_forward(accelerator: Accelerator, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> Callable[[tuple], torch.Tensor]:

@@ -79,10 +79,148 @@ def read_config(model: str, sub: str, flag: str) -> dict[str, Any]:
         raise BadInputError(f"{flag} {model}: cannot read {sub} ({type(error).__name__})") from None
 
 
+def _nbytes(module: Any, only: Any = None) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters() if only is None or only(p))
+
+
+def _peak(run: Any, *existing: Any) -> int:
+    """The peak bytes `run()` adds to the storages of `existing` modules."""
+    from common.live_memory import LiveStorageCounter
+
+    tensors = [t for module in existing for t in (*module.parameters(), *module.buffers())]
+    with LiveStorageCounter(tensors) as counter:
+        run()
+    return counter.peak
+
+
+def _placed_models(family: Any, model: str, vision_config: dict, settings: PlanSettings, weight_dtype: Any) -> dict[str, Any]:
+    """The family's models built from their configs and placed as `patchdpo.models.load_training_models` places them."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from common.fake_cuda import place
+    from ip_adapter.resampler import Resampler
+    from patchdpo.models import IPAdapterTrainingModel
+
+    unet, vae, text_encoders = family.plan_models(lambda sub: read_config(model, sub, "--pretrained_model_name_or_path"))
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config))
+    resampler = Resampler(**family.fresh_resampler, embedding_dim=vision_config["hidden_size"], output_dim=unet.config.cross_attention_dim)
+    adapter = family.install_adapter(unet, resampler.num_queries)
+    for module in (unet, vae, *text_encoders, image_encoder, resampler):
+        module.requires_grad_(False)
+    adapter_params = {id(p) for p in adapter.parameters()}
+    place(unet, dtype=torch.float32 if settings.fp32_unet else weight_dtype, skip=frozenset(adapter_params))
+    adapter.requires_grad_(True)
+    for module in (resampler, *text_encoders, image_encoder):
+        place(module, dtype=weight_dtype)
+    if settings.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    training_model = IPAdapterTrainingModel(family, unet, resampler, weight_dtype, image_proj_state={})
+    return dict(unet=unet, vae=vae, text_encoders=text_encoders, image_encoder=image_encoder, resampler=resampler, adapter=adapter, training_model=training_model)  # fmt: skip
+
+
+def _static_components(m: dict[str, Any], settings: PlanSettings) -> dict[str, int]:
+    """Weights and optimizer state, alive for the whole run."""
+    adapter_bytes = _nbytes(m["adapter"])
+    return {
+        "frozen UNet weights": _nbytes(m["unet"], lambda p: not p.requires_grad),
+        "trainable adapter (fp32)": adapter_bytes,
+        # AdamW8bit: uint8 moments plus one fp32 scale per 2048-value block of each
+        "AdamW moments": int(2 * (adapter_bytes // 4) * (1 + 4 / 2048)) if settings.use_8bit_adam else 2 * adapter_bytes,
+        "DDP gradient buckets": adapter_bytes if settings.gpus > 1 else 0,
+        "frozen Resampler": _nbytes(m["resampler"]),
+        # freed once the cache is built, unless validation samples with them
+        "encoders (VAE fp32, text, CLIP image)": 0
+        if settings.cache_dir and not settings.validation_size
+        else sum(map(_nbytes, (m["vae"], *m["text_encoders"], m["image_encoder"]))),
+    }
+
+
+def _phase_runs(family: Any, m: dict[str, Any], vision_config: dict, settings: PlanSettings, weight_dtype: Any) -> dict[str, Any]:
+    """The phases of a run by name, each a function of the device its inputs are made on: the training step, the
+    per-step encoding (without the cache) and validation sampling (with `validation_size`)."""
+    import torch
+
+    from common.fake_cuda import cuda_autocast
+    from patchdpo.method import patch_dpo_loss
+
+    unet, vae, resampler = m["unet"], m["vae"], m["resampler"]
+    batch, latent = settings.train_batch_size, settings.resolution // family.latent_scale(vae.config)
+    half = weight_dtype if settings.mixed_precision != "no" else None
+    tokens = (vision_config["image_size"] // vision_config["patch_size"]) ** 2 + 1
+
+    def autocast(device: torch.device) -> Any:
+        return cuda_autocast(half) if device.type == "cuda" else torch.autocast("cpu", dtype=weight_dtype, enabled=half is not None)
+
+    def step(device: torch.device) -> None:
+        """One micro-step; on fake CUDA without the backward pass (torch's autograd asks the CUDA driver for its streams)."""
+        inputs = (
+            torch.randn(2 * batch, unet.config.in_channels, latent, latent, device=device),
+            torch.randint(0, 1000, (2 * batch,), device=device),
+            torch.randn(batch, tokens, vision_config["hidden_size"], dtype=weight_dtype, device=device),
+            torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=weight_dtype, device=device),
+            family.example_added_conditioning(unet, 2 * batch, weight_dtype, device),
+        )
+        maps = torch.rand(batch, latent, latent, device=device)
+        with autocast(device):
+            pred = m["training_model"](*inputs)
+        loss = patch_dpo_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32), maps, maps)
+        if device.type == "cpu":
+            loss.backward()
+
+    def encode(device: torch.device) -> None:
+        with torch.no_grad():
+            vae.encode(torch.randn(2 * batch, 3, settings.resolution, settings.resolution, device=device))
+            ids = torch.randint(0, 49407, (batch, 77), device=device)
+            for encoder in m["text_encoders"]:
+                encoder(ids, output_hidden_states=True)
+            m["image_encoder"](torch.randn(batch, 3, 224, 224, dtype=weight_dtype, device=device), output_hidden_states=True)
+
+    def sample(device: torch.device) -> None:
+        grid = settings.validation_size // family.latent_scale(vae.config)
+        with torch.no_grad(), autocast(device):
+            unet(
+                torch.randn(2, unet.config.in_channels, grid, grid, dtype=weight_dtype, device=device),
+                torch.tensor([999, 999], device=device),
+                torch.randn(2, 77 + resampler.num_queries, unet.config.cross_attention_dim, dtype=weight_dtype, device=device),
+                added_cond_kwargs=family.example_added_conditioning(unet, 2, weight_dtype, device),
+            )
+            vae.decode(torch.randn(1, vae.config.latent_channels, grid, grid, device=device))
+
+    runs = {"training step (activations + gradients)": step}
+    if not settings.cache_dir:
+        runs["per-step encoding (VAE, text, CLIP image)"] = encode
+    if settings.validation_size:  # dreambench.validation samples with the training models: activations only
+        runs["validation sampling"] = sample
+    return runs
+
+
+def _models(m: dict[str, Any]) -> tuple[Any, ...]:
+    return (m["unet"], m["resampler"], m["vae"], *m["text_encoders"], m["image_encoder"])
+
+
+def _phases(runs: dict[str, Any], m: dict[str, Any]) -> dict[str, int]:
+    """The activation peak of each phase, counted on the CPU."""
+    import torch
+
+    cpu = torch.device("cpu")
+    return {name: _peak(lambda run=run: run(cpu), *_models(m)) for name, run in runs.items()}
+
+
+def _rehearse_on_cuda(runs: dict[str, Any], m: dict[str, Any]) -> None:
+    """The phases again with the models and inputs on fake CUDA: a tensor made on the CPU inside them fails as on a GPU."""
+    from common.fake_cuda import CUDA, place
+
+    for module in _models(m):
+        place(module, CUDA)
+    for run in runs.values():
+        run(CUDA)
+
+
 def plan_training_memory(
     model: str, image_encoder: str, settings: PlanSettings, fake: bool = True, rehearse: bool = False
 ) -> dict[str, Any]:
-    """Bytes per component and the peak of one training process (see the module docstring).
+    """Bytes per component and the peak of one training process (see the module docstring); the family says what to build.
 
     `fake=False` runs the same code on real tensors (small models only): what the plan counts is then
     what is really allocated, which is how the plan is tested. `rehearse` then runs the phases' forward
@@ -93,113 +231,19 @@ def plan_training_memory(
 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from base_models import family_of
-    from common.fake_cuda import CUDA, cuda_autocast, place
-    from common.live_memory import LiveStorageCounter
-    from ip_adapter.resampler import Resampler
-    from patchdpo.method import patch_dpo_loss
-    from patchdpo.models import IPAdapterTrainingModel
 
     weight_dtype = getattr(torch, PRECISIONS[settings.mixed_precision])
     family = family_of(model)
     vision_config = read_config(image_encoder, "config.json", "--image_encoder_path")
-
-    def nbytes(module: torch.nn.Module, only=None) -> int:
-        return sum(p.numel() * p.element_size() for p in module.parameters() if only is None or only(p))
-
-    def peak(run, *existing) -> int:
-        tensors = [t for module in existing for t in (*module.parameters(), *module.buffers())]
-        with LiveStorageCounter(tensors) as counter:
-            run()
-        return counter.peak
-
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-        unet, vae, text_encoders = family.plan_models(lambda sub: read_config(model, sub, "--pretrained_model_name_or_path"))
-        batch, latent = settings.train_batch_size, settings.resolution // family.latent_scale(vae.config)
-        image_encoder_model = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config))
-        resampler = Resampler(
-            **family.fresh_resampler, embedding_dim=vision_config["hidden_size"], output_dim=unet.config.cross_attention_dim
-        )
-        adapter = family.install_adapter(unet, resampler.num_queries)
-        for module in (unet, vae, *text_encoders, image_encoder_model, resampler):
-            module.requires_grad_(False)
-        # placed as patchdpo.models.load_training_models places them
-        adapter_params = {id(p) for p in adapter.parameters()}
-        place(unet, dtype=torch.float32 if settings.fp32_unet else weight_dtype, skip=frozenset(adapter_params))
-        adapter.requires_grad_(True)
-        for module in (resampler, *text_encoders, image_encoder_model):
-            place(module, dtype=weight_dtype)
-        if settings.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        training_model = IPAdapterTrainingModel(family, unet, resampler, weight_dtype, image_proj_state={})
-        adapter_bytes = nbytes(adapter)
-        components = {
-            "frozen UNet weights": nbytes(unet, lambda p: not p.requires_grad),
-            "trainable adapter (fp32)": adapter_bytes,
-            # AdamW8bit: uint8 moments plus one fp32 scale per 2048-value block of each
-            "AdamW moments": int(2 * (adapter_bytes // 4) * (1 + 4 / 2048)) if settings.use_8bit_adam else 2 * adapter_bytes,
-            "DDP gradient buckets": adapter_bytes if settings.gpus > 1 else 0,
-            "frozen Resampler": nbytes(resampler),
-            # freed once the cache is built, unless validation samples with them
-            "encoders (VAE fp32, text, CLIP image)": 0
-            if settings.cache_dir and not settings.validation_size
-            else sum(map(nbytes, (vae, *text_encoders, image_encoder_model))),
-        }
-        half = weight_dtype if settings.mixed_precision != "no" else None
-        tokens = (vision_config["image_size"] // vision_config["patch_size"]) ** 2 + 1
-
-        def autocast(device: torch.device):
-            return cuda_autocast(half) if device.type == "cuda" else torch.autocast("cpu", dtype=weight_dtype, enabled=bool(half))
-
-        def step(device: torch.device = torch.device("cpu")) -> None:
-            """One micro-step; on fake CUDA without the backward pass (autograd asks the CUDA driver for its streams)."""
-            inputs = (
-                torch.randn(2 * batch, unet.config.in_channels, latent, latent, device=device),
-                torch.randint(0, 1000, (2 * batch,), device=device),
-                torch.randn(batch, tokens, vision_config["hidden_size"], dtype=weight_dtype, device=device),
-                torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=weight_dtype, device=device),
-                family.example_added_conditioning(unet, 2 * batch, weight_dtype, device),
-            )
-            maps = torch.rand(batch, latent, latent, device=device)
-            with autocast(device):
-                pred = training_model(*inputs)
-            loss = patch_dpo_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32), maps, maps)
-            if device.type == "cpu":
-                loss.backward()
-
-        def encode(device: torch.device = torch.device("cpu")) -> None:
-            with torch.no_grad():
-                vae.encode(torch.randn(2 * batch, 3, settings.resolution, settings.resolution, device=device))
-                ids = torch.randint(0, 49407, (batch, 77), device=device)
-                for encoder in text_encoders:
-                    encoder(ids, output_hidden_states=True)
-                image_encoder_model(torch.randn(batch, 3, 224, 224, dtype=weight_dtype, device=device), output_hidden_states=True)
-
-        def sample(size: int, device: torch.device = torch.device("cpu")) -> None:
-            with torch.no_grad(), autocast(device):
-                unet(
-                    torch.randn(2, unet.config.in_channels, size // 8, size // 8, dtype=weight_dtype, device=device),
-                    torch.tensor([999, 999], device=device),
-                    torch.randn(2, 77 + resampler.num_queries, unet.config.cross_attention_dim, dtype=weight_dtype, device=device),
-                    added_cond_kwargs=family.example_added_conditioning(unet, 2, weight_dtype, device),
-                )
-                vae.decode(torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=device))
-
-        models = (unet, resampler, vae, *text_encoders, image_encoder_model)
-        phases = {"training step (activations + gradients)": peak(step, *models)}
-        if not settings.cache_dir:
-            phases["per-step encoding (VAE, text, CLIP image)"] = peak(encode, *models)
-        if settings.validation_size:  # dreambench.validation samples with the training models: activations only
-            phases["validation sampling"] = peak(lambda: sample(settings.validation_size), *models)
-        if fake and rehearse:  # the same phases on fake CUDA: a tensor they make on the CPU fails as on a first GPU run
-            for module in models:
-                place(module, CUDA)
-            step(CUDA), encode(CUDA)
-            if settings.validation_size:
-                sample(settings.validation_size, CUDA)
-
+        placed = _placed_models(family, model, vision_config, settings, weight_dtype)
+        components = _static_components(placed, settings)
+        runs = _phase_runs(family, placed, vision_config, settings, weight_dtype)
+        phases = _phases(runs, placed)
+        if fake and rehearse:
+            _rehearse_on_cuda(runs, placed)
     static = sum(components.values())
     peak_phase = max(phases, key=phases.get)
     peak_bytes = static + phases[peak_phase]

@@ -42,9 +42,11 @@ def check_8bit_adam(device: torch.device) -> None:
         raise BadInputError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
 
 
-def lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def lr_scheduler(
+    name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, last_epoch: int = -1
+) -> torch.optim.lr_scheduler.LRScheduler:
     """diffusers' `get_scheduler`, stepped once per optimizer step (not once per process, as a prepared one would be)."""
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps, last_epoch=last_epoch)
 
 
 def require_one_step(num_pairs: int, train_batch_size: int, num_processes: int, accumulation: int) -> None:

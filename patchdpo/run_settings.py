@@ -8,10 +8,12 @@ one line naming them, except the optimizer settings the user lists in `--change_
 then take their new value everywhere at once: in the optimizer, the schedule and the logged
 hyper-parameters (`apply_changed_settings`).
 
-Free to change without a word: where things go and how often (paths, logging, saving, validation),
-speed switches that cannot change the update, and the run's length (`--stop_step`,
-`--num_train_epochs`) as long as the schedule does not depend on it. The layout of the global
-batch may change (1 GPU x 8 accumulated = 8 GPUs x 1), its size may not.
+What is recorded is an allow-list (`RecordedSettings`): the flags that change the updates, plus the
+global batch, the data and the starting weights by content. Everything else is free to change
+without a word: where things go and how often (paths, logging, saving, validation), speed switches
+that cannot change the update, and the run's length (`--stop_step`, `--num_train_epochs`) as long
+as the schedule does not depend on it. The layout of the global batch may change (1 GPU x 8
+accumulated = 8 GPUs x 1), its size may not. A new flag is free until it is added here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,37 +36,9 @@ from common.io import sha256_file
 from common.recorded_settings import read_recorded
 from common.training_state import SETTINGS_NAME
 
+from .optimization import lr_scheduler
 from .pair_dataset import TrainingPair
 
-#: Flags that change neither what a step trains nor how: free on resume.
-_FREE = {
-    "output_dir",
-    "logging_dir",
-    "report_to",
-    "local_rank",
-    "resume_from_checkpoint",
-    "overwrite_output_dir",
-    "change_on_resume",
-    "cache_dir",
-    "dataloader_num_workers",
-    "logging_steps",
-    "save_steps",
-    "checkpointing_steps",
-    "checkpoints_total_limit",
-    "gradient_checkpointing",
-    "fused_adamw",
-    "compile",
-    "allow_tf32",
-    "stop_step",
-    "num_train_epochs",
-    "train_batch_size",  # its product with processes and accumulation is recorded as pairs_per_step
-    "gradient_accumulation_steps",
-    "ddp_timeout",
-    "use_dpo_loss",  # recorded as `loss`
-    "patch_quality_file",  # recorded by content: quality_maps_sha256
-    "data_root_path",  # recorded by content: pairs_sha256
-    "pretrained_ip_adapter_path",  # recorded by content
-}
 _CONSTANT_SCHEDULES = ("constant", "constant_with_warmup")
 #: A recorded key that only an allowed flag may change: the schedule's length is part of `--lr_scheduler`'s shape.
 _CHANGED_BY = {"schedule_total_steps": "lr_scheduler"}
@@ -74,6 +49,65 @@ def _pairs_digest(pairs: Sequence[TrainingPair]) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class RecordedSettings:
+    """What decides a run's updates, recorded with every training state and compared on resume (an allow-list)."""
+
+    # the models, by name (local folders: their absolute path) and the starting adapter by content
+    pretrained_model_name_or_path: str
+    revision: str | None
+    variant: str | None
+    image_encoder_path: str
+    pretrained_ip_adapter_sha256: str | None
+    # the data, by content, and what is drawn from it
+    num_pairs: int
+    pairs_sha256: str
+    quality_maps_sha256: str | None
+    generated_per_sample: int
+    resolution: int
+    seed: int
+    image_drop_rate: float
+    text_drop_rate: float
+    both_drop_rate: float
+    # the objective
+    loss: str
+    dpo_beta: float
+    noise_offset: float | None
+    official_time_ids: bool
+    # the update
+    pairs_per_step: int
+    learning_rate: float
+    weight_decay: float
+    lr_scheduler: str
+    lr_warmup_steps: int
+    max_grad_norm: float | None
+    use_8bit_adam: bool
+    mixed_precision: str
+    fp32_unet: bool
+    schedule_total_steps: int | None  # a decaying schedule's shape depends on the run's length; None for constant ones
+
+    def as_recorded(self) -> dict[str, Any]:
+        settings = {name: value for name, value in asdict(self).items() if not (name == "schedule_total_steps" and value is None)}
+        return dict(sorted(settings.items()))
+
+
+#: The fields read from the flag of the same name.
+_FROM_FLAGS = tuple(
+    name
+    for name in RecordedSettings.__dataclass_fields__
+    if name
+    not in {
+        "pretrained_ip_adapter_sha256",
+        "num_pairs",
+        "pairs_sha256",
+        "quality_maps_sha256",
+        "pairs_per_step",
+        "mixed_precision",
+        "schedule_total_steps",
+    }
+)
+
+
 def run_settings(
     args: argparse.Namespace,
     pairs: Sequence[TrainingPair],
@@ -82,23 +116,25 @@ def run_settings(
     total_steps: int,
     quality_maps_sha256: str | None,
 ) -> dict[str, Any]:
-    """What decides this run's updates: its flags (less `_FREE`), the global batch, the data and starting weights by content.
+    """This run's `RecordedSettings`, as recorded in `settings.json`.
 
     `quality_maps_sha256`: the digest of the maps file the run reads (None without one), hashed once per start by the caller.
     """
-    settings = {name: value for name, value in sorted(vars(args).items()) if name not in _FREE and not name.startswith("validation")}
+    flags = {name: getattr(args, name) for name in _FROM_FLAGS}
     for name in ("pretrained_model_name_or_path", "image_encoder_path"):
-        settings[name] = recorded_name(settings[name])
-    settings["mixed_precision"] = mixed_precision
-    settings["pairs_per_step"] = pairs_per_step
-    settings["num_pairs"] = len(pairs)
-    settings["pairs_sha256"] = _pairs_digest(pairs)
-    settings["quality_maps_sha256"] = quality_maps_sha256
+        flags[name] = recorded_name(flags[name])
     ip_adapter = args.pretrained_ip_adapter_path
-    settings["pretrained_ip_adapter_sha256"] = sha256_file(ip_adapter) if ip_adapter and Path(ip_adapter).is_file() else ip_adapter
-    if args.lr_scheduler not in _CONSTANT_SCHEDULES:
-        settings["schedule_total_steps"] = total_steps  # a decaying schedule's shape depends on the run's length
-    return json.loads(json.dumps(settings, default=str))  # as recorded: tuples become lists, paths strings
+    settings = RecordedSettings(
+        **flags,
+        pretrained_ip_adapter_sha256=sha256_file(ip_adapter) if ip_adapter and Path(ip_adapter).is_file() else ip_adapter,
+        num_pairs=len(pairs),
+        pairs_sha256=_pairs_digest(pairs),
+        quality_maps_sha256=quality_maps_sha256,
+        pairs_per_step=pairs_per_step,
+        mixed_precision=mixed_precision,
+        schedule_total_steps=None if args.lr_scheduler in _CONSTANT_SCHEDULES else total_steps,
+    )
+    return json.loads(json.dumps(settings.as_recorded(), default=str))  # as recorded: tuples become lists, paths strings
 
 
 def check_resume_settings(state_dir: str | os.PathLike, now: Mapping[str, Any], allowed: Iterable[str]) -> list[str]:
@@ -122,21 +158,21 @@ def check_resume_settings(state_dir: str | os.PathLike, now: Mapping[str, Any], 
 
 
 def apply_changed_settings(
-    changed: Iterable[str], args: argparse.Namespace, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
-) -> None:
-    """After `load_state`: the restored optimizer and schedule take the new learning rate and weight decay.
-
-    The schedule object was built from the new flags (its lambdas follow the new `--lr_scheduler`
-    and warmup) but `load_state` restored the old base learning rates; this resets them and the
-    current learning rate to `new lr x new lambda(step)`.
-    """
+    changed: Iterable[str],
+    args: argparse.Namespace,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    total_steps: int,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """After the state is loaded: the optimizer takes the new weight decay, and a changed learning-rate setting gets a
+    schedule rebuilt from the new flags at the restored step (`new lr x new lambda(step)`); returns the schedule to use."""
     changed = set(changed)
-    if changed & {"learning_rate", "lr_scheduler", "lr_warmup_steps"}:
-        scheduler.base_lrs = [args.learning_rate for _ in optimizer.param_groups]
-        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["initial_lr"] = base
-            group["lr"] = base * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     if "weight_decay" in changed:
         for group in optimizer.param_groups:
             group["weight_decay"] = args.weight_decay
+    if not changed & {"learning_rate", "lr_scheduler", "lr_warmup_steps"}:
+        return scheduler
+    for group in optimizer.param_groups:
+        group["initial_lr"] = args.learning_rate  # what a schedule resumed at `last_epoch` starts from
+    # The schedule's constructor takes one step: starting it one before the restored step lands it there.
+    return lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, total_steps, last_epoch=scheduler.last_epoch - 1)

@@ -1,4 +1,4 @@
-"""train_patchdpo.py and patchdpo.training on the tiny models and a tiny synthetic data set."""
+"""train_patchdpo.py and patchdpo.method on the tiny models and a tiny synthetic data set."""
 
 from __future__ import annotations
 
