@@ -6,17 +6,21 @@ GPU run would: an op mixing a CPU tensor with a CUDA one (a mask or index built 
 raises `FakeTensorDeviceMismatchError`. The memory plan counts its bytes this way, and the tests
 rehearse the training step, validation sampling and generation with it.
 
-Three things the mode alone does not give:
+What the mode alone does not give, and what this module adds:
 
 * autocast: `torch.autocast("cuda")` switches itself off without a driver, so `cuda_autocast` sets
   the CUDA autocast state directly (the same state the real context manager sets on a GPU);
 * modules: `module.to("cuda")` cannot swap a real CPU weight for a fake CUDA one, so `place`
   replaces a module's tensors instead (build under `with torch.device(CUDA)` to create them there);
 * data: a fake tensor has no values, so code that reads one (`.item()`, `.tolist()`, `nonzero`)
-  cannot run in the mode: a rehearsal stops where tensors become numbers or images.
+  cannot run in the mode: a rehearsal stops where tensors become numbers or images, and a diffusers
+  scheduler keeps its bookkeeping on real CPU numbers (`scheduler_on_host`).
 
-Not caught: a CPU `torch.Generator` drawing directly on a CUDA device (a GPU refuses it); CUDA
-generators need a driver, which is why noise is drawn on the CPU and then moved (`patchdpo.training.pair_noise`).
+Not rehearsed: the backward pass (torch's autograd engine asks the CUDA driver for its streams
+before it runs a CUDA graph, fake or not); a CPU `torch.Generator` drawing directly on a CUDA device
+(a GPU refuses it; CUDA generators need a driver, which is why pair noise is drawn on the CPU and
+then moved, `base_models.unet_family.DDPMObjective.draw`); and where autocast is on or off inside the
+code under test, since its own `torch.autocast("cuda", ...)` switches itself off here.
 """
 
 from __future__ import annotations

@@ -163,3 +163,26 @@ def test_validation_sampling_runs_on_cuda(request, tiny_pair_data, tmp_path, fam
     with fake_mode(), scheduler_on_host(validation.model.pipe.scheduler):
         pixels = validation._pixels()
     assert pixels.device.type == "cuda" and pixels.dtype == torch.float32 and pixels.shape == (2, 3, resolution, resolution)
+
+
+def test_cuda_autocast_runs_cuda_s_policy_without_a_driver_and_restores_the_state():
+    with fake_mode():
+        with torch.device(CUDA):
+            layer = torch.nn.Linear(8, 8)
+        x = torch.randn(2, 8, device=CUDA)
+        with cuda_autocast(torch.float16):
+            assert layer(x).dtype == torch.float16 and layer(x).softmax(-1).dtype == torch.float32  # CUDA's fp32 list
+            with cuda_autocast(None):
+                assert layer(x).dtype == torch.float32
+            assert layer(x).dtype == torch.float16
+        assert layer(x).dtype == torch.float32 and not torch.is_autocast_enabled(CUDA.type)
+
+
+def test_place_casts_a_real_module_and_gives_fake_cuda_copies_in_the_mode():
+    layer = torch.nn.Linear(4, 4)
+    weight = layer.weight.detach().clone()
+    place(layer, dtype=torch.float64)
+    assert layer.weight.dtype == torch.float64 and torch.equal(layer.weight.float(), weight) and layer.weight.requires_grad
+    with fake_mode():
+        place(layer, CUDA, torch.float16)
+    assert layer.weight.device.type == "cuda" and layer.weight.dtype == torch.float16 and layer.weight.requires_grad
