@@ -3,7 +3,7 @@
     python -m patchdpo.memory_plan --pretrained_model_name_or_path SG161222/RealVisXL_V1.0 \
         --image_encoder_path h94/IP-Adapter/models/image_encoder --mixed_precision fp16 --train_batch_size 4
 
-Only the models' config.json files are read (a folder holding just those is enough). The real module
+Only the models' model_index.json (which family) and config.json files are read (a folder holding just those is enough). The real module
 code (diffusers' UNet with our IP-Adapter layers, the frozen Resampler, the encoders, the training
 loss) runs under `FakeTensorMode`, and `common.live_memory` counts the storages alive at each op: the
 weights and optimizer state as the trainer places them, plus the peak of one micro-step's forward and
@@ -50,7 +50,9 @@ class PlanSettings:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m patchdpo.memory_plan", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--pretrained_model_name_or_path", required=True, help="SDXL: folder or Hugging Face id (only config.json files are read)"
+        "--pretrained_model_name_or_path",
+        required=True,
+        help="SDXL or SD 1.5 pipeline: folder or Hugging Face id (only model_index.json and config.json files are read)",
     )
     parser.add_argument("--image_encoder_path", required=True, help="CLIP ViT-H vision encoder: folder or Hugging Face id (config.json)")
     parser.add_argument("--resolution", type=int, default=512)

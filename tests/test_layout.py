@@ -102,3 +102,14 @@ def test_library_code_never_imports_the_stand_ins():
 def test_cheap_modules_do_not_load_diffusers(module):
     code = f"import sys, {module}; assert 'diffusers' not in sys.modules, 'diffusers loaded'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_no_package_function_is_longer_than_about_70_lines():
+    """The issue's bound: a function a reader can hold on one screen (scripts and tests aside)."""
+    long = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 70:
+                    long.append(f"{package}/{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long
