@@ -34,7 +34,7 @@ from patch_quality.store import QualityMaps
 from patchdpo.loop import frozen_forward
 from patchdpo.method import EncodedPairs, Method, training_step
 from patchdpo.models import TrainingModels, frozen_adapter_copy, load_training_models
-from patchdpo.pair_dataset import DecodedPairs, PairDataset, index_pairs
+from patchdpo.pair_dataset import EncoderInputs, PairDataset, index_pairs
 from tests.test_validation import DREAMBENCH, validation_args
 
 LATENT = 16  # the tiny pair data's quality maps
@@ -55,7 +55,7 @@ def loader_batch(models: TrainingModels, tiny_pair_data, resolution: int, size: 
     """A batch of `size` pairs as the run's dataset and loader give it (on the CPU)."""
     maps = QualityMaps.load(tiny_pair_data.quality_file)
     pairs = index_pairs(tiny_pair_data.root, maps, 1, LATENT)
-    dataset = PairDataset(pairs, LATENT, 0, DecodedPairs(resolution, models.family, models.encoders.tokenizers), maps)
+    dataset = PairDataset(pairs, LATENT, 0, EncoderInputs(resolution, models.family, models.encoders.tokenizers), maps)
     return default_collate([dataset[index, 0] for index in range(size)])
 
 
