@@ -131,5 +131,5 @@ class BaseModelFamily(ABC):
         """(denoiser, VAE, text encoders) built from the folder's configs alone, for `patchdpo.memory_plan`."""
 
     @abstractmethod
-    def example_added_conditioning(self, denoiser: nn.Module, rows: int, dtype: torch.dtype) -> Tensors | None:
-        """Random `added` conditioning of the right shapes for `rows` latents (the memory plan's step)."""
+    def example_added_conditioning(self, denoiser: nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> Tensors | None:
+        """Random `added` conditioning of the right shapes for `rows` latents on `device` (the memory plan's step)."""

@@ -44,5 +44,5 @@ class SD15(UNetFamily):
     def pipeline_class(self) -> type:
         return StableDiffusionPipeline
 
-    def example_added_conditioning(self, denoiser: nn.Module, rows: int, dtype: torch.dtype) -> None:
+    def example_added_conditioning(self, denoiser: nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> None:
         return None

@@ -98,7 +98,7 @@ class SDXL(UNetFamily):
     def pipeline_class(self) -> type:
         return StableDiffusionXLPipeline
 
-    def example_added_conditioning(self, denoiser: nn.Module, rows: int, dtype: torch.dtype) -> Tensors:
+    def example_added_conditioning(self, denoiser: nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> Tensors:
         config: Any = denoiser.config
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        return {"text_embeds": torch.randn(rows, pooled, dtype=dtype), "time_ids": torch.randn(rows, 6)}
+        return {"text_embeds": torch.randn(rows, pooled, dtype=dtype, device=device), "time_ids": torch.randn(rows, 6, device=device)}

@@ -31,15 +31,17 @@ class DDPMObjective(Objective):
     def draw(
         self, noise_seeds: torch.Tensor, latent_shape: torch.Size, device: torch.device, noise_offset: float | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drawn by CPU generators and then moved to `device`: a pair's numbers are the same on every device type, and no
+        CUDA generator is needed (it needs a driver, which the fake-CUDA rehearsal has not); a few latents per step."""
         noises, timesteps = [], []
         for seed in noise_seeds.tolist():
-            generator = torch.Generator(device).manual_seed(seed)
-            noise = torch.randn(latent_shape, generator=generator, device=device)
+            generator = torch.Generator().manual_seed(seed)
+            noise = torch.randn(latent_shape, generator=generator)
             if noise_offset:
-                noise += noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator, device=device)
+                noise += noise_offset * torch.randn((latent_shape[0], 1, 1), generator=generator)
             noises.append(noise)
-            timesteps.append(torch.randint(0, self.scheduler.config.num_train_timesteps, (), generator=generator, device=device))
-        return torch.stack(noises), torch.stack(timesteps)
+            timesteps.append(torch.randint(0, self.scheduler.config.num_train_timesteps, (), generator=generator))
+        return torch.stack(noises).to(device), torch.stack(timesteps).to(device)
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.scheduler.add_noise(latents, noise, timesteps)

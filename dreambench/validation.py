@@ -80,15 +80,18 @@ def _label(image: Image.Image | None, text: str) -> Image.Image:
 
 
 @torch.no_grad()
-def decode_in_float32(pipe: DiffusionPipeline, latents: torch.Tensor) -> list[Image.Image | None]:
-    """The pipeline's scaled latents as images, decoded by its VAE in its own dtype (fp32) with autocast off.
+def decode_in_float32(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] of a pipeline's scaled latents, decoded by `vae` in its own dtype (fp32) with autocast off.
 
     One image at a time, so the decoder's activations are those of one image whatever the number of
-    validation images. An image with a NaN or inf pixel comes back as None.
+    validation images.
     """
-    vae = pipe.vae
     with torch.autocast(latents.device.type, enabled=False):
-        pixels = torch.cat([vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor).sample for latent in latents])
+        return torch.cat([vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor).sample for latent in latents])
+
+
+def as_images(pipe: DiffusionPipeline, pixels: torch.Tensor) -> list[Image.Image | None]:
+    """PIL images of decoded pixels; an image with a NaN or inf pixel comes back as None."""
     finite = pixels.flatten(1).isfinite().all(dim=1).tolist()
     images = pipe.image_processor.postprocess(pixels.nan_to_num(), output_type="pil")
     return [image if ok else None for image, ok in zip(images, finite)]
@@ -155,8 +158,8 @@ class TrainingValidation:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def _generate(self) -> list[Image.Image | None]:
-        """The validation images of the current adapter; None for one with a NaN or inf pixel."""
+    def _pixels(self) -> torch.Tensor:
+        """The current adapter's validation images as decoded pixels, on the training device (what a CUDA rehearsal runs)."""
         unet = self.model.pipe.unet
         compiled = unet.__dict__.pop("forward", None)  # a --compile'd forward would recompile for the sampling shapes
         sampling = dict(scale=self.scale, height=self.size, width=self.size, output_type="latent")  # decoded below, in fp32
@@ -167,7 +170,11 @@ class TrainingValidation:
             set_ip_adapter_scale(unet, TRAINING_SCALE)
             if compiled is not None:
                 unet.forward = compiled
-        return decode_in_float32(self.model.pipe, latents)
+        return decode_in_float32(self.model.pipe.vae, latents)
+
+    def _generate(self) -> list[Image.Image | None]:
+        """The validation images of the current adapter; None for one with a NaN or inf pixel."""
+        return as_images(self.model.pipe, self._pixels())
 
     def __call__(self, step: int, adapter_modules: torch.nn.Module) -> None:
         """Validate the adapter after `step` (step 0: the starting adapter); all processes call, the main one works.

@@ -8,7 +8,8 @@ code (diffusers' UNet with our IP-Adapter layers, the frozen Resampler, the enco
 loss) runs under `FakeTensorMode`, and `common.live_memory` counts the storages alive at each op: the
 weights and optimizer state as the trainer places them, plus the peak of one micro-step's forward and
 backward (activations and gradients), of the per-step encoding (without `--cache_dir`) and of
-validation. Not counted: the CUDA context and kernels' workspaces (about 0.5-1 GB), allocator
+validation. The same phases then run once more on fake CUDA tensors (`common.fake_cuda`, forward
+passes only): a tensor the code makes on the CPU fails there as it would on a first GPU run. Not counted: the CUDA context and kernels' workspaces (about 0.5-1 GB), allocator
 fragmentation, and CUDA-only kernel choices (activations are counted with CPU kernels; SDPA saves
 the same tensors on both); the plan keeps 10 % + 1 GiB of every card free for them.
 """
@@ -80,19 +81,6 @@ def read_config(model: str, sub: str, flag: str) -> dict[str, Any]:
         raise BadInputError(f"{flag} {model}: cannot read {sub} ({type(error).__name__})") from None
 
 
-def cast_floating_tensors(module: Any, dtype: Any, skip: set[int] = frozenset()) -> None:
-    """`module.to(dtype)` for floating tensors, by replacing them (nn.Module.to cannot swap fake tensors in place)."""
-    import torch
-
-    for owner in module.modules():
-        for table in (owner._parameters, owner._buffers):
-            for name, tensor in table.items():
-                if tensor is None or not tensor.is_floating_point() or id(tensor) in skip:
-                    continue
-                converted = tensor.detach().to(dtype)
-                table[name] = torch.nn.Parameter(converted, requires_grad=tensor.requires_grad) if table is owner._parameters else converted
-
-
 def _nbytes(module: Any, only: Any = None) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters() if only is None or only(p))
 
@@ -112,6 +100,7 @@ def _placed_models(family: Any, model: str, vision_config: dict, settings: PlanS
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+    from common.fake_cuda import place
     from ip_adapter.resampler import Resampler
     from patchdpo.models import IPAdapterTrainingModel
 
@@ -122,10 +111,10 @@ def _placed_models(family: Any, model: str, vision_config: dict, settings: PlanS
     for module in (unet, vae, *text_encoders, image_encoder, resampler):
         module.requires_grad_(False)
     adapter_params = {id(p) for p in adapter.parameters()}
-    cast_floating_tensors(unet, torch.float32 if settings.fp32_unet else weight_dtype, skip=adapter_params)
+    place(unet, dtype=torch.float32 if settings.fp32_unet else weight_dtype, skip=frozenset(adapter_params))
     adapter.requires_grad_(True)
     for module in (resampler, *text_encoders, image_encoder):
-        cast_floating_tensors(module, weight_dtype)
+        place(module, dtype=weight_dtype)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     training_model = IPAdapterTrainingModel(family, unet, resampler, weight_dtype, image_proj_state={})
@@ -149,63 +138,96 @@ def _static_components(m: dict[str, Any], settings: PlanSettings) -> dict[str, i
     }
 
 
-def _phases(family: Any, m: dict[str, Any], vision_config: dict, settings: PlanSettings, weight_dtype: Any) -> dict[str, int]:
-    """The activation peak of each phase of a run: the training step, the per-step encoding, validation sampling."""
+def _phase_runs(family: Any, m: dict[str, Any], vision_config: dict, settings: PlanSettings, weight_dtype: Any) -> dict[str, Any]:
+    """The phases of a run by name, each a function of the device its inputs are made on: the training step, the
+    per-step encoding (without the cache) and validation sampling (with `validation_size`)."""
     import torch
 
+    from common.fake_cuda import cuda_autocast
     from patchdpo.method import patch_dpo_loss
 
     unet, vae, resampler = m["unet"], m["vae"], m["resampler"]
     batch, latent = settings.train_batch_size, settings.resolution // family.latent_scale(vae.config)
-    autocast = torch.autocast("cpu", dtype=weight_dtype, enabled=settings.mixed_precision != "no")
+    half = weight_dtype if settings.mixed_precision != "no" else None
     tokens = (vision_config["image_size"] // vision_config["patch_size"]) ** 2 + 1
 
-    def step() -> None:
-        inputs = (
-            torch.randn(2 * batch, unet.config.in_channels, latent, latent),
-            torch.randint(0, 1000, (2 * batch,)),
-            torch.randn(batch, tokens, vision_config["hidden_size"], dtype=weight_dtype),
-            torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=weight_dtype),
-            family.example_added_conditioning(unet, 2 * batch, weight_dtype),
-        )
-        maps = torch.rand(batch, latent, latent)
-        with autocast:
-            pred = m["training_model"](*inputs)
-        patch_dpo_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32), maps, maps).backward()
+    def autocast(device: torch.device) -> Any:
+        return cuda_autocast(half) if device.type == "cuda" else torch.autocast("cpu", dtype=weight_dtype, enabled=half is not None)
 
-    def encode() -> None:
+    def step(device: torch.device) -> None:
+        """One micro-step; on fake CUDA without the backward pass (torch's autograd asks the CUDA driver for its streams)."""
+        inputs = (
+            torch.randn(2 * batch, unet.config.in_channels, latent, latent, device=device),
+            torch.randint(0, 1000, (2 * batch,), device=device),
+            torch.randn(batch, tokens, vision_config["hidden_size"], dtype=weight_dtype, device=device),
+            torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=weight_dtype, device=device),
+            family.example_added_conditioning(unet, 2 * batch, weight_dtype, device),
+        )
+        maps = torch.rand(batch, latent, latent, device=device)
+        with autocast(device):
+            pred = m["training_model"](*inputs)
+        loss = patch_dpo_loss(pred.float(), torch.randn_like(pred, dtype=torch.float32), maps, maps)
+        if device.type == "cpu":
+            loss.backward()
+
+    def encode(device: torch.device) -> None:
         with torch.no_grad():
-            vae.encode(torch.randn(2 * batch, 3, settings.resolution, settings.resolution))
-            ids = torch.randint(0, 49407, (batch, 77))
+            vae.encode(torch.randn(2 * batch, 3, settings.resolution, settings.resolution, device=device))
+            ids = torch.randint(0, 49407, (batch, 77), device=device)
             for encoder in m["text_encoders"]:
                 encoder(ids, output_hidden_states=True)
-            m["image_encoder"](torch.randn(batch, 3, 224, 224, dtype=weight_dtype), output_hidden_states=True)
+            m["image_encoder"](torch.randn(batch, 3, 224, 224, dtype=weight_dtype, device=device), output_hidden_states=True)
 
-    def sample(size: int) -> None:
-        grid = size // family.latent_scale(vae.config)
-        with torch.no_grad(), autocast:
+    def sample(device: torch.device) -> None:
+        grid = settings.validation_size // family.latent_scale(vae.config)
+        with torch.no_grad(), autocast(device):
             unet(
-                torch.randn(2, unet.config.in_channels, grid, grid, dtype=weight_dtype),
-                torch.tensor([999, 999]),
-                torch.randn(2, 77 + resampler.num_queries, unet.config.cross_attention_dim, dtype=weight_dtype),
-                added_cond_kwargs=family.example_added_conditioning(unet, 2, weight_dtype),
+                torch.randn(2, unet.config.in_channels, grid, grid, dtype=weight_dtype, device=device),
+                torch.tensor([999, 999], device=device),
+                torch.randn(2, 77 + resampler.num_queries, unet.config.cross_attention_dim, dtype=weight_dtype, device=device),
+                added_cond_kwargs=family.example_added_conditioning(unet, 2, weight_dtype, device),
             )
-            vae.decode(torch.randn(1, vae.config.latent_channels, grid, grid))
+            vae.decode(torch.randn(1, vae.config.latent_channels, grid, grid, device=device))
 
-    models = (unet, resampler, vae, *m["text_encoders"], m["image_encoder"])
-    phases = {"training step (activations + gradients)": _peak(step, *models)}
+    runs = {"training step (activations + gradients)": step}
     if not settings.cache_dir:
-        phases["per-step encoding (VAE, text, CLIP image)"] = _peak(encode, *models)
+        runs["per-step encoding (VAE, text, CLIP image)"] = encode
     if settings.validation_size:  # dreambench.validation samples with the training models: activations only
-        phases["validation sampling"] = _peak(lambda: sample(settings.validation_size), *models)
-    return phases
+        runs["validation sampling"] = sample
+    return runs
 
 
-def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings, fake: bool = True) -> dict[str, Any]:
+def _models(m: dict[str, Any]) -> tuple[Any, ...]:
+    return (m["unet"], m["resampler"], m["vae"], *m["text_encoders"], m["image_encoder"])
+
+
+def _phases(runs: dict[str, Any], m: dict[str, Any]) -> dict[str, int]:
+    """The activation peak of each phase, counted on the CPU."""
+    import torch
+
+    cpu = torch.device("cpu")
+    return {name: _peak(lambda run=run: run(cpu), *_models(m)) for name, run in runs.items()}
+
+
+def _rehearse_on_cuda(runs: dict[str, Any], m: dict[str, Any]) -> None:
+    """The phases again with the models and inputs on fake CUDA: a tensor made on the CPU inside them fails as on a GPU."""
+    from common.fake_cuda import CUDA, place
+
+    for module in _models(m):
+        place(module, CUDA)
+    for run in runs.values():
+        run(CUDA)
+
+
+def plan_training_memory(
+    model: str, image_encoder: str, settings: PlanSettings, fake: bool = True, rehearse: bool = False
+) -> dict[str, Any]:
     """Bytes per component and the peak of one training process (see the module docstring); the family says what to build.
 
     `fake=False` runs the same code on real tensors (small models only): what the plan counts is then
-    what is really allocated, which is how the plan is tested.
+    what is really allocated, which is how the plan is tested. `rehearse` then runs the phases' forward
+    passes again on fake CUDA tensors (`common.fake_cuda`), failing where a first GPU run would on a
+    tensor made on the CPU; the bytes are counted on the CPU, where the backward pass runs.
     """
     import contextlib
 
@@ -220,7 +242,10 @@ def plan_training_memory(model: str, image_encoder: str, settings: PlanSettings,
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         placed = _placed_models(family, model, vision_config, settings, weight_dtype)
         components = _static_components(placed, settings)
-        phases = _phases(family, placed, vision_config, settings, weight_dtype)
+        runs = _phase_runs(family, placed, vision_config, settings, weight_dtype)
+        phases = _phases(runs, placed)
+        if fake and rehearse:
+            _rehearse_on_cuda(runs, placed)
     static = sum(components.values())
     peak_phase = max(phases, key=phases.get)
     peak_bytes = static + phases[peak_phase]
@@ -267,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **{name: getattr(args, name) for name in PlanSettings.__dataclass_fields__},
     )
     with exit_on_reported_error(parser.prog):
-        plan = plan_training_memory(args.pretrained_model_name_or_path, args.image_encoder_path, settings)
+        plan = plan_training_memory(args.pretrained_model_name_or_path, args.image_encoder_path, settings, rehearse=True)
         if args.json is not None:
             from common.io import atomic_write_json
 

@@ -103,3 +103,26 @@ def test_8bit_adam_quarters_the_optimizer_moments(tiny_configs):
         plan(tiny_configs, resolution=64, mixed_precision="no", use_8bit_adam=flag)["components"]["AdamW moments"] for flag in (False, True)
     )
     assert eight == pytest.approx(full / 4, rel=0.01)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd15"])
+def test_the_plan_rehearses_its_phases_on_fake_cuda(tmp_path, family, monkeypatch):
+    """The plan's phases run again on fake CUDA: a CPU tensor made inside the step, unnoticed on the CPU, fails the rehearsal."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+
+    from patchdpo.models import IPAdapterTrainingModel
+    from stand_ins import sd15
+
+    paths = save_model_configs(tmp_path, TINY) if family == "sdxl" else sd15.save_model_configs(tmp_path, sd15.TINY)
+    folder = str(paths.sdxl_dir if family == "sdxl" else paths.sd15_dir)
+    settings = PlanSettings(resolution=64, train_batch_size=1, mixed_precision="fp16", validation_size=64)
+    assert plan_training_memory(folder, str(paths.image_encoder_dir), settings, rehearse=True)["peak_bytes"] > 0
+
+    real = IPAdapterTrainingModel.forward
+    monkeypatch.setattr(
+        IPAdapterTrainingModel, "forward", lambda self, noisy, *rest: real(self, noisy + torch.zeros(noisy.shape[-1]), *rest)
+    )
+    plan_training_memory(folder, str(paths.image_encoder_dir), settings)
+    with pytest.raises(FakeTensorDeviceMismatchError):
+        plan_training_memory(folder, str(paths.image_encoder_dir), settings, rehearse=True)
