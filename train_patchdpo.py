@@ -9,7 +9,7 @@
 
 Flag names and defaults are the official script's; where the behaviour differs, and the switch back
 (`--official_time_ids`, `--fp32_unet`), see docs/differences.md. The method (patch weights, objectives,
-the step) lives in `patchdpo.method`, the run in `patchdpo.loop`, the step arithmetic and optimizer in `patchdpo.optimization`.
+the step) lives in `patchdpo.method`, the loop in `patchdpo.loop`, the robustness around it in `patchdpo.run`, the step arithmetic and optimizer in `patchdpo.optimization`.
 Any layout of processes x `--train_batch_size` x `--gradient_accumulation_steps` with the same
 product trains the same global batches with the same randomness (README "Training").
 """
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     # Imported once the arguments are parsed: --help must not wait for torch, accelerate and diffusers.
     from dreambench.validation import TrainingValidation
-    from patchdpo.loop import run_training
+    from patchdpo.run import run_training
 
     quiet_libraries()
     exit_code = run_training(args, PROG, TrainingValidation if args.validation_data_root else None)

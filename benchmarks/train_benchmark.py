@@ -66,10 +66,10 @@ from ip_adapter.loading import vae_scale_factor  # noqa: E402
 from ip_adapter.resampler import Resampler  # noqa: E402
 from ip_adapter.speed import channels_last_helps, speed_up_unet  # noqa: E402
 from patch_quality.store import QualityMaps  # noqa: E402
-from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key  # noqa: E402
+from patchdpo.feature_cache import CachedEncoderOutputs, FeatureCache, build_feature_cache, cache_key  # noqa: E402
 from patchdpo.method import EncodedPairs, Method, training_step  # noqa: E402
 from patchdpo.models import load_training_models  # noqa: E402
-from patchdpo.pair_dataset import DecodedPairs, PairDataset, index_pairs  # noqa: E402
+from patchdpo.pair_dataset import EncoderInputs, PairDataset, index_pairs  # noqa: E402
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
 
@@ -116,7 +116,7 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
     text_encoder_2.to(device, dtype=weight_dtype)
     ip_adapter = ReferenceIPAdapter(unet, image_proj_model)  # the UNet keeps fp32 weights
     optimizer = torch.optim.AdamW(adapter_modules.parameters(), lr=3e-5, weight_decay=0.01)
-    dataset = PairDataset(source=DecodedPairs(args.resolution, SDXL(), tokenizers), **dataset_kwargs)
+    dataset = PairDataset(source=EncoderInputs(args.resolution, SDXL(), tokenizers), **dataset_kwargs)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
     ip_adapter, optimizer, loader = accelerator.prepare(ip_adapter, optimizer, loader)
 
@@ -174,7 +174,9 @@ def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_
         models.encoders = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    source = DecodedPairs(args.resolution, models.family, tokenizers) if cache is None else CachedPairs(cache, clip_per_step=False)
+    source = (
+        EncoderInputs(args.resolution, models.family, tokenizers) if cache is None else CachedEncoderOutputs(cache, clip_per_step=False)
+    )
     dataset = PairDataset(source=source, **dataset_kwargs)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=EpochSampler(len(dataset), 0), num_workers=args.num_workers)
     model = models.model

@@ -68,7 +68,7 @@ def cache_key(resolution: int, model_dir: str | os.PathLike, image_encoder_dir: 
 def _sources(pairs: Iterable[TrainingPair]) -> dict[str, str]:
     pairs = list(pairs)
     sources = {"reference": sha256_file(pairs[0].reference_path)}
-    sources.update({f"generated.{pair.k}": sha256_file(pair.generated_path) for pair in pairs})
+    sources.update({f"generated.{pair.generated_index}": sha256_file(pair.generated_path) for pair in pairs})
     return sources
 
 
@@ -152,11 +152,11 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         raise BadInputError(f"feature cache file {path} is unreadable ({error}); delete it and the next start rebuilds it") from None
 
 
-class CachedPairs:
+class CachedEncoderOutputs:
     """The frozen encoders' outputs for a pair, read from the cache, with the item's dropout applied as the encoders would.
 
     With `clip_per_step` the item carries the reference's CLIP pixels instead of its features (the
-    same crop as `DecodedPairs`), for the image encoder the step keeps.
+    same crop as `EncoderInputs`), for the image encoder the step keeps.
     """
 
     def __init__(self, cache: FeatureCache, clip_per_step: bool) -> None:
@@ -164,7 +164,7 @@ class CachedPairs:
         self.clip_per_step = clip_per_step
 
     def __call__(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        entry = self.cache.read_pair(pair.sample, pair.k, image_features=not self.clip_per_step)
+        entry = self.cache.read_pair(pair.sample, pair.generated_index, image_features=not self.clip_per_step)
         null = self.cache.null_entry()
         if self.clip_per_step:
             entry["clip_pixels"] = clip_input(pair, drop_image, generator)
@@ -190,8 +190,8 @@ def _encode_sample(encoders: FrozenEncoders, pairs: list[TrainingPair], resoluti
     if clip_pixels is not None:
         tensors["image_features"] = encoders.image_features(clip_pixels[None])[0]
     for pair, latent, (_, size) in zip(pairs, latents[1:], images[1:]):
-        tensors[f"generated_latents.{pair.k}"] = latent
-        tensors[f"generated_size.{pair.k}"] = size
+        tensors[f"generated_latents.{pair.generated_index}"] = latent
+        tensors[f"generated_size.{pair.generated_index}"] = size
     return tensors
 
 

@@ -1,6 +1,7 @@
-"""The PatchDPO training run: set-up, the optimizer-step loop (accumulation, logging, validation) and saving.
+"""The PatchDPO training loop: set-up, the optimizer-step loop (accumulation, logging, validation) and saving.
 
-`train_patchdpo.py` parses the flags and calls `run_training`. An optimizer step trains
+`patchdpo.run.run_training` puts the robustness around it (launch checks, folder lock, where a resume
+starts, stop signals); the method itself is `patchdpo.method`. An optimizer step trains
 `train_batch_size x processes x gradient_accumulation_steps` pairs; every random draw of a pair is
 keyed on (seed, epoch, dataset index), so any layout of the same global batch trains the same way.
 """
@@ -8,7 +9,6 @@ keyed on (seed, epoch, dataset index), so any layout of the same global batch tr
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,34 +17,26 @@ from typing import Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, release_memory, set_seed
+from accelerate.utils import release_memory, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from base_models import family_of
 from common.checkpoints import (
-    checkpoint_dirs,
-    checkpoint_step,
-    find_resume_checkpoint,
-    listing,
     prune_training_states,
-    refuse_earlier_run,
     remove_earlier_run,
     remove_orphan_checkpoint_files,
-    state_fingerprint,
 )
-from common.distributed import SHARED_STORAGE_FIX, owning_output_dir, process_group_kwargs, require_agreement
+from common.distributed import SHARED_STORAGE_FIX, require_agreement
 from common.errors import BadInputError
 from common.io import reporting_write_errors, sha256_file
-from common.launch import check_launch, check_mixed_precision
 from common.precision import mixed_precision_dtype
 from common.sampling import EpochSampler
-from common.stop_signals import STOPPED_EXIT_CODE, StopSignals, ignore_stop_signals_in_worker
-from common.trackers import check_report_to, logs_description
+from common.stop_signals import StopSignals, ignore_stop_signals_in_worker
 from common.training_state import CheckedState, Resumable, load_training_state, save_training_state
 from ip_adapter.speed import apply_speed_args
 from patch_quality.store import QualityMaps
-from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key
+from patchdpo.feature_cache import CachedEncoderOutputs, FeatureCache, build_feature_cache, cache_key
 from patchdpo.method import EncodedPairs, LossOutput, Method, training_step
 from patchdpo.models import (
     FrozenEncoders,
@@ -55,16 +47,14 @@ from patchdpo.models import (
     save_adapter_checkpoint,
 )
 from patchdpo.optimization import StepPlan, adamw, check_8bit_adam, lr_scheduler, require_one_step
-from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, PairSource, index_pairs
+from patchdpo.pair_dataset import DropoutRates, EncoderInputs, EncoderPayload, PairDataset, TrainingPair, index_pairs
+from patchdpo.resume import TRACKER_PROJECT, check_steps_left, tracker_logs
 from patchdpo.run_settings import apply_changed_settings, check_resume_settings, run_settings
 from patchdpo.step_guard import StepGuard
 from patchdpo.step_metrics import StepMeter
-from patchdpo.validate_inputs import check_inputs_on_every_process, check_training_args
+from patchdpo.validate_inputs import check_inputs_on_every_process
 
 logger = get_logger(__name__)
-
-#: The TensorBoard project: the run's logs are `<output_dir>/<logging_dir>/patchdpo`.
-TRACKER_PROJECT = "patchdpo"
 
 
 class Validation(Protocol):
@@ -78,32 +68,6 @@ class Validation(Protocol):
 #: Builds the validation hook from (args, accelerator, seed, the run's TrainingModels); the script passes it, so this
 #: package needs no dreambench.
 ValidationFactory = Callable[[argparse.Namespace, Accelerator, int, TrainingModels], Validation]
-
-
-def run_training(args: argparse.Namespace, prog: str, make_validation: ValidationFactory | None = None) -> int:
-    """Check the launch, set up, train until `--stop_step` / the epoch cap (or a stop signal), save; the exit code."""
-    check_training_args(args)
-    accelerator = create_accelerator(args)
-    check_launch(accelerator.num_processes, prog)
-    check_mixed_precision(accelerator.mixed_precision, accelerator.device.type)
-    resume = resolve_start(args, accelerator)
-    with owning_output_dir(accelerator, args.output_dir):
-        run = set_up(args, accelerator, resume, make_validation)
-        with StopSignals() as signals:
-            stopped = train(run, signals)
-        if run.last_saved != run.global_step and accelerator.is_main_process:
-            save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
-    output_dir = Path(args.output_dir).resolve()
-    logs = logs_description([tracker.name for tracker in accelerator.trackers], output_dir / args.logging_dir, TRACKER_PROJECT)
-    accelerator.print(f"adapter checkpoints: {output_dir}/checkpoint-*/model.bin{logs}")
-    accelerator.end_training()
-    if not stopped:
-        return 0
-    accelerator.print(
-        f"stopped by {signals.received or 'a stop signal on another process'} after step {run.global_step}: its training state is in "
-        f"{run.checkpoint_dir()}; continue with the same command and --resume_from_checkpoint latest"
-    )
-    return STOPPED_EXIT_CODE
 
 
 @dataclass
@@ -143,37 +107,29 @@ class TrainingRun:
             skip = 0
 
 
-def create_accelerator(args: argparse.Namespace) -> Accelerator:
-    output_dir = Path(args.output_dir)
-    check_report_to(args.report_to)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        kwargs_handlers=[process_group_kwargs(args.ddp_timeout)],
-    )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return accelerator
-
-
 def pairs_per_step(args: argparse.Namespace, accelerator: Accelerator) -> int:
     """The global batch: micro-batch x processes x accumulated micro-batches."""
     return args.train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
 
 
-def set_up(
-    args: argparse.Namespace, accelerator: Accelerator, resume: CheckedState | None, make_validation: ValidationFactory | None = None
-) -> TrainingRun:
-    """Load the models and data, build the cache, optimizer and schedule, prepare them, resume from `resume` (`resolve_start`)."""
-    set_seed(args.seed)
-    if args.use_8bit_adam:
-        check_8bit_adam(accelerator.device)
+@dataclass
+class TrainingData:
+    """The checked pairs of `--data_root_path` with their quality maps (None unless --loss patch_dpo), on the family's latent grid."""
+
+    pairs: list[TrainingPair]
+    quality_maps: QualityMaps | None
+    maps_sha256: str | None  # hashed once per start: checked inputs and run settings
+    latent_size: int
+    dropout: DropoutRates
+
+
+def load_models(args: argparse.Namespace, accelerator: Accelerator) -> TrainingModels:
+    """The base-model family (read from the folder's model_index.json) and its models, placed as training holds them."""
     weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
     family = family_of(args.pretrained_model_name_or_path, revision=args.revision, official_time_ids=args.official_time_ids)
     time_ids = " (the reference training's time ids)" if args.official_time_ids else ""
     logger.info(f"{family.name} + IP-Adapter-Plus, loss={args.loss}{time_ids}", main_process_only=True)
-    models = load_training_models(
+    return load_training_models(
         args.pretrained_model_name_or_path,
         args.image_encoder_path,
         args.pretrained_ip_adapter_path,
@@ -184,33 +140,52 @@ def set_up(
         unet_dtype=torch.float32 if args.fp32_unet else weight_dtype,
         family=family,
     )
-    factor = family.latent_scale(models.encoders.vae.config)
+
+
+def load_data(args: argparse.Namespace, accelerator: Accelerator, models: TrainingModels) -> TrainingData:
+    """Index and check every pair (split over the processes) before anything is built from them."""
+    dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
+    factor = models.family.latent_scale(models.encoders.vae.config)
     if args.resolution % factor:
         raise BadInputError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
     latent_size = args.resolution // factor
     quality_maps = QualityMaps.load(args.patch_quality_file) if args.loss == "patch_dpo" else None
     pairs = index_pairs(args.data_root_path, quality_maps, args.generated_per_sample, latent_size)
     require_one_step(len(pairs), args.train_batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps)
-    maps_sha256 = sha256_file(quality_maps.path) if quality_maps is not None else None  # checked inputs and run settings
+    maps_sha256 = sha256_file(quality_maps.path) if quality_maps is not None else None
     check_inputs_on_every_process(accelerator, pairs, quality_maps, maps_sha256, args.output_dir, args.dataloader_num_workers)
-    dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
+    return TrainingData(pairs, quality_maps, maps_sha256, latent_size, dropout)
+
+
+def data_loader(args: argparse.Namespace, accelerator: Accelerator, data: TrainingData, source: EncoderPayload) -> DataLoader:
+    """This process's micro-batches, each pair's draws keyed on (seed, epoch, index)."""
+    dataset = PairDataset(data.pairs, data.latent_size, args.seed, source, data.quality_maps, data.dropout)
+    return DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=EpochSampler(len(dataset), args.seed, pairs_per_step(args, accelerator)),
+        num_workers=args.dataloader_num_workers,
+        worker_init_fn=ignore_stop_signals_in_worker,
+    )
+
+
+def set_up(
+    args: argparse.Namespace, accelerator: Accelerator, resume: CheckedState | None, make_validation: ValidationFactory | None = None
+) -> TrainingRun:
+    """Load the models and data, build the cache, optimizer and schedule, prepare them, resume from `resume` (`resolve_start`)."""
+    set_seed(args.seed)
+    if args.use_8bit_adam:
+        check_8bit_adam(accelerator.device)
+    models = load_models(args, accelerator)
+    data = load_data(args, accelerator, models)
     if accelerator.is_main_process:
         remove_orphan_checkpoint_files(args.output_dir)
-    source, step_encoders = pair_source(args, accelerator, models, pairs, weight_dtype)
+    source, step_encoders = pair_source(args, accelerator, models, data.pairs, models.model.compute_dtype)
     if step_encoders is not models.encoders and make_validation is None:  # validation samples with them; else they are done
         models.encoders = None
         release_memory()
     validation = make_validation(args, accelerator, args.seed, models) if make_validation is not None else None
-
-    dataset = PairDataset(pairs, latent_size, args.seed, source, quality_maps, dropout)
-    sampler = EpochSampler(len(dataset), args.seed, pairs_per_step(args, accelerator))
-    loader = DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        sampler=sampler,
-        num_workers=args.dataloader_num_workers,
-        worker_init_fn=ignore_stop_signals_in_worker,
-    )
+    loader = data_loader(args, accelerator, data, source)
     model = models.model
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -220,37 +195,33 @@ def set_up(
     prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     plan = StepPlan.create(len(loader), accelerator.gradient_accumulation_steps, args.stop_step, args.num_train_epochs)
     check_steps_left(args, plan, resume)
-    announce_plan(args, accelerator, plan, len(pairs), resume.step if resume else 0)
+    announce_plan(args, accelerator, plan, len(data.pairs), resume.step if resume else 0)
     scheduler = lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, plan.total_steps)
     reference_forward = frozen_forward(accelerator, prepared_model, reference_params) if reference_params is not None else None
     method = Method(args.loss, models.objective, args.resolution, args.noise_offset, args.dpo_beta, reference_forward)
-    settings = run_settings(args, pairs, pairs_per_step(args, accelerator), accelerator.mixed_precision, plan.total_steps, maps_sha256)
+    per_step = pairs_per_step(args, accelerator)
+    settings = run_settings(args, data.pairs, per_step, accelerator.mixed_precision, plan.total_steps, data.maps_sha256)
+    resumable = Resumable(adapter_weights(model), optimizer, scheduler, accelerator.scaler)
+    guard = StepGuard(accelerator, data.pairs)
     run = TrainingRun(
-        args,
-        accelerator,
-        models,
-        prepared_model,
-        optimizer,
-        scheduler,
-        Resumable(adapter_weights(model), optimizer, scheduler, accelerator.scaler),
-        loader,
-        plan,
-        method,
-        step_encoders,
-        StepGuard(accelerator, pairs),
-        settings,
-        validation,
-    )
+        args, accelerator, models, prepared_model, optimizer, scheduler, resumable, loader, plan, method, step_encoders, guard, settings, validation
+    )  # fmt: skip
     if resume is not None:
-        changed = check_resume_settings(resume.state_dir, settings, args.change_on_resume)
-        run.global_step = load_training_state(resume, run.resumable)
-        run.lr_scheduler = apply_changed_settings(changed, args, optimizer, scheduler, plan.total_steps)
-        run.resumable = replace(run.resumable, scheduler=run.lr_scheduler)
-        logger.info(f"resumed from {resume.directory} at step {run.global_step}" + (f", changing {', '.join(changed)}" if changed else ""))
+        resume_run(run, resume)
     if args.overwrite_output_dir and accelerator.is_main_process:  # last: a refused start above loses nothing
         remove_earlier_run(args.output_dir, [tracker_logs(args)])
     accelerator.wait_for_everyone()
     return run
+
+
+def resume_run(run: TrainingRun, resume: CheckedState) -> None:
+    """Restore the checked state into `run` once its settings agree with the recorded ones (or were allowed to change)."""
+    args = run.args
+    changed = check_resume_settings(resume.state_dir, run.settings, args.change_on_resume)
+    run.global_step = load_training_state(resume, run.resumable)
+    run.lr_scheduler = apply_changed_settings(changed, args, run.optimizer, run.lr_scheduler, run.plan.total_steps)
+    run.resumable = replace(run.resumable, scheduler=run.lr_scheduler)
+    logger.info(f"resumed from {resume.directory} at step {run.global_step}" + (f", changing {', '.join(changed)}" if changed else ""))
 
 
 def frozen_forward(accelerator: Accelerator, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> Callable[[tuple], torch.Tensor]:
@@ -286,11 +257,11 @@ def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: Step
 
 def pair_source(
     args: argparse.Namespace, accelerator: Accelerator, models: TrainingModels, pairs: list, weight_dtype: torch.dtype
-) -> tuple[PairSource, FrozenEncoders]:
+) -> tuple[EncoderPayload, FrozenEncoders]:
     """What items carry and which encoders the step runs: pixels for all of them, or (`--cache_dir`) their outputs,
     built once and shared, with per-step CLIP pixels where a non-square reference's crop is random."""
     if args.cache_dir is None:
-        return DecodedPairs(args.resolution, models.family, models.encoders.tokenizers), models.encoders
+        return EncoderInputs(args.resolution, models.family, models.encoders.tokenizers), models.encoders
     key = cache_key(args.resolution, args.pretrained_model_name_or_path, args.image_encoder_path, weight_dtype)
     cache = FeatureCache.for_key(args.cache_dir, key, models.family.prompt_fields)
     build_feature_cache(
@@ -312,73 +283,7 @@ def pair_source(
         ),
     )
     clip_per_step = cache.needs_clip_per_step(pairs)
-    return CachedPairs(cache, clip_per_step), models.encoders.kept_with_cache(clip_per_step)
-
-
-def tracker_logs(args: argparse.Namespace) -> Path:
-    """This run's TensorBoard folder: what a start over (`--overwrite_output_dir`) removes next to the checkpoints."""
-    return Path(args.output_dir) / args.logging_dir / TRACKER_PROJECT
-
-
-def resolve_start(args: argparse.Namespace, accelerator: Accelerator) -> CheckedState | None:
-    """Where this run starts: the checked state `--resume_from_checkpoint` names, or None (step 0); agreed by every process.
-
-    Decided before the folder is claimed or any model loads, so a refused start leaves every file as it
-    was. Refused in one line: a fresh start (neither flag) into the folder of an earlier run, whose
-    checkpoints and logs it would mix with its own; a state that does not check out or does not exist;
-    a `--stop_step` that leaves nothing to train; a state from another folder into an earlier run's.
-    """
-    resume, refusal = None, None
-    try:
-        if args.resume_from_checkpoint:
-            resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        fresh = not (args.resume_from_checkpoint or args.overwrite_output_dir)
-        foreign = resume is not None and resume.directory.resolve().parent != Path(args.output_dir).resolve()
-        if fresh or foreign:
-            refuse_earlier_run(args.output_dir, [tracker_logs(args)])
-    except BadInputError as error:
-        refusal = str(error)
-    agree_on_resume_state(accelerator, resume, refusal)
-    if resume is None:
-        if args.resume_from_checkpoint:
-            logger.info(f"no checkpoint in {args.output_dir}: starting from step 0", main_process_only=True)
-        return None
-    if args.stop_step <= resume.step:
-        raise BadInputError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint}: {resume.directory} was saved after step {resume.step} and "
-            f"--stop_step {args.stop_step} leaves nothing to train; pass a --stop_step above {resume.step} to continue"
-        )
-    later = [path.name for path in checkpoint_dirs(args.output_dir) if checkpoint_step(path) > resume.step]
-    if later:
-        logger.warning(f"resuming after step {resume.step}: {listing(later)}, saved after it, will be overwritten", main_process_only=True)
-    return resume
-
-
-def agree_on_resume_state(accelerator: Accelerator, resume: CheckedState | None, refusal: str | None = None) -> None:
-    """Every process resumes from the same step of the same state, or every process stops with one line (never a hang)."""
-    if refusal is not None:
-        mine = {"refused": refusal}
-    else:
-        mine = None if resume is None else {"step": resume.step, "files": state_fingerprint(resume.state_dir)}
-
-    def describe(seen: list) -> str:
-        found = [("no state" if s is None else "refused" if "refused" in s else f"step {s['step']}") for s in seen]
-        steps = ", ".join(f"process {rank}: {what}" for rank, what in enumerate(found))
-        return f"the processes found different training states to resume from ({steps}); --output_dir: {SHARED_STORAGE_FIX}"
-
-    require_agreement(accelerator, mine, describe)
-    if refusal is not None:
-        raise BadInputError(refusal)
-
-
-def check_steps_left(args: argparse.Namespace, plan: StepPlan, resume: CheckedState | None) -> None:
-    """A resume whose epoch cap ends at or before the saved step trains nothing: one line (`--stop_step` is checked before loading)."""
-    if resume is not None and plan.total_steps <= resume.step:
-        raise BadInputError(
-            f"{resume.directory} was saved after step {resume.step} and the epoch cap ends training at step {plan.total_steps} "
-            f"(--num_train_epochs {args.num_train_epochs} x {plan.steps_per_epoch} steps per epoch): nothing to train; "
-            "raise --num_train_epochs to continue"
-        )
+    return CachedEncoderOutputs(cache, clip_per_step), models.encoders.kept_with_cache(clip_per_step)
 
 
 def train(run: TrainingRun, signals: StopSignals) -> bool:

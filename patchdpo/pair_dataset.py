@@ -32,7 +32,7 @@ CLIP_SIZE = 224
 @dataclass(frozen=True)
 class TrainingPair:
     sample: str  # sample folder name, the quality-map key
-    k: int
+    generated_index: int  # the k of its `{prompt}_gen_{k}.png`
     prompt: str
     reference_path: Path
     generated_path: Path
@@ -129,8 +129,8 @@ def clip_training_pixels(path: Path, generator: torch.Generator | None) -> torch
     return TF.normalize(TF.to_tensor(image), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
-class PairSource(Protocol):
-    """What an item carries for the frozen encoders: their inputs (`DecodedPairs`) or their outputs (`feature_cache.CachedPairs`)."""
+class EncoderPayload(Protocol):
+    """What an item carries for the frozen encoders: their inputs (`EncoderInputs`) or their outputs (`feature_cache.CachedEncoderOutputs`)."""
 
     def __call__(self, pair: TrainingPair, drop_image: bool, drop_text: bool, generator: torch.Generator) -> dict[str, torch.Tensor]: ...
 
@@ -142,7 +142,7 @@ def clip_input(pair: TrainingPair, drop_image: bool, generator: torch.Generator)
 
 
 @dataclass(frozen=True)
-class DecodedPairs:
+class EncoderInputs:
     """Pixels and token ids, for the frozen encoders to run on each step."""
 
     resolution: int
@@ -178,7 +178,7 @@ class PairDataset(Dataset):
         pairs: list[TrainingPair],
         latent_size: int,
         seed: int,
-        source: PairSource,
+        source: EncoderPayload,
         quality_maps: QualityMaps | None = None,
         dropout: DropoutRates = DropoutRates(),
     ) -> None:
@@ -199,7 +199,7 @@ class PairDataset(Dataset):
         drop_image, drop_text = self.dropout.draw(generator)
         item = self.source(pair, drop_image, drop_text, generator)
         if self.quality_maps is not None:
-            item["reference_map"], item["generated_map"] = self.quality_maps.get(pair.sample, pair.k)
+            item["reference_map"], item["generated_map"] = self.quality_maps.get(pair.sample, pair.generated_index)
         else:
             item["reference_map"] = item["generated_map"] = torch.zeros(self.latent_size, self.latent_size)
         item["index"] = torch.tensor(index)  # names the batch's samples if its step goes non-finite

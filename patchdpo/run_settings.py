@@ -1,12 +1,11 @@
 """A resume is the same run: what a training state was trained with, recorded next to it and compared.
 
-Resuming with another learning rate, schedule, global batch or dataset used to "work": the
-optimizer kept the old learning rate while the new schedule's lambda applied, and a new batch
-size or one more sample folder silently shifted which pairs every later step trains. Each
-training state now holds `settings.json`; `--resume_from_checkpoint` refuses any difference in
-one line naming them, except the optimizer settings the user lists in `--change_on_resume`, which
-then take their new value everywhere at once: in the optimizer, the schedule and the logged
-hyper-parameters (`apply_changed_settings`).
+Resuming with another learning rate, schedule, global batch or dataset would train another run
+than the one the state came from, silently (a new batch size or one more sample folder shifts which
+pairs every later step trains). Each training state holds `settings.json`;
+`--resume_from_checkpoint` refuses any difference in one line naming them, except the optimizer
+settings the user lists in `--change_on_resume`, which then take their new value everywhere at
+once: in the optimizer, the schedule and the logged hyper-parameters (`apply_changed_settings`).
 
 What is recorded is an allow-list (`RecordedSettings`): the flags that change the updates, plus the
 global batch, the data and the starting weights by content. Everything else is free to change
@@ -45,7 +44,7 @@ _CHANGED_BY = {"schedule_total_steps": "lr_scheduler"}
 
 
 def _pairs_digest(pairs: Sequence[TrainingPair]) -> str:
-    listing = "\n".join(f"{p.sample}\t{p.k}\t{p.prompt}\t{p.reference_path.name}\t{p.generated_path.name}" for p in pairs)
+    listing = "\n".join(f"{p.sample}\t{p.generated_index}\t{p.prompt}\t{p.reference_path.name}\t{p.generated_path.name}" for p in pairs)
     return hashlib.sha256(listing.encode()).hexdigest()
 
 

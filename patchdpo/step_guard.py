@@ -65,7 +65,7 @@ class StepGuard:
 
     def _raise(self, step: int, bad_loss: bool, bad_gradient: bool, indices: list[int]) -> None:
         what = "loss" if bad_loss else "gradient" if bad_gradient else "loss or gradient on another process"
-        samples = ", ".join(f"{self.pairs[i].sample} k={self.pairs[i].k} (index {i})" for i in indices)
+        samples = ", ".join(f"{self.pairs[i].sample} k={self.pairs[i].generated_index} (index {i})" for i in indices)
         raise TrainingDivergedError(
             f"step {step}: non-finite {what} before the optimizer step, nothing applied or saved; this process's pairs: {samples}. "
             "Check these samples' images and quality maps, or lower --learning_rate"

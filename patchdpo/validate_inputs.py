@@ -162,15 +162,15 @@ def validate_training_inputs(
         checked.error = _other_images_problem(pair, quality_maps, checked.images)
         if checked.error is not None:
             return checked
-        if (pair.sample, pair.k) not in known:
-            for role, quality_map in zip((REFERENCE_SUFFIX, GENERATED_SUFFIX), quality_maps.get(pair.sample, pair.k)):
-                where = f"{quality_maps.path}: sample {pair.sample!r} k={pair.k} key '{pair.sample}/{pair.k}/{role}'"
+        if (pair.sample, pair.generated_index) not in known:
+            for role, quality_map in zip((REFERENCE_SUFFIX, GENERATED_SUFFIX), quality_maps.get(pair.sample, pair.generated_index)):
+                where = f"{quality_maps.path}: sample {pair.sample!r} k={pair.generated_index} key '{pair.sample}/{pair.generated_index}/{role}'"
                 try:
                     check_quality_map(quality_map, ranges[role], where)
                 except BadInputError as error:
                     checked.error = str(error)
                     return checked
-        checked.map_keys.append([pair.sample, pair.k])
+        checked.map_keys.append([pair.sample, pair.generated_index])
     return checked
 
 
@@ -214,12 +214,12 @@ def _other_images_problem(pair: TrainingPair, quality_maps: QualityMaps, images:
     sources = quality_maps.sources[pair.sample]
     for role, path, expected in (
         ("reference", pair.reference_path, sources.reference),
-        ("generated", pair.generated_path, sources.generated[pair.k]),
+        ("generated", pair.generated_path, sources.generated[pair.generated_index]),
     ):
         digest = images[str(path)][3]
         if digest != expected:
             return (
-                f"{quality_maps.path}: the maps of sample {pair.sample!r} k={pair.k} were computed from another {role} image than {path} "
+                f"{quality_maps.path}: the maps of sample {pair.sample!r} k={pair.generated_index} were computed from another {role} image than {path} "
                 f"(maps: sha256 {expected[:12]}..., file now: sha256 {digest[:12]}...); remake them: {remake_command(quality_maps, _data_root(pair))}"
             )
     return None

@@ -153,3 +153,14 @@ def test_the_flag_check_finds_argparse_and_namespace_parameters():
     assert flag_uses("def f(args): pass") and flag_uses("def f(settings: argparse.Namespace): pass")
     assert flag_uses("def f(x, *, options: 'Namespace'): pass") and flag_uses("g = lambda args: args.seed")
     assert not flag_uses("def f(*args, **kwargs): pass") and not flag_uses("def f(config: MapsConfig, args: tuple = ()): pass")
+
+
+def test_no_package_function_is_longer_than_about_70_lines():
+    """The issue's bound: a function a reader can hold on one screen (scripts and tests aside)."""
+    long = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > 70:
+                    long.append(f"{package}/{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long

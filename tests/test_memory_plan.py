@@ -68,6 +68,16 @@ def test_the_full_sdxl_configuration_is_planned_from_config_files_alone(tmp_path
     assert "fits a" in capsys.readouterr().out
 
 
+def test_the_full_sd15_configuration_is_planned_through_its_family(tmp_path):
+    from stand_ins import sd15
+
+    paths = sd15.save_model_configs(tmp_path / "full", sd15.FULL)
+    plan = memory_plan.main(["--pretrained_model_name_or_path", str(paths.sd15_dir), "--image_encoder_path", str(paths.image_encoder_dir)])
+    assert plan["components"]["frozen UNet weights"] == 859_520_964 * 2  # SD 1.5's UNet in fp16
+    assert plan["components"]["trainable adapter (fp32)"] == 19_169_280 * 4  # ip-adapter-plus_sd15's to_k_ip/to_v_ip: 16 layers to 768
+    assert plan["smallest_card_gib"] == 24  # 4 pairs of 512 px per GPU, as the paper's SDXL run
+
+
 def test_the_counter_sees_allocations_frees_and_autograds_saved_tensors():
     import torch
 

@@ -24,7 +24,7 @@ from patch_quality.ssl_train import main as ssl_main
 from patch_quality.store import QualityMaps
 from patchdpo.method import EncodedPairs, Method, training_step
 from patchdpo.models import ADAPTER_STATE_NAME, IPAdapterTrainingModel, load_training_models
-from patchdpo.pair_dataset import DecodedPairs, PairDataset, index_pairs
+from patchdpo.pair_dataset import EncoderInputs, PairDataset, index_pairs
 from tests.test_patch_quality_ssl_train import ssl_cli_args, texture_folder
 from tests.test_train_patchdpo import LATENT, RESOLUTION, train_args
 
@@ -83,7 +83,7 @@ def test_asymmetric_quality_maps_reach_the_loss_in_their_roles(loaded, tiny_pair
     """Real dataset -> real step: `1 - M_ref` weighs the reference half, `M_gen` the generated half."""
     maps = QualityMaps.load(tiny_pair_data.quality_file)
     pairs = index_pairs(tiny_pair_data.root, maps, 1, LATENT)
-    dataset = PairDataset(pairs, LATENT, 42, DecodedPairs(RESOLUTION, loaded.family, loaded.encoders.tokenizers), maps)
+    dataset = PairDataset(pairs, LATENT, 42, EncoderInputs(RESOLUTION, loaded.family, loaded.encoders.tokenizers), maps)
     rows = (3, 1)
     batch = default_collate([dataset[(index, 0)] for index in rows])
     cond = EncodedPairs.from_batch(batch, loaded.encoders)
@@ -145,7 +145,7 @@ def test_noise_offset_shifts_each_channel_of_the_noise(tiny_models, tiny_pair_da
 def test_v_prediction_targets_the_velocity(loaded, tiny_pair_data, loss_inputs):
     """With a v-prediction scheduler the target is sqrt(a_t) * noise - sqrt(1 - a_t) * latents, per pair."""
     pairs = index_pairs(tiny_pair_data.root, None, 1, LATENT)
-    dataset = PairDataset(pairs, LATENT, 42, DecodedPairs(RESOLUTION, loaded.family, loaded.encoders.tokenizers))
+    dataset = PairDataset(pairs, LATENT, 42, EncoderInputs(RESOLUTION, loaded.family, loaded.encoders.tokenizers))
     cond = EncodedPairs.from_batch(default_collate([dataset[(index, 0)] for index in (0, 1)]), loaded.encoders)
     v_scheduler = DDPMScheduler.from_config(loaded.objective.scheduler.config, prediction_type="v_prediction")
     for scheduler in (loaded.objective.scheduler, v_scheduler):  # the epsilon run gives the step's noise

@@ -28,7 +28,7 @@ from ip_adapter.speed import apply_speed_args, speed_up_unet
 from patch_quality.store import QualityMaps
 from patchdpo.method import EncodedPairs, Method, training_step
 from patchdpo.models import load_training_models
-from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, index_pairs
+from patchdpo.pair_dataset import DropoutRates, EncoderInputs, PairDataset, index_pairs
 from tests.test_inference_dreambooth import script_args as inference_args
 from tests.test_train_patchdpo import train_args
 
@@ -164,7 +164,7 @@ def test_scale_is_a_tensor_outside_the_checkpoint():
 def training(tiny_models, tiny_pair_data):
     loaded = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tiny_models.ip_ckpt, "cpu", torch.float32)
     maps = QualityMaps.load(tiny_pair_data.quality_file)
-    source = DecodedPairs(SIZE, loaded.family, loaded.encoders.tokenizers)
+    source = EncoderInputs(SIZE, loaded.family, loaded.encoders.tokenizers)
     dataset = PairDataset(index_pairs(tiny_pair_data.root, maps, 1, 16), 16, 42, source, maps, DropoutRates())
     batches = [EncodedPairs.from_batch(default_collate([dataset[(i, 0)] for i in pair]), loaded.encoders) for pair in ([0, 1], [2, 3])]
 
@@ -186,9 +186,8 @@ def test_training_forward_has_no_graph_breaks(training):
         latents,
         torch.tensor([10, 500, 10, 500]),
         cond.image_features,
-        cond.prompt_embeds,
-        cond.pooled_prompt_embeds,
-        torch.full((4, 6), float(SIZE)),
+        cond.prompt["prompt_embeds"],
+        {"text_embeds": cond.prompt["pooled_prompt_embeds"].repeat(2, 1), "time_ids": torch.full((4, 6), float(SIZE))},
     )
     with torch.enable_grad():
         explanation = torch._dynamo.explain(model.forward)(*inputs)

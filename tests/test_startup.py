@@ -68,5 +68,5 @@ def test_the_shares_of_the_processes_cover_every_pair_once(own_data):
     pairs = index_pairs(own_data.root, maps, 1, LATENT)
     shares = [validate_training_inputs(pairs[rank::3], maps, show_progress=False, maps_sha256="x") for rank in range(3)]
     merged = shares[0].merge(shares[1:])
-    assert sorted(map(tuple, merged.map_keys)) == sorted((pair.sample, pair.k) for pair in pairs)
+    assert sorted(map(tuple, merged.map_keys)) == sorted((pair.sample, pair.generated_index) for pair in pairs)
     assert len(merged.images) == 8 and sum(len(share.images) for share in shares) == 8

@@ -21,11 +21,11 @@ from base_models.sdxl import pair_time_ids
 from common.training_state import TRAINING_STATE_DIR
 from ip_adapter import IPAdapterPlusXL, IPAttnProcessor, load_ip_adapter_checkpoint
 from patch_quality.store import QualityMaps, save_quality_maps
-from patchdpo.feature_cache import CachedPairs, FeatureCache, build_feature_cache, cache_key
+from patchdpo.feature_cache import CachedEncoderOutputs, FeatureCache, build_feature_cache, cache_key
 from patchdpo.loop import frozen_forward
 from patchdpo.method import EncodedPairs, Method, training_step
 from patchdpo.models import ADAPTER_STATE_NAME, frozen_adapter_copy, load_training_models
-from patchdpo.pair_dataset import DecodedPairs, DropoutRates, PairDataset, clip_training_pixels, index_pairs
+from patchdpo.pair_dataset import DropoutRates, EncoderInputs, PairDataset, clip_training_pixels, index_pairs
 from stand_ins.pairs import PairData, save_pair_data
 from stand_ins.sdxl import load_pipeline
 from tests.kit.cli import bad_input_message
@@ -75,7 +75,11 @@ def logged(out: Path, tag: str) -> list[float]:
 
 def make_dataset(models, data, quality_maps=None, cache=None, dropout=DropoutRates(), clip_per_step=False) -> PairDataset:
     pairs = index_pairs(data.root, quality_maps, 1, LATENT)
-    source = DecodedPairs(RESOLUTION, models.family, models.encoders.tokenizers) if cache is None else CachedPairs(cache, clip_per_step)
+    source = (
+        EncoderInputs(RESOLUTION, models.family, models.encoders.tokenizers)
+        if cache is None
+        else CachedEncoderOutputs(cache, clip_per_step)
+    )
     return PairDataset(pairs, LATENT, 42, source, quality_maps, dropout)
 
 

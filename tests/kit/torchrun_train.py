@@ -35,7 +35,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import save_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import patchdpo.loop
+import patchdpo.resume
 
 
 def replaced(record_dir: Path, name: str, ranks: int = 2) -> dict[int, list[str]]:
@@ -48,7 +48,7 @@ def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     rank = int(os.environ["RANK"])
     state = {"dir": None, "step": 0, "kill": None, "sigterm": None}
-    real_replace, real_find_resume = os.replace, patchdpo.loop.find_resume_checkpoint
+    real_replace, real_find_resume = os.replace, patchdpo.resume.find_resume_checkpoint
 
     def recording_replace(src, dst, *args, **kwargs):
         real_replace(src, dst, *args, **kwargs)
@@ -75,7 +75,7 @@ def main(spec_path: str) -> None:
         state.update(dir=Path(spec["record_dir"]) / run["name"], step=0, kill=run.get("kill"), sigterm=run.get("sigterm"))
         (state["dir"] / f"rank{rank}").mkdir(parents=True, exist_ok=True)
         hidden = run.get("hide_resume_on_rank") == rank
-        patchdpo.loop.find_resume_checkpoint = (lambda *args: None) if hidden else real_find_resume
+        patchdpo.resume.find_resume_checkpoint = (lambda *args: None) if hidden else real_find_resume
         AcceleratorState._reset_state()  # each run picks its own mixed precision; the process group (PartialState) stays
         try:
             importlib.import_module(run.get("script", "train_patchdpo")).main(run["argv"])
