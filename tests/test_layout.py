@@ -115,6 +115,8 @@ STILL_TAKING_FLAGS = {
     "ip_adapter/speed.py",  # apply_speed_args(args, ...)
     "patchdpo/loop.py",
     "patchdpo/memory_plan.py",  # its own parser (python -m patchdpo.memory_plan)
+    "patchdpo/resume.py",  # split out of loop.py on branch i29, still on the trainer's flags
+    "patchdpo/run.py",
     "patchdpo/run_settings.py",
     "patchdpo/validate_inputs.py",
 }
