@@ -143,7 +143,7 @@ def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitS
     )
     from ip_adapter.checkpoint import load_ip_adapter_checkpoint
     from ip_adapter.loading import dtype_name, resolve_dtype
-    from ip_adapter.speed import apply_speed_args
+    from ip_adapter.speed import apply_speed_settings
 
     check_launch(accelerator.num_processes, "generate.py")
     config = with_native_size(config)
@@ -176,7 +176,7 @@ def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitS
     drop_outdated = (lambda: start_afresh(config.output_dir, [*labels, SHEETS_DIR], changes, len(jobs))) if changes else None
     start_in_output_dir(accelerator, held, config.output_dir, [*labels, SHEETS_DIR], run_config, drop_outdated)
     if model is not None:
-        apply_speed_args(config, model.pipe.unet, accelerator.print)
+        apply_speed_settings(model.pipe.unet, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
         generate_jobs(
             model,
             checkpoints,

@@ -143,7 +143,7 @@ def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.Exit
     from dreambench.run_config import check_resumable, make_run_config, start_in_output_dir
     from ip_adapter.batch_generation import SubjectTokens
     from ip_adapter.loading import dtype_name, resolve_dtype
-    from ip_adapter.speed import apply_speed_args
+    from ip_adapter.speed import apply_speed_settings
 
     check_launch(accelerator.num_processes, "inference_dreambooth.py")
     config = with_native_size(config.with_defaults())
@@ -175,7 +175,7 @@ def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.Exit
     ip_model = None
     if pending:
         ip_model = load_generation_model(config.base_model_path, config.image_encoder_path, config.ip_ckpt, accelerator.device, dtype)
-        apply_speed_args(config, ip_model.pipe.unet, accelerator.print)
+        apply_speed_settings(ip_model.pipe.unet, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
     start_in_output_dir(accelerator, held, config.output_dir, [*subjects, GRIDS_DIR], run_config)
 
     if ip_model is not None:

@@ -17,17 +17,18 @@ product trains the same global batches with the same randomness (README "Trainin
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
-from common.checks import require_flags_in_range
-from common.cli import ArgumentParser, exit_on_reported_error, quiet_libraries, str2bool
-from common.errors import BadInputError
+from common.cli import ArgumentParser, exit_on_reported_error, parse_config, quiet_libraries, str2bool
 from common.flags import CHANGEABLE_ON_RESUME, LOSS_MODES, LR_SCHEDULERS, add_ddp_timeout_arg, add_speed_args, add_validation_args
+from dreambench.config import ValidationSettings
+from patchdpo.config import TrainingConfig
 
 PROG = "train_patchdpo.py"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     official = parser.add_argument_group("official flags (train_patchdpo.py of hqhQAQ/PatchDPO)")
     official.add_argument(
@@ -145,43 +146,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_speed_args(extra)
     add_ddp_timeout_arg(extra)
     add_validation_args(parser)
-    args = parser.parse_args(argv)
+    return parser
 
-    loss_from_switch = None if args.use_dpo_loss is None else ("patch_dpo" if args.use_dpo_loss else "mse")
-    if args.loss is not None and loss_from_switch is not None and args.loss != loss_from_switch:
-        parser.error(f"--loss {args.loss} contradicts --use_dpo_loss {args.use_dpo_loss} (which means --loss {loss_from_switch})")
-    args.loss = args.loss or loss_from_switch or "mse"
-    if args.loss == "patch_dpo" and args.patch_quality_file is None:
-        parser.error("--loss patch_dpo (--use_dpo_loss True) needs --patch_quality_file")
-    positive = ("train_batch_size", "stop_step", "save_steps", "generated_per_sample", "logging_steps", "checkpointing_steps")
-    try:
-        require_flags_in_range(
-            args,
-            (*positive, "gradient_accumulation_steps", "checkpoints_total_limit", "validation_steps", "validation_prompts"),
-            minimum=1,
-        )
-    except BadInputError as error:
-        parser.error(str(error))
-    if args.overwrite_output_dir and args.resume_from_checkpoint:
-        parser.error("--overwrite_output_dir starts over, --resume_from_checkpoint continues: pass one of them")
-    if args.max_grad_norm is not None and args.max_grad_norm <= 0:
-        parser.error(f"--max_grad_norm must be > 0, got {args.max_grad_norm}")
-    if args.lr_warmup_steps < 0 or (args.lr_warmup_steps and args.lr_scheduler in ("constant", "piecewise_constant")):
-        parser.error(
-            f"--lr_warmup_steps {args.lr_warmup_steps} needs a schedule with warmup (e.g. constant_with_warmup), not {args.lr_scheduler}"
-        )
-    return args
+
+def parse_args(argv: list[str] | None = None) -> TrainingConfig:
+    """The run's settings, built once and checked (`TrainingConfig.checked`: a bad value is a `BadInputError` naming its flag)."""
+    return parse_config(build_parser(), TrainingConfig, argv).checked()
+
+
+def validation_settings(config: TrainingConfig) -> ValidationSettings | None:
+    """What validation during training needs of the flags; None when --validation_data_root is not given."""
+    if config.validation_data_root is None:
+        return None
+    return ValidationSettings(
+        data_root=config.validation_data_root,
+        every=config.validation_steps or config.save_steps,
+        subjects=config.validation_subjects,
+        prompts_per_subject=config.validation_prompts,
+        num_inference_steps=config.validation_num_inference_steps,
+        scale=config.validation_scale,
+        size=config.validation_size or config.resolution,
+        clip_model=config.clip_model,
+        dino_model=config.dino_model,
+    )
 
 
 @exit_on_reported_error(PROG)
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    # Imported once the arguments are parsed: --help must not wait for torch, accelerate and diffusers.
+    config = parse_args(argv)
+    validation = validation_settings(config)
+    # Imported once the flags are checked: --help must not wait for torch, accelerate and diffusers.
     from dreambench.validation import TrainingValidation
     from patchdpo.run import run_training
 
     quiet_libraries()
-    exit_code = run_training(args, PROG, TrainingValidation if args.validation_data_root else None)
+    exit_code = run_training(config, PROG, functools.partial(TrainingValidation, validation) if validation else None)
     if exit_code:
         sys.exit(exit_code)  # stopped by a signal after saving (common.stop_signals)
 

@@ -78,12 +78,6 @@ def metric_models(clip_model: str | None, dino_model: str | None) -> tuple[str |
     return clip_model or PAPER_CLIP_MODEL, dino_model or PAPER_DINO_MODEL
 
 
-def scoring_requested(args: argparse.Namespace) -> bool:
-    """`metric_models` applied to the flags in place (training's validation); True when scoring is on."""
-    args.clip_model, args.dino_model = metric_models(args.clip_model, args.dino_model)
-    return args.clip_model is not None
-
-
 def add_evaluation_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The metric flags of evaluate_dreambooth.py."""
     group = parser.add_argument_group("DreamBench metrics")

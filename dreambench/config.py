@@ -98,3 +98,18 @@ class EvaluateConfig:
     batch_size: int
     device: str | None
     allow_partial: bool
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """Validation during training (`dreambench.validation`): train_patchdpo.py's --validation_* flags, resolved."""
+
+    data_root: Path
+    every: int  # optimizer steps between validations
+    subjects: list[str]
+    prompts_per_subject: int
+    num_inference_steps: int
+    scale: float
+    size: int  # image edge in pixels
+    clip_model: str | None  # None (both): no scores
+    dino_model: str | None

@@ -20,7 +20,6 @@ restored, so a run with validation trains exactly the same adapter as one withou
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +32,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 
-from common.errors import BadInputError
-from common.flags import scoring_requested
 from common.seeds import stable_seed
 from dreambench.benchmark import prompts_for, resolve_subjects
+from dreambench.config import ValidationSettings
 from dreambench.data import load_conditioning_images, load_reference_images
 from dreambench.generation import build_items
 from ip_adapter.attention_processor import set_ip_adapter_scale
@@ -129,31 +127,30 @@ def validation_grid(
 class TrainingValidation:
     """Set up on every process (cheap); the model and the images exist on the main process only."""
 
-    def __init__(self, args: argparse.Namespace, accelerator: Accelerator, seed: int, models: Any) -> None:
+    def __init__(self, settings: ValidationSettings, accelerator: Accelerator, seed: int, models: Any) -> None:
         """`models`: the run's `patchdpo.models.TrainingModels`, encoders included (the pipeline is built from them)."""
         self.accelerator = accelerator
-        self.every = args.validation_steps or args.save_steps
-        self.data_root = args.validation_data_root
-        self.steps = args.validation_num_inference_steps
-        self.size = args.validation_size or args.resolution
-        subjects = [subject.name for subject in resolve_subjects(args.validation_subjects)]
-        if args.pretrained_ip_adapter_path is None:
-            raise BadInputError("--validation_data_root needs --pretrained_ip_adapter_path (its Resampler makes the image tokens)")
-        scoring_requested(args)
-        self.items = build_items({s: prompts_for(s)[: args.validation_prompts] for s in subjects}, stable_seed(seed, "validation"))
+        self.every = settings.every
+        self.data_root = settings.data_root
+        self.steps = settings.num_inference_steps
+        self.size = settings.size
+        subjects = [subject.name for subject in resolve_subjects(settings.subjects)]
+        self.items = build_items({s: prompts_for(s)[: settings.prompts_per_subject] for s in subjects}, stable_seed(seed, "validation"))
         for subject in subjects:  # a bad folder fails at start-up, not at the first validation
             load_conditioning_images(self.data_root, subject, kosmosg=False)
         self.model: IPAdapterPlus | None = None
-        self.scale = args.validation_scale
+        self.scale = settings.scale
         self.scorer: _Scorer | None = None
         self.start_images: list[Image.Image | None] = []
         if accelerator.is_main_process:
             self.model = _around_training_models(models)
             self.tokens = SubjectTokens(self.model, lambda subject: load_conditioning_images(self.data_root, subject, kosmosg=False))
-            if args.clip_model is not None:
+            if settings.clip_model is not None:
                 from dreambench.metrics import load_clip, load_dino
 
-                self.scorer = _Scorer(load_clip(args.clip_model, accelerator.device), load_dino(args.dino_model, accelerator.device))
+                self.scorer = _Scorer(
+                    load_clip(settings.clip_model, accelerator.device), load_dino(settings.dino_model, accelerator.device)
+                )
 
     def due(self, step: int) -> bool:
         return step % self.every == 0

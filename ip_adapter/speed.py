@@ -12,7 +12,6 @@ subject, never recompiles. Only a new input shape (e.g. a smaller last batch) do
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,10 +72,12 @@ def speed_up_unet(
     return report
 
 
-def apply_speed_args(args: argparse.Namespace, unet: nn.Module, announce: Callable[[str], None] = print) -> CompiledForward | None:
-    """Apply `add_speed_args`'s flags (and channels-last where the UNet sits on CUDA) to `unet`."""
-    set_tf32(args.allow_tf32)
-    return speed_up_unet(unet, compile=args.compile, channels_last=channels_last_helps(next(unet.parameters()).device), announce=announce)
+def apply_speed_settings(
+    unet: nn.Module, *, compile: bool, allow_tf32: bool, announce: Callable[[str], None] = print
+) -> CompiledForward | None:
+    """Apply the speed settings (`--compile`, `--allow_tf32`; channels-last where the UNet sits on CUDA) to `unet`."""
+    set_tf32(allow_tf32)
+    return speed_up_unet(unet, compile=compile, channels_last=channels_last_helps(next(unet.parameters()).device), announce=announce)
 
 
 def channels_last_helps(device: torch.device) -> bool:

@@ -8,7 +8,6 @@ keyed on (seed, epoch, dataset index), so any layout of the same global batch tr
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,8 +33,9 @@ from common.precision import mixed_precision_dtype
 from common.sampling import EpochSampler
 from common.stop_signals import StopSignals, ignore_stop_signals_in_worker
 from common.training_state import CheckedState, Resumable, load_training_state, save_training_state
-from ip_adapter.speed import apply_speed_args
+from ip_adapter.speed import apply_speed_settings
 from patch_quality.store import QualityMaps
+from patchdpo.config import TrainingConfig
 from patchdpo.feature_cache import CachedEncoderOutputs, FeatureCache, build_feature_cache, cache_key
 from patchdpo.method import EncodedPairs, LossOutput, Method, training_step
 from patchdpo.models import (
@@ -65,16 +65,16 @@ class Validation(Protocol):
     def __call__(self, step: int, adapter_modules: torch.nn.Module) -> None: ...
 
 
-#: Builds the validation hook from (args, accelerator, seed, the run's TrainingModels); the script passes it, so this
+#: Builds the validation hook from (accelerator, seed, the run's TrainingModels); the script passes it, so this
 #: package needs no dreambench.
-ValidationFactory = Callable[[argparse.Namespace, Accelerator, int, TrainingModels], Validation]
+ValidationFactory = Callable[[Accelerator, int, TrainingModels], Validation]
 
 
 @dataclass
 class TrainingRun:
     """Everything the loop reads, built by `set_up`; `global_step` counts optimizer steps."""
 
-    args: argparse.Namespace
+    config: TrainingConfig
     accelerator: Accelerator
     models: TrainingModels
     prepared_model: torch.nn.Module  # models.model as accelerate prepared it (possibly DDP-wrapped): what the step calls
@@ -94,22 +94,22 @@ class TrainingRun:
     stop_requested: bool = False  # some process received a stop signal: save and leave after this step
 
     def checkpoint_dir(self) -> Path:
-        return Path(self.args.output_dir) / f"checkpoint-{self.global_step}"
+        return Path(self.config.output_dir) / f"checkpoint-{self.global_step}"
 
     def micro_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This process's micro-batches from where `global_step` stands, epoch after epoch."""
         if self.global_step >= self.plan.total_steps:
             return
         first_epoch, skip = self.plan.position(self.global_step)
-        for epoch in range(first_epoch, self.args.num_train_epochs):
+        for epoch in range(first_epoch, self.config.num_train_epochs):
             self.loader.set_epoch(epoch)
             yield from self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
             skip = 0
 
 
-def pairs_per_step(args: argparse.Namespace, accelerator: Accelerator) -> int:
+def pairs_per_step(config: TrainingConfig, accelerator: Accelerator) -> int:
     """The global batch: micro-batch x processes x accumulated micro-batches."""
-    return args.train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
+    return config.train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
 
 
 @dataclass
@@ -123,103 +123,105 @@ class TrainingData:
     dropout: DropoutRates
 
 
-def load_models(args: argparse.Namespace, accelerator: Accelerator) -> TrainingModels:
+def load_models(config: TrainingConfig, accelerator: Accelerator) -> TrainingModels:
     """The base-model family (read from the folder's model_index.json) and its models, placed as training holds them."""
     weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
-    family = family_of(args.pretrained_model_name_or_path, revision=args.revision, official_time_ids=args.official_time_ids)
-    time_ids = " (the reference training's time ids)" if args.official_time_ids else ""
-    logger.info(f"{family.name} + IP-Adapter-Plus, loss={args.loss}{time_ids}", main_process_only=True)
+    family = family_of(config.pretrained_model_name_or_path, revision=config.revision, official_time_ids=config.official_time_ids)
+    time_ids = " (the reference training's time ids)" if config.official_time_ids else ""
+    logger.info(f"{family.name} + IP-Adapter-Plus, loss={config.loss}{time_ids}", main_process_only=True)
     return load_training_models(
-        args.pretrained_model_name_or_path,
-        args.image_encoder_path,
-        args.pretrained_ip_adapter_path,
+        config.pretrained_model_name_or_path,
+        config.image_encoder_path,
+        config.pretrained_ip_adapter_path,
         accelerator.device,
         weight_dtype,
-        revision=args.revision,
-        variant=args.variant,
-        unet_dtype=torch.float32 if args.fp32_unet else weight_dtype,
+        revision=config.revision,
+        variant=config.variant,
+        unet_dtype=torch.float32 if config.fp32_unet else weight_dtype,
         family=family,
     )
 
 
-def load_data(args: argparse.Namespace, accelerator: Accelerator, models: TrainingModels) -> TrainingData:
+def load_data(config: TrainingConfig, accelerator: Accelerator, models: TrainingModels) -> TrainingData:
     """Index and check every pair (split over the processes) before anything is built from them."""
-    dropout = DropoutRates(args.image_drop_rate, args.text_drop_rate, args.both_drop_rate)
+    dropout = DropoutRates(config.image_drop_rate, config.text_drop_rate, config.both_drop_rate)
     factor = models.family.latent_scale(models.encoders.vae.config)
-    if args.resolution % factor:
-        raise BadInputError(f"--resolution {args.resolution} is not a multiple of the VAE's downsampling factor {factor}")
-    latent_size = args.resolution // factor
-    quality_maps = QualityMaps.load(args.patch_quality_file) if args.loss == "patch_dpo" else None
-    pairs = index_pairs(args.data_root_path, quality_maps, args.generated_per_sample, latent_size)
-    require_one_step(len(pairs), args.train_batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps)
+    if config.resolution % factor:
+        raise BadInputError(f"--resolution {config.resolution} is not a multiple of the VAE's downsampling factor {factor}")
+    latent_size = config.resolution // factor
+    quality_maps = QualityMaps.load(config.patch_quality_file) if config.loss == "patch_dpo" else None
+    pairs = index_pairs(config.data_root_path, quality_maps, config.generated_per_sample, latent_size)
+    require_one_step(len(pairs), config.train_batch_size, accelerator.num_processes, accelerator.gradient_accumulation_steps)
     maps_sha256 = sha256_file(quality_maps.path) if quality_maps is not None else None
-    check_inputs_on_every_process(accelerator, pairs, quality_maps, maps_sha256, args.output_dir, args.dataloader_num_workers)
+    check_inputs_on_every_process(accelerator, pairs, quality_maps, maps_sha256, config.output_dir, config.dataloader_num_workers)
     return TrainingData(pairs, quality_maps, maps_sha256, latent_size, dropout)
 
 
-def data_loader(args: argparse.Namespace, accelerator: Accelerator, data: TrainingData, source: EncoderPayload) -> DataLoader:
+def data_loader(config: TrainingConfig, accelerator: Accelerator, data: TrainingData, source: EncoderPayload) -> DataLoader:
     """This process's micro-batches, each pair's draws keyed on (seed, epoch, index)."""
-    dataset = PairDataset(data.pairs, data.latent_size, args.seed, source, data.quality_maps, data.dropout)
+    dataset = PairDataset(data.pairs, data.latent_size, config.seed, source, data.quality_maps, data.dropout)
     return DataLoader(
         dataset,
-        batch_size=args.train_batch_size,
-        sampler=EpochSampler(len(dataset), args.seed, pairs_per_step(args, accelerator)),
-        num_workers=args.dataloader_num_workers,
+        batch_size=config.train_batch_size,
+        sampler=EpochSampler(len(dataset), config.seed, pairs_per_step(config, accelerator)),
+        num_workers=config.dataloader_num_workers,
         worker_init_fn=ignore_stop_signals_in_worker,
     )
 
 
 def set_up(
-    args: argparse.Namespace, accelerator: Accelerator, resume: CheckedState | None, make_validation: ValidationFactory | None = None
+    config: TrainingConfig, accelerator: Accelerator, resume: CheckedState | None, make_validation: ValidationFactory | None = None
 ) -> TrainingRun:
     """Load the models and data, build the cache, optimizer and schedule, prepare them, resume from `resume` (`resolve_start`)."""
-    set_seed(args.seed)
-    if args.use_8bit_adam:
+    set_seed(config.seed)
+    if config.use_8bit_adam:
         check_8bit_adam(accelerator.device)
-    models = load_models(args, accelerator)
-    data = load_data(args, accelerator, models)
+    models = load_models(config, accelerator)
+    data = load_data(config, accelerator, models)
     if accelerator.is_main_process:
-        remove_orphan_checkpoint_files(args.output_dir)
-    source, step_encoders = pair_source(args, accelerator, models, data.pairs, models.model.compute_dtype)
+        remove_orphan_checkpoint_files(config.output_dir)
+    source, step_encoders = pair_source(config, accelerator, models, data.pairs, models.model.compute_dtype)
     if step_encoders is not models.encoders and make_validation is None:  # validation samples with them; else they are done
         models.encoders = None
         release_memory()
-    validation = make_validation(args, accelerator, args.seed, models) if make_validation is not None else None
-    loader = data_loader(args, accelerator, data, source)
+    validation = make_validation(accelerator, config.seed, models) if make_validation is not None else None
+    loader = data_loader(config, accelerator, data, source)
     model = models.model
-    if args.gradient_checkpointing:
+    if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    apply_speed_args(args, model.unet, accelerator.print)
-    reference_params = frozen_adapter_copy(model) if args.loss == "image_dpo" else None  # taken before prepare, as loaded
-    optimizer = adamw(model.adapter_modules.parameters(), args.learning_rate, args.weight_decay, args.fused_adamw, args.use_8bit_adam)
+    apply_speed_settings(model.unet, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
+    reference_params = frozen_adapter_copy(model) if config.loss == "image_dpo" else None  # taken before prepare, as loaded
+    optimizer = adamw(
+        model.adapter_modules.parameters(), config.learning_rate, config.weight_decay, config.fused_adamw, config.use_8bit_adam
+    )
     prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    plan = StepPlan.create(len(loader), accelerator.gradient_accumulation_steps, args.stop_step, args.num_train_epochs)
-    check_steps_left(args, plan, resume)
-    announce_plan(args, accelerator, plan, len(data.pairs), resume.step if resume else 0)
-    scheduler = lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, plan.total_steps)
+    plan = StepPlan.create(len(loader), accelerator.gradient_accumulation_steps, config.stop_step, config.num_train_epochs)
+    check_steps_left(config, plan, resume)
+    announce_plan(config, accelerator, plan, len(data.pairs), resume.step if resume else 0)
+    scheduler = lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, plan.total_steps)
     reference_forward = frozen_forward(accelerator, prepared_model, reference_params) if reference_params is not None else None
-    method = Method(args.loss, models.objective, args.resolution, args.noise_offset, args.dpo_beta, reference_forward)
-    per_step = pairs_per_step(args, accelerator)
-    settings = run_settings(args, data.pairs, per_step, accelerator.mixed_precision, plan.total_steps, data.maps_sha256)
+    method = Method(config.loss, models.objective, config.resolution, config.noise_offset, config.dpo_beta, reference_forward)
+    per_step = pairs_per_step(config, accelerator)
+    settings = run_settings(config, data.pairs, per_step, accelerator.mixed_precision, plan.total_steps, data.maps_sha256)
     resumable = Resumable(adapter_weights(model), optimizer, scheduler, accelerator.scaler)
     guard = StepGuard(accelerator, data.pairs)
     run = TrainingRun(
-        args, accelerator, models, prepared_model, optimizer, scheduler, resumable, loader, plan, method, step_encoders, guard, settings, validation
+        config, accelerator, models, prepared_model, optimizer, scheduler, resumable, loader, plan, method, step_encoders, guard, settings, validation
     )  # fmt: skip
     if resume is not None:
         resume_run(run, resume)
-    if args.overwrite_output_dir and accelerator.is_main_process:  # last: a refused start above loses nothing
-        remove_earlier_run(args.output_dir, [tracker_logs(args)])
+    if config.overwrite_output_dir and accelerator.is_main_process:  # last: a refused start above loses nothing
+        remove_earlier_run(config.output_dir, [tracker_logs(config)])
     accelerator.wait_for_everyone()
     return run
 
 
 def resume_run(run: TrainingRun, resume: CheckedState) -> None:
     """Restore the checked state into `run` once its settings agree with the recorded ones (or were allowed to change)."""
-    args = run.args
-    changed = check_resume_settings(resume.state_dir, run.settings, args.change_on_resume)
+    config = run.config
+    changed = check_resume_settings(resume.state_dir, run.settings, config.change_on_resume)
     run.global_step = load_training_state(resume, run.resumable)
-    run.lr_scheduler = apply_changed_settings(changed, args, run.optimizer, run.lr_scheduler, run.plan.total_steps)
+    run.lr_scheduler = apply_changed_settings(changed, config, run.optimizer, run.lr_scheduler, run.plan.total_steps)
     run.resumable = replace(run.resumable, scheduler=run.lr_scheduler)
     logger.info(f"resumed from {resume.directory} at step {run.global_step}" + (f", changing {', '.join(changed)}" if changed else ""))
 
@@ -234,41 +236,41 @@ def frozen_forward(accelerator: Accelerator, model: torch.nn.Module, params: dic
     return forward
 
 
-def announce_plan(args: argparse.Namespace, accelerator: Accelerator, plan: StepPlan, num_pairs: int, resumed_after: int = 0) -> None:
+def announce_plan(config: TrainingConfig, accelerator: Accelerator, plan: StepPlan, num_pairs: int, resumed_after: int = 0) -> None:
     """Say how many optimizer steps will run and why (and from where, on resume), and when a given flag will be ignored."""
-    per_step = pairs_per_step(args, accelerator)
-    epoch_cap = args.num_train_epochs * plan.steps_per_epoch
-    epochs_needed = -(-args.stop_step // plan.steps_per_epoch)
+    per_step = pairs_per_step(config, accelerator)
+    epoch_cap = config.num_train_epochs * plan.steps_per_epoch
+    epochs_needed = -(-config.stop_step // plan.steps_per_epoch)
     why = (
-        f"--stop_step {args.stop_step}"
-        if plan.total_steps == args.stop_step
-        else f"the epoch cap: --num_train_epochs {args.num_train_epochs} x {plan.steps_per_epoch} steps per epoch "
-        f"({num_pairs} pairs // {per_step} pairs per step) = {epoch_cap} < --stop_step {args.stop_step}; the last checkpoint "
+        f"--stop_step {config.stop_step}"
+        if plan.total_steps == config.stop_step
+        else f"the epoch cap: --num_train_epochs {config.num_train_epochs} x {plan.steps_per_epoch} steps per epoch "
+        f"({num_pairs} pairs // {per_step} pairs per step) = {epoch_cap} < --stop_step {config.stop_step}; the last checkpoint "
         f"is checkpoint-{plan.total_steps}, pass --num_train_epochs {epochs_needed} to reach --stop_step"
     )
     resuming = f", resuming after step {resumed_after}: {plan.total_steps - resumed_after} to go" if resumed_after else ""
     accelerator.print(f"training {plan.total_steps} optimizer steps of {per_step} pairs ({why}){resuming}")
-    if args.patch_quality_file is not None and args.loss != "patch_dpo":
+    if config.patch_quality_file is not None and config.loss != "patch_dpo":
         logger.warning(
-            f"--patch_quality_file is ignored: --loss {args.loss} does not use quality maps (pass --use_dpo_loss True for PatchDPO)",
+            f"--patch_quality_file is ignored: --loss {config.loss} does not use quality maps (pass --use_dpo_loss True for PatchDPO)",
             main_process_only=True,
         )
 
 
 def pair_source(
-    args: argparse.Namespace, accelerator: Accelerator, models: TrainingModels, pairs: list, weight_dtype: torch.dtype
+    config: TrainingConfig, accelerator: Accelerator, models: TrainingModels, pairs: list, weight_dtype: torch.dtype
 ) -> tuple[EncoderPayload, FrozenEncoders]:
     """What items carry and which encoders the step runs: pixels for all of them, or (`--cache_dir`) their outputs,
     built once and shared, with per-step CLIP pixels where a non-square reference's crop is random."""
-    if args.cache_dir is None:
-        return EncoderInputs(args.resolution, models.family, models.encoders.tokenizers), models.encoders
-    key = cache_key(args.resolution, args.pretrained_model_name_or_path, args.image_encoder_path, weight_dtype)
-    cache = FeatureCache.for_key(args.cache_dir, key, models.family.prompt_fields)
+    if config.cache_dir is None:
+        return EncoderInputs(config.resolution, models.family, models.encoders.tokenizers), models.encoders
+    key = cache_key(config.resolution, config.pretrained_model_name_or_path, config.image_encoder_path, weight_dtype)
+    cache = FeatureCache.for_key(config.cache_dir, key, models.family.prompt_fields)
     build_feature_cache(
         cache,
         pairs,
         models.encoders,
-        args.resolution,
+        config.resolution,
         accelerator.process_index,
         accelerator.num_processes,
         show_progress=accelerator.is_local_main_process,
@@ -278,7 +280,7 @@ def pair_source(
         accelerator,
         cache.missing_files(pairs),
         lambda seen: (
-            f"--cache_dir {args.cache_dir}: some processes do not see the cache files the others wrote "
+            f"--cache_dir {config.cache_dir}: some processes do not see the cache files the others wrote "
             f"({', '.join(f'process {rank}: {len(files)} missing' for rank, files in enumerate(seen))}): {SHARED_STORAGE_FIX}"
         ),
     )
@@ -288,14 +290,14 @@ def pair_source(
 
 def train(run: TrainingRun, signals: StopSignals) -> bool:
     """Optimizer steps until `plan.total_steps`: accumulate micro-batches, step, log, save; True if stopped by a signal."""
-    accelerator, args = run.accelerator, run.args
-    hparams = {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in vars(args).items()}
-    with reporting_write_errors(Path(args.output_dir) / args.logging_dir):
+    accelerator, config = run.accelerator, run.config
+    hparams = config.hyperparameters()
+    with reporting_write_errors(Path(config.output_dir) / config.logging_dir):
         accelerator.init_trackers(TRACKER_PROJECT, config=hparams)
     progress = tqdm(
         total=run.plan.total_steps, initial=run.global_step, desc="optimizer steps", disable=not accelerator.is_local_main_process
     )
-    meter = StepMeter(pairs_per_step(args, accelerator))
+    meter = StepMeter(pairs_per_step(config, accelerator))
     if run.validation:
         run.validation(run.global_step, run.models.model.adapter_modules)  # the adapter this run starts from
     for batch in run.micro_batches():
@@ -305,7 +307,7 @@ def train(run: TrainingRun, signals: StopSignals) -> bool:
         run.global_step += 1
         progress.update(1)
         means = meter.end_step()
-        if run.global_step % args.logging_steps == 0 or run.global_step == run.plan.total_steps:
+        if run.global_step % config.logging_steps == 0 or run.global_step == run.plan.total_steps:
             log_step(run, meter.logs(accelerator, means), progress)
         save_checkpoints(run)
         if run.stop_requested:
@@ -320,14 +322,14 @@ def train(run: TrainingRun, signals: StopSignals) -> bool:
 
 def micro_step(run: TrainingRun, batch: dict[str, torch.Tensor], signals: StopSignals) -> LossOutput:
     """Forward and backward on one micro-batch; on the last of an optimizer step also agree, clip and step."""
-    accelerator, args = run.accelerator, run.args
+    accelerator, config = run.accelerator, run.config
     with accelerator.accumulate(run.prepared_model):
         output = training_step(run.prepared_model, EncodedPairs.from_batch(batch, run.encoders), run.method)
         accelerator.backward(output.loss)
         run.guard.watch(output.loss, batch)
         if accelerator.sync_gradients:
             # clipping's norm (an infinite maximum when clipping is off) is what the guard checks: one pass, one collective
-            max_norm = args.max_grad_norm if args.max_grad_norm is not None else float("inf")
+            max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
             run.grad_norm = accelerator.clip_grad_norm_(run.models.model.adapter_modules.parameters(), max_norm)
             run.stop_requested = run.guard.agree(run.grad_norm, run.global_step + 1, signals.received is not None)
         run.optimizer.step()
@@ -347,12 +349,12 @@ def log_step(run: TrainingRun, logs: dict[str, float], progress: tqdm) -> None:
 
 def save_checkpoints(run: TrainingRun) -> None:
     """`checkpoint-N/model.bin` every `--save_steps`, the training state every `--checkpointing_steps`; both when stopped by a signal."""
-    args, accelerator, step = run.args, run.accelerator, run.global_step
-    if step % args.save_steps == 0 or step == run.plan.total_steps or run.stop_requested:
+    config, accelerator, step = run.config, run.accelerator, run.global_step
+    if step % config.save_steps == 0 or step == run.plan.total_steps or run.stop_requested:
         if accelerator.is_main_process:
             save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
         run.last_saved = step
-    if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or run.stop_requested:
+    if (config.checkpointing_steps and step % config.checkpointing_steps == 0) or run.stop_requested:
         save_training_state(accelerator, run.checkpoint_dir(), run.resumable, step, run.settings)
-        if args.checkpoints_total_limit and accelerator.is_main_process:
-            prune_training_states(args.output_dir, args.checkpoints_total_limit)
+        if config.checkpoints_total_limit and accelerator.is_main_process:
+            prune_training_states(config.output_dir, config.checkpoints_total_limit)

@@ -16,14 +16,13 @@ the same tensors on both); the plan keeps 10 % + 1 GiB of every card free for th
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common.cli import ArgumentParser, exit_on_reported_error
+from common.cli import exit_on_reported_error
 from common.errors import BadInputError
 
 GIB = 2**30
@@ -45,29 +44,6 @@ class PlanSettings:
     use_8bit_adam: bool = False
     gpus: int = 1
     validation_size: int | None = None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m patchdpo.memory_plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--pretrained_model_name_or_path",
-        required=True,
-        help="SDXL or SD 1.5 pipeline: folder or Hugging Face id (only model_index.json and config.json files are read)",
-    )
-    parser.add_argument("--image_encoder_path", required=True, help="CLIP ViT-H vision encoder: folder or Hugging Face id (config.json)")
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--train_batch_size", type=int, default=4, help="pairs per GPU per micro-batch")
-    parser.add_argument("--mixed_precision", choices=tuple(PRECISIONS), default="fp16")
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument(
-        "--cache_dir", action="store_true", help="plan a run with --cache_dir (the encoders are freed after the cache is built)"
-    )
-    parser.add_argument("--fp32_unet", action="store_true")
-    parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit: 1 byte per moment")
-    parser.add_argument("--gpus", type=int, default=1, help="processes of the run (more than 1: DDP's gradient buckets)")
-    parser.add_argument("--validation_size", type=int, default=None, help="plan validation during training at this image size")
-    parser.add_argument("--json", type=Path, default=None, help="write {peak_bytes, components, ...} here")
-    return parser
 
 
 def read_config(model: str, sub: str, flag: str) -> dict[str, Any]:
@@ -286,17 +262,16 @@ def format_plan(plan: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    settings = PlanSettings(
-        **{name: getattr(args, name) for name in PlanSettings.__dataclass_fields__},
-    )
-    with exit_on_reported_error(parser.prog):
-        plan = plan_training_memory(args.pretrained_model_name_or_path, args.image_encoder_path, settings, rehearse=True)
-        if args.json is not None:
+    from patchdpo.cli import MEMORY_PLAN_PROG, memory_plan_config
+
+    config = memory_plan_config(argv)
+    settings = PlanSettings(**{name: getattr(config, name) for name in PlanSettings.__dataclass_fields__})
+    with exit_on_reported_error(MEMORY_PLAN_PROG):
+        plan = plan_training_memory(config.pretrained_model_name_or_path, config.image_encoder_path, settings, rehearse=True)
+        if config.json is not None:
             from common.io import atomic_write_json
 
-            atomic_write_json(args.json, plan)
+            atomic_write_json(config.json, plan)
     print(format_plan(plan))
     return plan
 

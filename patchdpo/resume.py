@@ -6,7 +6,6 @@ file as it was.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -17,6 +16,7 @@ from common.distributed import SHARED_STORAGE_FIX, require_agreement
 from common.errors import BadInputError
 from common.training_state import CheckedState
 
+from .config import TrainingConfig
 from .optimization import StepPlan
 
 logger = get_logger(__name__)
@@ -25,12 +25,12 @@ logger = get_logger(__name__)
 TRACKER_PROJECT = "patchdpo"
 
 
-def tracker_logs(args: argparse.Namespace) -> Path:
+def tracker_logs(config: TrainingConfig) -> Path:
     """This run's TensorBoard folder: what a start over (`--overwrite_output_dir`) removes next to the checkpoints."""
-    return Path(args.output_dir) / args.logging_dir / TRACKER_PROJECT
+    return Path(config.output_dir) / config.logging_dir / TRACKER_PROJECT
 
 
-def resolve_start(args: argparse.Namespace, accelerator: Accelerator) -> CheckedState | None:
+def resolve_start(config: TrainingConfig, accelerator: Accelerator) -> CheckedState | None:
     """Where this run starts: the checked state `--resume_from_checkpoint` names, or None (step 0); agreed by every process.
 
     Decided before the folder is claimed or any model loads, so a refused start leaves every file as it
@@ -40,25 +40,25 @@ def resolve_start(args: argparse.Namespace, accelerator: Accelerator) -> Checked
     """
     resume, refusal = None, None
     try:
-        if args.resume_from_checkpoint:
-            resume = find_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        fresh = not (args.resume_from_checkpoint or args.overwrite_output_dir)
-        foreign = resume is not None and resume.directory.resolve().parent != Path(args.output_dir).resolve()
+        if config.resume_from_checkpoint:
+            resume = find_resume_checkpoint(config.output_dir, config.resume_from_checkpoint)
+        fresh = not (config.resume_from_checkpoint or config.overwrite_output_dir)
+        foreign = resume is not None and resume.directory.resolve().parent != Path(config.output_dir).resolve()
         if fresh or foreign:
-            refuse_earlier_run(args.output_dir, [tracker_logs(args)])
+            refuse_earlier_run(config.output_dir, [tracker_logs(config)])
     except BadInputError as error:
         refusal = str(error)
     agree_on_resume_state(accelerator, resume, refusal)
     if resume is None:
-        if args.resume_from_checkpoint:
-            logger.info(f"no checkpoint in {args.output_dir}: starting from step 0", main_process_only=True)
+        if config.resume_from_checkpoint:
+            logger.info(f"no checkpoint in {config.output_dir}: starting from step 0", main_process_only=True)
         return None
-    if args.stop_step <= resume.step:
+    if config.stop_step <= resume.step:
         raise BadInputError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint}: {resume.directory} was saved after step {resume.step} and "
-            f"--stop_step {args.stop_step} leaves nothing to train; pass a --stop_step above {resume.step} to continue"
+            f"--resume_from_checkpoint {config.resume_from_checkpoint}: {resume.directory} was saved after step {resume.step} and "
+            f"--stop_step {config.stop_step} leaves nothing to train; pass a --stop_step above {resume.step} to continue"
         )
-    later = [path.name for path in checkpoint_dirs(args.output_dir) if checkpoint_step(path) > resume.step]
+    later = [path.name for path in checkpoint_dirs(config.output_dir) if checkpoint_step(path) > resume.step]
     if later:
         logger.warning(f"resuming after step {resume.step}: {listing(later)}, saved after it, will be overwritten", main_process_only=True)
     return resume
@@ -81,11 +81,11 @@ def agree_on_resume_state(accelerator: Accelerator, resume: CheckedState | None,
         raise BadInputError(refusal)
 
 
-def check_steps_left(args: argparse.Namespace, plan: StepPlan, resume: CheckedState | None) -> None:
+def check_steps_left(config: TrainingConfig, plan: StepPlan, resume: CheckedState | None) -> None:
     """A resume whose epoch cap ends at or before the saved step trains nothing: one line (`--stop_step` is checked before loading)."""
     if resume is not None and plan.total_steps <= resume.step:
         raise BadInputError(
             f"{resume.directory} was saved after step {resume.step} and the epoch cap ends training at step {plan.total_steps} "
-            f"(--num_train_epochs {args.num_train_epochs} x {plan.steps_per_epoch} steps per epoch): nothing to train; "
+            f"(--num_train_epochs {config.num_train_epochs} x {plan.steps_per_epoch} steps per epoch): nothing to train; "
             "raise --num_train_epochs to continue"
         )

@@ -17,7 +17,6 @@ accumulated = 8 GPUs x 1), its size may not. A new flag is free until it is adde
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -35,6 +34,7 @@ from common.io import sha256_file
 from common.recorded_settings import read_recorded
 from common.training_state import SETTINGS_NAME
 
+from .config import TrainingConfig
 from .optimization import lr_scheduler
 from .pair_dataset import TrainingPair
 
@@ -108,7 +108,7 @@ _FROM_FLAGS = tuple(
 
 
 def run_settings(
-    args: argparse.Namespace,
+    config: TrainingConfig,
     pairs: Sequence[TrainingPair],
     pairs_per_step: int,
     mixed_precision: str,
@@ -119,10 +119,10 @@ def run_settings(
 
     `quality_maps_sha256`: the digest of the maps file the run reads (None without one), hashed once per start by the caller.
     """
-    flags = {name: getattr(args, name) for name in _FROM_FLAGS}
+    flags = {name: getattr(config, name) for name in _FROM_FLAGS}
     for name in ("pretrained_model_name_or_path", "image_encoder_path"):
         flags[name] = recorded_name(flags[name])
-    ip_adapter = args.pretrained_ip_adapter_path
+    ip_adapter = config.pretrained_ip_adapter_path
     settings = RecordedSettings(
         **flags,
         pretrained_ip_adapter_sha256=sha256_file(ip_adapter) if ip_adapter and Path(ip_adapter).is_file() else ip_adapter,
@@ -131,7 +131,7 @@ def run_settings(
         quality_maps_sha256=quality_maps_sha256,
         pairs_per_step=pairs_per_step,
         mixed_precision=mixed_precision,
-        schedule_total_steps=None if args.lr_scheduler in _CONSTANT_SCHEDULES else total_steps,
+        schedule_total_steps=None if config.lr_scheduler in _CONSTANT_SCHEDULES else total_steps,
     )
     return json.loads(json.dumps(settings.as_recorded(), default=str))  # as recorded: tuples become lists, paths strings
 
@@ -158,7 +158,7 @@ def check_resume_settings(state_dir: str | os.PathLike, now: Mapping[str, Any], 
 
 def apply_changed_settings(
     changed: Iterable[str],
-    args: argparse.Namespace,
+    config: TrainingConfig,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     total_steps: int,
@@ -168,10 +168,10 @@ def apply_changed_settings(
     changed = set(changed)
     if "weight_decay" in changed:
         for group in optimizer.param_groups:
-            group["weight_decay"] = args.weight_decay
+            group["weight_decay"] = config.weight_decay
     if not changed & {"learning_rate", "lr_scheduler", "lr_warmup_steps"}:
         return scheduler
     for group in optimizer.param_groups:
-        group["initial_lr"] = args.learning_rate  # what a schedule resumed at `last_epoch` starts from
+        group["initial_lr"] = config.learning_rate  # what a schedule resumed at `last_epoch` starts from
     # The schedule's constructor takes one step: starting it one before the restored step lands it there.
-    return lr_scheduler(args.lr_scheduler, optimizer, args.lr_warmup_steps, total_steps, last_epoch=scheduler.last_epoch - 1)
+    return lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps, last_epoch=scheduler.last_epoch - 1)

@@ -24,7 +24,6 @@ its times) count as changed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
@@ -36,28 +35,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from common.checks import require_flags_in_range
 from common.distributed import gather_values
 from common.errors import BadInputError
 from common.images import load_rgb_image_and_sha256
 from common.io import atomic_write_json
-from common.outputs import check_output_dir
 from patch_quality.store import GENERATED_SUFFIX, REFERENCE_SUFFIX, QualityMaps, remake_command
 
 from .pair_dataset import TrainingPair
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
-
-
-def check_training_args(args: argparse.Namespace) -> None:
-    """train_patchdpo.py's numeric flags in range and its output folders writable, before anything loads."""
-    require_flags_in_range(args, ("resolution", "num_train_epochs"), minimum=1)
-    require_flags_in_range(args, ("dataloader_num_workers", "learning_rate", "weight_decay", "dpo_beta", "noise_offset"), minimum=0)
-    require_flags_in_range(args, ("image_drop_rate", "text_drop_rate", "both_drop_rate"), minimum=0, maximum=1)
-    check_output_dir(args.output_dir)
-    if args.cache_dir is not None:
-        check_output_dir(args.cache_dir, "--cache_dir")
 
 
 CHECKED_NAME = ".checked_inputs.json"

@@ -86,9 +86,12 @@ def _configs():
     import evaluate_dreambooth
     import generate
     import inference_dreambooth
+    import train_patchdpo
     from dreambench.config import EvaluateConfig, GenerateConfig, InferenceConfig
     from patch_quality import cli as patch_quality_cli
     from patch_quality.config import ConvertConfig, MapsConfig, SslTrainConfig, VisualizeConfig
+    from patchdpo.cli import MemoryPlanConfig, memory_plan_parser
+    from patchdpo.config import TrainingConfig
     from training_data.cli import construct_parser
     from training_data.config import ConstructConfig
 
@@ -101,6 +104,8 @@ def _configs():
         (patch_quality_cli.visualize_parser, VisualizeConfig),
         (patch_quality_cli.ssl_train_parser, SslTrainConfig),
         (patch_quality_cli.convert_pkl_parser, ConvertConfig),
+        (train_patchdpo.build_parser, TrainingConfig),
+        (memory_plan_parser, MemoryPlanConfig),
     ]
 
 

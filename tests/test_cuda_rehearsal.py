@@ -159,7 +159,7 @@ def test_validation_sampling_runs_on_cuda(request, tiny_pair_data, tmp_path, fam
     models = load_training_models(model_dir, paths.image_encoder_dir, paths.ip_ckpt, "cpu", dtype)
     with fake_mode():
         place_on_fake_cuda(models)
-    validation = TrainingValidation(args, accelerator, args.seed, models)
+    validation = TrainingValidation(train_patchdpo.validation_settings(args), accelerator, args.seed, models)
     with fake_mode(), scheduler_on_host(validation.model.pipe.scheduler):
         pixels = validation._pixels()
     assert pixels.device.type == "cuda" and pixels.dtype == torch.float32 and pixels.shape == (2, 3, resolution, resolution)

@@ -106,20 +106,7 @@ def test_cheap_modules_do_not_load_diffusers(module):
 
 # The modules that define the command lines: the parsers and the shared flag groups, light for --help.
 # Everything else gets the typed config a script builds once from its flags (`common.cli.parse_config`).
-FLAG_MODULES = {"common/cli.py", "common/flags.py", "patch_quality/cli.py", "training_data/cli.py"}
-# Still taking the trainer's argparse Namespace on this branch: the trainer and the model-layer helpers it
-# calls are being given a typed TrainingConfig and explicit arguments in the same pass (issue 29). Empty
-# this list as each one stops; a listed module that no longer takes one fails below, so it cannot go stale.
-STILL_TAKING_FLAGS = {
-    "dreambench/validation.py",  # Validator(args, ...): the trainer's flags (--validation_*)
-    "ip_adapter/speed.py",  # apply_speed_args(args, ...)
-    "patchdpo/loop.py",
-    "patchdpo/memory_plan.py",  # its own parser (python -m patchdpo.memory_plan)
-    "patchdpo/resume.py",  # split out of loop.py on branch i29, still on the trainer's flags
-    "patchdpo/run.py",
-    "patchdpo/run_settings.py",
-    "patchdpo/validate_inputs.py",
-}
+FLAG_MODULES = {"common/cli.py", "common/flags.py", "patch_quality/cli.py", "patchdpo/cli.py", "training_data/cli.py"}
 
 
 def flag_uses(source: str) -> list[str]:
@@ -145,9 +132,7 @@ def package_flag_uses() -> dict[str, list[str]]:
 
 
 def test_only_the_flag_modules_use_argparse_or_take_namespaces():
-    found = package_flag_uses()
-    assert {module: uses for module, uses in found.items() if module not in STILL_TAKING_FLAGS} == {}
-    assert sorted(STILL_TAKING_FLAGS - set(found)) == [], "these no longer take flags: remove them from STILL_TAKING_FLAGS"
+    assert package_flag_uses() == {}
 
 
 def test_the_flag_check_finds_argparse_and_namespace_parameters():

@@ -182,5 +182,5 @@ def test_overwrite_output_dir_with_a_bad_input_removes_nothing(tiny_models, tiny
 def test_overwrite_output_dir_contradicts_a_resume(tiny_models, tiny_pair_data, tmp_path, capsys):
     argv = [*train_args(tiny_models, tiny_pair_data, tmp_path / "out"), "--overwrite_output_dir", "--resume_from_checkpoint", "latest"]
     with pytest.raises(SystemExit) as raised:
-        train_patchdpo.parse_args(argv)
+        train_patchdpo.main(argv)
     assert raised.value.code == 2 and "--overwrite_output_dir" in capsys.readouterr().err

@@ -7,7 +7,6 @@ selects), everything else a few seconds.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import os
 
@@ -24,7 +23,7 @@ import train_patchdpo
 from base_models.generation import load_generation_model
 from ip_adapter import IPAttnProcessor, attention_processor, resampler, set_ip_adapter_scale
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from ip_adapter.speed import apply_speed_args, speed_up_unet
+from ip_adapter.speed import apply_speed_settings, speed_up_unet
 from patch_quality.store import QualityMaps
 from patchdpo.method import EncodedPairs, Method, training_step
 from patchdpo.models import load_training_models
@@ -117,8 +116,8 @@ def test_changing_the_scale_does_not_recompile(generator):
 
 def test_scripts_compile_the_unet_only_with_the_flag(tiny_models):
     unet = torch.nn.Conv2d(4, 4, 1)
-    assert apply_speed_args(argparse.Namespace(compile=False, allow_tf32=False), unet) is None and "forward" not in vars(unet)
-    report = apply_speed_args(argparse.Namespace(compile=True, allow_tf32=False), unet)
+    assert apply_speed_settings(unet, compile=False, allow_tf32=False) is None and "forward" not in vars(unet)
+    report = apply_speed_settings(unet, compile=True, allow_tf32=False)
     assert "forward" in vars(unet) and report.first_call_s is None
 
 
@@ -249,7 +248,7 @@ def test_allow_tf32_is_a_flag_of_both_scripts(flag, tiny_models, restore_tf32):
     for args in (train, infer):
         torch.backends.cuda.matmul.allow_tf32 = not flag
         assert args.allow_tf32 is flag and args.compile is False
-        apply_speed_args(args, torch.nn.Conv2d(1, 1, 1))
+        apply_speed_settings(torch.nn.Conv2d(1, 1, 1), compile=args.compile, allow_tf32=args.allow_tf32)
         assert torch.backends.cuda.matmul.allow_tf32 is flag
 
 

@@ -73,7 +73,7 @@ def test_learning_rate_schedule_counts_optimizer_steps_not_micro_batches(tiny_mo
 )
 def test_bad_scale_flags_are_parser_errors(tiny_models, tiny_pair_data, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as raised:
-        train_patchdpo.parse_args(train_args(tiny_models, tiny_pair_data, tmp_path, *extra))
+        train_patchdpo.main(train_args(tiny_models, tiny_pair_data, tmp_path, *extra))
     assert raised.value.code == 2
     assert message in capsys.readouterr().err
 

@@ -450,6 +450,6 @@ def test_resume_from_a_folder_without_training_state(tiny_models, tiny_pair_data
 def test_bad_flags_are_parser_errors(tiny_models, tiny_pair_data, tmp_path, capsys, extra, quality, message):
     argv = train_args(tiny_models, tiny_pair_data, tmp_path / "out", *extra, quality=quality)
     with pytest.raises(SystemExit) as raised:
-        train_patchdpo.parse_args(argv)
+        train_patchdpo.main(argv)
     assert raised.value.code == 2
     assert message in capsys.readouterr().err

@@ -158,7 +158,7 @@ def _validation_on_cpu(
     with torch.no_grad():
         conv_in.weight.mul_(FP16_OVERFLOW_GAIN)
         conv_in.bias.mul_(FP16_OVERFLOW_GAIN)
-    return TrainingValidation(args, accelerator, args.seed, models), models
+    return TrainingValidation(train_patchdpo.validation_settings(args), accelerator, args.seed, models), models
 
 
 def test_fp16_validation_decodes_in_float32_and_matches_float32_validation(

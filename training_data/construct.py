@@ -59,7 +59,7 @@ from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_
 from ip_adapter.checkpoint import Checkpoint, load_ip_adapter_checkpoint
 from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlus
 from ip_adapter.loading import check_ip_ckpt, dtype_name, resolve_dtype
-from ip_adapter.speed import apply_speed_args
+from ip_adapter.speed import apply_speed_settings
 from patch_quality import layout
 from training_data.categories import REFERENCE_TEMPLATE, SCENE_TEMPLATES, load_categories, with_article
 from training_data.cli import CONSTRUCT_PROG
@@ -360,7 +360,7 @@ def _make_generated(
     # Installing the adapter changes the UNet's attention, so it happens after the references.
     family = family_of(config.base_model_path, "--base_model_path")
     ip_model = wrap_pipeline(pipe, family, config.image_encoder_path, ip_checkpoint, config.ip_ckpt, accelerator.device)
-    apply_speed_args(config, ip_model.pipe.unet, accelerator.print)
+    apply_speed_settings(ip_model.pipe.unet, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
     with accelerator.split_between_processes(pending) as shard:
         generate_pairs(
             ip_model,
