@@ -126,3 +126,9 @@ def test_the_plan_rehearses_its_phases_on_fake_cuda(tmp_path, family, monkeypatc
     plan_training_memory(folder, str(paths.image_encoder_dir), settings)
     with pytest.raises(FakeTensorDeviceMismatchError):
         plan_training_memory(folder, str(paths.image_encoder_dir), settings, rehearse=True)
+
+
+def test_the_command_line_offers_exactly_the_planned_precisions():
+    from patchdpo.cli import PRECISION_CHOICES
+
+    assert PRECISION_CHOICES == tuple(memory_plan.PRECISIONS)

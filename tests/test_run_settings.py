@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 import train_patchdpo
+from common.flags import PAPER_DINO_MODEL
 from patchdpo.config import TrainingConfig
 from patchdpo.pair_dataset import TrainingPair
 from patchdpo.run_settings import RecordedSettings, run_settings
@@ -23,3 +26,35 @@ def test_only_the_allowed_settings_are_recorded():
     assert "a_flag_added_later" not in recorded and "clip_model" not in recorded and "output_dir" not in recorded
     args = dataclasses.replace(args, lr_scheduler="cosine")
     assert run_settings(args, pairs, 8, "fp16", 10, None)["schedule_total_steps"] == 10
+
+
+REQUIRED = ["--pretrained_model_name_or_path", "org/model", "--image_encoder_path", "org/enc", "--data_root_path", "d"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--image_drop_rate", "0.5", "--text_drop_rate", "0.4", "--both_drop_rate", "0.2"), "dropout rates must be >= 0 and sum to <= 1"),
+        (("--text_drop_rate", "-0.1"), "--text_drop_rate must be finite and >= 0 and <= 1, got -0.1"),
+        (("--validation_data_root", "db"), "--validation_data_root needs --pretrained_ip_adapter_path"),
+        (("--resolution", "0"), "--resolution must be >= 1"),
+    ],
+)
+def test_every_flag_check_answers_before_anything_loads(tmp_path, capsys, extra, message):
+    """`TrainingConfig.checked` holds every check of a flag's value; the script reports it as one line and exits 2."""
+    with pytest.raises(SystemExit) as raised:
+        train_patchdpo.main([*REQUIRED, "--output_dir", str(tmp_path / "out"), *extra])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train_patchdpo.py: error: ") and message in err and err.count("\n") == 1
+
+
+def test_the_logged_hyperparameters_are_the_flags_in_order_with_the_loss_and_metric_models_resolved():
+    argv = [*REQUIRED, "--use_dpo_loss", "True", "--patch_quality_file", "q", "--pretrained_ip_adapter_path", "ip.bin"]
+    argv += ["--validation_data_root", "db", "--clip_model", "org/clip"]
+    flags = vars(train_patchdpo.build_parser().parse_args(argv))
+    flags.update(loss="patch_dpo", dino_model=PAPER_DINO_MODEL)
+    expected = {name: value if isinstance(value, (int, float, str, bool)) else str(value) for name, value in flags.items()}
+    hyperparameters = train_patchdpo.parse_args(argv).hyperparameters()
+    assert list(hyperparameters.items()) == list(expected.items())
+    assert train_patchdpo.parse_args(REQUIRED).dino_model is None  # no validation: no metric model is filled in
