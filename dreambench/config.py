@@ -1,4 +1,4 @@
-"""The typed settings of inference_dreambooth.py, generate.py and evaluate_dreambooth.py, built once from their flags.
+"""The typed settings of inference_dreambooth.py, generate.py and evaluate_dreambooth.py (and of validation during training), built once from their flags.
 
 Each field is named after the flag it comes from, in the parser's order (`common.cli.parse_config`
 checks both): an error about a setting names the flag to change, and `run_config.json` records the
