@@ -7,7 +7,7 @@ import time
 import torch
 from accelerate import Accelerator
 
-from .loss import LossOutput
+from .method import LossOutput
 
 
 class StepMeter:
