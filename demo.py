@@ -2,6 +2,7 @@
 
     python demo.py                      # tiny random models; trains on 2 DreamBench subjects, evaluates 2 others
     python demo.py --base_model sd15    # the same on tiny SD 1.5 + IP-Adapter-Plus stand-ins
+    python demo.py --base_model flux    # the same on tiny FLUX.1-dev + XLabs IP-Adapter stand-ins
     python demo.py --base_model_path SDXL_DIR --image_encoder_path ENC_DIR --ip_ckpt ip-adapter-plus_sdxl_vit-h.bin \
         --patch_backbone dinov2-base/ --clip_model ViT-B-32.pt --dino_model dino-vits16/ \
         --resolution 512 --size 1024 --num_inference_steps 30 --train_steps 200
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "dreambench"
-STAND_IN_FAMILIES = ("sdxl", "sd15")  # --base_model: the tiny generators `prepare_models` can save, the default first
+STAND_IN_FAMILIES = ("sdxl", "sd15", "flux")  # --base_model: the tiny generators `prepare_models` can save, the default first
 TINY_NOTE = (
     "These results come from tiny RANDOM models (no pretrained weights were given), so every image is "
     "noise and the metric values mean nothing: the demo shows that the flow runs end to end. For real "
@@ -61,15 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="1-3 DreamBench subjects whose box-cropped photos are the training references (disjoint from --subjects)",
     )
     models = parser.add_argument_group("real models (tiny random stand-ins where absent)")
-    models.add_argument("--base_model_path", type=Path, help="SDXL or SD 1.5 pipeline folder (with --image_encoder_path and --ip_ckpt)")
+    models.add_argument(
+        "--base_model_path", type=Path, help="SDXL, SD 1.5 or FLUX.1 pipeline folder (with --image_encoder_path and --ip_ckpt)"
+    )
     models.add_argument(
         "--base_model",
         choices=STAND_IN_FAMILIES,
         default=None,
         help="without --base_model_path: the family of the tiny stand-in generator (default sdxl, the paper's model)",
     )
-    models.add_argument("--image_encoder_path", type=Path, help="CLIP ViT-H vision encoder folder")
-    models.add_argument("--ip_ckpt", type=Path, help="IP-Adapter-Plus checkpoint to start from")
+    models.add_argument("--image_encoder_path", type=Path, help="the adapter's CLIP vision encoder folder (ViT-H; ViT-L/14 for FLUX.1)")
+    models.add_argument("--ip_ckpt", type=Path, help="IP-Adapter checkpoint to start from (IP-Adapter-Plus; XLabs' for FLUX.1)")
     models.add_argument("--patch_backbone", type=Path, help="ViT-family folder for patch quality (DINOv2, DINO, CLIP, ViT)")
     models.add_argument("--clip_model", help="OpenAI CLIP .pt for CLIP-I/CLIP-T (with --dino_model)")
     models.add_argument("--dino_model", type=Path, help="DINO ViT-S/16 folder")
@@ -182,13 +185,15 @@ def start_in(out: Path, argv: list[str]) -> None:
 
 def prepare_models(args: argparse.Namespace, models_dir: Path) -> bool:
     """Fill every model path the user left out with a tiny random stand-in; True if any was needed."""
-    from stand_ins import sd15, sdxl
+    from stand_ins import flux, sd15, sdxl
     from stand_ins.metric_models import save_tiny_clip_archive, save_tiny_dino
     from stand_ins.vit_models import save_tiny_dinov2
 
     tiny = False
     if args.base_model_path is None:
-        save_generator = {"sdxl": sdxl.save_sdxl_models, "sd15": sd15.save_sd15_models}[args.base_model or STAND_IN_FAMILIES[0]]
+        save_generator = {"sdxl": sdxl.save_sdxl_models, "sd15": sd15.save_sd15_models, "flux": flux.save_flux_models}[
+            args.base_model or STAND_IN_FAMILIES[0]
+        ]
         paths = save_generator(models_dir / "generator")
         args.base_model_path, args.image_encoder_path, args.ip_ckpt = paths.base_model_dir, paths.image_encoder_dir, paths.ip_ckpt
         tiny = True
@@ -233,6 +238,7 @@ def write_textures(folder: Path, count: int) -> Path:
 
 def run(args: argparse.Namespace) -> RunReport:
     # Imported here: --help must not wait for torch and diffusers.
+    from base_models import family_of
     from dreambench.report import RunReport, read_scalar
     from patch_quality import maps, ssl_train, visualize
     from training_data import construct
@@ -316,7 +322,7 @@ def run(args: argparse.Namespace) -> RunReport:
         + ["--save_steps", str(args.train_steps), "--logging_steps", "1", "--output_dir", str(train_dir), "--use_dpo_loss", "True"]
         + ["--overwrite_output_dir"],  # a rerun of the demo trains again from the start
     )
-    trained = train_dir / f"checkpoint-{args.train_steps}" / "model.bin"
+    trained = train_dir / f"checkpoint-{args.train_steps}" / family_of(args.base_model_path).trainable_adapter.checkpoint_files[0]
     smoke = [] if args.prompts_per_subject is None else ["--prompts_per_subject", str(args.prompts_per_subject)]
     for label, checkpoint, folder in (
         ("IP-Adapter-Plus (start)", args.ip_ckpt, out / "dreambench_start"),

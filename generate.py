@@ -125,7 +125,8 @@ def recorded_settings(
 
 
 def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitStack) -> None:
-    from base_models.generation import load_generation_model, with_native_size
+    from base_models import family_of
+    from base_models.generation import load_generation_model, with_model_defaults
     from common.distributed import check_on_main
     from common.hub import resolve_file
     from common.launch import check_launch
@@ -141,20 +142,20 @@ def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitS
         read_prompts,
         subject_changes,
     )
-    from ip_adapter.checkpoint import load_ip_adapter_checkpoint
     from ip_adapter.loading import dtype_name, resolve_dtype
     from ip_adapter.speed import apply_speed_settings
 
     check_launch(accelerator.num_processes, "generate.py")
-    config = with_native_size(config)
+    config = with_model_defaults(config)
     check_args(config)
     check_on_main(accelerator, lambda: check_metric_models(config.clip_model, config.dino_model))  # only the main process scores
     prompts = read_prompts(config.prompts, config.prompts_file)
     photos = read_photos(config.reference_images, config.boxes)
     references = conditioning_images(photos)  # every photo decoded: a bad one fails before the models
     checkpoints = [resolve_file(path, "--ip_ckpt") for path in config.ip_ckpt]
+    read_checkpoint = family_of(config.base_model_path, "--base_model_path").ip_adapter_class().read_checkpoint
     for checkpoint in checkpoints:
-        load_ip_adapter_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before the base model loads
+        read_checkpoint(checkpoint)  # a NaN or wiped checkpoint fails before the base model loads
     labels = checkpoint_labels(config.ip_ckpt)
     jobs = build_jobs(labels, prompts, config.num_images, config.seed)
     dtype = resolve_dtype(config.dtype, accelerator.mixed_precision, accelerator.device)
@@ -176,7 +177,7 @@ def run(config: GenerateConfig, accelerator: Accelerator, held: contextlib.ExitS
     drop_outdated = (lambda: start_afresh(config.output_dir, [*labels, SHEETS_DIR], changes, len(jobs))) if changes else None
     start_in_output_dir(accelerator, held, config.output_dir, [*labels, SHEETS_DIR], run_config, drop_outdated)
     if model is not None:
-        apply_speed_settings(model.pipe.unet, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
+        apply_speed_settings(model.denoiser, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
         generate_jobs(
             model,
             checkpoints,

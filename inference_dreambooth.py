@@ -131,7 +131,7 @@ def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.Exit
     # Imported here, not at the top: --help must not wait for torch and diffusers.
     from dataclasses import asdict
 
-    from base_models.generation import load_generation_model, with_native_size
+    from base_models.generation import load_generation_model, with_model_defaults
     from common.distributed import check_on_main
     from common.hub import resolve_file
     from common.io import sha256_file
@@ -146,7 +146,7 @@ def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.Exit
     from ip_adapter.speed import apply_speed_settings
 
     check_launch(accelerator.num_processes, "inference_dreambooth.py")
-    config = with_native_size(config.with_defaults())
+    config = with_model_defaults(config.with_defaults())
     check_args(config)
     check_on_main(accelerator, lambda: check_metric_models(config.clip_model, config.dino_model))  # loaded once: a bad one fails now
     subject_prompts = checked_subject_prompts(config)
@@ -175,7 +175,7 @@ def run(config: InferenceConfig, accelerator: Accelerator, held: contextlib.Exit
     ip_model = None
     if pending:
         ip_model = load_generation_model(config.base_model_path, config.image_encoder_path, config.ip_ckpt, accelerator.device, dtype)
-        apply_speed_settings(ip_model.pipe.unet, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
+        apply_speed_settings(ip_model.denoiser, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
     start_in_output_dir(accelerator, held, config.output_dir, [*subjects, GRIDS_DIR], run_config)
 
     if ip_model is not None:

@@ -1,4 +1,4 @@
-"""PatchDPO training: finetune IP-Adapter-Plus (SDXL or SD 1.5, read from the model folder) on (reference, generated) pairs.
+"""PatchDPO training: finetune an IP-Adapter (SDXL, SD 1.5 or FLUX.1, read from the model folder) on (reference, generated) pairs.
 
     accelerate launch --num_processes 8 --multi_gpu --mixed_precision fp16 train_patchdpo.py \
       --pretrained_model_name_or_path SDXL_DIR --image_encoder_path ENC_DIR \
@@ -21,7 +21,15 @@ import functools
 import sys
 
 from common.cli import ArgumentParser, exit_on_reported_error, parse_config, quiet_libraries, str2bool
-from common.flags import CHANGEABLE_ON_RESUME, LOSS_MODES, LR_SCHEDULERS, add_ddp_timeout_arg, add_speed_args, add_validation_args
+from common.flags import (
+    CHANGEABLE_ON_RESUME,
+    LOSS_MODES,
+    LR_SCHEDULERS,
+    add_ddp_timeout_arg,
+    add_flow_matching_args,
+    add_speed_args,
+    add_validation_args,
+)
 from dreambench.config import ValidationSettings
 from patchdpo.config import TrainingConfig
 
@@ -34,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     official.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="SDXL or SD 1.5 pipeline: folder or Hugging Face id (the family is read from its model_index.json)",
+        help="SDXL, SD 1.5 or FLUX.1 pipeline: folder or Hugging Face id (the family is read from its model_index.json)",
     )
     official.add_argument(
         "--pretrained_ip_adapter_path",
         default=None,
-        help="IP-Adapter-Plus checkpoint to start from; absent: adapter from to_k/to_v, fresh Resampler",
+        help="IP-Adapter checkpoint to start from (h94's Plus layout; FLUX: XLabs' ip_adapter.safetensors); absent: SDXL/SD 1.5 "
+        "adapter from to_k/to_v with a fresh frozen Resampler, FLUX a fresh adapter (zero k/v, seeded projection)",
     )
     official.add_argument("--data_root_path", required=True, help="folder of sample{i}/ pairs")
     official.add_argument("--image_encoder_path", required=True, help="CLIP vision model: folder or Hugging Face id (REPO_ID[/subfolder])")
@@ -142,10 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bitsandbytes' 8-bit AdamW: the optimizer moments take 1 byte per weight instead of 8 (CUDA, pip install bitsandbytes)",
     )
+    extra.add_argument(
+        "--shard_base",
+        action="store_true",
+        help="shard the frozen base model (FLUX transformer or UNet) over the processes with FSDP2, each holding 1/N of it; "
+        "the adapter trains as unsharded (docs/memory.md: what fits where). Needs 2+ processes; not with validation",
+    )
     extra.add_argument("--fused_adamw", action="store_true", help="fused AdamW kernel (the same update; faster on CUDA)")
     add_speed_args(extra)
     add_ddp_timeout_arg(extra)
     add_validation_args(parser)
+    add_flow_matching_args(parser)
     return parser
 
 

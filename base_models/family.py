@@ -8,6 +8,7 @@ IP-Adapter layers go. Nothing outside `base_models/` branches on the family.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,9 +38,51 @@ class Objective(ABC):
     @abstractmethod
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor: ...
 
+    def row_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """(N,) loss weights of each row's squared error by its timestep; None: all ones (the losses then skip the product)."""
+        return None
+
 
 #: Conditioning tensors by name (e.g. "prompt_embeds", "pooled_prompt_embeds"): what a cache stores and a batch carries.
 Tensors = dict[str, torch.Tensor]
+
+
+class TrainableAdapter(ABC):
+    """The IP-Adapter a run trains, in its family's layout: which layers train, how the image reaches the denoiser, its files.
+
+    `modules` are the trainable layers (what the optimizer steps and validation samples with); their
+    state dict, gathered to full CPU tensors by the caller (a sharded run gathers on every process),
+    is what `save_checkpoint` and `save_state` write. `frozen` are modules outside the denoiser the
+    adapter runs without training them (the UNet families' Resampler).
+    """
+
+    modules: nn.ModuleDict
+    frozen: tuple[nn.Module, ...] = ()
+    #: What every `checkpoint-N/` holds for users, in the public layout of the family's adapter.
+    checkpoint_files: ClassVar[tuple[str, ...]]
+
+    def place(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Move the frozen modules to where and in what the step runs them."""
+        for module in self.frozen:
+            module.to(device, dtype)
+
+    @abstractmethod
+    def condition(
+        self, prompt_embeds: torch.Tensor, image_features: torch.Tensor, added: Tensors | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, Tensors | None]:
+        """(cross-attention hidden states, added conditioning) for the 2B latents, from B pairs' prompt and image features."""
+
+    @abstractmethod
+    def save_checkpoint(self, directory: Path, trained: Mapping[str, torch.Tensor]) -> None:
+        """Write `checkpoint_files` into `directory` (half precision, as the public files) from the trained state."""
+
+    @abstractmethod
+    def save_state(self, path: Path, trained: Mapping[str, torch.Tensor]) -> None:
+        """The training state's adapter file (full precision, the public layout's keys)."""
+
+    @abstractmethod
+    def read_state(self, path: Path) -> dict[str, torch.Tensor]:
+        """The trained state (the `modules`' keys) of a `save_state` file; restores the frozen modules from it too."""
 
 
 class BaseModelFamily(ABC):
@@ -51,10 +94,18 @@ class BaseModelFamily(ABC):
     pipeline_class_name: ClassVar[str]
     #: The pipeline sub-folders the trainer loads.
     components: ClassVar[tuple[str, ...]]
+    #: The denoiser's name in the pipeline ("unet", "transformer").
+    denoiser_component: ClassVar[str]
+    #: The adapter a run trains; its first `checkpoint_files` entry is what generation reads from a `checkpoint-N/`.
+    trainable_adapter: ClassVar[type[TrainableAdapter]]
     #: The resolution the family was trained at (the default image size of its pipeline).
     native_resolution: ClassVar[int]
+    #: `--num_inference_steps` and `--guidance_scale` of the generating scripts when not given.
+    sampling_defaults: ClassVar[dict[str, int | float]]
     #: The public IP-Adapter-Plus checkpoint's Resampler (without its input/output widths), used when training from scratch.
     fresh_resampler: ClassVar[dict[str, int]]
+    #: What the memory plan calls the frozen denoiser in its rows ("UNet", "transformer").
+    denoiser_name: ClassVar[str]
     #: Names of the token-id tensors `tokenize` returns and of the prompt tensors `encode_prompts` returns.
     token_fields: ClassVar[tuple[str, ...]]
     prompt_fields: ClassVar[tuple[str, ...]]
@@ -64,6 +115,17 @@ class BaseModelFamily(ABC):
         raise BadInputError(
             f"--official_time_ids is the SDXL reference training's time-id layout; a {self.name} model has no time ids: drop the flag"
         )
+
+    def with_flow_matching(self, flags: Mapping[str, Any]) -> BaseModelFamily:
+        """The family trained with these flow-matching flags (`--weighting_scheme`, ...); only FLUX trains with flow matching."""
+        if flags:
+            given = " ".join(f"--{name}" for name in flags)
+            raise BadInputError(f"{given}: FLUX's flow-matching settings; a {self.name} model trains with DDPM noise: drop them")
+        return self
+
+    def objective_settings(self) -> dict[str, Any] | None:
+        """The objective's settings a resume must match beyond the flags every family records (None: nothing more)."""
+        return None
 
     @abstractmethod
     def load_denoiser(self, folder: Path, variant: str | None) -> nn.Module: ...
@@ -90,9 +152,17 @@ class BaseModelFamily(ABC):
     def native_image_size(self, read_config: Callable[[str], dict[str, Any]]) -> int:
         """The image edge the family's pipeline generates at by default, from the folder's configs (`read_config("unet/config.json")`)."""
 
+    def image_size_multiple(self, read_config: Callable[[str], dict[str, Any]]) -> int:
+        """What an image edge must be a multiple of beyond the 8 px every script asks (`common.checks.require_sampling_args`)."""
+        return 1
+
     @abstractmethod
     def latent_scale(self, vae_config: Mapping[str, Any]) -> int:
         """Pixels per latent cell: the quality maps of a `resolution` image are `resolution // latent_scale` square."""
+
+    @abstractmethod
+    def vae_latents(self, latents: torch.Tensor, vae_config: Mapping[str, Any], height: int, width: int) -> torch.Tensor:
+        """What the VAE decodes, from the latents the family's pipeline returns (`output_type="latent"`) for `height` x `width` images."""
 
     @abstractmethod
     def encode_latents(self, vae: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -101,6 +171,14 @@ class BaseModelFamily(ABC):
     @abstractmethod
     def install_adapter(self, denoiser: nn.Module, num_tokens: int) -> nn.ModuleDict:
         """Put IP-attention layers into `denoiser`; the returned modules' state dict is the checkpoint's "ip_adapter" section."""
+
+    @abstractmethod
+    def load_adapter(self, denoiser: nn.Module, image_encoder_config: Any, ip_adapter_path: str | os.PathLike | None) -> TrainableAdapter:
+        """Install the adapter into `denoiser`, from `--pretrained_ip_adapter_path` or fresh (logging how it starts)."""
+
+    @abstractmethod
+    def image_features(self, image_encoder: nn.Module, clip_pixels: torch.Tensor) -> torch.Tensor:
+        """What the adapter reads of a reference image: the image encoder's output for (N, 3, 224, 224) CLIP pixels."""
 
     @abstractmethod
     def added_conditioning(
@@ -133,3 +211,11 @@ class BaseModelFamily(ABC):
     @abstractmethod
     def example_added_conditioning(self, denoiser: nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> Tensors | None:
         """Random `added` conditioning of the right shapes for `rows` latents on `device` (the memory plan's step)."""
+
+    @abstractmethod
+    def example_prompt_embeds(self, denoiser: nn.Module, rows: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Random `prompt_embeds` (rows, L, D) of the length `tokenize` pads to (the memory plan's step)."""
+
+    def example_token_ids(self, rows: int, device: torch.device) -> Tensors:
+        """Token ids of the lengths `tokenize` pads to (CLIP's 77), for the memory plan's per-step encoding."""
+        return {name: torch.randint(0, 100, (rows, 77), device=device) for name in self.token_fields}

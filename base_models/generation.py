@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,14 +22,15 @@ from diffusers import DiffusionPipeline
 
 from common.errors import BadInputError
 from common.hub import resolve_file, resolve_folder
-from ip_adapter.checkpoint import load_ip_adapter_checkpoint
-from ip_adapter.ip_adapter import IPAdapterPlus
+from ip_adapter.ip_adapter import ImagePromptAdapter
 from ip_adapter.loading import check_image_encoder_dir, check_ip_ckpt, one_line
 
 from . import family_of
 from .family import BaseModelFamily
 
 FLAG = "--base_model_path"
+#: The sampling flags whose default is the family's (`BaseModelFamily.sampling_defaults`).
+SAMPLING_DEFAULTED = ("num_inference_steps", "guidance_scale")
 #: Pipeline options that would change or blank the images we generate and score (an invisible watermark, a safety
 #: checker's black images); each is passed to the pipelines that take it.
 _UNALTERED_IMAGES = {"add_watermarker": False, "safety_checker": None, "requires_safety_checker": False}
@@ -59,9 +61,8 @@ def check_generator_paths(base_model_path: str | os.PathLike, image_encoder_path
     check_ip_ckpt(ip_ckpt)
 
 
-def native_image_size(base_model_path: str | os.PathLike, revision: str | None = None) -> int:
-    """The image edge the model's pipeline generates at by default (1024 for SDXL, 512 for SD 1.5); only configs are read."""
-    family = family_of(base_model_path, FLAG, revision)
+def config_reader(base_model_path: str | os.PathLike, revision: str | None = None) -> Callable[[str], dict[str, Any]]:
+    """`read_config(name)`: a component config of the pipeline folder (or id) as a dict, an unreadable one a one-line error."""
 
     def read_config(name: str) -> dict[str, Any]:
         path = resolve_file(f"{str(base_model_path).rstrip('/')}/{name}", FLAG, revision)
@@ -70,7 +71,13 @@ def native_image_size(base_model_path: str | os.PathLike, revision: str | None =
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BadInputError(f"{path}: unreadable ({one_line(exc)})") from None
 
-    return family.native_image_size(read_config)
+    return read_config
+
+
+def native_image_size(base_model_path: str | os.PathLike, revision: str | None = None) -> int:
+    """The image edge the model's pipeline generates at by default (1024 for SDXL and FLUX.1, 512 for SD 1.5); only configs
+    are read."""
+    return family_of(base_model_path, FLAG, revision).native_image_size(config_reader(base_model_path, revision))
 
 
 def _unaltered_images_options(pipeline_class: type[DiffusionPipeline]) -> dict[str, Any]:
@@ -101,24 +108,26 @@ def load_generation_model(
     ip_ckpt: str | os.PathLike,
     device: torch.device | str,
     dtype: torch.dtype,
-) -> IPAdapterPlus:
-    """The base model + IP-Adapter-Plus on `device` in `dtype`, ready for batched generation (each call gives its scale)."""
+) -> ImagePromptAdapter:
+    """The base model + its family's IP-Adapter on `device` in `dtype`, ready for batched generation (each call gives its scale)."""
     image_encoder_path = check_image_encoder_dir(image_encoder_path)
     ip_ckpt = check_ip_ckpt(ip_ckpt)
-    checkpoint = load_ip_adapter_checkpoint(ip_ckpt)  # a bad checkpoint fails before the base model spends minutes loading
+    family = family_of(base_model_path, FLAG)
+    checkpoint = family.ip_adapter_class().read_checkpoint(ip_ckpt)  # a bad checkpoint fails before the base model spends minutes loading
     pipe = load_generation_pipeline(base_model_path, dtype)
-    return wrap_pipeline(pipe, family_of(base_model_path, FLAG), image_encoder_path, checkpoint, ip_ckpt, device)
+    return wrap_pipeline(pipe, family, image_encoder_path, checkpoint, ip_ckpt, device)
 
 
 def wrap_pipeline(
     pipe: DiffusionPipeline,
     family: BaseModelFamily,
     image_encoder_path: str | os.PathLike,
-    checkpoint: dict[str, dict[str, torch.Tensor]],
+    checkpoint: dict[str, Any],
     ip_ckpt: str | os.PathLike,
     device: torch.device | str,
-) -> IPAdapterPlus:
-    """`pipe` (of `family`) with IP-Adapter-Plus from `checkpoint` (read from the file `ip_ckpt`) installed, on `device`."""
+) -> ImagePromptAdapter:
+    """`pipe` (of `family`) with the family's IP-Adapter from `checkpoint` (its `read_checkpoint` of the file `ip_ckpt`) installed,
+    on `device`."""
     try:
         return family.ip_adapter_class()(pipe, image_encoder_path, checkpoint, device=device, checkpoint_file=ip_ckpt)
     except OSError as exc:  # transformers' from_pretrained on a broken image encoder folder
@@ -136,8 +145,15 @@ def image_size(height: int | None, width: int | None, base_model_path: str | os.
 Sized = TypeVar("Sized")
 
 
-def with_native_size(config: Sized) -> Sized:
-    """A script's typed settings (a dataclass with `base_model_path`, `height`, `width`) with an unset height or width
-    set to the base model's native size."""
+def with_model_defaults(config: Sized) -> Sized:
+    """A script's typed settings (a dataclass with `base_model_path` and `common.flags.add_sampling_args`' fields) with an
+    unset height or width set to the base model's native size and unset steps or guidance to its family's
+    `sampling_defaults`."""
     height, width = image_size(config.height, config.width, config.base_model_path)
-    return replace(config, height=height, width=width)
+    family = family_of(config.base_model_path, FLAG)
+    multiple = family.image_size_multiple(config_reader(config.base_model_path))
+    for flag, size in (("--height", height), ("--width", width)):
+        if size % multiple:
+            raise BadInputError(f"{flag} {size}: a {family.name} model generates at multiples of {multiple} px; pass one")
+    unset = {name: family.sampling_defaults[name] for name in SAMPLING_DEFAULTED if getattr(config, name) is None}
+    return replace(config, height=height, width=width, **unset)

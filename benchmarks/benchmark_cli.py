@@ -15,7 +15,8 @@ from common.cli import ArgumentParser
 from dreambench.benchmark import SUBJECT_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPE_NAMES = ("full", "mid", "tiny")  # stand_ins.sdxl.SHAPES
+SHAPE_NAMES = ("full", "mid", "tiny")  # stand_ins.sdxl.SHAPES and stand_ins.flux.SHAPES
+BASE_MODELS = ("sdxl", "flux")
 SIZE_NAMES = ("full", "mid", "tiny")  # gpu_check.SIZES
 VARIANTS = ("reference", "ours_no_cache", "ours")
 RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
@@ -23,6 +24,7 @@ RESULTS_MD = REPO / "benchmarks" / "RESULTS.md"
 
 def train_parser(description: str) -> argparse.ArgumentParser:
     parser = ArgumentParser(description=description)
+    parser.add_argument("--base_model", choices=BASE_MODELS, default="sdxl", help="random-weight stand-ins of SDXL or FLUX.1-dev")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--shape", choices=SHAPE_NAMES, default=None, help="default: full on cuda, mid on cpu")
     parser.add_argument("--resolution", type=int, default=None, help="default: 512 on cuda, 128 on cpu")
@@ -44,6 +46,7 @@ def train_parser(description: str) -> argparse.ArgumentParser:
 
 def inference_parser(description: str) -> argparse.ArgumentParser:
     parser = ArgumentParser(description=description)
+    parser.add_argument("--base_model", choices=BASE_MODELS, default="sdxl", help="random-weight stand-ins of SDXL or FLUX.1-dev")
     parser.add_argument("--shape", choices=SHAPE_NAMES, default=None, help="default: full on cuda, mid on cpu")
     parser.add_argument("--size", type=int, default=None, help="image edge in pixels; default: 1024 on cuda, 128 on cpu")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="default: 30 on cuda, 10 on cpu")

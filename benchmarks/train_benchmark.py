@@ -6,6 +6,7 @@ process so peak memory is measured cleanly, and the ratio is printed at the end:
 
     python benchmarks/train_benchmark.py                      # CPU proxy (mid shape, 128 px)
     python benchmarks/train_benchmark.py --device cuda        # full SDXL config, 512 px, 4 pairs, fp16
+    python benchmarks/train_benchmark.py --base_model flux    # FLUX CPU proxy (`stand_ins.flux` mid, 128 px)
 
 On CPU the primary number is pairs per CPU-second of the (single-threaded) process, which other
 jobs on a shared machine barely disturb; wall-clock pairs/s is printed next to it. On GPU it is
@@ -21,6 +22,10 @@ ours: `patchdpo.method` as `train_patchdpo.py --cache_dir` runs it: the frozen e
   UNet's frozen weights are held in the compute dtype, the Resampler runs without autograd.
 ours_no_cache: the same step with the frozen encoders run every step (what non-square
   references need), to separate the cache's share of the speed-up.
+
+FLUX (`--base_model flux`): reference is the diffusers-style loop of `flux_reference.py`
+(`FluxPipeline` + `load_ip_adapter`, text, image and latents encoded at every step); ours and
+ours_no_cache are the same `patchdpo` step as above on the FLUX family (XLabs adapter, flow matching).
 
 Speed never comes from a different computation: every variant starts from the same weights, and
 the loss of its first step (same pairs, noise, timesteps and the official time ids) must match the
@@ -50,6 +55,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from flux_reference import reference_train_loop  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -70,8 +76,22 @@ from patchdpo.feature_cache import CachedEncoderOutputs, FeatureCache, build_fea
 from patchdpo.method import EncodedPairs, Method, training_step  # noqa: E402
 from patchdpo.models import load_training_models  # noqa: E402
 from patchdpo.pair_dataset import EncoderInputs, PairDataset, index_pairs  # noqa: E402
+from stand_ins import flux  # noqa: E402
 from stand_ins.pairs import save_pair_data  # noqa: E402
 from stand_ins.sdxl import SHAPES, save_sdxl_models  # noqa: E402
+
+#: Per base model: the pipeline sub-folder of the saved stand-ins, their adapter file, and how to save them.
+STAND_INS = {
+    "sdxl": ("sdxl", "ip-adapter-plus.bin", lambda root, shape: save_sdxl_models(root, SHAPES[shape])),
+    "flux": ("flux", "ip_adapter.safetensors", lambda root, shape: flux.save_flux_models(root, flux.SHAPES[shape])),
+}
+
+
+def model_paths(args) -> tuple[Path, Path, Path]:
+    """(pipeline folder, image-encoder folder, adapter file) of the saved stand-ins."""
+    folder, adapter, _ = STAND_INS[args.base_model]
+    return Path(args.models) / folder, Path(args.models) / "image_encoder", Path(args.models) / adapter
+
 
 LOGGING_STEPS = 10  # ours synchronises for the loss only when it logs, as train_patchdpo.py
 
@@ -153,17 +173,13 @@ def reference_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, da
 
 def our_loop(args, accelerator: Accelerator, weight_dtype: torch.dtype, dataset_kwargs: dict):
     """Set up `train_patchdpo.py`'s pieces (with `--cache_dir` for variant "ours"); return one step."""
-    models = load_training_models(
-        Path(args.models) / "sdxl",
-        Path(args.models) / "image_encoder",
-        Path(args.models) / "ip-adapter-plus.bin",
-        accelerator.device,
-        weight_dtype,
-        family=SDXL(official_time_ids=True),  # what the reference loop feeds; the same cost as per-image ids
-    )
+    model_dir, image_encoder_dir, adapter_file = model_paths(args)
+    # SDXL: the time ids the reference loop feeds, the same cost as per-image ids; other families: read from the folder
+    family = SDXL(official_time_ids=True) if args.base_model == "sdxl" else None
+    models = load_training_models(model_dir, image_encoder_dir, adapter_file, accelerator.device, weight_dtype, family=family)
     encoders, tokenizers, cache, extras = models.encoders, models.encoders.tokenizers, None, {}
     if args.variant == "ours":
-        key = cache_key(args.resolution, Path(args.models) / "sdxl", Path(args.models) / "image_encoder", weight_dtype)
+        key = cache_key(args.resolution, model_dir, image_encoder_dir, weight_dtype)
         cache_dir = Path(args.work_dir) / "cache"
         shutil.rmtree(cache_dir, ignore_errors=True)  # time a cold build
         cache = FeatureCache.for_key(cache_dir, key, models.family.prompt_fields)
@@ -211,10 +227,11 @@ def run_variant(args) -> dict:
         torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
     weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
-    latent_size = args.resolution // vae_scale_factor(AutoencoderKL.load_config(Path(args.models) / "sdxl", subfolder="vae"))
+    latent_size = args.resolution // vae_scale_factor(AutoencoderKL.load_config(model_paths(args)[0], subfolder="vae"))
     maps = QualityMaps.load(Path(args.data) / "patch_quality.safetensors")
     dataset_kwargs = dict(pairs=index_pairs(args.data, maps, 1, latent_size), latent_size=latent_size, seed=0, quality_maps=maps)
-    setup = reference_loop if args.variant == "reference" else our_loop
+    reference = reference_loop if args.base_model == "sdxl" else reference_train_loop
+    setup = reference if args.variant == "reference" else our_loop
     loader, step, extras = setup(args, accelerator, weight_dtype, dataset_kwargs)
     batches = iter(loader)
     for index in range(args.warmup):
@@ -279,11 +296,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work_dir or scratch)
-        models, data = work / f"models-{args.shape}", work / f"data-{args.resolution}"
-        if not (models / "ip-adapter-plus.bin").is_file():
-            print(f"building random {args.shape} models in {models} ...", flush=True)
-            save_sdxl_models(models, SHAPES[args.shape])
-        factor = vae_scale_factor(AutoencoderKL.load_config(models / "sdxl", subfolder="vae"))
+        models, data = work / f"models-{args.base_model}-{args.shape}", work / f"data-{args.resolution}"
+        folder, adapter, save = STAND_INS[args.base_model]
+        if not (models / adapter).is_file():
+            print(f"building random {args.shape} {args.base_model} models in {models} ...", flush=True)
+            save(models, args.shape)
+        factor = vae_scale_factor(AutoencoderKL.load_config(models / folder, subfolder="vae"))
         num_samples = (args.warmup + args.steps + args.count_flops) * args.batch_size
         shutil.rmtree(data, ignore_errors=True)
         save_pair_data(data, num_samples, args.resolution, args.resolution // factor)
@@ -302,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--work_dir",
                 str(work),
             ]
-            for name in ("device", "shape", "resolution", "batch_size", "mixed_precision", "num_workers", "threads"):
+            for name in ("base_model", "device", "shape", "resolution", "batch_size", "mixed_precision", "num_workers", "threads"):
                 command += [f"--{name}", str(getattr(args, name))]
             child = subprocess.run(command, capture_output=True, text=True)
             if child.returncode != 0:
@@ -314,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     memory, speed = ("peak_gpu_gib", "pairs_per_s") if gpu else ("peak_rss_gib", "pairs_per_cpu_s")
     device = ref["device_name"] if gpu else f"CPU, {args.threads} torch thread(s)"
     print(
-        f"\n{device}: shape={args.shape} resolution={args.resolution} pairs/step={args.batch_size} "
+        f"\n{device}: {args.base_model} shape={args.shape} resolution={args.resolution} pairs/step={args.batch_size} "
         f"mixed_precision={args.mixed_precision} timed steps={args.steps} (after {args.warmup} warm-up)"
     )
     print(f"| loop | {speed} | wall pairs/s | {memory} |\n|---|---|---|---|")

@@ -16,6 +16,10 @@ from common.cli import str2bool
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 LOSS_MODES = ("patch_dpo", "mse", "image_dpo")
+#: The timestep densities of diffusers' `--weighting_scheme` (`compute_density_for_timestep_sampling`).
+WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
+#: FLUX's flow-matching flags and their defaults: those of diffusers' examples/dreambooth/train_dreambooth_flux.py.
+FLOW_MATCHING_DEFAULTS = {"weighting_scheme": "none", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "guidance_scale": 3.5}
 #: diffusers' `get_scheduler` names (`diffusers.optimization.SchedulerType`; a test keeps them in sync).
 #: Optimizer settings a training resume may change deliberately (`--change_on_resume`, `patchdpo.run_settings`).
 CHANGEABLE_ON_RESUME = ("learning_rate", "weight_decay", "lr_scheduler", "lr_warmup_steps", "max_grad_norm")
@@ -40,7 +44,7 @@ def add_generator_args(parser: argparse.ArgumentParser, base_model_help: str, ip
         "--image_encoder_path",
         type=Path,
         required=True,
-        help="CLIP ViT-H vision encoder: folder or Hugging Face id (e.g. h94/IP-Adapter/models/image_encoder)",
+        help="the adapter's CLIP vision encoder: folder or Hugging Face id (ViT-H h94/IP-Adapter/models/image_encoder for SDXL and SD 1.5; ViT-L/14 openai/clip-vit-large-patch14 for FLUX.1)",
     )
     parser.add_argument("--ip_ckpt", type=Path, required=True, help=ip_ckpt_help)
     parser.add_argument(
@@ -112,9 +116,19 @@ def add_validation_args(parser: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The sampling flags of every script that generates: steps, guidance (the paper's values) and image size."""
-    parser.add_argument("--num_inference_steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
-    native = "default: the base model's native size (1024 for SDXL, 512 for SD 1.5)"
+    parser.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="default: 30 for SDXL and SD 1.5 (the paper's), 28 for FLUX.1 (FluxPipeline's)",
+    )
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="default: classifier-free guidance 5.0 for SDXL and SD 1.5 (the paper's); FLUX.1: embedded guidance 3.5 (FluxPipeline's)",
+    )
+    native = "default: the base model's native size (1024 for SDXL and FLUX.1, 512 for SD 1.5)"
     parser.add_argument("--height", type=int, default=None, help=native)
     parser.add_argument("--width", type=int, default=None, help=native)
 
@@ -148,4 +162,27 @@ def add_ddp_timeout_arg(parser: argparse.ArgumentParser | argparse._ArgumentGrou
         type=_seconds,
         default=1800,
         help="seconds a process waits for the others in a collective before the run fails (process-group timeout)",
+    )
+
+
+def add_flow_matching_args(parser: argparse.ArgumentParser) -> None:
+    """FLUX's timestep density, loss weighting and guidance value (`base_models.flow_matching`); unset for a UNet model."""
+    group = parser.add_argument_group(
+        "FLUX (flow matching); defaults: diffusers' examples/dreambooth/train_dreambooth_flux.py, refused for SDXL / SD 1.5"
+    )
+    d = FLOW_MATCHING_DEFAULTS
+    group.add_argument(
+        "--weighting_scheme",
+        choices=WEIGHTING_SCHEMES,
+        default=None,
+        help=f"timestep density and loss weight (default {d['weighting_scheme']}: uniform timesteps, unit weights)",
+    )
+    group.add_argument("--logit_mean", type=float, default=None, help=f"logit_normal's mean (default {d['logit_mean']})")
+    group.add_argument("--logit_std", type=float, default=None, help=f"logit_normal's std, > 0 (default {d['logit_std']})")
+    group.add_argument("--mode_scale", type=float, default=None, help=f"the mode scheme's scale (default {d['mode_scale']})")
+    group.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help=f"guidance value fed to a guidance-distilled transformer (FLUX.1-dev) in training (default {d['guidance_scale']})",
     )

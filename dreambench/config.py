@@ -28,9 +28,9 @@ class InferenceConfig:
     output_dir: Path
     scale: float | None
     is_kosmosg: bool
-    num_inference_steps: int
-    guidance_scale: float
-    height: int | None  # None: the base model's native size (`base_models.generation.with_native_size`)
+    num_inference_steps: int | None  # None: the family's (`base_models.generation.with_model_defaults`)
+    guidance_scale: float | None
+    height: int | None  # None: the base model's native size (`base_models.generation.with_model_defaults`)
     width: int | None
     seed: int
     batch_size: int
@@ -68,9 +68,9 @@ class GenerateConfig:
     num_images: int
     seed: int
     scale: float
-    num_inference_steps: int
-    guidance_scale: float
-    height: int | None  # None: the base model's native size (`base_models.generation.with_native_size`)
+    num_inference_steps: int | None  # None: the family's (`base_models.generation.with_model_defaults`)
+    guidance_scale: float | None
+    height: int | None  # None: the base model's native size (`base_models.generation.with_model_defaults`)
     width: int | None
     batch_size: int
     output_dir: Path

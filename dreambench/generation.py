@@ -18,7 +18,7 @@ from common.errors import BadInputError
 from common.filenames import file_name_problem
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from ip_adapter.ip_adapter import IPAdapterPlus
+from ip_adapter.ip_adapter import ImagePromptAdapter
 
 IMAGE_SUFFIX = ".png"
 
@@ -46,7 +46,7 @@ def pending_items(items: Iterable[GenerationItem], output_dir: str | os.PathLike
 
 
 def generate_items(
-    ip_model: IPAdapterPlus,
+    ip_model: ImagePromptAdapter,
     tokens: SubjectTokens,
     items: Sequence[GenerationItem],
     output_dir: str | os.PathLike,

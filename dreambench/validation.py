@@ -39,7 +39,8 @@ from dreambench.data import load_conditioning_images, load_reference_images
 from dreambench.generation import build_items
 from ip_adapter.attention_processor import set_ip_adapter_scale
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from ip_adapter.ip_adapter import IPAdapterPlus
+from ip_adapter.flux_ip_adapter import set_flux_ip_adapter_scale
+from ip_adapter.ip_adapter import ImagePromptAdapter
 
 TILE = 128
 NON_FINITE = "non-finite"  # the label of a tile whose image had a NaN or inf pixel
@@ -78,14 +79,14 @@ def _label(image: Image.Image | None, text: str) -> Image.Image:
 
 
 @torch.no_grad()
-def decode_in_float32(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] of a pipeline's scaled latents, decoded by `vae` in its own dtype (fp32) with autocast off.
+def decode_in_float32(vae: torch.nn.Module, latents: torch.Tensor, family: Any, size: int) -> torch.Tensor:
+    """Pixels in [-1, 1] of a pipeline's latents (`size` px images), decoded by `vae` in its own dtype (fp32) with autocast off.
 
     One image at a time, so the decoder's activations are those of one image whatever the number of
     validation images.
     """
     with torch.autocast(latents.device.type, enabled=False):
-        return torch.cat([vae.decode(latent[None].to(vae.dtype) / vae.config.scaling_factor).sample for latent in latents])
+        return torch.cat([vae.decode(family.vae_latents(latent[None].to(vae.dtype), vae.config, size, size)).sample for latent in latents])
 
 
 def as_images(pipe: DiffusionPipeline, pixels: torch.Tensor) -> list[Image.Image | None]:
@@ -98,18 +99,18 @@ def as_images(pipe: DiffusionPipeline, pixels: torch.Tensor) -> list[Image.Image
 TRAINING_SCALE = 1.0  # the IP-Adapter scale training runs at (the processors' default)
 
 
-def _around_training_models(models: Any) -> IPAdapterPlus:
-    """An IP-Adapter-Plus pipeline made of the training run's own modules; only the scheduler and tokenizer files are read."""
+def _around_training_models(models: Any) -> ImagePromptAdapter:
+    """The family's IP-Adapter pipeline made of the training run's own modules; only the scheduler and tokenizer files are read."""
     encoders = models.encoders
     pipe = models.family.pipeline_class().from_pretrained(
         models.model_dir,
-        unet=models.model.unet,
+        **{models.family.denoiser_component: models.model.unet},
         vae=encoders.vae,
         **models.family.text_components(encoders.tokenizers, encoders.text_encoders),
         local_files_only=True,
     )
     pipe.set_progress_bar_config(disable=True)
-    return models.family.ip_adapter_class().around(pipe, encoders.image_encoder, models.model.image_proj_model)
+    return models.family.ip_adapter_class().around(pipe, encoders.image_encoder, *models.model.adapter.frozen)
 
 
 def validation_grid(
@@ -138,7 +139,8 @@ class TrainingValidation:
         self.items = build_items({s: prompts_for(s)[: settings.prompts_per_subject] for s in subjects}, stable_seed(seed, "validation"))
         for subject in subjects:  # a bad folder fails at start-up, not at the first validation
             load_conditioning_images(self.data_root, subject, kosmosg=False)
-        self.model: IPAdapterPlus | None = None
+        self.family = models.family
+        self.model: ImagePromptAdapter | None = None
         self.scale = settings.scale
         self.scorer: _Scorer | None = None
         self.start_images: list[Image.Image | None] = []
@@ -157,17 +159,18 @@ class TrainingValidation:
 
     def _pixels(self) -> torch.Tensor:
         """The current adapter's validation images as decoded pixels, on the training device (what a CUDA rehearsal runs)."""
-        unet = self.model.pipe.unet
+        unet = self.model.denoiser
         compiled = unet.__dict__.pop("forward", None)  # a --compile'd forward would recompile for the sampling shapes
         sampling = dict(scale=self.scale, height=self.size, width=self.size, output_type="latent")  # decoded below, in fp32
         try:
             with self.accelerator.autocast():
                 latents = generate_batch(self.model, self.tokens, self.items, self.steps, **sampling)
         finally:
-            set_ip_adapter_scale(unet, TRAINING_SCALE)
+            set_ip_adapter_scale(unet, TRAINING_SCALE)  # the IP-Adapter layers of either kind the denoiser holds
+            set_flux_ip_adapter_scale(unet, TRAINING_SCALE)
             if compiled is not None:
                 unet.forward = compiled
-        return decode_in_float32(self.model.pipe.vae, latents)
+        return decode_in_float32(self.model.pipe.vae, latents, self.family, self.size)
 
     def _generate(self) -> list[Image.Image | None]:
         """The validation images of the current adapter; None for one with a NaN or inf pixel."""

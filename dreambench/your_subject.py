@@ -33,7 +33,7 @@ from dreambench.data import resize_and_pad
 from dreambench.evaluation import clip_scores, dino_score
 from dreambench.metrics import load_clip, load_dino
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from ip_adapter.ip_adapter import IPAdapterPlus
+from ip_adapter.ip_adapter import ImagePromptAdapter
 
 SHEETS_DIR = "sheets"
 _PROMPT_STEM_BYTES = 80
@@ -241,7 +241,7 @@ def write_sheets(output_dir: Path, labels: Sequence[str], prompts: Sequence[str]
 
 
 def generate_jobs(
-    model: IPAdapterPlus,
+    model: ImagePromptAdapter,
     checkpoints: Sequence[Path],
     labels: Sequence[str],
     pending: Sequence[ImageJob],

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlus
+from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, ImagePromptAdapter
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class SubjectTokens:
     used as is.
     """
 
-    def __init__(self, ip_model: IPAdapterPlus, load_references: Callable[[str], Sequence[Image.Image]]) -> None:
+    def __init__(self, ip_model: ImagePromptAdapter, load_references: Callable[[str], Sequence[Image.Image]]) -> None:
         self.ip_model = ip_model
         self.load_references = load_references
         self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -48,7 +48,7 @@ class SubjectTokens:
 
 
 def generate_batch(
-    ip_model: IPAdapterPlus,
+    ip_model: ImagePromptAdapter,
     tokens: SubjectTokens,
     items: Sequence[GenerationItem],
     num_inference_steps: int,

@@ -133,7 +133,9 @@ def load_ip_adapter_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def adapter_state(
-    image_proj_model: nn.Module | Mapping[str, torch.Tensor], adapter_modules: nn.Module, dtype: torch.dtype | None = torch.float16
+    image_proj_model: nn.Module | Mapping[str, torch.Tensor],
+    adapter_modules: nn.Module | Mapping[str, torch.Tensor],
+    dtype: torch.dtype | None = torch.float16,
 ) -> Checkpoint:
     """Detached CPU copies of the two sections, cast to `dtype` (fp16 as the released files).
 
@@ -154,12 +156,12 @@ def adapter_state(
 def save_ip_adapter(
     path: str | os.PathLike,
     image_proj_model: nn.Module | Mapping[str, torch.Tensor],
-    adapter_modules: nn.Module,
+    adapter_modules: nn.Module | Mapping[str, torch.Tensor],
     dtype: torch.dtype | None = torch.float16,
 ) -> Path:
     """Write the adapter in the public format; the file's suffix picks `.bin` or `.safetensors`.
 
-    `adapter_modules` is what `install_ip_adapter` returned, or the UNet it was installed on.
+    `adapter_modules` is what `install_ip_adapter` returned, the UNet it was installed on, or their state dict.
     """
     path = Path(path)
     if hasattr(adapter_modules, "attn_processors"):

@@ -10,6 +10,7 @@ in the pipeline class and what its prompt encoder returns (SDXL adds pooled embe
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -32,7 +33,7 @@ ImageInput = Image.Image | Sequence[Image.Image] | Sequence[Sequence[Image.Image
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
-def _as_groups(images: ImageInput) -> list[list[Image.Image]]:
+def as_groups(images: ImageInput) -> list[list[Image.Image]]:
     """One group per output row; a group of several images is one subject seen several times."""
     if isinstance(images, Image.Image):
         return [[images]]
@@ -42,7 +43,75 @@ def _as_groups(images: ImageInput) -> list[list[Image.Image]]:
     return groups
 
 
-class IPAdapterPlus:
+class ImagePromptAdapter(ABC):
+    """What every generation wrapper offers (`IPAdapterPlus`, `IPAdapterPlusXL`, `ip_adapter.flux_generation.FluxIPAdapter`):
+    image conditioning of reference rows (`get_image_embeds`), images from it at a per-call scale
+    (`generate_from_tokens`), the official `generate`, and the denoiser the speed flags act on."""
+
+    #: Steps of `generate` when none are given.
+    default_num_inference_steps: ClassVar[int] = 30
+    device: torch.device
+
+    @property
+    @abstractmethod
+    def denoiser(self) -> nn.Module:
+        """The pipeline's denoiser (UNet or transformer), for `ip_adapter.speed.apply_speed_settings`."""
+
+    @abstractmethod
+    def get_image_embeds(self, images: ImageInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) image conditioning, one row per reference group."""
+
+    @abstractmethod
+    def generate_from_tokens(
+        self,
+        cond_tokens: torch.Tensor,
+        uncond_tokens: torch.Tensor,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str],
+        generators: Generators = None,
+        num_inference_steps: int = 30,
+        *,
+        scale: float,
+        **pipeline_kwargs,
+    ) -> list[Image.Image]:
+        """One image per row at IP-Adapter scale `scale`."""
+
+    def generate(
+        self,
+        pil_image: ImageInput,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        scale: float = 1.0,
+        num_samples: int = 4,
+        seed: int | None = None,
+        num_inference_steps: int | None = None,
+        **pipeline_kwargs,
+    ) -> list[Image.Image]:
+        """`num_samples` images per reference row, drawn from one generator seeded with `seed` (the official signature);
+        `num_inference_steps` defaults to the family's (`default_num_inference_steps`)."""
+        cond, uncond = self.get_image_embeds(pil_image)
+        rows = cond.shape[0]
+
+        def per_row(text: str | Sequence[str] | None, default: str) -> list[str]:
+            texts = [text or default] * rows if text is None or isinstance(text, str) else list(text)
+            if len(texts) != rows:
+                raise ValueError(f"got {len(texts)} prompts for {rows} reference rows")
+            return [t for t in texts for _ in range(num_samples)]
+
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        return self.generate_from_tokens(
+            cond.repeat_interleave(num_samples, dim=0),
+            uncond.repeat_interleave(num_samples, dim=0),
+            per_row(prompt, DEFAULT_PROMPT),
+            per_row(negative_prompt, DEFAULT_NEGATIVE_PROMPT),
+            generator,
+            num_inference_steps or self.default_num_inference_steps,
+            scale=scale,
+            **pipeline_kwargs,
+        )
+
+
+class IPAdapterPlus(ImagePromptAdapter):
     """A UNet pipeline + IP-Adapter-Plus (CLIP ViT-H penultimate features -> Resampler -> image tokens).
 
     This class drives SD 1.5 (`StableDiffusionPipeline`); a family whose pipeline encodes prompts
@@ -88,6 +157,15 @@ class IPAdapterPlus:
         model.adapter_modules = adapter_modules_of(pipe.unet)
         return model
 
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.pipe.unet
+
+    @staticmethod
+    def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+        """The checked sections of an IP-Adapter-Plus checkpoint file (what `__init__` and `load_checkpoint` accept loaded)."""
+        return load_ip_adapter_checkpoint(path)
+
     def load_checkpoint(self, ip_ckpt: str | os.PathLike | Checkpoint, checkpoint_file: str | os.PathLike | None = None) -> None:
         """Swap in another IP-Adapter(-Plus) checkpoint of the same shapes: the pipeline and encoder stay loaded."""
         checkpoint, source = self._read(ip_ckpt, checkpoint_file)
@@ -120,7 +198,7 @@ class IPAdapterPlus:
 
         A row built from several images averages their tokens (DreamBench's original setting).
         """
-        groups = _as_groups(images)
+        groups = as_groups(images)
         pixels = preprocess_clip_images([image for group in groups for image in group]).to(self.device, self.dtype)
         tokens = self.image_proj_model(encode_image_features(self.image_encoder, pixels))
         cond = torch.stack([chunk.mean(dim=0) for chunk in tokens.split([len(g) for g in groups])])
@@ -178,39 +256,6 @@ class IPAdapterPlus:
         pipeline inputs those outputs hold."""
         prompt_embeds, negative_embeds = encoded
         return prompt_embeds, negative_embeds, {}
-
-    def generate(
-        self,
-        pil_image: ImageInput,
-        prompt: str | Sequence[str] | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        scale: float = 1.0,
-        num_samples: int = 4,
-        seed: int | None = None,
-        num_inference_steps: int = 30,
-        **pipeline_kwargs,
-    ) -> list[Image.Image]:
-        """`num_samples` images per reference row, drawn from one generator seeded with `seed` (the official signature)."""
-        cond, uncond = self.get_image_embeds(pil_image)
-        rows = cond.shape[0]
-
-        def per_row(text: str | Sequence[str] | None, default: str) -> list[str]:
-            texts = [text or default] * rows if text is None or isinstance(text, str) else list(text)
-            if len(texts) != rows:
-                raise ValueError(f"got {len(texts)} prompts for {rows} reference rows")
-            return [t for t in texts for _ in range(num_samples)]
-
-        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
-        return self.generate_from_tokens(
-            cond.repeat_interleave(num_samples, dim=0),
-            uncond.repeat_interleave(num_samples, dim=0),
-            per_row(prompt, DEFAULT_PROMPT),
-            per_row(negative_prompt, DEFAULT_NEGATIVE_PROMPT),
-            generator,
-            num_inference_steps,
-            scale=scale,
-            **pipeline_kwargs,
-        )
 
 
 class IPAdapterPlusXL(IPAdapterPlus):

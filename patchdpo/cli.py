@@ -32,6 +32,7 @@ class MemoryPlanConfig:
     fp32_unet: bool
     use_8bit_adam: bool
     gpus: int
+    shard_base: bool
     validation_size: int | None
     json: Path | None
 
@@ -41,9 +42,11 @@ def memory_plan_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--pretrained_model_name_or_path",
         required=True,
-        help="SDXL or SD 1.5 pipeline: folder or Hugging Face id (only model_index.json and config.json files are read)",
+        help="SDXL, SD 1.5 or FLUX.1 pipeline: folder or Hugging Face id (only model_index.json and config.json files are read)",
     )
-    parser.add_argument("--image_encoder_path", required=True, help="CLIP ViT-H vision encoder: folder or Hugging Face id (config.json)")
+    parser.add_argument(
+        "--image_encoder_path", required=True, help="the adapter's CLIP vision encoder: folder or Hugging Face id (config.json)"
+    )
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--train_batch_size", type=int, default=4, help="pairs per GPU per micro-batch")
     parser.add_argument("--mixed_precision", choices=PRECISION_CHOICES, default="fp16")
@@ -54,6 +57,9 @@ def memory_plan_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fp32_unet", action="store_true")
     parser.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' AdamW8bit: 1 byte per moment")
     parser.add_argument("--gpus", type=int, default=1, help="processes of the run (more than 1: DDP's gradient buckets)")
+    parser.add_argument(
+        "--shard_base", action="store_true", help="plan the frozen base sharded over the --gpus processes (FSDP2, patchdpo.sharding)"
+    )
     parser.add_argument("--validation_size", type=int, default=None, help="plan validation during training at this image size")
     parser.add_argument("--json", type=Path, default=None, help="write {peak_bytes, components, ...} here")
     return parser

@@ -15,7 +15,7 @@ from typing import Any
 
 from common.checks import require_flags_in_range
 from common.errors import BadInputError
-from common.flags import metric_models
+from common.flags import FLOW_MATCHING_DEFAULTS, metric_models
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class TrainingConfig:
     checkpoints_total_limit: int | None
     fp32_unet: bool
     use_8bit_adam: bool
+    shard_base: bool
     fused_adamw: bool
     compile: bool
     allow_tf32: bool
@@ -79,6 +80,11 @@ class TrainingConfig:
     validation_size: int | None
     clip_model: str | None
     dino_model: str | None
+    weighting_scheme: str | None  # the flow-matching flags: None when not given (a UNet family refuses any given)
+    logit_mean: float | None
+    logit_std: float | None
+    mode_scale: float | None
+    guidance_scale: float | None
 
     def checked(self) -> TrainingConfig:
         """Every flag's value checked (`BadInputError` naming the flag), with the loss and the metric models resolved."""
@@ -109,12 +115,22 @@ class TrainingConfig:
     def _check_combinations(self) -> None:
         if self.overwrite_output_dir and self.resume_from_checkpoint:
             raise BadInputError("--overwrite_output_dir starts over, --resume_from_checkpoint continues: pass one of them")
+        if self.shard_base and self.validation_data_root is not None:
+            raise BadInputError(
+                "--shard_base: validation samples on the main process alone, which a sharded base cannot: drop --validation_data_root"
+            )
+        if self.logit_std is not None and not self.logit_std > 0:
+            raise BadInputError(f"--logit_std must be > 0, got {self.logit_std}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise BadInputError(f"--max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.lr_warmup_steps < 0 or (self.lr_warmup_steps and self.lr_scheduler in ("constant", "piecewise_constant")):
             raise BadInputError(
                 f"--lr_warmup_steps {self.lr_warmup_steps} needs a schedule with warmup (e.g. constant_with_warmup), not {self.lr_scheduler}"
             )
+
+    def flow_matching(self) -> dict[str, Any]:
+        """The flow-matching flags given on the command line (unset ones absent; the family fills its defaults)."""
+        return {name: getattr(self, name) for name in FLOW_MATCHING_DEFAULTS if getattr(self, name) is not None}
 
     def hyperparameters(self) -> dict[str, int | float | str | bool]:
         """Every setting as the trackers log it (numbers, strings and booleans as they are; anything else as its text)."""

@@ -8,6 +8,7 @@ keyed on (seed, epoch, dataset index), so any layout of the same global batch tr
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +41,7 @@ from patchdpo.feature_cache import CachedEncoderOutputs, FeatureCache, build_fea
 from patchdpo.method import EncodedPairs, LossOutput, Method, training_step
 from patchdpo.models import (
     FrozenEncoders,
+    IPAdapterTrainingModel,
     TrainingModels,
     adapter_weights,
     frozen_adapter_copy,
@@ -50,6 +52,15 @@ from patchdpo.optimization import StepPlan, adamw, check_8bit_adam, lr_scheduler
 from patchdpo.pair_dataset import DropoutRates, EncoderInputs, EncoderPayload, PairDataset, TrainingPair, index_pairs
 from patchdpo.resume import TRACKER_PROJECT, check_steps_left, tracker_logs
 from patchdpo.run_settings import apply_changed_settings, check_resume_settings, run_settings
+from patchdpo.sharding import (
+    GatheredOptimizer,
+    full_state_dict,
+    full_value,
+    gradient_sync,
+    load_full_state_dict,
+    shard_frozen_base,
+    swapped_weights,
+)
 from patchdpo.step_guard import StepGuard
 from patchdpo.step_metrics import StepMeter
 from patchdpo.validate_inputs import check_inputs_on_every_process
@@ -88,6 +99,7 @@ class TrainingRun:
     guard: StepGuard
     settings: dict  # recorded with every training state and compared on resume (patchdpo.run_settings)
     validation: Validation | None
+    gathered: Gathered | None = None  # `--shard_base`: the adapter is gathered on every process before a save
     global_step: int = 0
     last_saved: int | None = None
     grad_norm: torch.Tensor | None = None  # before clipping, at the last optimizer step
@@ -126,9 +138,16 @@ class TrainingData:
 def load_models(config: TrainingConfig, accelerator: Accelerator) -> TrainingModels:
     """The base-model family (read from the folder's model_index.json) and its models, placed as training holds them."""
     weight_dtype = mixed_precision_dtype(accelerator.mixed_precision)
-    family = family_of(config.pretrained_model_name_or_path, revision=config.revision, official_time_ids=config.official_time_ids)
+    family = family_of(
+        config.pretrained_model_name_or_path,
+        revision=config.revision,
+        official_time_ids=config.official_time_ids,
+        flow_matching=config.flow_matching(),
+    )
+    if config.validation_data_root is not None:
+        family.ip_adapter_class()  # a family that cannot sample yet refuses validation before anything loads
     time_ids = " (the reference training's time ids)" if config.official_time_ids else ""
-    logger.info(f"{family.name} + IP-Adapter-Plus, loss={config.loss}{time_ids}", main_process_only=True)
+    logger.info(f"{family.name} + IP-Adapter, loss={config.loss}{time_ids}", main_process_only=True)
     return load_training_models(
         config.pretrained_model_name_or_path,
         config.image_encoder_path,
@@ -190,23 +209,27 @@ def set_up(
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     apply_speed_settings(model.unet, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
-    reference_params = frozen_adapter_copy(model) if config.loss == "image_dpo" else None  # taken before prepare, as loaded
-    optimizer = adamw(
-        model.adapter_modules.parameters(), config.learning_rate, config.weight_decay, config.fused_adamw, config.use_8bit_adam
-    )
-    prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    prepared_model, optimizer, loader, reference_params, gathered = prepare_training(config, accelerator, model, loader)
     plan = StepPlan.create(len(loader), accelerator.gradient_accumulation_steps, config.stop_step, config.num_train_epochs)
     check_steps_left(config, plan, resume)
     announce_plan(config, accelerator, plan, len(data.pairs), resume.step if resume else 0)
     scheduler = lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, plan.total_steps)
-    reference_forward = frozen_forward(accelerator, prepared_model, reference_params) if reference_params is not None else None
+    reference_forward = None
+    if reference_params is not None:
+        reference_forward = frozen_forward(accelerator, prepared_model, reference_params, sharded=gathered is not None)
     method = Method(config.loss, models.objective, config.resolution, config.noise_offset, config.dpo_beta, reference_forward)
     per_step = pairs_per_step(config, accelerator)
-    settings = run_settings(config, data.pairs, per_step, accelerator.mixed_precision, plan.total_steps, data.maps_sha256)
-    resumable = Resumable(adapter_weights(model), optimizer, scheduler, accelerator.scaler)
+    settings = run_settings(
+        config, data.pairs, per_step, accelerator.mixed_precision, plan.total_steps, data.maps_sha256, models.family.objective_settings()
+    )
+    if gathered is None:
+        resumable = Resumable(adapter_weights(model), optimizer, scheduler, accelerator.scaler)
+    else:  # the files of an unsharded run, from what every process gathered before the main one writes
+        weights = adapter_weights(model, lambda: gathered.trained, load_full_state_dict)
+        resumable = Resumable(weights, gathered.optimizer, scheduler, accelerator.scaler)
     guard = StepGuard(accelerator, data.pairs)
     run = TrainingRun(
-        config, accelerator, models, prepared_model, optimizer, scheduler, resumable, loader, plan, method, step_encoders, guard, settings, validation
+        config, accelerator, models, prepared_model, optimizer, scheduler, resumable, loader, plan, method, step_encoders, guard, settings, validation, gathered
     )  # fmt: skip
     if resume is not None:
         resume_run(run, resume)
@@ -214,6 +237,43 @@ def set_up(
         remove_earlier_run(config.output_dir, [tracker_logs(config)])
     accelerator.wait_for_everyone()
     return run
+
+
+@dataclass
+class Gathered:
+    """A sharded run's adapter and optimizer state, gathered on every process (a collective) before the main one writes them."""
+
+    model: IPAdapterTrainingModel
+    optimizer: GatheredOptimizer
+    trained: dict[str, torch.Tensor] | None = None
+
+    def gather(self) -> dict[str, torch.Tensor]:
+        self.trained = full_state_dict(self.model.adapter_modules)
+        self.optimizer.gather()
+        return self.trained
+
+
+def prepare_training(
+    config: TrainingConfig, accelerator: Accelerator, model: IPAdapterTrainingModel, loader: DataLoader
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader, dict | None, Gathered | None]:
+    """(the model the step calls, optimizer, loader, image_dpo's frozen adapter copy, a sharded run's `Gathered`).
+
+    `--shard_base` shards the frozen denoiser over the processes (`patchdpo.sharding`: FSDP2, directly, not
+    through `accelerator.prepare`, which would wrap it in DDP); the optimizer then steps the adapter's shards.
+    """
+    if config.shard_base:
+        if accelerator.num_processes < 2:
+            raise BadInputError("--shard_base shards the frozen base over the processes; this run has one: drop the flag")
+        shard_frozen_base(model.unet)
+    reference_params = frozen_adapter_copy(model) if config.loss == "image_dpo" else None  # as loaded (a sharded run: its shards)
+    optimizer = adamw(
+        model.adapter_modules.parameters(), config.learning_rate, config.weight_decay, config.fused_adamw, config.use_8bit_adam
+    )
+    if not config.shard_base:
+        prepared_model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+        return prepared_model, optimizer, loader, reference_params, None
+    optimizer, loader = accelerator.prepare(optimizer, loader)
+    return model, optimizer, loader, reference_params, Gathered(model, GatheredOptimizer(optimizer))
 
 
 def resume_run(run: TrainingRun, resume: CheckedState) -> None:
@@ -226,10 +286,17 @@ def resume_run(run: TrainingRun, resume: CheckedState) -> None:
     logger.info(f"resumed from {resume.directory} at step {run.global_step}" + (f", changing {', '.join(changed)}" if changed else ""))
 
 
-def frozen_forward(accelerator: Accelerator, model: torch.nn.Module, params: dict[str, torch.Tensor]) -> Callable[[tuple], torch.Tensor]:
-    """The training model's forward with the frozen initial adapter `params`: image_dpo's reference policy."""
+def frozen_forward(
+    accelerator: Accelerator, model: torch.nn.Module, params: dict[str, torch.Tensor], sharded: bool = False
+) -> Callable[[tuple], torch.Tensor]:
+    """The training model's forward with the frozen initial adapter `params`: image_dpo's reference policy.
+
+    A sharded model ignores parameters swapped on its modules, so its shards are swapped instead (`swapped_weights`)."""
 
     def forward(inputs: tuple) -> torch.Tensor:
+        if sharded:
+            with accelerator.autocast(), swapped_weights(model, params):
+                return model(*inputs)
         with accelerator.autocast():
             return torch.func.functional_call(accelerator.unwrap_model(model), params, inputs)
 
@@ -323,14 +390,17 @@ def train(run: TrainingRun, signals: StopSignals) -> bool:
 def micro_step(run: TrainingRun, batch: dict[str, torch.Tensor], signals: StopSignals) -> LossOutput:
     """Forward and backward on one micro-batch; on the last of an optimizer step also agree, clip and step."""
     accelerator, config = run.accelerator, run.config
+    sharded = run.gathered is not None
     with accelerator.accumulate(run.prepared_model):
-        output = training_step(run.prepared_model, EncodedPairs.from_batch(batch, run.encoders), run.method)
-        accelerator.backward(output.loss)
+        with accelerator.autocast() if sharded else contextlib.nullcontext():  # prepare() puts an unsharded model under autocast
+            output = training_step(run.prepared_model, EncodedPairs.from_batch(batch, run.encoders), run.method)
+        with gradient_sync(run.models.model.unet, accelerator.sync_gradients) if sharded else contextlib.nullcontext():
+            accelerator.backward(output.loss)
         run.guard.watch(output.loss, batch)
         if accelerator.sync_gradients:
             # clipping's norm (an infinite maximum when clipping is off) is what the guard checks: one pass, one collective
             max_norm = config.max_grad_norm if config.max_grad_norm is not None else float("inf")
-            run.grad_norm = accelerator.clip_grad_norm_(run.models.model.adapter_modules.parameters(), max_norm)
+            run.grad_norm = full_value(accelerator.clip_grad_norm_(run.models.model.adapter_modules.parameters(), max_norm))
             run.stop_requested = run.guard.agree(run.grad_norm, run.global_step + 1, signals.received is not None)
         run.optimizer.step()
         if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
@@ -350,11 +420,15 @@ def log_step(run: TrainingRun, logs: dict[str, float], progress: tqdm) -> None:
 def save_checkpoints(run: TrainingRun) -> None:
     """`checkpoint-N/model.bin` every `--save_steps`, the training state every `--checkpointing_steps`; both when stopped by a signal."""
     config, accelerator, step = run.config, run.accelerator, run.global_step
-    if step % config.save_steps == 0 or step == run.plan.total_steps or run.stop_requested:
+    adapter_due = step % config.save_steps == 0 or step == run.plan.total_steps or run.stop_requested
+    state_due = (config.checkpointing_steps and step % config.checkpointing_steps == 0) or run.stop_requested
+    if run.gathered is not None and (adapter_due or state_due):
+        run.gathered.gather()
+    if adapter_due:
         if accelerator.is_main_process:
-            save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
+            save_adapter_checkpoint(run.checkpoint_dir(), run.models.model, run.gathered and run.gathered.trained)
         run.last_saved = step
-    if (config.checkpointing_steps and step % config.checkpointing_steps == 0) or run.stop_requested:
+    if state_due:
         save_training_state(accelerator, run.checkpoint_dir(), run.resumable, step, run.settings)
         if config.checkpoints_total_limit and accelerator.is_main_process:
             prune_training_states(config.output_dir, config.checkpoints_total_limit)

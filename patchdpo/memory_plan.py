@@ -43,6 +43,7 @@ class PlanSettings:
     fp32_unet: bool = False
     use_8bit_adam: bool = False
     gpus: int = 1
+    shard_base: bool = False
     validation_size: int | None = None
 
 
@@ -72,49 +73,71 @@ def _peak(run: Any, *existing: Any) -> int:
 
 
 def _placed_models(family: Any, model: str, vision_config: dict, settings: PlanSettings, weight_dtype: Any) -> dict[str, Any]:
-    """The family's models built from their configs and placed as `patchdpo.models.load_training_models` places them."""
+    """The family's models built from their configs and placed as `patchdpo.models.load_training_models` places them
+    (the adapter fresh, as without `--pretrained_ip_adapter_path`: a checkpoint has the same shapes)."""
+    import logging
+
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from common.fake_cuda import place
-    from ip_adapter.resampler import Resampler
     from patchdpo.models import IPAdapterTrainingModel
 
     unet, vae, text_encoders = family.plan_models(lambda sub: read_config(model, sub, "--pretrained_model_name_or_path"))
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config))
-    resampler = Resampler(**family.fresh_resampler, embedding_dim=vision_config["hidden_size"], output_dim=unet.config.cross_attention_dim)
-    adapter = family.install_adapter(unet, resampler.num_queries)
-    for module in (unet, vae, *text_encoders, image_encoder, resampler):
+    logging.disable(logging.WARNING)  # the fresh adapter's start-up warning is the trainer's, not the plan's
+    try:
+        adapter = family.load_adapter(unet, image_encoder.config, None)
+    finally:
+        logging.disable(logging.NOTSET)
+    frozen = [unet, vae, *text_encoders, image_encoder, *adapter.frozen]
+    for module in frozen:
         module.requires_grad_(False)
-    adapter_params = {id(p) for p in adapter.parameters()}
+    adapter_params = {id(p) for p in adapter.modules.parameters()}
     place(unet, dtype=torch.float32 if settings.fp32_unet else weight_dtype, skip=frozenset(adapter_params))
-    adapter.requires_grad_(True)
-    for module in (resampler, *text_encoders, image_encoder):
+    adapter.modules.requires_grad_(True)
+    for module in (*adapter.frozen, *text_encoders, image_encoder):
         place(module, dtype=weight_dtype)
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    training_model = IPAdapterTrainingModel(family, unet, resampler, weight_dtype, image_proj_state={})
-    return dict(unet=unet, vae=vae, text_encoders=text_encoders, image_encoder=image_encoder, resampler=resampler, adapter=adapter, training_model=training_model)  # fmt: skip
+    training_model = IPAdapterTrainingModel(family, unet, adapter, weight_dtype)
+    return dict(
+        unet=unet, vae=vae, text_encoders=text_encoders, image_encoder=image_encoder, adapter=adapter,
+        training_model=training_model, frozen=frozen,
+    )  # fmt: skip
 
 
-def _static_components(m: dict[str, Any], settings: PlanSettings) -> dict[str, int]:
-    """Weights and optimizer state, alive for the whole run."""
-    adapter_bytes = _nbytes(m["adapter"])
+def _static_components(family: Any, m: dict[str, Any], settings: PlanSettings) -> dict[str, int]:
+    """Weights and optimizer state, alive for the whole run; with `shard_base`, this process's FSDP2 shards of the denoiser."""
+    from patchdpo.sharding import planned_bytes
+
+    frozen_name = f"frozen {family.denoiser_name} weights"
+    if settings.shard_base:
+        shards = planned_bytes(m["unet"], settings.gpus)
+        frozen = {f"{frozen_name} (1/{settings.gpus} shard)": shards.frozen}
+        adapter_bytes, gathered = shards.trainable, {"FSDP2 gathered blocks (root + running + prefetched)": shards.gathered}
+    else:
+        frozen, adapter_bytes, gathered = (
+            {frozen_name: _nbytes(m["unet"], lambda p: not p.requires_grad)},
+            _nbytes(m["adapter"].modules),
+            {},
+        )
+    # freed once the cache is built, unless validation samples with them
+    freed = settings.cache_dir and not settings.validation_size
+    encoders = {"VAE (fp32)": m["vae"], **{f"text encoder {type(e).__name__}": e for e in m["text_encoders"]}, "CLIP image encoder": m["image_encoder"]}  # fmt: skip
     return {
-        "frozen UNet weights": _nbytes(m["unet"], lambda p: not p.requires_grad),
+        **frozen,
         "trainable adapter (fp32)": adapter_bytes,
         # AdamW8bit: uint8 moments plus one fp32 scale per 2048-value block of each
         "AdamW moments": int(2 * (adapter_bytes // 4) * (1 + 4 / 2048)) if settings.use_8bit_adam else 2 * adapter_bytes,
-        "DDP gradient buckets": adapter_bytes if settings.gpus > 1 else 0,
-        "frozen Resampler": _nbytes(m["resampler"]),
-        # freed once the cache is built, unless validation samples with them
-        "encoders (VAE fp32, text, CLIP image)": 0
-        if settings.cache_dir and not settings.validation_size
-        else sum(map(_nbytes, (m["vae"], *m["text_encoders"], m["image_encoder"]))),
+        "DDP gradient buckets": adapter_bytes if settings.gpus > 1 and not settings.shard_base else 0,
+        **gathered,
+        **{f"frozen {type(module).__name__}": _nbytes(module) for module in m["adapter"].frozen},
+        **{name: 0 if freed else _nbytes(module) for name, module in encoders.items()},
     }
 
 
-def _phase_runs(family: Any, m: dict[str, Any], vision_config: dict, settings: PlanSettings, weight_dtype: Any) -> dict[str, Any]:
+def _phase_runs(family: Any, m: dict[str, Any], settings: PlanSettings, weight_dtype: Any) -> dict[str, Any]:
     """The phases of a run by name, each a function of the device its inputs are made on: the training step, the
     per-step encoding (without the cache) and validation sampling (with `validation_size`)."""
     import torch
@@ -122,21 +145,34 @@ def _phase_runs(family: Any, m: dict[str, Any], vision_config: dict, settings: P
     from common.fake_cuda import cuda_autocast
     from patchdpo.method import patch_dpo_loss
 
-    unet, vae, resampler = m["unet"], m["vae"], m["resampler"]
-    batch, latent = settings.train_batch_size, settings.resolution // family.latent_scale(vae.config)
+    unet, vae = m["unet"], m["vae"]
+    batch, latent, channels = settings.train_batch_size, settings.resolution // family.latent_scale(vae.config), vae.config.latent_channels
     half = weight_dtype if settings.mixed_precision != "no" else None
-    tokens = (vision_config["image_size"] // vision_config["patch_size"]) ** 2 + 1
 
     def autocast(device: torch.device) -> Any:
         return cuda_autocast(half) if device.type == "cuda" else torch.autocast("cpu", dtype=weight_dtype, enabled=half is not None)
 
+    def clip_pixels(device: torch.device) -> torch.Tensor:
+        return torch.randn(batch, 3, 224, 224, dtype=weight_dtype, device=device)
+
+    features: dict[str, torch.Tensor] = {}
+
+    def image_features(device: torch.device) -> torch.Tensor:
+        """What the adapter reads of the references (cached or encoded per step), made before any phase counts."""
+        if device.type not in features:
+            with torch.no_grad():
+                features[device.type] = family.image_features(m["image_encoder"], clip_pixels(device))
+        return features[device.type]
+
+    image_features(torch.device("cpu"))
+
     def step(device: torch.device) -> None:
         """One micro-step; on fake CUDA without the backward pass (torch's autograd asks the CUDA driver for its streams)."""
         inputs = (
-            torch.randn(2 * batch, unet.config.in_channels, latent, latent, device=device),
+            torch.randn(2 * batch, channels, latent, latent, device=device),
             torch.randint(0, 1000, (2 * batch,), device=device),
-            torch.randn(batch, tokens, vision_config["hidden_size"], dtype=weight_dtype, device=device),
-            torch.randn(batch, 77, unet.config.cross_attention_dim, dtype=weight_dtype, device=device),
+            image_features(device),
+            family.example_prompt_embeds(unet, batch, weight_dtype, device),
             family.example_added_conditioning(unet, 2 * batch, weight_dtype, device),
         )
         maps = torch.rand(batch, latent, latent, device=device)
@@ -148,22 +184,22 @@ def _phase_runs(family: Any, m: dict[str, Any], vision_config: dict, settings: P
 
     def encode(device: torch.device) -> None:
         with torch.no_grad():
-            vae.encode(torch.randn(2 * batch, 3, settings.resolution, settings.resolution, device=device))
-            ids = torch.randint(0, 49407, (batch, 77), device=device)
-            for encoder in m["text_encoders"]:
-                encoder(ids, output_hidden_states=True)
-            m["image_encoder"](torch.randn(batch, 3, 224, 224, dtype=weight_dtype, device=device), output_hidden_states=True)
+            family.encode_latents(vae, torch.randn(2 * batch, 3, settings.resolution, settings.resolution, device=device))
+            family.encode_prompts(m["text_encoders"], family.example_token_ids(batch, device))
+            family.image_features(m["image_encoder"], clip_pixels(device))
 
     def sample(device: torch.device) -> None:
+        """One image with classifier-free guidance (2 rows) through the adapter, then its decoding."""
         grid = settings.validation_size // family.latent_scale(vae.config)
+        prompt, added = (
+            family.example_prompt_embeds(unet, 1, weight_dtype, device),
+            family.example_added_conditioning(unet, 2, weight_dtype, device),
+        )
         with torch.no_grad(), autocast(device):
-            unet(
-                torch.randn(2, unet.config.in_channels, grid, grid, dtype=weight_dtype, device=device),
-                torch.tensor([999, 999], device=device),
-                torch.randn(2, 77 + resampler.num_queries, unet.config.cross_attention_dim, dtype=weight_dtype, device=device),
-                added_cond_kwargs=family.example_added_conditioning(unet, 2, weight_dtype, device),
-            )
-            vae.decode(torch.randn(1, vae.config.latent_channels, grid, grid, device=device))
+            hidden, added = m["adapter"].condition(prompt, image_features(device)[:1], added, weight_dtype)
+            timesteps = torch.tensor([999, 999], device=device)
+            family.denoise(unet, torch.randn(2, channels, grid, grid, dtype=weight_dtype, device=device), timesteps, hidden, added)
+            vae.decode(torch.randn(1, channels, grid, grid, device=device))
 
     runs = {"training step (activations + gradients)": step}
     if not settings.cache_dir:
@@ -173,23 +209,19 @@ def _phase_runs(family: Any, m: dict[str, Any], vision_config: dict, settings: P
     return runs
 
 
-def _models(m: dict[str, Any]) -> tuple[Any, ...]:
-    return (m["unet"], m["resampler"], m["vae"], *m["text_encoders"], m["image_encoder"])
-
-
 def _phases(runs: dict[str, Any], m: dict[str, Any]) -> dict[str, int]:
     """The activation peak of each phase, counted on the CPU."""
     import torch
 
     cpu = torch.device("cpu")
-    return {name: _peak(lambda run=run: run(cpu), *_models(m)) for name, run in runs.items()}
+    return {name: _peak(lambda run=run: run(cpu), *m["frozen"]) for name, run in runs.items()}
 
 
 def _rehearse_on_cuda(runs: dict[str, Any], m: dict[str, Any]) -> None:
     """The phases again with the models and inputs on fake CUDA: a tensor made on the CPU inside them fails as on a GPU."""
     from common.fake_cuda import CUDA, place
 
-    for module in _models(m):
+    for module in m["frozen"]:
         place(module, CUDA)
     for run in runs.values():
         run(CUDA)
@@ -217,8 +249,8 @@ def plan_training_memory(
     vision_config = read_config(image_encoder, "config.json", "--image_encoder_path")
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         placed = _placed_models(family, model, vision_config, settings, weight_dtype)
-        components = _static_components(placed, settings)
-        runs = _phase_runs(family, placed, vision_config, settings, weight_dtype)
+        components = _static_components(family, placed, settings)
+        runs = _phase_runs(family, placed, settings, weight_dtype)
         phases = _phases(runs, placed)
         if fake and rehearse:
             _rehearse_on_cuda(runs, placed)

@@ -7,10 +7,16 @@ One step on B pairs (reference image, generated image):
   from a generator seeded with the pair's `noise_seed`, a function of `(seed, epoch, dataset
   index)`: neither the process a pair lands on, nor its micro-batch, nor a resume, nor the cache
   changes how it is trained;
-* image tokens from the frozen Resampler on the reference's CLIP penultimate features, and the
-  prompt conditioning, both used for the two halves;
-* the prediction `pred` (2B, C, h, w) and the objective's `target`, and one of the losses below,
-  all in float32 whatever the autocast dtype.
+* the reference's image conditioning (the family's adapter: image tokens from the frozen Resampler
+  on CLIP penultimate features for SDXL / SD 1.5, CLIP `image_embeds` into XLabs' trained
+  projection for FLUX) and the prompt conditioning, both used for the two halves;
+* the prediction `pred` (2B, C, h, w) and the objective's `target` (noise or velocity for the UNet
+  families, `eps - x0` for FLUX's rectified flow, on the unpacked latent grid: see
+  `base_models.flux_latents` for why the patch weights are per latent position), and one of the
+  losses below, all in float32 whatever the autocast dtype. Where the objective weighs rows by
+  their timestep (`Objective.row_weights`: FLUX's `--weighting_scheme sigma_sqrt` / `cosmap`),
+  each row's squared error is multiplied by its weight in every loss; otherwise (every UNet run,
+  FLUX's default) there is no product.
 
 patch_dpo (PatchDPO, the reference code's `--use_dpo_loss True`)::
 
@@ -68,8 +74,15 @@ def _check_pair_batch(pred: torch.Tensor, target: torch.Tensor) -> None:
         raise ValueError(f"expected a (2B, C, h, w) pair batch [reference; generated], got shape {tuple(pred.shape)}")
 
 
-def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(pred.float(), target.float(), reduction="mean")
+def mse_loss(pred: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    if row_weights is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    return (_rows(row_weights, pred) * (pred.float() - target.float()).square()).mean()
+
+
+def _rows(row_weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) per-row weights broadcast over (N, ...) `like`."""
+    return row_weights.float().to(like.device).view(-1, *([1] * (like.ndim - 1)))
 
 
 def patch_weights(reference_map: torch.Tensor, generated_map: torch.Tensor) -> torch.Tensor:
@@ -81,9 +94,17 @@ def patch_weights(reference_map: torch.Tensor, generated_map: torch.Tensor) -> t
     return torch.cat([1.0 - reference_map.float(), generated_map.float()], dim=0).unsqueeze(1)
 
 
-def patch_dpo_loss(pred: torch.Tensor, target: torch.Tensor, reference_map: torch.Tensor, generated_map: torch.Tensor) -> torch.Tensor:
+def patch_dpo_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    reference_map: torch.Tensor,
+    generated_map: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     _check_pair_batch(pred, target)
     weights = patch_weights(reference_map, generated_map)
+    if row_weights is not None:
+        weights = weights * _rows(row_weights, weights)
     if weights.shape[0] != pred.shape[0] or weights.shape[-2:] != pred.shape[-2:]:
         raise ValueError(
             f"quality maps of shape {tuple(reference_map.shape)} do not match the pair batch {tuple(pred.shape)}: "
@@ -92,17 +113,20 @@ def patch_dpo_loss(pred: torch.Tensor, target: torch.Tensor, reference_map: torc
     return (weights * (pred.float() - target.float()).square()).mean()
 
 
-def _per_image_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return (pred.float() - target.float()).square().mean(dim=tuple(range(1, pred.ndim)))
+def _per_image_mse(pred: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    errors = (pred.float() - target.float()).square().mean(dim=tuple(range(1, pred.ndim)))
+    return errors if row_weights is None else errors * row_weights.float().to(errors.device)
 
 
-def image_dpo_loss(pred: torch.Tensor, reference_pred: torch.Tensor, target: torch.Tensor, beta: float) -> LossOutput:
+def image_dpo_loss(
+    pred: torch.Tensor, reference_pred: torch.Tensor, target: torch.Tensor, beta: float, row_weights: torch.Tensor | None = None
+) -> LossOutput:
     """Diffusion-DPO with the reference rows as winners; `reference_pred` comes from the frozen model."""
     _check_pair_batch(pred, target)
     _check_pair_batch(reference_pred, target)
-    model_w, model_l = _per_image_mse(pred, target).chunk(2)
+    model_w, model_l = _per_image_mse(pred, target, row_weights).chunk(2)
     with torch.no_grad():
-        ref_w, ref_l = _per_image_mse(reference_pred, target).chunk(2)
+        ref_w, ref_l = _per_image_mse(reference_pred, target, row_weights).chunk(2)
     inside = -0.5 * beta * ((model_w - ref_w) - (model_l - ref_l))
     loss = -F.logsigmoid(inside).mean()
     # Share of pairs where the trained model already prefers the winner more than the frozen one.
@@ -124,18 +148,21 @@ def compute_loss(
     generated_map: torch.Tensor | None = None,
     reference_pred: torch.Tensor | None = None,
     beta: float | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Dispatch on `mode` (one of LOSS_MODES); each mode names the extra inputs it needs."""
+    """Dispatch on `mode` (one of LOSS_MODES); each mode names the extra inputs it needs.
+
+    `row_weights` (2B,): the objective's per-timestep weights of each row's squared error (`Objective.row_weights`)."""
     if mode == "mse":
-        return LossOutput(mse_loss(pred, target), {})
+        return LossOutput(mse_loss(pred, target, row_weights), {})
     if mode == "patch_dpo":
         if reference_map is None or generated_map is None:
             raise ValueError("loss 'patch_dpo' needs reference_map and generated_map")
-        return LossOutput(patch_dpo_loss(pred, target, reference_map, generated_map), {})
+        return LossOutput(patch_dpo_loss(pred, target, reference_map, generated_map, row_weights), {})
     if mode == "image_dpo":
         if reference_pred is None or beta is None:
             raise ValueError("loss 'image_dpo' needs reference_pred (frozen adapter) and beta")
-        return image_dpo_loss(pred, reference_pred, target, beta)
+        return image_dpo_loss(pred, reference_pred, target, beta, row_weights)
     raise ValueError(f"unknown loss mode {mode!r}, expected one of {LOSS_MODES}")
 
 
@@ -217,6 +244,7 @@ def training_step(model: nn.Module, pairs: EncodedPairs, method: Method) -> Loss
         generated_map=pairs.generated_map.to(device),
         reference_pred=reference_pred,
         beta=method.dpo_beta,
+        row_weights=method.objective.row_weights(timesteps),
     )
 
 

@@ -1,33 +1,29 @@
 """The trainer's models: the frozen encoders, the denoiser with its trainable IP-Adapter layers, and their checkpoints.
 
-Only the IP-Adapter projections `to_k_ip` / `to_v_ip` train. The Resampler is frozen and sits
-upstream of them, so its tokens are computed without autograd; the denoiser's frozen weights are
-held in the compute dtype (no per-step casts) while the adapter stays in fp32 for the optimizer.
-What differs between base models (which components, prompt encoding, latents, added conditioning)
-is asked of the `base_models` family.
+What trains is the family's adapter (`base_models.TrainableAdapter`): the `to_k_ip` / `to_v_ip`
+layers behind a frozen Resampler for SDXL and SD 1.5, the projection and the k/v layers of XLabs'
+adapter for FLUX. The denoiser's frozen weights are held in the compute dtype (no per-step casts)
+while the adapter stays in fp32 for the optimizer. What differs between base models (components,
+prompt encoding, latents, added conditioning, the adapter and its files) is asked of the
+`base_models` family.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from base_models import BaseModelFamily, Objective, family_of
+from base_models import BaseModelFamily, Objective, TrainableAdapter, family_of
 from base_models.family import Tensors
 from common.errors import BadInputError
-from common.hub import resolve_file, resolve_folder
+from common.hub import resolve_folder
 from common.training_state import TrainedWeights
-from ip_adapter.attention_processor import adapter_modules_of
-from ip_adapter.checkpoint import load_adapter_state, load_ip_adapter_checkpoint, load_strict, naming_file, save_ip_adapter
-from ip_adapter.image_encoder import encode_image_features, load_image_encoder
-from ip_adapter.resampler import Resampler
-
-logger = logging.getLogger(__name__)
+from ip_adapter.image_encoder import load_image_encoder
 
 ADAPTER_STATE_NAME = "ip_adapter_state.safetensors"
 
@@ -51,7 +47,7 @@ class FrozenEncoders:
 
     @torch.no_grad()
     def image_features(self, clip_pixels: torch.Tensor) -> torch.Tensor:
-        return encode_image_features(self.image_encoder, clip_pixels)
+        return self.family.image_features(self.image_encoder, clip_pixels)
 
     def prompts(self, token_ids: Tensors) -> Tensors:
         return self.family.encode_prompts(self.text_encoders, token_ids)
@@ -61,27 +57,23 @@ class FrozenEncoders:
 
 
 class IPAdapterTrainingModel(nn.Module):
-    """The denoiser with IP-Adapter layers plus the frozen Resampler; forward takes pair-level inputs."""
+    """The denoiser with its family's trainable adapter (`base_models.TrainableAdapter`); forward takes pair-level inputs."""
 
-    def __init__(
-        self,
-        family: BaseModelFamily,
-        unet: nn.Module,
-        image_proj_model: Resampler,
-        compute_dtype: torch.dtype,
-        image_proj_state: dict[str, torch.Tensor] | None = None,
-    ) -> None:
+    def __init__(self, family: BaseModelFamily, unet: nn.Module, adapter: TrainableAdapter, compute_dtype: torch.dtype) -> None:
         super().__init__()
         self.family = family
         self.unet = unet
-        self.image_proj_model = image_proj_model
+        for index, module in enumerate(adapter.frozen):  # moved and wrapped with the model (the UNet families' Resampler)
+            self.add_module("image_proj_model" if index == 0 else f"frozen_{index}", module)
         self.compute_dtype = compute_dtype
-        # Held outside the module tree (the processors are already the UNet's submodules): looked up once,
-        # not by walking the UNet's processors at every access; the state-dict keys stay the UNet's.
-        self.__dict__["adapter_modules"] = adapter_modules_of(unet)
-        # The frozen Resampler's tensors as loaded: saved instead of its copy in the compute dtype, so a
-        # bf16 or fp16 run writes back exactly the image_proj it started from.
-        self.image_proj_state = image_proj_state if image_proj_state is not None else cpu_state(image_proj_model)
+        # Held outside the module tree (the adapter's layers are already the denoiser's submodules): its
+        # parameters keep the denoiser's names.
+        self.__dict__["adapter"] = adapter
+
+    @property
+    def adapter_modules(self) -> nn.ModuleDict:
+        """The trainable layers: what the optimizer steps, checkpoints hold and validation samples with."""
+        return self.adapter.modules
 
     def forward(
         self,
@@ -93,10 +85,7 @@ class IPAdapterTrainingModel(nn.Module):
     ) -> torch.Tensor:
         """The prediction for the 2B latents; the B per-pair conditionings (`added`: already 2B rows) are used twice."""
         dtype = self.compute_dtype
-        with torch.no_grad():
-            image_tokens = self.image_proj_model(image_features.to(dtype))
-        hidden_states = torch.cat([prompt_embeds.to(dtype), image_tokens], dim=1).repeat(2, 1, 1)
-        added = None if added is None else {name: tensor.to(dtype) for name, tensor in added.items()}
+        hidden_states, added = self.adapter.condition(prompt_embeds, image_features, added, dtype)
         return self.family.denoise(self.unet, noisy_latents.to(dtype), timesteps, hidden_states, added)
 
 
@@ -107,24 +96,6 @@ class TrainingModels:
     encoders: FrozenEncoders | None  # None once a feature cache has replaced them
     objective: Objective
     model_dir: Path
-
-
-def _build_resampler(
-    family: BaseModelFamily, ip_adapter_path: str | os.PathLike | None, embedding_dim: int, output_dim: int
-) -> tuple[Resampler, dict | None]:
-    if ip_adapter_path is None:
-        logger.warning(
-            "no --pretrained_ip_adapter_path: to_k_ip/to_v_ip start as copies of to_k/to_v and the Resampler is freshly "
-            "initialised and stays frozen (only the adapter layers train)"
-        )
-        return Resampler(**family.fresh_resampler, embedding_dim=embedding_dim, output_dim=output_dim), None
-    checkpoint = load_ip_adapter_checkpoint(resolve_file(ip_adapter_path, "--pretrained_ip_adapter_path"))
-    with naming_file(ip_adapter_path):
-        config = Resampler.config_from_state_dict(checkpoint["image_proj"])
-        for key, expected in (("embedding_dim", embedding_dim), ("output_dim", output_dim)):
-            if config[key] != expected:
-                raise BadInputError(f"image_proj has {key}={config[key]}, but the {family.name} models here need {expected}")
-    return Resampler.from_state_dict(checkpoint["image_proj"], ip_adapter_path), checkpoint
 
 
 def load_training_models(
@@ -153,26 +124,22 @@ def load_training_models(
     tokenizers, text_encoders = family.load_text(model_dir, variant)
     objective = family.load_objective(model_dir)
     image_encoder = load_image_encoder(image_encoder_dir, device, weight_dtype)
+    adapter = family.load_adapter(unet, image_encoder.config, ip_adapter_path)
 
-    resampler, checkpoint = _build_resampler(family, ip_adapter_path, image_encoder.config.hidden_size, unet.config.cross_attention_dim)
-    adapter_modules = family.install_adapter(unet, resampler.num_queries)
-    if checkpoint is not None:
-        load_strict(adapter_modules, checkpoint["ip_adapter"], "ip_adapter", ip_adapter_path)
-
-    for module in (unet, vae, *text_encoders, resampler):
+    for module in (unet, vae, *text_encoders, *adapter.frozen):
         module.eval().requires_grad_(False)
-    # Full-precision copies taken before the cast to the compute dtype: the trainable adapter restarts
-    # from them (casting it down and back up would round it), the frozen Resampler is saved from them.
-    adapter_state, image_proj_state = cpu_state(adapter_modules), cpu_state(resampler)
+    # A full-precision copy taken before the cast to the compute dtype: the trainable adapter restarts
+    # from it (casting it down and back up would round it).
+    adapter_state = cpu_state(adapter.modules)
     unet.to(device, unet_dtype or weight_dtype)
-    adapter_modules.to(torch.float32).requires_grad_(True)
-    adapter_modules.load_state_dict(adapter_state)
-    resampler.to(device, weight_dtype)
+    adapter.modules.to(torch.float32).requires_grad_(True)
+    adapter.modules.load_state_dict(adapter_state)
+    adapter.place(device, weight_dtype)
     vae.to(device, torch.float32)
     for encoder in text_encoders:
         encoder.to(device, weight_dtype)
     encoders = FrozenEncoders(family, vae, image_encoder, text_encoders, tokenizers)
-    model = IPAdapterTrainingModel(family, unet, resampler, weight_dtype, image_proj_state)
+    model = IPAdapterTrainingModel(family, unet, adapter, weight_dtype)
     return TrainingModels(family, model, encoders, objective, model_dir)
 
 
@@ -186,27 +153,40 @@ def frozen_adapter_copy(model: IPAdapterTrainingModel) -> dict[str, torch.Tensor
     return {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
 
 
-def save_adapter_checkpoint(directory: str | os.PathLike, model: IPAdapterTrainingModel) -> Path:
-    """`model.bin` and `model.safetensors` (fp16, public IP-Adapter layout) in `directory`."""
+def trained_state(model: IPAdapterTrainingModel) -> dict[str, torch.Tensor]:
+    """The trainable layers' tensors as detached CPU copies (an unsharded model; a sharded run gathers them)."""
+    return cpu_state(model.adapter_modules)
+
+
+def save_adapter_checkpoint(
+    directory: str | os.PathLike, model: IPAdapterTrainingModel, trained: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """The family's public adapter files (`TrainableAdapter.checkpoint_files`, half precision) in `directory`."""
     directory = Path(directory)
-    save_ip_adapter(directory / "model.bin", model.image_proj_state, model.adapter_modules)
-    save_ip_adapter(directory / "model.safetensors", model.image_proj_state, model.adapter_modules)
+    model.adapter.save_checkpoint(directory, trained if trained is not None else trained_state(model))
     return directory
 
 
-def adapter_weights(model: IPAdapterTrainingModel) -> TrainedWeights:
-    """A training state's weights: the adapter and the Resampler as loaded, full precision, in the IP-Adapter format.
+def adapter_weights(
+    model: IPAdapterTrainingModel,
+    trained: Callable[[], dict[str, torch.Tensor]] | None = None,
+    load: Callable[[nn.Module, dict[str, torch.Tensor]], None] | None = None,
+) -> TrainedWeights:
+    """A training state's weights: the adapter (and what it runs frozen) as loaded, full precision, in the family's layout.
 
-    Only these: the frozen denoiser's gigabytes never change. Loading them back also makes the state's
-    Resampler tensors the ones every later checkpoint saves.
+    Only these: the frozen denoiser's gigabytes never change. `trained` gives the layers' full tensors
+    (default: `trained_state`; a sharded run passes what it gathered on every process), `load` puts a
+    full state into them (default: a strict `load_state_dict`; a sharded run keeps each process's shard).
     """
 
     def save(path: Path) -> None:
-        save_ip_adapter(path, model.image_proj_state, model.adapter_modules, dtype=None)
+        model.adapter.save_state(path, trained() if trained is not None else trained_state(model))
 
-    def load(path: Path) -> None:
-        checkpoint = load_ip_adapter_checkpoint(path)
-        load_adapter_state(model.image_proj_model, model.adapter_modules, checkpoint, path)
-        model.image_proj_state = {key: tensor.clone() for key, tensor in checkpoint["image_proj"].items()}
+    def restore(path: Path) -> None:
+        state = model.adapter.read_state(path)
+        if load is not None:
+            load(model.adapter_modules, state)
+        else:
+            model.adapter_modules.load_state_dict(state, strict=True)
 
-    return TrainedWeights(ADAPTER_STATE_NAME, save, load)
+    return TrainedWeights(ADAPTER_STATE_NAME, save, restore)

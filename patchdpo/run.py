@@ -34,11 +34,13 @@ def run_training(config: TrainingConfig, prog: str, make_validation: ValidationF
         run = set_up(config, accelerator, resume, make_validation)
         with StopSignals() as signals:
             stopped = train(run, signals)
-        if run.last_saved != run.global_step and accelerator.is_main_process:
-            save_adapter_checkpoint(run.checkpoint_dir(), run.models.model)
+        if run.last_saved != run.global_step:
+            trained = run.gathered.gather() if run.gathered is not None else None  # a sharded run gathers on every process
+            if accelerator.is_main_process:
+                save_adapter_checkpoint(run.checkpoint_dir(), run.models.model, trained)
     output_dir = Path(config.output_dir).resolve()
     logs = logs_description([tracker.name for tracker in accelerator.trackers], output_dir / config.logging_dir, TRACKER_PROJECT)
-    accelerator.print(f"adapter checkpoints: {output_dir}/checkpoint-*/model.bin{logs}")
+    accelerator.print(f"adapter checkpoints: {output_dir}/checkpoint-*/{run.models.model.adapter.checkpoint_files[0]}{logs}")
     accelerator.end_training()
     if not stopped:
         return 0

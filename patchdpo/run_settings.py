@@ -73,6 +73,7 @@ class RecordedSettings:
     dpo_beta: float
     noise_offset: float | None
     official_time_ids: bool
+    objective: dict | None  # the family's objective settings beyond these (FLUX's flow matching); None: not recorded
     # the update
     pairs_per_step: int
     learning_rate: float
@@ -86,7 +87,8 @@ class RecordedSettings:
     schedule_total_steps: int | None  # a decaying schedule's shape depends on the run's length; None for constant ones
 
     def as_recorded(self) -> dict[str, Any]:
-        settings = {name: value for name, value in asdict(self).items() if not (name == "schedule_total_steps" and value is None)}
+        unset = ("schedule_total_steps", "objective")
+        settings = {name: value for name, value in asdict(self).items() if not (name in unset and value is None)}
         return dict(sorted(settings.items()))
 
 
@@ -103,6 +105,7 @@ _FROM_FLAGS = tuple(
         "pairs_per_step",
         "mixed_precision",
         "schedule_total_steps",
+        "objective",
     }
 )
 
@@ -114,10 +117,12 @@ def run_settings(
     mixed_precision: str,
     total_steps: int,
     quality_maps_sha256: str | None,
+    objective: dict | None = None,
 ) -> dict[str, Any]:
     """This run's `RecordedSettings`, as recorded in `settings.json`.
 
-    `quality_maps_sha256`: the digest of the maps file the run reads (None without one), hashed once per start by the caller.
+    `quality_maps_sha256`: the digest of the maps file the run reads (None without one), hashed once per start by the caller;
+    `objective`: the family's `objective_settings()` (FLUX's timestep density and guidance).
     """
     flags = {name: getattr(config, name) for name in _FROM_FLAGS}
     for name in ("pretrained_model_name_or_path", "image_encoder_path"):
@@ -132,6 +137,7 @@ def run_settings(
         pairs_per_step=pairs_per_step,
         mixed_precision=mixed_precision,
         schedule_total_steps=None if config.lr_scheduler in _CONSTANT_SCHEDULES else total_steps,
+        objective=objective,
     )
     return json.loads(json.dumps(settings.as_recorded(), default=str))  # as recorded: tuples become lists, paths strings
 

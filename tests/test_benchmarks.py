@@ -41,6 +41,14 @@ def test_inference_benchmark_matches_outputs_and_reports_speed(tmp_path) -> None
     assert result["reference_images_per_s"] > 0 and result["ours_images_per_s"] > 0
 
 
+def test_flux_inference_benchmark_gives_diffusers_load_ip_adapter_images(tmp_path) -> None:
+    """Ours (FluxIPAdapter) against FluxPipeline + load_ip_adapter; batches of one subject (see benchmarks/RESULTS.md)."""
+    args = ["--base_model", "flux", "--shape", "tiny", "--size", "32", "--num_inference_steps", "2", "--prompts_per_subject", "2"]
+    _run("inference_benchmark.py", *args, "--batch_size", "2", "--output", str(tmp_path / "result.json"))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["base_model"] == "flux" and result["images"] == 4 and result["max_pixel_difference_where_seeds_agree"] <= 2
+
+
 def test_train_benchmark_loops_compute_the_same_loss(tmp_path) -> None:
     stdout = _run(
         "train_benchmark.py", "--shape", "tiny", "--resolution", "32", "--steps", "2", "--warmup", "1", "--work_dir", str(tmp_path)
@@ -50,6 +58,19 @@ def test_train_benchmark_loops_compute_the_same_loss(tmp_path) -> None:
     assert losses.keys() == {"reference", "ours_no_cache", "ours"}
     assert all(abs(loss - losses["reference"]) <= 1e-4 * losses["reference"] for loss in losses.values()), losses
     assert all(result["pairs_per_cpu_s"] > 0 for result in variants)
+
+
+def test_flux_train_benchmark_loops_compute_the_same_loss(tmp_path) -> None:
+    """The diffusers-style FLUX loop (FluxPipeline + load_ip_adapter, all encoded per step) and our step agree on the loss."""
+    stdout = _run(
+        "train_benchmark.py", "--base_model", "flux", "--shape", "tiny", "--resolution", "32", "--steps", "1", "--warmup", "1",
+        "--work_dir", str(tmp_path),
+    )  # fmt: skip
+    variants = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    losses = {result["variant"]: result["first_loss"] for result in variants}
+    assert losses.keys() == {"reference", "ours_no_cache", "ours"}
+    assert all(abs(loss - losses["reference"]) <= 1e-4 * losses["reference"] for loss in losses.values()), losses
+    assert "speed-up" in stdout
 
 
 def test_startup_benchmark_reports_first_start_and_resume(tmp_path):

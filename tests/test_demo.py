@@ -16,6 +16,7 @@ import torch
 
 import demo
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
+from ip_adapter.xlabs import read_xlabs_file
 from patch_quality.store import QualityMaps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,6 +215,27 @@ def test_the_demo_runs_on_sd15_stand_ins(tmp_path) -> None:
     initial = load_ip_adapter_checkpoint(generator / "models" / "ip-adapter-plus_sd15.bin")
     assert trained["ip_adapter"].keys() == initial["ip_adapter"].keys()
     assert any(not trained["ip_adapter"][k].float().equal(initial["ip_adapter"][k].half().float()) for k in trained["ip_adapter"])
+    for folder in ("dreambench_start", "dreambench"):
+        assert json.loads((out / folder / "all_score.json").read_text())["subjects"]["backpack"]["num_images"] == 1
+
+
+def test_the_demo_runs_on_flux_stand_ins(tmp_path) -> None:
+    """`--base_model flux`: every stage, training included, on the tiny FLUX.1-dev + XLabs-layout stand-ins."""
+    out = tmp_path / "demo_flux"
+    demo.main(
+        ["--base_model", "flux", "--output_dir", str(out), "--data_root", str(SHARED_DREAMBENCH), "--subjects", "backpack"]
+        + ["--train_subjects", "can", "--train_steps", "2", "--ssl_steps", "0", "--prompts_per_subject", "1"]
+        + ["--num_inference_steps", "2", "--size", "64", "--resolution", "64"]
+    )
+    generator = out / "models" / "generator"
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["settings"]["base_model_path"] == str((generator / "flux").resolve())
+    assert manifest["settings"]["guidance_scale"] == 3.5  # FLUX's embedded guidance, not the UNet families' 5.0
+    assert QualityMaps.load(out / "data" / "patch_quality.safetensors").metadata["vae_scale_factor"] == "8"  # FLUX's VAE grid
+    trained = read_xlabs_file(out / "train" / "checkpoint-2" / "ip_adapter.safetensors")
+    initial = read_xlabs_file(generator / "ip_adapter.safetensors")
+    assert trained.keys() == initial.keys()
+    assert any(not trained[key].equal(initial[key].to(trained[key].dtype)) for key in trained)
     for folder in ("dreambench_start", "dreambench"):
         assert json.loads((out / folder / "all_score.json").read_text())["subjects"]["backpack"]["num_images"] == 1
 

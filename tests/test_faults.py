@@ -245,8 +245,8 @@ def test_resume_saves_the_image_proj_of_the_training_state(tiny_models, tiny_pai
     models = load_training_models(tiny_models.sdxl_dir, tiny_models.image_encoder_dir, tmp_path / "other.bin", "cpu", torch.float32)
     adapter_weights(models.model).load(out / "checkpoint-1" / TRAINING_STATE_DIR / ADAPTER_STATE_NAME)
     saved = load_ip_adapter_checkpoint(out / "checkpoint-1" / TRAINING_STATE_DIR / ADAPTER_STATE_NAME)["image_proj"]
-    assert saved.keys() == models.model.image_proj_state.keys()
-    assert all(torch.equal(saved[k], models.model.image_proj_state[k]) for k in saved)
+    assert saved.keys() == models.model.adapter.image_proj_state.keys()
+    assert all(torch.equal(saved[k], models.model.adapter.image_proj_state[k]) for k in saved)
     assert all(torch.equal(saved[k], v) for k, v in models.model.image_proj_model.state_dict().items())
 
 

@@ -105,17 +105,21 @@ def test_8bit_adam_quarters_the_optimizer_moments(tiny_configs):
     assert eight == pytest.approx(full / 4, rel=0.01)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd15"])
+@pytest.mark.parametrize("family", ["sdxl", "sd15", "flux"])
 def test_the_plan_rehearses_its_phases_on_fake_cuda(tmp_path, family, monkeypatch):
     """The plan's phases run again on fake CUDA: a CPU tensor made inside the step, unnoticed on the CPU, fails the rehearsal."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
     from patchdpo.models import IPAdapterTrainingModel
-    from stand_ins import sd15
+    from stand_ins import flux, sd15
 
-    paths = save_model_configs(tmp_path, TINY) if family == "sdxl" else sd15.save_model_configs(tmp_path, sd15.TINY)
-    folder = str(paths.sdxl_dir if family == "sdxl" else paths.sd15_dir)
+    if family == "flux":
+        paths = flux.save_flux_configs(tmp_path, flux.TINY)
+        folder = str(paths.flux_dir)
+    else:
+        paths = save_model_configs(tmp_path, TINY) if family == "sdxl" else sd15.save_model_configs(tmp_path, sd15.TINY)
+        folder = str(paths.sdxl_dir if family == "sdxl" else paths.sd15_dir)
     settings = PlanSettings(resolution=64, train_batch_size=1, mixed_precision="fp16", validation_size=64)
     assert plan_training_memory(folder, str(paths.image_encoder_dir), settings, rehearse=True)["peak_bytes"] > 0
 
@@ -132,3 +136,59 @@ def test_the_command_line_offers_exactly_the_planned_precisions():
     from patchdpo.cli import PRECISION_CHOICES
 
     assert PRECISION_CHOICES == tuple(memory_plan.PRECISIONS)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_configs(tmp_path_factory):
+    from stand_ins import flux
+
+    return flux.save_flux_configs(tmp_path_factory.mktemp("flux_configs"), flux.TINY)
+
+
+def test_the_flux_plan_on_fake_tensors_equals_the_bytes_real_tensors_hold(tiny_flux_configs):
+    from stand_ins.flux import xlabs_state
+
+    settings = dict(resolution=64, train_batch_size=2, mixed_precision="bf16", validation_size=64)
+    fake = plan_training_memory(str(tiny_flux_configs.flux_dir), str(tiny_flux_configs.image_encoder_dir), PlanSettings(**settings))
+    real = plan_training_memory(
+        str(tiny_flux_configs.flux_dir), str(tiny_flux_configs.image_encoder_dir), PlanSettings(**settings), fake=False
+    )
+    assert fake["components"].keys() == real["components"].keys()
+    for name, value in fake["components"].items():
+        assert value == pytest.approx(real["components"][name], rel=0.01), name
+    assert fake["components"]["trainable adapter (fp32)"] == 4 * sum(t.numel() for t in xlabs_state().values())  # XLabs' keys
+    assert "frozen Resampler" not in fake["components"] and fake["components"]["text encoder T5EncoderModel"] > 0
+
+
+def test_sharding_the_flux_transformer_divides_its_weights_and_the_adapters_state(tiny_flux_configs):
+    def flux_plan(**settings) -> dict:
+        folders = str(tiny_flux_configs.flux_dir), str(tiny_flux_configs.image_encoder_dir)
+        return plan_training_memory(*folders, PlanSettings(resolution=64, train_batch_size=1, mixed_precision="bf16", **settings))["components"]  # fmt: skip
+
+    whole, sharded = flux_plan(gpus=4), flux_plan(gpus=4, shard_base=True)
+    assert sharded["frozen transformer weights (1/4 shard)"] == pytest.approx(whole["frozen transformer weights"] / 4, rel=0.05)
+    assert sharded["AdamW moments"] == pytest.approx(whole["AdamW moments"] / 4, rel=0.05)
+    assert sharded["DDP gradient buckets"] == 0 < whole["DDP gradient buckets"]
+    assert sharded["FSDP2 gathered blocks (root + running + prefetched)"] > 0
+
+
+def test_the_full_flux_configuration_is_planned_from_config_files_alone(tmp_path):
+    """FLUX.1-dev's published configs, sharded over 8 processes at 1024 px: the shards are those of the meta-device count."""
+    import torch
+
+    from benchmarks.sharding_memory import XLabsFluxAdapter
+    from patchdpo.sharding import planned_bytes
+    from stand_ins.flux import save_flux_configs
+
+    paths = save_flux_configs(tmp_path)
+    assert sorted(p.name for p in paths.flux_dir.rglob("*") if p.is_file()) == ["config.json"] * 4 + ["model_index.json"]  # no weights
+    flags = ["--resolution", "1024", "--train_batch_size", "1", "--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_dir"]
+    folders = ["--pretrained_model_name_or_path", str(paths.flux_dir), "--image_encoder_path", str(paths.image_encoder_dir)]
+    plan = memory_plan.main([*folders, *flags, "--gpus", "8", "--shard_base"])
+    with torch.device("meta"):
+        expected = planned_bytes(XLabsFluxAdapter(), 8)
+    components = plan["components"]
+    assert components["frozen transformer weights (1/8 shard)"] == expected.frozen  # 11.9 B parameters in bf16, over 8
+    assert components["trainable adapter (fp32)"] == expected.trainable and components["AdamW moments"] == 2 * expected.trainable
+    assert components["text encoder T5EncoderModel"] == 0  # T5-XXL freed once --cache_dir holds its outputs
+    assert plan["smallest_card_gib"] == 24

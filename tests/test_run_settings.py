@@ -22,10 +22,12 @@ def test_only_the_allowed_settings_are_recorded():
     args = later(**vars(config), a_flag_added_later=3)  # a new flag changes nothing a resume checks until it is added to RecordedSettings
     pairs = [TrainingPair("sample0", 0, "a dog", Path("r.png"), Path("g.png"))]
     recorded = run_settings(args, pairs, pairs_per_step=8, mixed_precision="fp16", total_steps=10, quality_maps_sha256=None)
-    assert set(recorded) == set(RecordedSettings.__dataclass_fields__) - {"schedule_total_steps"}  # constant schedule
+    # constant schedule; a UNet family records no objective settings (a FLUX run records its flow matching's)
+    assert set(recorded) == set(RecordedSettings.__dataclass_fields__) - {"schedule_total_steps", "objective"}
     assert "a_flag_added_later" not in recorded and "clip_model" not in recorded and "output_dir" not in recorded
     args = dataclasses.replace(args, lr_scheduler="cosine")
     assert run_settings(args, pairs, 8, "fp16", 10, None)["schedule_total_steps"] == 10
+    assert run_settings(args, pairs, 8, "fp16", 10, None, {"guidance_scale": 3.5})["objective"] == {"guidance_scale": 3.5}
 
 
 REQUIRED = ["--pretrained_model_name_or_path", "org/model", "--image_encoder_path", "org/enc", "--data_root_path", "d"]
@@ -38,6 +40,8 @@ REQUIRED = ["--pretrained_model_name_or_path", "org/model", "--image_encoder_pat
         (("--text_drop_rate", "-0.1"), "--text_drop_rate must be finite and >= 0 and <= 1, got -0.1"),
         (("--validation_data_root", "db"), "--validation_data_root needs --pretrained_ip_adapter_path"),
         (("--resolution", "0"), "--resolution must be >= 1"),
+        (("--logit_std", "0"), "--logit_std must be > 0, got 0.0"),
+        (("--shard_base", "--validation_data_root", "db", "--pretrained_ip_adapter_path", "ip.bin"), "--shard_base: validation"),
     ],
 )
 def test_every_flag_check_answers_before_anything_loads(tmp_path, capsys, extra, message):

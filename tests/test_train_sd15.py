@@ -124,14 +124,20 @@ def test_the_tolerance_separates_a_different_draw(tiny_sd15_models, sd15_pairs, 
 
 
 def test_two_processes_train_the_same_adapter_as_one(tiny_sd15_models, sd15_pairs, baseline, tmp_path):
-    out = tmp_path / "two"
-    spec = {"record_dir": str(tmp_path / "record"), "runs": [{"name": "two", "argv": sd15_args(tiny_sd15_models, sd15_pairs, out, "--loss", "patch_dpo", batch=1)}]}  # fmt: skip
+    """Also with the frozen UNet sharded over the two processes (--shard_base, FSDP2)."""
+    out, sharded = tmp_path / "two", tmp_path / "sharded"
+    runs = [
+        {"name": "two", "argv": sd15_args(tiny_sd15_models, sd15_pairs, out, "--loss", "patch_dpo", batch=1)},
+        {"name": "sharded", "argv": sd15_args(tiny_sd15_models, sd15_pairs, sharded, "--loss", "patch_dpo", "--shard_base", batch=1)},
+    ]
+    spec = {"record_dir": str(tmp_path / "record"), "runs": runs}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tests.kit.torchrun_train"]
     result = subprocess.run([*command, str(tmp_path / "spec.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert_same_training(out, baseline)
+    assert_same_training(sharded, baseline)
 
 
 def test_sigterm_saves_and_the_resumed_run_equals_an_uninterrupted_one(tiny_sd15_models, sd15_pairs, tmp_path, monkeypatch):

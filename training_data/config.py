@@ -29,9 +29,9 @@ class ConstructConfig:
     reference_template: str
     negative_prompt: str
     scale: float
-    num_inference_steps: int
-    guidance_scale: float
-    height: int | None  # None: the base model's native size (`base_models.generation.with_native_size`)
+    num_inference_steps: int | None  # None: the family's (`base_models.generation.with_model_defaults`)
+    guidance_scale: float | None
+    height: int | None  # None: the base model's native size (`base_models.generation.with_model_defaults`)
     width: int | None
     seed: int
     batch_size: int

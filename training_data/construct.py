@@ -42,7 +42,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 
 from base_models import family_of
-from base_models.generation import check_generator_paths, load_generation_pipeline, with_native_size, wrap_pipeline
+from base_models.generation import check_generator_paths, load_generation_pipeline, with_model_defaults, wrap_pipeline
 from common.batching import generate_and_save
 from common.checks import require_flags_in_range, require_sampling_args, require_template_fields
 from common.distributed import launch_run, owning_output_dir
@@ -56,8 +56,7 @@ from common.outputs import check_output_dir
 from common.recorded_settings import read_recorded, refuse_other_settings
 from common.seeds import stable_seed
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from ip_adapter.checkpoint import Checkpoint, load_ip_adapter_checkpoint
-from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, IPAdapterPlus
+from ip_adapter.ip_adapter import DEFAULT_NEGATIVE_PROMPT, ImagePromptAdapter
 from ip_adapter.loading import check_ip_ckpt, dtype_name, resolve_dtype
 from ip_adapter.speed import apply_speed_settings
 from patch_quality import layout
@@ -234,7 +233,7 @@ def generate_references(
 
 
 def generate_pairs(
-    ip_model: IPAdapterPlus,
+    ip_model: ImagePromptAdapter,
     plans: Sequence[SamplePlan],
     items: Sequence[tuple[int, int]],
     output_dir: Path,
@@ -297,7 +296,7 @@ def _with_references(config: ConstructConfig) -> tuple[ConstructConfig, list[dic
         raise BadInputError("--num_samples is required (or pass --reference_images)")
     require_flags_in_range(config, ("num_samples", "num_generated", "batch_size"), minimum=1)
     require_flags_in_range(config, ("scale",), minimum=0)
-    config = with_native_size(config)
+    config = with_model_defaults(config)
     require_sampling_args(config)
     require_template_fields("--reference_template", config.reference_template, ["object"])
     check_generator_paths(config.base_model_path, config.image_encoder_path, config.ip_ckpt)
@@ -354,13 +353,13 @@ def _make_generated(
     pipe: DiffusionPipeline,
     plans: list[SamplePlan],
     pending: list[tuple[int, int]],
-    ip_checkpoint: Checkpoint,
+    ip_checkpoint: dict[str, Any],
 ) -> None:
     """IP-Adapter-Plus generations of the pending (sample, k), sharded over the processes."""
     # Installing the adapter changes the UNet's attention, so it happens after the references.
     family = family_of(config.base_model_path, "--base_model_path")
     ip_model = wrap_pipeline(pipe, family, config.image_encoder_path, ip_checkpoint, config.ip_ckpt, accelerator.device)
-    apply_speed_settings(ip_model.pipe.unet, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
+    apply_speed_settings(ip_model.denoiser, compile=config.compile, allow_tf32=config.allow_tf32, announce=accelerator.print)
     with accelerator.split_between_processes(pending) as shard:
         generate_pairs(
             ip_model,
@@ -378,7 +377,8 @@ def run(config: ConstructConfig, accelerator: Accelerator, held: contextlib.Exit
     """Build the pairs; the output folder is claimed into `held` once the inputs are checked (released when `held` closes)."""
     check_launch(accelerator.num_processes, "-m training_data.construct")
     config, given = _with_references(config)
-    ip_checkpoint = load_ip_adapter_checkpoint(check_ip_ckpt(config.ip_ckpt))  # a NaN or wiped checkpoint fails before any image is drawn
+    family = family_of(config.base_model_path, "--base_model_path")
+    ip_checkpoint = family.ip_adapter_class().read_checkpoint(check_ip_ckpt(config.ip_ckpt))  # a NaN or wiped one fails before any image
     categories = [entry["category"] for entry in given] if given is not None else load_categories(config.categories)
     output_dir = config.output_dir
     plans = plan_samples(config.num_samples, config.num_generated, config.seed, categories, reference_template=config.reference_template)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import patchdpo.resume
@@ -58,7 +59,8 @@ def main(spec_path: str) -> None:
     def record_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         state["step"] += 1
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        tensors = {str(i): p.detach().cpu().clone() for i, p in enumerate(params)}
+        # a sharded run's parameters are DTensors: each rank records its own shard
+        tensors = {str(i): (p.to_local() if isinstance(p, DTensor) else p).detach().cpu().clone() for i, p in enumerate(params)}
         save_file(tensors, str(state["dir"] / f"rank{rank}" / f"step{state['step']}.safetensors"))
         if state["kill"] == [rank, state["step"]]:
             (state["dir"] / f"rank{rank}.killed").write_text(str(time.time()))
