@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
@@ -32,7 +33,7 @@ from common.errors import BadInputError
 
 from .flux_ip_adapter import load_flux_ip_adapter_state, set_flux_ip_adapter_scale
 from .image_encoder import load_image_encoder, preprocess_clip_images
-from .ip_adapter import Generators, ImageInput, ImagePromptAdapter, as_groups
+from .ip_adapter import ImageInput, ImagePromptAdapter, as_groups
 from .xlabs import image_tokens, read_xlabs_file
 
 #: XLabs' adapter state: tensors under the keys of `ip_adapter.safetensors`.
@@ -113,34 +114,51 @@ class FluxIPAdapter(ImagePromptAdapter):
         black = Image.new("RGB", groups[0][0].size)
         return cond, self._image_embeds([black]).expand(len(groups), -1)
 
-    @torch.inference_mode()
-    def generate_from_tokens(
+    def _denoise(
         self,
-        cond_tokens: torch.Tensor,
-        uncond_tokens: torch.Tensor,
-        prompts: Sequence[str],
-        negative_prompts: Sequence[str],
-        generators: Generators = None,
-        num_inference_steps: int = FLUX_NUM_INFERENCE_STEPS,
-        *,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        prompts: list[str],
+        negative_prompts: list[str],
+        generator: torch.Generator | list[torch.Generator] | None,
+        num_inference_steps: int,
         scale: float,
-        **pipeline_kwargs,
-    ) -> list[Image.Image]:
-        """One image per row at IP-Adapter scale `scale` from (N, D) image embeddings; the pipeline's other
-        arguments (`guidance_scale`, `height`, `true_cfg_scale`, ...) pass through."""
-        rows = len(prompts)
-        if not (cond_tokens.shape[0] == uncond_tokens.shape[0] == len(negative_prompts) == rows):
-            raise BadInputError(
-                f"batch rows disagree: {cond_tokens.shape[0]} image embeddings, {uncond_tokens.shape[0]} unconditional "
-                f"embeddings, {rows} prompts, {len(negative_prompts)} negative prompts"
-            )
+        pipeline_kwargs: dict[str, Any],
+    ) -> Any:
+        """One `FluxPipeline` call per run of rows with the same image embedding.
+
+        `FluxPipeline` repeats the image embedding it is given once per row (`prepare_ip_adapter_image_embeds`),
+        so it conditions a whole call on one embedding: N different rows given at once would make every
+        row attend to all N subjects. Rows of one subject (DreamBench's batches, `generate`'s samples) stay one call."""
         set_flux_ip_adapter_scale(self.pipe.transformer, scale)
-        return self.pipe(
-            prompt=list(prompts),
-            negative_prompt=list(negative_prompts),
-            ip_adapter_image_embeds=[cond_tokens.to(self.device, self.dtype)[:, None]],
-            negative_ip_adapter_image_embeds=[uncond_tokens.to(self.device, self.dtype)[:, None]],
-            num_inference_steps=num_inference_steps,
-            generator=list(generators) if isinstance(generators, Sequence) else generators,
-            **pipeline_kwargs,
-        ).images
+        parts = []
+        for start, stop in runs_of_equal_rows(cond):
+            parts.append(
+                self.pipe(
+                    prompt=prompts[start:stop],
+                    negative_prompt=negative_prompts[start:stop],
+                    ip_adapter_image_embeds=[cond[start : start + 1, None].to(self.device, self.dtype)],
+                    negative_ip_adapter_image_embeds=[uncond[start : start + 1, None].to(self.device, self.dtype)],
+                    num_inference_steps=num_inference_steps,
+                    generator=generator[start:stop] if isinstance(generator, list) else generator,
+                    **pipeline_kwargs,
+                ).images
+            )
+        return concatenate_images(parts)
+
+
+def runs_of_equal_rows(rows: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, stop) of each run of consecutive equal rows."""
+    starts = [0] + [i for i in range(1, rows.shape[0]) if not torch.equal(rows[i], rows[i - 1])]
+    return list(zip(starts, starts[1:] + [rows.shape[0]]))
+
+
+def concatenate_images(parts: list) -> Any:
+    """The pipeline outputs of consecutive calls as one: PIL lists, numpy arrays (`output_type="np"`) or tensors (`"latent"`, `"pt"`)."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return [image for part in parts for image in part]

@@ -61,7 +61,7 @@ class ImagePromptAdapter(ABC):
     def get_image_embeds(self, images: ImageInput) -> tuple[torch.Tensor, torch.Tensor]:
         """(cond, uncond) image conditioning, one row per reference group."""
 
-    @abstractmethod
+    @torch.inference_mode()
     def generate_from_tokens(
         self,
         cond_tokens: torch.Tensor,
@@ -69,12 +69,41 @@ class ImagePromptAdapter(ABC):
         prompts: Sequence[str],
         negative_prompts: Sequence[str],
         generators: Generators = None,
-        num_inference_steps: int = 30,
+        num_inference_steps: int | None = None,
         *,
         scale: float,
         **pipeline_kwargs,
-    ) -> list[Image.Image]:
-        """One image per row at IP-Adapter scale `scale`."""
+    ) -> Any:
+        """One image per row at IP-Adapter scale `scale` (`num_inference_steps` defaults to the family's).
+
+        The scale is an argument of every call (set on the processors just before denoising), so a
+        call never depends on an earlier one. Pass one generator per row to make each image
+        independent of batching. The pipeline's other arguments (`height`, `guidance_scale`,
+        `output_type`, ...) pass through; the result is the pipeline's `images`.
+        """
+        rows = len(prompts)
+        if not (cond_tokens.shape[0] == uncond_tokens.shape[0] == len(negative_prompts) == rows):
+            raise BadInputError(
+                f"batch rows disagree: {cond_tokens.shape[0]} image conditioning rows, {uncond_tokens.shape[0]} unconditional "
+                f"rows, {rows} prompts, {len(negative_prompts)} negative prompts"
+            )
+        generator = list(generators) if isinstance(generators, Sequence) else generators
+        steps = num_inference_steps or self.default_num_inference_steps
+        return self._denoise(cond_tokens, uncond_tokens, list(prompts), list(negative_prompts), generator, steps, scale, pipeline_kwargs)
+
+    @abstractmethod
+    def _denoise(
+        self,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        prompts: list[str],
+        negative_prompts: list[str],
+        generator: torch.Generator | list[torch.Generator] | None,
+        num_inference_steps: int,
+        scale: float,
+        pipeline_kwargs: dict[str, Any],
+    ) -> Any:
+        """The pipeline call for rows `generate_from_tokens` checked agree."""
 
     def generate(
         self,
@@ -105,7 +134,7 @@ class ImagePromptAdapter(ABC):
             per_row(prompt, DEFAULT_PROMPT),
             per_row(negative_prompt, DEFAULT_NEGATIVE_PROMPT),
             generator,
-            num_inference_steps or self.default_num_inference_steps,
+            num_inference_steps,
             scale=scale,
             **pipeline_kwargs,
         )
@@ -205,47 +234,28 @@ class IPAdapterPlus(ImagePromptAdapter):
         uncond = self.image_proj_model(encode_image_features(self.image_encoder, torch.zeros_like(pixels[:1])))
         return cond, uncond.expand(len(groups), -1, -1)
 
-    @torch.inference_mode()
-    def generate_from_tokens(
+    def _denoise(
         self,
-        cond_tokens: torch.Tensor,
-        uncond_tokens: torch.Tensor,
-        prompts: Sequence[str],
-        negative_prompts: Sequence[str],
-        generators: Generators = None,
-        num_inference_steps: int = 30,
-        *,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        prompts: list[str],
+        negative_prompts: list[str],
+        generator: torch.Generator | list[torch.Generator] | None,
+        num_inference_steps: int,
         scale: float,
-        **pipeline_kwargs,
-    ) -> list[Image.Image]:
-        """One image per row at IP-Adapter scale `scale`.
-
-        The scale is an argument of every call (set on the processors just before denoising), so a
-        call never depends on an earlier one. Pass one generator per row to make each image
-        independent of batching.
-        """
-        rows = len(prompts)
-        if not (cond_tokens.shape[0] == uncond_tokens.shape[0] == len(negative_prompts) == rows):
-            raise BadInputError(
-                f"batch rows disagree: {cond_tokens.shape[0]} image tokens, {uncond_tokens.shape[0]} unconditional "
-                f"tokens, {rows} prompts, {len(negative_prompts)} negative prompts"
-            )
+        pipeline_kwargs: dict[str, Any],
+    ) -> Any:
+        """Image tokens appended to each row's prompt embeddings: every row carries its own subject."""
         encoded = self.pipe.encode_prompt(
-            list(prompts),
-            device=self.device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-            negative_prompt=list(negative_prompts),
+            prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=negative_prompts
         )
         prompt_embeds, negative_embeds, prompt_kwargs = self._prompt_inputs(encoded)
         set_ip_adapter_scale(self.pipe.unet, scale)
-        cond_tokens = cond_tokens.to(self.device, prompt_embeds.dtype)
-        uncond_tokens = uncond_tokens.to(self.device, prompt_embeds.dtype)
         return self.pipe(
-            prompt_embeds=torch.cat([prompt_embeds, cond_tokens], dim=1),
-            negative_prompt_embeds=torch.cat([negative_embeds, uncond_tokens], dim=1),
+            prompt_embeds=torch.cat([prompt_embeds, cond.to(self.device, prompt_embeds.dtype)], dim=1),
+            negative_prompt_embeds=torch.cat([negative_embeds, uncond.to(self.device, prompt_embeds.dtype)], dim=1),
             num_inference_steps=num_inference_steps,
-            generator=list(generators) if isinstance(generators, Sequence) else generators,
+            generator=generator,
             **prompt_kwargs,
             **pipeline_kwargs,
         ).images

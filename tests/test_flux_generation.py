@@ -93,3 +93,24 @@ def test_an_adapter_for_another_image_encoder_is_one_line(tiny_flux_models, tmp_
     )
     with pytest.raises(BadInputError, match="image_embeds"):
         load_generation_model(tiny_flux_models.flux_dir, wider, tiny_flux_models.ip_ckpt, "cpu", torch.float32)
+
+
+def test_a_batch_of_two_subjects_gives_each_row_its_own_subject(tiny_flux_models) -> None:
+    """FluxPipeline conditions a call on one repeated image embedding: rows of different subjects in one
+    batch must come out as each would alone (with its own generator), not attend to both subjects."""
+    model = load_generation_model(
+        tiny_flux_models.flux_dir, tiny_flux_models.image_encoder_dir, tiny_flux_models.ip_ckpt, "cpu", torch.float32
+    )
+    first, second = _references()
+    cond, uncond = model.get_image_embeds([first, second, second])
+
+    def images(rows: list[int]) -> np.ndarray:
+        generators = [torch.Generator().manual_seed(row) for row in rows]
+        return model.generate_from_tokens(
+            cond[rows], uncond[rows], [PROMPT] * len(rows), [""] * len(rows), generators, 2, scale=1.0, output_type="np", **SIZE
+        )
+
+    batch = images([0, 1, 2])
+    alone = np.concatenate([images([0]), images([1]), images([2])])
+    assert np.abs(alone[0] - alone[1]).max() > 0.05  # the two subjects give other images: this can fail
+    assert np.abs(batch - alone).max() <= 1e-5
