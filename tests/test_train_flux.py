@@ -37,6 +37,7 @@ from stand_ins.pairs import save_pair_data
 from tests.kit.cli import bad_input_message
 from tests.kit.flux import *  # noqa: F401,F403
 from tests.test_train_patchdpo import logged
+from tests.test_two_nodes import launch_two_nodes
 from tests.test_validation import GRID_TAG, events, validation_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,6 +208,23 @@ def test_two_processes_and_the_sharded_base_train_the_baselines_adapter(tiny_flu
     # gathered on every process: the main one writes the whole adapter in XLabs' layout, as an unsharded run does
     written = read_xlabs_file(tmp_path / "sharded" / "checkpoint-4" / "ip_adapter.safetensors")
     assert written.keys() == straight.keys() and all(torch.equal(written[k], straight[k].bfloat16()) for k in straight)
+
+
+def test_two_nodes_train_the_baselines_adapter_with_the_cache_and_with_the_sharded_base(tiny_flux_models, flux_pairs, baseline, tmp_path):
+    """`torchrun --nnodes 2` on 127.0.0.1, one process per node (each its node's local main process): with
+    `--cache_dir` (both nodes fill one shared cache, T5 then freed) and with `--shard_base` (FSDP2 across the nodes)."""
+
+    def argv(name: str, *extra: str) -> list[str]:
+        return flux_args(tiny_flux_models, flux_pairs, tmp_path / name, "--loss", "patch_dpo", *extra, batch=1, accumulate=2)
+
+    runs = [
+        {"name": "cached", "argv": argv("cached", "--cache_dir", str(tmp_path / "cache"))},
+        {"name": "sharded", "argv": argv("sharded", "--shard_base")},
+    ]
+    nodes = launch_two_nodes({"record_dir": str(tmp_path / "record"), "runs": runs}, tmp_path / "spec.json")
+    assert [node["code"] for node in nodes] == [0, 0], nodes[0]["output"][-4000:] + nodes[1]["output"][-2000:]
+    assert_same_training(tmp_path / "cached", baseline)
+    assert_same_training(tmp_path / "sharded", baseline)
 
 
 def test_flow_matching_flags_are_refused_for_a_unet_model(tiny_flux_models, flux_pairs, tmp_path):
