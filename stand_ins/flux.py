@@ -153,59 +153,33 @@ def _clip_vision(hidden: int, layers: int, heads: int, intermediate: int, patch:
     )
 
 
-def _flux_shape(
-    *,
-    blocks: tuple[int, int],
-    heads: int,
-    head_dim: int,
-    rope: tuple[int, int, int],
-    latent_channels: int,
-    vae_channels: tuple[int, ...],
-    vae_groups: int,
-    vae_layers: int,
-    clip_text: tuple[int, int, int, int],
-    t5: tuple[int, int, int, int, int],
-    t5_vocab: int,
-    clip_vision: tuple[int, int, int, int],
-    vision_patch: int,
-    vision_projection: int,
-) -> FluxShape:
-    """One FLUX.1-dev structure at the sizes given, so every shape links its components alike.
-
-    `blocks` is (double, single) transformer blocks; the encoder tuples follow `_clip_text`, `_t5` and
-    `_clip_vision`. The transformer's text widths are read from the encoders it is fed by (T5's
-    `d_model`, CLIP text's `hidden_size`) and the VAE shares its latent channels, so no shape can
-    pair a transformer with encoders it does not fit.
-    """
-    text_encoder, text_encoder_2 = _clip_text(*clip_text), _t5(*t5, vocab=t5_vocab)
-    return FluxShape(
-        transformer=_transformer(
-            *blocks,
-            heads=heads,
-            head_dim=head_dim,
-            latent_channels=latent_channels,
-            t5_dim=text_encoder_2["d_model"],
-            clip_dim=text_encoder["hidden_size"],
-            rope=rope,
-        ),
-        vae=_vae(vae_channels, latent_channels=latent_channels, groups=vae_groups, layers=vae_layers),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        image_encoder=_clip_vision(*clip_vision, patch=vision_patch, projection=vision_projection),
-        scheduler=SCHEDULER,
-    )
-
-
-# One row a shape (`_flux_shape` names every size); kept to two lines each so the three read as a table.
-# Four VAE blocks as FLUX's VAE in every shape, so latents are 1/8 of the image as on the real model.
-TINY = _flux_shape(blocks=(2, 2), heads=2, head_dim=16, rope=(4, 6, 6), latent_channels=4, vae_channels=(8, 8, 16, 16), vae_groups=4,
-    vae_layers=1, clip_text=(32, 2, 4, 37), t5=(32, 2, 4, 8, 37), t5_vocab=200, clip_vision=(32, 2, 4, 37), vision_patch=32, vision_projection=16)  # fmt: skip
+TINY = FluxShape(
+    transformer=_transformer(2, 2, heads=2, head_dim=16, latent_channels=4, t5_dim=32, clip_dim=32, rope=(4, 6, 6)),
+    # Four blocks as FLUX's VAE, so latents are 1/8 of the image as on the real model.
+    vae=_vae((8, 8, 16, 16), latent_channels=4, groups=4, layers=1),
+    text_encoder=_clip_text(32, 2, 4, 37),
+    text_encoder_2=_t5(32, 2, 4, 8, 37, vocab=200),
+    image_encoder=_clip_vision(32, 2, 4, 37, patch=32, projection=16),
+    scheduler=SCHEDULER,
+)
 #: Between the two, for the CPU speed proxies (`benchmarks/`): the transformer dominates a step as on the real model.
-MID = _flux_shape(blocks=(2, 4), heads=4, head_dim=32, rope=(8, 12, 12), latent_channels=16, vae_channels=(32, 64, 128, 128), vae_groups=16,
-    vae_layers=1, clip_text=(128, 2, 4, 256), t5=(128, 2, 4, 32, 256), t5_vocab=200, clip_vision=(128, 2, 4, 256), vision_patch=32, vision_projection=128)  # fmt: skip
+MID = FluxShape(
+    transformer=_transformer(2, 4, heads=4, head_dim=32, latent_channels=16, t5_dim=128, clip_dim=128, rope=(8, 12, 12)),
+    vae=_vae((32, 64, 128, 128), latent_channels=16, groups=16, layers=1),
+    text_encoder=_clip_text(128, 2, 4, 256),
+    text_encoder_2=_t5(128, 2, 4, 32, 256, vocab=200),
+    image_encoder=_clip_vision(128, 2, 4, 256, patch=32, projection=128),
+    scheduler=SCHEDULER,
+)
 #: The published configs: FLUX.1-dev transformer and VAE, CLIP-L text, T5-v1.1-XXL encoder, CLIP ViT-L/14 vision.
-FULL = _flux_shape(blocks=(19, 38), heads=24, head_dim=128, rope=(16, 56, 56), latent_channels=16, vae_channels=(128, 256, 512, 512), vae_groups=32,
-    vae_layers=2, clip_text=(768, 12, 12, 3072), t5=(4096, 24, 64, 64, 10240), t5_vocab=32128, clip_vision=(1024, 24, 16, 4096), vision_patch=14, vision_projection=768)  # fmt: skip
+FULL = FluxShape(
+    transformer=_transformer(19, 38, heads=24, head_dim=128, latent_channels=16, t5_dim=4096, clip_dim=768, rope=(16, 56, 56)),
+    vae=_vae((128, 256, 512, 512), latent_channels=16, groups=32, layers=2),
+    text_encoder=_clip_text(768, 12, 12, 3072),
+    text_encoder_2=_t5(4096, 24, 64, 64, 10240, vocab=32128),
+    image_encoder=_clip_vision(1024, 24, 16, 4096, patch=14, projection=768),
+    scheduler=SCHEDULER,
+)
 SHAPES = {"tiny": TINY, "mid": MID, "full": FULL}
 
 #: The text the tiny T5 tokenizer is trained on: the words of the test prompts and DreamBench-like prompts.
