@@ -148,7 +148,9 @@ def check_resume_settings(state_dir: str | os.PathLike, now: Mapping[str, Any], 
     recorded = read_recorded(path, "training settings")
     if recorded is None:
         raise BadInputError(f"{path}: missing; without it this resume cannot be checked to continue the same run")
-    differing = sorted(key for key in recorded.keys() | now.keys() if recorded.get(key) != now.get(key))
+    # a key this version does not record (one an older version recorded, such as `clip_model`) is free to change
+    compared = now.keys() | (recorded.keys() & RecordedSettings.__dataclass_fields__.keys())
+    differing = sorted(key for key in compared if recorded.get(key) != now.get(key))
     allowed = set(allowed) | {key for key, flag in _CHANGED_BY.items() if flag in allowed}
     refused = [key for key in differing if key not in allowed]
     if refused:

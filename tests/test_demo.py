@@ -199,16 +199,23 @@ def test_a_second_demo_run_in_the_same_folder_remakes_the_same_files(demo_run, d
     assert [name for name in before if before[name] != after[name]] == []
 
 
+def _run_small_demo(out: Path, base_model: str, size: int) -> tuple[Path, dict]:
+    """Every demo stage on one family's stand-ins at the smallest sizes (one subject, 2 steps, images of `size` px).
+
+    Returns the generator's model folder and the pair manifest, what each family's test checks its stages against.
+    """
+    demo.main(
+        ["--base_model", base_model, "--output_dir", str(out), "--data_root", str(SHARED_DREAMBENCH), "--subjects", "backpack"]
+        + ["--train_subjects", "can", "--train_steps", "2", "--ssl_steps", "0", "--prompts_per_subject", "1"]
+        + ["--num_inference_steps", "2", "--size", str(size), "--resolution", str(size)]
+    )
+    return out / "models" / "generator", json.loads((out / "data" / "manifest.json").read_text())
+
+
 def test_the_demo_runs_on_sd15_stand_ins(tmp_path) -> None:
     """`--base_model sd15`: every stage on the tiny SD 1.5 stand-ins (`python demo.py` itself stays on SDXL)."""
     out = tmp_path / "demo_sd15"
-    demo.main(
-        ["--base_model", "sd15", "--output_dir", str(out), "--data_root", str(SHARED_DREAMBENCH), "--subjects", "backpack"]
-        + ["--train_subjects", "can", "--train_steps", "2", "--ssl_steps", "0", "--prompts_per_subject", "1"]
-        + ["--num_inference_steps", "2", "--size", "32", "--resolution", "32"]
-    )
-    generator = out / "models" / "generator"
-    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    generator, manifest = _run_small_demo(out, "sd15", size=32)
     assert manifest["complete"] and manifest["settings"]["base_model_path"] == str((generator / "sd15").resolve())
     assert QualityMaps.load(out / "data" / "patch_quality.safetensors").metadata["vae_scale_factor"] == "4"  # SD 1.5 stand-in's grid
     trained = load_ip_adapter_checkpoint(out / "train" / "checkpoint-2" / "model.bin")
@@ -222,13 +229,7 @@ def test_the_demo_runs_on_sd15_stand_ins(tmp_path) -> None:
 def test_the_demo_runs_on_flux_stand_ins(tmp_path) -> None:
     """`--base_model flux`: every stage, training included, on the tiny FLUX.1-dev + XLabs-layout stand-ins."""
     out = tmp_path / "demo_flux"
-    demo.main(
-        ["--base_model", "flux", "--output_dir", str(out), "--data_root", str(SHARED_DREAMBENCH), "--subjects", "backpack"]
-        + ["--train_subjects", "can", "--train_steps", "2", "--ssl_steps", "0", "--prompts_per_subject", "1"]
-        + ["--num_inference_steps", "2", "--size", "64", "--resolution", "64"]
-    )
-    generator = out / "models" / "generator"
-    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    generator, manifest = _run_small_demo(out, "flux", size=64)
     assert manifest["complete"] and manifest["settings"]["base_model_path"] == str((generator / "flux").resolve())
     assert manifest["settings"]["guidance_scale"] == 3.5  # FLUX's embedded guidance, not the UNet families' 5.0
     assert QualityMaps.load(out / "data" / "patch_quality.safetensors").metadata["vae_scale_factor"] == "8"  # FLUX's VAE grid

@@ -12,58 +12,50 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-import evaluate_dreambooth
-import generate
-import inference_dreambooth
 from base_models import family_of
-from base_models.generation import load_generation_model, with_model_defaults
+from base_models.generation import with_model_defaults
 from common.errors import BadInputError
-from dreambench.benchmark import prompts_for
-from dreambench.config import DEFAULT_SCALES
-from dreambench.data import load_conditioning_images
-from dreambench.generation import build_items, image_path
 from ip_adapter.batch_generation import GenerationItem, SubjectTokens, generate_batch
-from patch_quality import layout, maps
-from patch_quality.store import QualityMaps
-from tests.kit.dreambench import DREAMBENCH_ROOT
+from patch_quality import layout
+from tests.kit.flow import (
+    compute_quality_maps,
+    evaluate_dreambench,
+    generate_dreambench_directly,
+    generate_your_subject,
+    load_on_cpu,
+    max_pixel_difference,
+    model_args,
+    pixels,
+    run_dreambench_inference,
+)
 from tests.kit.flux import *  # noqa: F401,F403
 from training_data import construct
 from training_data.cli import construct_config
 
 SIZE = 64
-SUBJECT = "backpack"
 STEPS = ("--num_inference_steps", "2")
 IMAGE_SIZE = ("--height", str(SIZE), "--width", str(SIZE))
 
 
-def _models(paths) -> list[str]:
-    return ["--base_model_path", str(paths.flux_dir), "--image_encoder_path", str(paths.image_encoder_dir), "--ip_ckpt", str(paths.ip_ckpt)]
-
-
-def _pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path), dtype=np.int16)
-
-
 def test_sampling_defaults_are_the_familys(tiny_flux_models, tiny_sdxl_dir) -> None:
-    given = construct_config([*_models(tiny_flux_models), "--output_dir", "x", "--num_samples", "1"])
+    given = construct_config([*model_args(tiny_flux_models), "--output_dir", "x", "--num_samples", "1"])
     flux = with_model_defaults(given)
     assert (flux.num_inference_steps, flux.guidance_scale, flux.height) == (28, 3.5, 1024)
     called = inspect.signature(FluxPipeline.__call__).parameters  # the values named in --help are the library's
     assert (called["num_inference_steps"].default, called["guidance_scale"].default) == (28, 3.5)
     sdxl = with_model_defaults(
-        construct_config(["--base_model_path", str(tiny_sdxl_dir), *_models(tiny_flux_models)[2:], "--output_dir", "x"])
+        construct_config(["--base_model_path", str(tiny_sdxl_dir), *model_args(tiny_flux_models)[2:], "--output_dir", "x"])
     )
     assert (sdxl.num_inference_steps, sdxl.guidance_scale) == (30, 5.0)  # the paper's, unchanged
-    assert with_model_defaults(construct_config([*_models(tiny_flux_models), "--output_dir", "x", *STEPS])).num_inference_steps == 2
+    assert with_model_defaults(construct_config([*model_args(tiny_flux_models), "--output_dir", "x", *STEPS])).num_inference_steps == 2
 
 
 def test_an_image_size_flux_cannot_pack_is_refused(tiny_flux_models, tiny_sdxl_dir) -> None:
     """72 px is 9 latent cells: FluxPipeline would quietly make 64 px images, so the scripts refuse it before any model loads."""
-    given = [*_models(tiny_flux_models), "--output_dir", "x", "--height", "72", "--width", "64"]
+    given = [*model_args(tiny_flux_models), "--output_dir", "x", "--height", "72", "--width", "64"]
     with pytest.raises(BadInputError, match="--height 72: a FLUX.1 model generates at multiples of 16 px"):
         with_model_defaults(construct_config(given))
     assert with_model_defaults(construct_config(["--base_model_path", str(tiny_sdxl_dir), *given[2:]])).height == 72
@@ -73,7 +65,7 @@ def test_an_image_size_flux_cannot_pack_is_refused(tiny_flux_models, tiny_sdxl_d
 def pairs(tiny_flux_models, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("flux_pairs") / "DATA"
     construct.main(
-        [*_models(tiny_flux_models), "--output_dir", str(out), "--num_samples", "2", "--num_generated", "1", *STEPS, *IMAGE_SIZE]
+        [*model_args(tiny_flux_models), "--output_dir", str(out), "--num_samples", "2", "--num_generated", "1", *STEPS, *IMAGE_SIZE]
     )
     return out
 
@@ -84,29 +76,22 @@ def test_construct_draws_pairs_with_flux_and_its_adapter(pairs, tiny_flux_models
     sample = manifest["samples"][0]
     reference, generated = pairs / sample["folder"] / sample["reference"], pairs / sample["folder"] / sample["generated"][0]
     assert Image.open(reference).size == Image.open(generated).size == (SIZE, SIZE)
-    assert not np.array_equal(_pixels(reference), _pixels(generated))
+    assert not np.array_equal(pixels(reference), pixels(generated))
 
     # The generated images are FLUX + the XLabs adapter conditioned on each sample's reference, at the item's seed (one batch,
     # as construct drew them).
-    model = load_generation_model(
-        tiny_flux_models.flux_dir, tiny_flux_models.image_encoder_dir, tiny_flux_models.ip_ckpt, "cpu", torch.float32
-    )
+    model = load_on_cpu(tiny_flux_models)
     tokens = SubjectTokens(model, lambda folder: [Image.open(pairs / folder / by_folder[folder]["reference"]).convert("RGB")])
     by_folder = {entry["folder"]: entry for entry in manifest["samples"]}
     items = [GenerationItem(entry["folder"], entry["prompt"], entry["generated_seeds"][0]) for entry in manifest["samples"]]
     direct = generate_batch(model, tokens, items, 2, scale=manifest["settings"]["scale"], guidance_scale=3.5, height=SIZE, width=SIZE)
     for image, entry in zip(direct, manifest["samples"]):
-        written = _pixels(pairs / entry["folder"] / entry["generated"][0])
+        written = pixels(pairs / entry["folder"] / entry["generated"][0])
         assert int(np.abs(np.asarray(image, dtype=np.int16) - written).max()) <= 2
 
 
 def test_maps_live_on_flux_latent_grid(pairs, tiny_flux_dir, tiny_dinov2_dir) -> None:
-    quality = pairs / "patch_quality.safetensors"
-    maps.main(
-        ["--data_root", str(pairs), "--backbone", str(tiny_dinov2_dir), "--cpu", "--resolution", "64"]
-        + ["--base_model_path", str(tiny_flux_dir), "--output", str(quality)]
-    )
-    stored = QualityMaps.load(quality)
+    stored = compute_quality_maps(pairs, tiny_flux_dir, tiny_dinov2_dir)
     assert stored.metadata["vae_scale_factor"] == "8"  # FLUX's VAE stride: one value per latent position, before packing
     assert stored.get("sample0", 0)[0].shape == stored.get("sample1", 0)[1].shape == (8, 8)
 
@@ -114,51 +99,21 @@ def test_maps_live_on_flux_latent_grid(pairs, tiny_flux_dir, tiny_dinov2_dir) ->
 @pytest.mark.parametrize("kosmosg", [False, True])
 def test_dreambench_inference_and_evaluation(tiny_flux_models, tiny_clip_path, tiny_dino_dir, tmp_path, kosmosg) -> None:
     out = tmp_path / "out"
-    inference_dreambooth.main(
-        [*_models(tiny_flux_models), "--data_root", str(DREAMBENCH_ROOT), "--output_dir", str(out), "--subjects", SUBJECT]
-        + ["--prompts_per_subject", "2", "--is_kosmosg", str(kosmosg), *STEPS, *IMAGE_SIZE]
-    )
-    prompts = prompts_for(SUBJECT)[:2]
-    written = [_pixels(image_path(out, SUBJECT, prompt)) for prompt in prompts]
-    assert all(pixels.shape == (SIZE, SIZE, 3) for pixels in written)
+    prompts, written = run_dreambench_inference(tiny_flux_models, out, kosmosg, *STEPS, *IMAGE_SIZE)
+    assert all(image.shape == (SIZE, SIZE, 3) for image in written)
 
     # The same items generated directly by the FLUX wrapper at FLUX.1-dev's embedded guidance: the script ran FLUX with the
     # adapter, the setting's references and the family's default guidance.
-    model = load_generation_model(
-        tiny_flux_models.flux_dir, tiny_flux_models.image_encoder_dir, tiny_flux_models.ip_ckpt, "cpu", torch.float32
-    )
-    tokens = SubjectTokens(model, lambda subject: load_conditioning_images(DREAMBENCH_ROOT, subject, kosmosg))
-    items = build_items({SUBJECT: prompts}, 42)
-    direct = generate_batch(model, tokens, items, 2, scale=DEFAULT_SCALES[kosmosg], guidance_scale=3.5, height=SIZE, width=SIZE)
-    assert max(int(np.abs(np.asarray(image, dtype=np.int16) - pixels).max()) for image, pixels in zip(direct, written)) <= 2
+    direct = generate_dreambench_directly(tiny_flux_models, prompts, kosmosg, guidance_scale=3.5, height=SIZE, width=SIZE)
+    assert max_pixel_difference(direct, written) <= 2
 
-    scores = evaluate_dreambooth.main(
-        [
-            "--output_dir",
-            str(out),
-            "--data_root",
-            str(DREAMBENCH_ROOT),
-            "--clip_model",
-            str(tiny_clip_path),
-            "--dino_model",
-            str(tiny_dino_dir),
-        ]
-    )
+    scores = evaluate_dreambench(out, tiny_clip_path, tiny_dino_dir)
     assert json.loads((out / "all_score.json").read_text()) == scores
     assert all(np.isfinite(scores[name]) for name in ("clipi_score", "clipt_score", "dino_score"))
 
 
 def test_generate_your_subject(tiny_flux_models, tmp_path) -> None:
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for index, photo in enumerate(load_conditioning_images(DREAMBENCH_ROOT, SUBJECT, kosmosg=False)[:2]):
-        photo.save(photos / f"{index}.png")
-    out = tmp_path / "out"
-    generate.main(
-        [*_models(tiny_flux_models), "--reference_images", str(photos), "--output_dir", str(out)]
-        + ["--prompts", "a backpack on the beach", "--num_images", "2", *STEPS, *IMAGE_SIZE]
-    )
-    images = sorted(out.rglob("*_[01].png"))
-    assert len(images) == 2 and all(_pixels(path).shape == (SIZE, SIZE, 3) for path in images)
-    assert not np.array_equal(_pixels(images[0]), _pixels(images[1]))
+    images = generate_your_subject(tiny_flux_models, tmp_path, *STEPS, *IMAGE_SIZE)
+    assert len(images) == 2 and all(pixels(path).shape == (SIZE, SIZE, 3) for path in images)
+    assert not np.array_equal(pixels(images[0]), pixels(images[1]))
     assert family_of(tiny_flux_models.flux_dir).name == "FLUX.1"

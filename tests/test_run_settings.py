@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 import train_patchdpo
+from common.errors import BadInputError
 from common.flags import PAPER_DINO_MODEL
+from common.training_state import SETTINGS_NAME
 from patchdpo.config import TrainingConfig
 from patchdpo.pair_dataset import TrainingPair
-from patchdpo.run_settings import RecordedSettings, run_settings
+from patchdpo.run_settings import RecordedSettings, check_resume_settings, run_settings
 
 
 def test_only_the_allowed_settings_are_recorded():
@@ -28,6 +31,25 @@ def test_only_the_allowed_settings_are_recorded():
     args = dataclasses.replace(args, lr_scheduler="cosine")
     assert run_settings(args, pairs, 8, "fp16", 10, None)["schedule_total_steps"] == 10
     assert run_settings(args, pairs, 8, "fp16", 10, None, {"guidance_scale": 3.5})["objective"] == {"guidance_scale": 3.5}
+
+
+#: What the trainer before the allow-list (912290d) recorded beyond it: every flag not deemed free.
+OLDER_KEYS = {"clip_model": "org/clip", "dino_model": None}
+
+
+def test_a_state_of_an_older_version_resumes_and_its_extra_keys_are_free(tmp_path):
+    """A state saved before `RecordedSettings` also holds keys this version does not record (e.g. the validation models):
+    they may differ now; a recorded setting may not."""
+    pairs = [TrainingPair("sample0", 0, "a dog", Path("r.png"), Path("g.png"))]
+    config = train_patchdpo.parse_args(REQUIRED)
+    now = run_settings(config, pairs, pairs_per_step=8, mixed_precision="fp16", total_steps=10, quality_maps_sha256=None)
+    state = tmp_path / "training_state"
+    state.mkdir()
+    (state / SETTINGS_NAME).write_text(json.dumps({**now, **OLDER_KEYS}))
+    assert check_resume_settings(state, now, allowed=()) == []
+    (state / SETTINGS_NAME).write_text(json.dumps({**now, **OLDER_KEYS, "learning_rate": 1.0}))
+    with pytest.raises(BadInputError, match="learning_rate: recorded 1.0"):
+        check_resume_settings(state, now, allowed=())
 
 
 REQUIRED = ["--pretrained_model_name_or_path", "org/model", "--image_encoder_path", "org/enc", "--data_root_path", "d"]

@@ -9,21 +9,14 @@ unsharded run, resuming exactly).
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import train_patchdpo
@@ -36,11 +29,11 @@ from patchdpo.models import ADAPTER_STATE_NAME
 from stand_ins.pairs import save_pair_data
 from tests.kit.cli import bad_input_message
 from tests.kit.flux import *  # noqa: F401,F403
+from tests.kit.train_runs import launch_under_torchrun, train_stopped_by_sigterm, train_with_own_precision
 from tests.test_train_patchdpo import logged
 from tests.test_two_nodes import launch_two_nodes
 from tests.test_validation import GRID_TAG, events, validation_args
 
-ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION, LATENT = 64, 8  # FLUX's VAE downsamples by 8
 STEPS = 2
 LR = 1e-3
@@ -152,11 +145,7 @@ def test_cache_frees_t5_and_with_accumulation_and_checkpointing_trains_the_same(
 
 def test_bf16_trains_the_same_adapter_in_fp32(tiny_flux_models, flux_pairs, baseline, tmp_path):
     bf16 = tmp_path / "bf16"
-    AcceleratorState._reset_state(reset_partial_state=True)  # the next run chooses its own mixed precision
-    try:
-        train_patchdpo.main(flux_args(tiny_flux_models, flux_pairs, bf16, "--loss", "patch_dpo", "--mixed_precision", "bf16"))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    train_with_own_precision(flux_args(tiny_flux_models, flux_pairs, bf16, "--loss", "patch_dpo", "--mixed_precision", "bf16"))
     assert all(tensor.dtype == torch.float32 for tensor in adapter(bf16).values())
     assert logged(bf16, "loss") == pytest.approx(logged(baseline, "loss"), rel=2e-2)  # bf16 rounding, not another training
 
@@ -164,20 +153,11 @@ def test_bf16_trains_the_same_adapter_in_fp32(tiny_flux_models, flux_pairs, base
 def test_sigterm_saves_and_the_resumed_run_equals_an_uninterrupted_one(tiny_flux_models, flux_pairs, tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_patchdpo.main(flux_args(tiny_flux_models, flux_pairs, straight, "--loss", "patch_dpo", steps=3, accumulate=1))
-    real, calls = method_module.compute_loss, []
-
-    def signalled(*args, **kwargs):  # SIGTERM arrives in the middle of step 2
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(method_module, "compute_loss", signalled)
-    with pytest.raises(SystemExit) as raised, contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        train_patchdpo.main(flux_args(tiny_flux_models, flux_pairs, stopped, "--loss", "patch_dpo", steps=3, accumulate=1))
-    assert raised.value.code == STOPPED_EXIT_CODE
+    exit_code = train_stopped_by_sigterm(  # SIGTERM arrives in the middle of step 2
+        monkeypatch, flux_args(tiny_flux_models, flux_pairs, stopped, "--loss", "patch_dpo", steps=3, accumulate=1)
+    )
+    assert exit_code == STOPPED_EXIT_CODE
     assert sorted(path.name for path in stopped.glob("checkpoint-*")) == ["checkpoint-2"]
-    monkeypatch.setattr(method_module, "compute_loss", real)
     resume = flux_args(tiny_flux_models, flux_pairs, stopped, "--loss", "patch_dpo", steps=3, accumulate=1)
     train_patchdpo.main([*resume, "--resume_from_checkpoint", "latest"])
     resumed, uninterrupted = adapter(stopped, 3), adapter(straight, 3)
@@ -194,10 +174,7 @@ def test_two_processes_and_the_sharded_base_train_the_baselines_adapter(tiny_flu
     sharded = [*argv("sharded", "--shard_base", steps=4), "--checkpointing_steps", "2"]
     resumed = [*argv("resumed", "--shard_base", steps=4), "--resume_from_checkpoint", str(tmp_path / "sharded" / "checkpoint-2")]
     runs = [{"name": "two", "argv": argv("two")}, {"name": "sharded", "argv": sharded}, {"name": "resumed", "argv": resumed}]
-    (tmp_path / "spec.json").write_text(json.dumps({"record_dir": str(tmp_path / "record"), "runs": runs}))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tests.kit.torchrun_train"]
-    result = subprocess.run([*command, str(tmp_path / "spec.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = launch_under_torchrun(runs, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert_same_training(tmp_path / "two", baseline)
     sharded = deviation(tmp_path / "sharded", baseline)

@@ -8,33 +8,24 @@ SIGTERM, validation.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import train_patchdpo
 from common.stop_signals import STOPPED_EXIT_CODE
 from common.training_state import TRAINING_STATE_DIR
 from ip_adapter.checkpoint import load_ip_adapter_checkpoint
-from patchdpo import method as method_module
 from patchdpo.models import ADAPTER_STATE_NAME
 from stand_ins.pairs import save_pair_data
 from tests.kit.cli import bad_input_message
+from tests.kit.train_runs import launch_under_torchrun, train_stopped_by_sigterm, train_with_own_precision
 from tests.test_train_patchdpo import logged
 from tests.test_validation import GRID_TAG, events, validation_args
 
-ROOT = Path(__file__).resolve().parents[1]
 RESOLUTION, LATENT = 32, 8  # the tiny SD 1.5 VAE downsamples by 4
 STEPS = 2
 LR = 1e-3
@@ -107,11 +98,7 @@ def test_cache_and_accumulation_train_the_same_adapter_and_bf16_trains(tiny_sd15
     assert_same_training(accumulated, baseline)
 
     bf16 = tmp_path / "bf16"
-    AcceleratorState._reset_state(reset_partial_state=True)  # the next run chooses its own mixed precision
-    try:
-        train_patchdpo.main(sd15_args(tiny_sd15_models, sd15_pairs, bf16, "--loss", "patch_dpo", "--mixed_precision", "bf16"))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    train_with_own_precision(sd15_args(tiny_sd15_models, sd15_pairs, bf16, "--loss", "patch_dpo", "--mixed_precision", "bf16"))
     trained = adapter(bf16)
     assert all(tensor.dtype == torch.float32 for tensor in trained.values())  # the adapter trains in fp32 under bf16 autocast
     assert logged(bf16, "loss") == pytest.approx(logged(baseline, "loss"), rel=2e-2)  # bf16 rounding, not another training
@@ -130,11 +117,7 @@ def test_two_processes_train_the_same_adapter_as_one(tiny_sd15_models, sd15_pair
         {"name": "two", "argv": sd15_args(tiny_sd15_models, sd15_pairs, out, "--loss", "patch_dpo", batch=1)},
         {"name": "sharded", "argv": sd15_args(tiny_sd15_models, sd15_pairs, sharded, "--loss", "patch_dpo", "--shard_base", batch=1)},
     ]
-    spec = {"record_dir": str(tmp_path / "record"), "runs": runs}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tests.kit.torchrun_train"]
-    result = subprocess.run([*command, str(tmp_path / "spec.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = launch_under_torchrun(runs, tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert_same_training(out, baseline)
     assert_same_training(sharded, baseline)
@@ -143,20 +126,11 @@ def test_two_processes_train_the_same_adapter_as_one(tiny_sd15_models, sd15_pair
 def test_sigterm_saves_and_the_resumed_run_equals_an_uninterrupted_one(tiny_sd15_models, sd15_pairs, tmp_path, monkeypatch):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train_patchdpo.main(sd15_args(tiny_sd15_models, sd15_pairs, straight, "--loss", "patch_dpo", steps=4))
-    real, calls = method_module.compute_loss, []
-
-    def signalled(*args, **kwargs):  # SIGTERM arrives in the middle of step 2
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(method_module, "compute_loss", signalled)
-    with pytest.raises(SystemExit) as raised, contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        train_patchdpo.main(sd15_args(tiny_sd15_models, sd15_pairs, stopped, "--loss", "patch_dpo", steps=4))
-    assert raised.value.code == STOPPED_EXIT_CODE
+    exit_code = train_stopped_by_sigterm(  # SIGTERM arrives in the middle of step 2
+        monkeypatch, sd15_args(tiny_sd15_models, sd15_pairs, stopped, "--loss", "patch_dpo", steps=4)
+    )
+    assert exit_code == STOPPED_EXIT_CODE
     assert sorted(path.name for path in stopped.glob("checkpoint-*")) == ["checkpoint-2"]
-    monkeypatch.setattr(method_module, "compute_loss", real)
     train_patchdpo.main(
         [*sd15_args(tiny_sd15_models, sd15_pairs, stopped, "--loss", "patch_dpo", steps=4), "--resume_from_checkpoint", "latest"]
     )
