@@ -15,19 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stand_ins.flux import FULL
+
 #: black-forest-labs/FLUX.1-dev transformer/config.json
-FLUX_DEV = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+FLUX_DEV = FULL.transformer
 XLABS_TOKENS, CLIP_L_WIDTH = 4, 768
 GB = 1e9
 
