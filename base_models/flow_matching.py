@@ -97,10 +97,12 @@ class FlowMatchingObjective(Objective):
         return torch.stack(noises).to(device), self.timestep_table[index].to(device)
 
     def sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Each timestep's sigma, looked up in the table as the script's `get_sigmas` does."""
+        """Each timestep's sigma, looked up in the table as the script's `get_sigmas` does.
+
+        A timestep missing from the table is asserted on the device (`torch._assert_async`): an `if` on the
+        comparison would stop a GPU step for a host read, and the CUDA rehearsal cannot read values at all."""
         matches = self.timestep_table.to(timesteps.device)[None, :] == timesteps.float()[:, None]
-        if not matches.any(dim=1).all():
-            raise ValueError("timesteps not drawn from this objective's table")
+        torch._assert_async(matches.any(dim=1).all(), "timesteps not drawn from this objective's table")
         return self.sigma_table.to(timesteps.device)[matches.float().argmax(dim=1)]
 
     def noisy(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

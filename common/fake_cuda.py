@@ -26,6 +26,7 @@ code under test, since its own `torch.autocast("cuda", ...)` switches itself off
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -87,36 +88,51 @@ def scheduler_on_host(scheduler: object) -> Iterator[None]:
 
     A scheduler computes its tables with numpy, compares sigmas in Python and indexes its tables by
     timestep: host-side work a fake tensor cannot do (it has no values). Its `set_timesteps`,
-    `scale_model_input` and `step` therefore run with the fake mode suspended, and its timesteps stay
-    real on the CPU (`set_timesteps`' device is dropped; a 0-dim timestep reaches the UNet, which
-    moves it to the sample's device itself). The denoising loop iterates the timesteps inside the
-    mode, which makes each a fake tensor without its value, so `scale_model_input` and `step` are
-    given the real one back by position: diffusers' loops step once per timestep, in order. The
-    samples and noise predictions the scheduler receives are fake CUDA tensors whatever the mode.
+    `scale_model_input` and `step` therefore run with the fake mode suspended on its real timesteps,
+    kept on the CPU (`set_timesteps`' device is dropped). The denoising loop iterates fake copies on
+    the device instead, as on a GPU (FLUX's pipeline expands each timestep to the batch: a CPU one
+    would meet CUDA tensors there), so `scale_model_input` and `step` are given the real one back by
+    position: diffusers' loops step once per timestep, in order. The samples and noise predictions
+    the scheduler receives are fake CUDA tensors whatever the mode.
     """
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    position = [0]
+    position, real = [0], {}
+
+    @contextlib.contextmanager
+    def own_timesteps() -> Iterator[None]:
+        """The scheduler's own methods run on its real timesteps, off the fake mode; the loop keeps the device ones."""
+        on_device, scheduler.timesteps = scheduler.timesteps, real["timesteps"]
+        try:
+            with unset_fake_temporarily():
+                yield
+        finally:
+            scheduler.timesteps = on_device
 
     def set_timesteps(*args, **kwargs):
         kwargs.pop("device", None)
         position[0] = 0
         with unset_fake_temporarily():
-            return original["set_timesteps"](*args, **kwargs)
+            result = original["set_timesteps"](*args, **kwargs)
+        real["timesteps"] = scheduler.timesteps
+        # what the loop iterates: on the device, as `set_timesteps(device="cuda")` leaves them on a GPU
+        scheduler.timesteps = torch.empty(real["timesteps"].shape, dtype=real["timesteps"].dtype, device=CUDA)
+        return result
 
     def scale_model_input(sample, timestep, *args, **kwargs):
-        with unset_fake_temporarily():
-            return original["scale_model_input"](sample, scheduler.timesteps[position[0]], *args, **kwargs)
+        with own_timesteps():
+            return original["scale_model_input"](sample, real["timesteps"][position[0]], *args, **kwargs)
 
     def step(model_output, timestep, *args, **kwargs):
-        with unset_fake_temporarily():
-            result = original["step"](model_output, scheduler.timesteps[position[0]], *args, **kwargs)
+        with own_timesteps():
+            result = original["step"](model_output, real["timesteps"][position[0]], *args, **kwargs)
         position[0] += 1
         return result
 
-    original = {name: getattr(scheduler, name) for name in ("set_timesteps", "scale_model_input", "step")}
-    for name, method in (("set_timesteps", set_timesteps), ("scale_model_input", scale_model_input), ("step", step)):
-        setattr(scheduler, name, method)
+    wrappers = {"set_timesteps": set_timesteps, "scale_model_input": scale_model_input, "step": step}
+    original = {name: getattr(scheduler, name) for name in wrappers if hasattr(scheduler, name)}  # flow matching has no scaling
+    for name in original:  # with the original's signature: diffusers inspects it (`retrieve_timesteps` looks for `sigmas`)
+        setattr(scheduler, name, functools.wraps(original[name])(wrappers[name]))
     try:
         yield
     finally:

@@ -21,26 +21,42 @@ from accelerate import Accelerator
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 from torch.utils.data import default_collate
 
-import base_models.unet_family
 import train_patchdpo
 from base_models import family_of
+from base_models.flow_matching import FlowMatchingObjective
+from base_models.unet_family import DDPMObjective
 from common.fake_cuda import CUDA, cuda_autocast, fake_mode, place, scheduler_on_host
 from common.flags import LOSS_MODES
 from dreambench.data import load_conditioning_images
 from dreambench.generation import build_items
 from dreambench.validation import TrainingValidation
+from ip_adapter import flux_generation
 from ip_adapter.batch_generation import SubjectTokens, generate_batch
 from patch_quality.store import QualityMaps
 from patchdpo.loop import frozen_forward
 from patchdpo.method import EncodedPairs, Method, training_step
 from patchdpo.models import TrainingModels, frozen_adapter_copy, load_training_models
 from patchdpo.pair_dataset import EncoderInputs, PairDataset, index_pairs
+from tests.kit.flux import *  # noqa: F401,F403
 from tests.test_validation import DREAMBENCH, validation_args
 
 LATENT = 16  # the tiny pair data's quality maps
-#: Every family the trainer supports: its tiny stand-in fixture, its folder, and the resolution whose latents are 16 x 16.
-FAMILIES = {"sdxl": ("tiny_models", "sdxl_dir", 32), "sd15": ("tiny_sd15_models", "sd15_dir", 64)}
+#: Every family the trainer supports: its tiny stand-in fixture, the resolution whose latents are 16 x 16, its objective,
+#: and the shape of a generation batch's two latents (FLUX's come packed: 2x2 positions x 4 channels a token).
+FAMILIES = {
+    "sdxl": ("tiny_models", 32, DDPMObjective, (2, 4, LATENT, LATENT)),
+    "sd15": ("tiny_sd15_models", 64, DDPMObjective, (2, 4, LATENT, LATENT)),
+    "flux": ("tiny_flux_models", 128, FlowMatchingObjective, (2, (LATENT // 2) ** 2, 4 * 4)),
+}
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture
+def one_subject_rows(monkeypatch):
+    """FLUX compares its rows' image embeddings to call the pipeline once per subject: a read of values (a host sync on
+    a GPU) that fake tensors cannot answer. The batches rehearsed here hold one subject ("dog"), which is what the
+    comparison finds; the comparison itself is tested on real tensors (tests/test_flux_generation.py)."""
+    monkeypatch.setattr(flux_generation, "runs_of_equal_rows", lambda rows: [(0, rows.shape[0])])
 
 
 def place_on_fake_cuda(models: TrainingModels) -> TrainingModels:
@@ -61,17 +77,18 @@ def loader_batch(models: TrainingModels, tiny_pair_data, resolution: int, size: 
 
 def rehearse_training_steps(request, family: str, tiny_pair_data, losses: tuple[str, ...], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One training step of `family` per loss in a `dtype` run, on fake CUDA; returns the losses."""
-    fixture, folder, resolution = FAMILIES[family]
+    fixture, resolution, _, _ = FAMILIES[family]
     paths = request.getfixturevalue(fixture)
-    models = load_training_models(getattr(paths, folder), paths.image_encoder_dir, paths.ip_ckpt, "cpu", dtype)
+    models = load_training_models(paths.base_model_dir, paths.image_encoder_dir, paths.ip_ckpt, "cpu", dtype)
     batch = loader_batch(models, tiny_pair_data, resolution)
     results = {}
     with fake_mode():
         place_on_fake_cuda(models)
         batch = {key: value if key == "noise_seed" else value.to(CUDA) for key, value in batch.items()}  # as accelerate moves it
         reference = frozen_forward(Accelerator(cpu=True), models.model, frozen_adapter_copy(models.model))
+        offset = 0.05 if isinstance(models.objective, DDPMObjective) else None  # FLUX's rectified flow has no noise offset
         for loss in losses:
-            method = Method(loss, models.objective, resolution, noise_offset=0.05, dpo_beta=5000.0, reference_forward=reference)
+            method = Method(loss, models.objective, resolution, noise_offset=offset, dpo_beta=5000.0, reference_forward=reference)
             with cuda_autocast(dtype):  # what accelerate's prepared model and accelerator.autocast() run under on a GPU
                 results[loss] = training_step(models.model, EncodedPairs.from_batch(batch, models.encoders), method).loss
     return results
@@ -92,12 +109,13 @@ def test_the_training_step_runs_on_cuda(request, tiny_pair_data, family, precisi
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_a_cpu_tensor_made_inside_the_step_fails_the_rehearsal(request, tiny_pair_data, family, monkeypatch):
     """A mask made with `torch.zeros(n)` (no device) next to the CUDA latents: a GPU would refuse it, and so does the rehearsal."""
-    real = base_models.unet_family.DDPMObjective.noisy
+    objective = FAMILIES[family][2]
+    real = objective.noisy
 
     def with_a_cpu_mask(self, latents, noise, timesteps):
         return real(self, latents, noise, timesteps) + torch.zeros(latents.shape[-1])
 
-    monkeypatch.setattr(base_models.unet_family.DDPMObjective, "noisy", with_a_cpu_mask)
+    monkeypatch.setattr(objective, "noisy", with_a_cpu_mask)
     with pytest.raises(FakeTensorDeviceMismatchError):
         rehearse_training_steps(request, family, tiny_pair_data, ("patch_dpo",), torch.float16)
 
@@ -119,32 +137,35 @@ def test_pair_noise_is_drawn_on_the_cpu_and_moved(tiny_models):
 
 @pytest.mark.parametrize("precision", sorted(HALF))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_generation_runs_on_cuda(request, family, precision):
+def test_generation_runs_on_cuda(request, family, precision, one_subject_rows):
     """One DreamBench / pair-construction generation batch (`generate_batch`): image tokens, prompts, denoising, on the device."""
-    fixture, folder, resolution = FAMILIES[family]
+    fixture, resolution, _, latent_shape = FAMILIES[family]
     paths, dtype = request.getfixturevalue(fixture), HALF[precision]
-    wrapper = family_of(getattr(paths, folder)).ip_adapter_class()
-    pipe = wrapper.pipeline_class.from_pretrained(getattr(paths, folder), dtype=dtype, local_files_only=True)
+    wrapper = family_of(paths.base_model_dir).ip_adapter_class()
+    pipe = wrapper.pipeline_class.from_pretrained(paths.base_model_dir, dtype=dtype, local_files_only=True)
     loaded = wrapper(pipe, paths.image_encoder_dir, paths.ip_ckpt, device="cpu")
+    projection = getattr(loaded, "image_proj_model", None)  # FLUX's lives in the transformer
     with fake_mode():
-        for module in (*(c for c in pipe.components.values() if isinstance(c, torch.nn.Module)), loaded.image_proj_model):
+        for module in (c for c in pipe.components.values() if isinstance(c, torch.nn.Module)):
             place(module, CUDA)
-        model = wrapper.around(pipe, place(loaded.image_encoder, CUDA), loaded.image_proj_model)
+        if projection is not None:
+            place(projection, CUDA)
+        model = wrapper.around(pipe, place(loaded.image_encoder, CUDA), projection)
         tokens = SubjectTokens(model, lambda subject: load_conditioning_images(DREAMBENCH, subject, kosmosg=False))
         items = build_items({"dog": ["a dog", "a dog on the beach"]}, 0)
         with scheduler_on_host(pipe.scheduler):
             sampling = dict(scale=0.6, height=resolution, width=resolution, output_type="latent")
             latents = generate_batch(model, tokens, items, 2, **sampling)
-    assert latents.device.type == "cuda" and latents.shape == (2, 4, LATENT, LATENT)
+    assert latents.device.type == "cuda" and latents.shape == latent_shape
 
 
 @pytest.mark.parametrize("precision", sorted(HALF))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_validation_sampling_runs_on_cuda(request, tiny_pair_data, tmp_path, family, precision):
+def test_validation_sampling_runs_on_cuda(request, tiny_pair_data, tmp_path, family, precision, one_subject_rows):
     """`TrainingValidation` around the training models: sampling under the run's autocast and the VAE decode outside it."""
-    fixture, folder, resolution = FAMILIES[family]
+    fixture, resolution, _, _ = FAMILIES[family]
     paths, dtype = request.getfixturevalue(fixture), HALF[precision]
-    model_dir, flags = getattr(paths, folder), validation_args(None, None)
+    model_dir, flags = paths.base_model_dir, validation_args(None, None)
     args = train_patchdpo.parse_args(
         [
             *("--pretrained_model_name_or_path", str(model_dir), "--image_encoder_path", str(paths.image_encoder_dir)),

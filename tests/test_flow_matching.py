@@ -41,6 +41,14 @@ def test_noisy_and_target_are_the_rectified_flow():
     assert torch.equal(flow.model_timestep(timesteps), timesteps / 1000)
 
 
+def test_a_timestep_outside_the_table_is_refused():
+    """Asserted on the tensors' device (no host read in a GPU step); on the CPU it raises at once."""
+    flow = objective()
+    _, timesteps = flow.draw(torch.tensor([1, 2]), SHAPE)
+    with pytest.raises(RuntimeError, match="timesteps not drawn from this objective's table"):
+        flow.sigmas(timesteps + 0.5)
+
+
 def test_a_draw_is_what_the_script_draws_from_the_pairs_generator():
     """The script's steps (noise, then u, then index into the scheduler's table), on the generator seeded with the pair's seed."""
     flow = objective(weighting_scheme="logit_normal", logit_mean=0.5, logit_std=0.8)
